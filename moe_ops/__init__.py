@@ -1,0 +1,9 @@
+"""MoE dispatch and combine as ``torch.library`` custom ops (namespace ``moe_ops``).
+
+Importing this package registers the ops and does nothing else.
+"""
+
+from moe_ops._api import DispatchHandle, combine, dispatch
+from moe_ops._comm import PeerInputError
+
+__all__ = ["DispatchHandle", "PeerInputError", "combine", "dispatch"]
