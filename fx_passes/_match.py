@@ -1,0 +1,291 @@
+"""What a routing-family matcher hands to the rewrite: :class:`MoEMatch` and its expert bodies.
+
+How a family plugs in
+---------------------
+A family module (``family_loop``, ``family_sorted``, ...) defines::
+
+    def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]
+
+listed in ``rewrite._FAMILY_MODULES``. It looks at the Dynamo-level graph (torch-level calls:
+``torch.topk``, ``torch.where``, ``Tensor.index_add_``, ``torch._C._nn.linear``) and, for each MoE
+block it is sure about, returns one :class:`MoEMatch`; for each candidate it is not sure about it
+appends a :class:`Rejected` with the reason (logged at debug level, shown by ``explain``). It must
+not mutate the graph: ``rewrite.fuse_moe_routing`` checks every match against its rewrite on small
+random inputs at W = 1 and only then calls ``match.replace_with(gm, group)``.
+
+A match names, in the original graph:
+
+* ``x``: the ``[T, H]`` rows the experts read (the node the per-expert gathers index into).
+* ``topk_idx``: ``[T, K]`` (or ``[T]``) integer global expert ids.
+* ``topk_weights``: ``[T, K]`` floating weights applied to each slot's expert output, or None when
+  the code applies none. The rewrite applies them in ``combine``; the matcher must leave the
+  multiplication out of the expert body (weights applied to the expert *input* are not
+  expressible: reject such blocks).
+* ``output``: the node whose value is the routed sum ``[T, H']``; its uses after ``last_write``
+  (or all its uses when ``last_write`` is None) are replaced by the rewrite's result.
+  ``base`` is what that sum was accumulated onto (a shared expert's output, say), or None for
+  zeros; the rewrite emits ``base + combine(...)`` then.
+* ``remove``: every node the rewrite deletes (the in-place ``index_add_``/``setitem`` writes
+  included: the rewrite removes nodes deliberately, never with ``eliminate_dead_code``). Each
+  user of a removed node must itself be removed, or be a use of ``output`` after ``last_write``.
+* ``body``: the expert computation, one of
+
+  - :class:`ModuleListExperts`: one :class:`ExpertSubgraph` per expert (ModuleList experts):
+    the rows the expert reads, its output before any routing weight, and the nodes between. When
+    all experts have the same structure of linear layers and row-wise ops the rewrite stacks the
+    local experts' weights and emits ``torch._grouped_mm`` (bf16), else it runs each local expert
+    on its segment of ``torch.split(recv_x, tokens_per_expert.tolist())``.
+  - :class:`StackedExperts`: parameters ``[E, ...]`` indexed by expert plus an ``emit`` callback
+    that builds the expert computation over rows grouped by local expert; the rewrite hands it the
+    parameters sliced to this rank's experts (or as they are when already ``[E/W, ...]``).
+
+Shape letters: T tokens, H hidden (H' expert output), K top-k, E experts, W ranks, E_l = E / W
+local experts, R rows received by this rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx import Node
+
+
+@dataclasses.dataclass
+class Rejected:
+    """A candidate block a family looked at and left alone, and why."""
+
+    family: str
+    module_path: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ExpertSubgraph:
+    """One expert of a ModuleList, as it appears in the original graph.
+
+    ``input`` is the ``[n_e, H]`` node of rows routed to this expert (e.g. ``x[token_idx]``),
+    ``output`` the ``[n_e, H']`` expert result before any routing weight, ``nodes`` every node on
+    a path from ``input`` to ``output`` (``input`` excluded, ``output`` included) in graph order.
+    Anything else those nodes read (parameters, constants) is captured as-is.
+    """
+
+    expert: int
+    input: Node
+    output: Node
+    nodes: list[Node]
+
+
+@dataclasses.dataclass
+class ModuleListExperts:
+    """Per-expert subgraphs; ``experts[e]`` is global expert ``e``."""
+
+    experts: list[ExpertSubgraph]
+
+
+EmitFn = Callable[[fx.Graph, Node, Node, list[Node]], Node]
+
+
+@dataclasses.dataclass
+class StackedExperts:
+    """Experts as stacked parameters ``[E, ...]`` (or ``[E/W, ...]`` when already sharded).
+
+    ``emit(graph, recv_x_RH, tokens_per_expert_El, local_params) -> expert_out_RH'`` inserts (at
+    the graph's current insertion point) the expert computation over ``recv_x`` whose rows are
+    grouped by local expert (``tokens_per_expert`` int64 ``[E_l]``; ``rewrite.grouped_offsets``
+    turns it into int32 cumulative offsets), with ``local_params[i]`` the ``[E_l, ...]`` slice of
+    ``params[i]``. It must set ``meta["val"]``/``meta["example_value"]`` on what it creates
+    (``rewrite.call`` does).
+    """
+
+    params: list[Node]
+    emit: EmitFn
+
+
+@dataclasses.dataclass
+class MoEMatch:
+    """One MoE block a family is sure about (see the module docstring for each field)."""
+
+    family: str
+    module_path: str
+    num_experts: int
+    x: Node
+    topk_idx: Node
+    topk_weights: Node | None
+    output: Node
+    remove: list[Node]
+    body: ModuleListExperts | StackedExperts
+    base: Node | None = None
+    last_write: Node | None = None
+    rewritten: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def replace_with(self, gm: fx.GraphModule, group=None) -> None:
+        """Rewrite this block of ``gm`` into dispatch -> local experts -> combine."""
+        from fx_passes.rewrite import rewrite_match
+
+        rewrite_match(gm, self, group)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "module": self.module_path,
+            "num_experts": self.num_experts,
+            "body": "ModuleList" if isinstance(self.body, ModuleListExperts) else "stacked",
+            **self.rewritten,
+        }
+
+
+# ----------------------------------------------------------------------------- graph helpers
+def val(node: Any) -> Any:
+    """The example value of a node (fake tensor / SymInt), or ``node`` itself if not a Node."""
+    if not isinstance(node, Node):
+        return node
+    if "val" in node.meta:
+        return node.meta["val"]
+    return node.meta.get("example_value")
+
+
+def is_tensor_node(node: Any) -> bool:
+    return isinstance(node, Node) and isinstance(val(node), torch.Tensor)
+
+
+_PATH_PREFIX = re.compile(r"^(L\['[^']*'\]|self)\.?")
+
+
+def module_path(node: Node) -> str:
+    """Dotted path of the innermost module that ran ``node`` (``""`` for the top module)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _PATH_PREFIX.sub("", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def module_stack_paths(node: Node) -> list[str]:
+    """Dotted paths of every module on ``node``'s module stack, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, _cls in stack.values():
+        path = _PATH_PREFIX.sub("", path)
+        path = re.sub(r"\[(\d+)\]", r".\1", path)
+        out.append(path.lstrip("."))
+    return out
+
+
+def common_prefix_path(paths: Iterable[str]) -> str:
+    parts = [p.split(".") for p in paths if p is not None]
+    if not parts:
+        return ""
+    prefix = parts[0]
+    for p in parts[1:]:
+        n = 0
+        while n < min(len(prefix), len(p)) and prefix[n] == p[n]:
+            n += 1
+        prefix = prefix[:n]
+    return ".".join(prefix)
+
+
+def is_param_like(node: Any) -> bool:
+    """A graph input or attribute (a parameter or buffer once lifted by Dynamo)."""
+    return isinstance(node, Node) and node.op in ("placeholder", "get_attr")
+
+
+def node_inputs(node: Node) -> list[Node]:
+    return list(node.all_input_nodes)
+
+
+_ASSERT_TARGETS = {
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+    torch._check,
+    torch._check_is_size,
+    operator.ge, operator.le, operator.gt, operator.lt, operator.eq, operator.ne,
+    operator.and_, operator.or_, operator.not_,
+}
+
+
+def assert_only_users(node: Node) -> list[Node]:
+    """Nodes hanging off ``node`` that only feed runtime shape assertions (Dynamo inserts
+    ``sym_size`` -> ``ge``/``le`` -> ``_assert_scalar`` chains after data-dependent ops).
+
+    Returns them when every path from ``node`` ends in an assertion, else ``[]``.
+    """
+    found: list[Node] = []
+
+    def walk(n: Node) -> bool:
+        for u in n.users:
+            if u.op != "call_function":
+                return False
+            tgt = u.target
+            if tgt is operator.getitem and isinstance(val(u), torch.Tensor):
+                return False
+            if tgt not in _ASSERT_TARGETS and tgt is not operator.getitem:
+                return False
+            if isinstance(val(u), torch.Tensor) and tgt is not torch.ops.aten.sym_size.int:
+                return False
+            if u not in found:
+                found.append(u)
+            if not walk(u):
+                return False
+        return True
+
+    users_ok = True
+    for u in node.users:
+        if u.op == "call_function" and u.target is torch.ops.aten.sym_size.int:
+            if u not in found:
+                found.append(u)
+            users_ok &= walk(u)
+    return found if users_ok else []
+
+
+def nodes_between(src: Node, dst: Node) -> list[Node]:
+    """Nodes on some path from ``src`` to ``dst`` (``src`` excluded, ``dst`` included), in
+    graph order; ``[]`` if ``dst`` does not depend on ``src``."""
+    forward: set[Node] = set()
+    stack = [src]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in forward:
+                forward.add(u)
+                stack.append(u)
+    if dst not in forward:
+        return []
+    backward: set[Node] = set()
+    stack = [dst]
+    while stack:
+        n = stack.pop()
+        if n in backward:
+            continue
+        backward.add(n)
+        stack.extend(i for i in n.all_input_nodes if i in forward)
+    keep = forward & backward
+    return [n for n in src.graph.nodes if n in keep]
+
+
+def graph_order(graph: fx.Graph) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def check_removable(match: MoEMatch) -> str | None:
+    """Why ``match.remove`` cannot be deleted as it stands (a value used outside it), or None."""
+    remove = set(match.remove)
+    order = graph_order(match.output.graph)
+    last = order[match.last_write] if match.last_write is not None else -1
+    for n in remove:
+        for u in n.users:
+            if u in remove:
+                continue
+            if n is match.output and order[u] > last:
+                continue
+            return f"{n.name} is used by {u.name} outside the matched block"
+    return None

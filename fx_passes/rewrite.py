@@ -1,0 +1,595 @@
+"""The rewrite: a matched MoE block -> ``dispatch`` -> this rank's local experts -> ``combine``.
+
+:func:`fuse_moe_routing` is the entry point. For each family module in ``_FAMILY_MODULES`` it asks
+``find_patterns(gm, rejects)`` for :class:`~fx_passes._match.MoEMatch` es, checks each one against
+its own rewrite on small random inputs at W = 1 (:func:`verify_match`), and only then rewrites
+it (:func:`rewrite_match`). The emitted graph, with ``g = group_name, W = world_size``::
+
+    recv_x, tokens_per_expert, *layout = torch.ops.moe_ops.dispatch(x, topk_idx, E, g, W)
+    expert_out = <local experts on recv_x>           # grouped_mm, or per-expert segments
+    out, _ = torch.ops.moe_ops.combine(expert_out, topk_weights, *layout, g, W)
+    routed = base + out                                # when the block accumulated onto a base
+
+Rank ``r`` runs global experts ``r * E_l + j``. New nodes carry ``meta["example_value"]`` (or
+``meta["val"]`` in graphs that use it) computed in the graph's fake mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx import Node
+
+from fx_passes._match import (
+    ExpertSubgraph,
+    ModuleListExperts,
+    MoEMatch,
+    Rejected,
+    StackedExperts,
+    check_removable,
+    graph_order,
+    is_param_like,
+    val,
+)
+
+log = logging.getLogger("fx_passes")
+
+# Each module defines ``find_patterns(gm, rejects) -> list[MoEMatch]``; earlier families win.
+_FAMILY_MODULES = (
+    "fx_passes.family_ep",
+    "fx_passes.family_sorted",
+    "fx_passes.family_batched",
+    "fx_passes.family_loop",
+)
+
+
+# ----------------------------------------------------------------------------- node creation
+def _meta_key(graph: fx.Graph) -> str:
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            return "val" if "val" in n.meta else "example_value"
+    return "example_value"
+
+
+def _fake_mode_of(args: Any):
+    from torch._guards import detect_fake_mode
+
+    flat = [a for a in fx.node.map_aggregate(args, lambda a: a) if isinstance(a, torch.Tensor)]
+    leaves = []
+    fx.node.map_aggregate(args, lambda a: leaves.append(a) if isinstance(a, torch.Tensor) else a)
+    return detect_fake_mode(leaves or flat)
+
+
+def _set_val(node: Node) -> None:
+    """Compute ``node``'s example value from its inputs' in their fake mode (if they have one)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), val)
+    mode = _fake_mode_of((args, kwargs))
+    if mode is None:
+        return
+    with mode:
+        if node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            out = node.target(*args, **kwargs)
+    if mode.shape_env is not None:
+        from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
+
+        bindings = compute_unbacked_bindings(mode.shape_env, out)
+        if bindings:
+            node.meta["unbacked_bindings"] = bindings
+    node.meta[_meta_key(node.graph)] = out
+
+
+def call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
+    """Insert ``target(*args, **kwargs)`` (a method when ``target`` is a str) with its meta value."""
+    if isinstance(target, str):
+        node = graph.call_method(target, args, kwargs or {})
+    else:
+        node = graph.call_function(target, args, kwargs or {})
+    _set_val(node)
+    return node
+
+
+def grouped_offsets(graph: fx.Graph, tokens_per_expert: Node) -> Node:
+    """int32 ``[E_l]`` cumulative row offsets, what ``torch._grouped_mm`` takes as ``offs``."""
+    return call(graph, torch.cumsum, (tokens_per_expert, 0), {"dtype": torch.int32})
+
+
+# ----------------------------------------------------------------------------- the group
+def resolve_group(group: dist.ProcessGroup | None) -> tuple[str, int, int]:
+    """``(group_name, world_size, rank)``; None means the default group if initialized."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return "", 1, 0
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"fx_passes: group must be a ProcessGroup or None, got {type(group).__name__}"
+        )
+    if group.size() == 1:
+        return "", 1, 0
+    return group.group_name, group.size(), group.rank()
+
+
+# ----------------------------------------------------------------------------- expert bodies
+_LINEAR = (torch._C._nn.linear, F.linear)
+_ROWWISE_FUNCS = {
+    F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus, F.elu, F.leaky_relu, F.mish,
+    torch.sigmoid, torch.tanh, torch.relu, torch.exp, torch.square, torch.clamp, torch.clip,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.erf,
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+}
+_ROWWISE_METHODS = {
+    "to", "float", "half", "bfloat16", "type_as", "sigmoid", "tanh", "relu", "mul", "add", "sub",
+    "div", "clamp", "pow", "neg", "exp", "contiguous", "square",
+}
+
+
+def _last_dim_split(node: Node) -> bool:
+    """``t.chunk(n, dim=-1)`` / ``torch.chunk`` on the last dim, and ``getitem`` of its parts."""
+    if node.target in ("chunk", torch.chunk, "split", torch.split):
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        ndim = val(node.args[0]).dim()
+        return dim in (-1, ndim - 1)
+    return False
+
+
+def _grouped_plan(body: ModuleListExperts, local: Sequence[int]) -> str | None:
+    """None when the local experts can run as one grouped computation, else why not."""
+    ref = body.experts[local[0]]
+    owned = [_expert_params(body.experts[e]) for e in local]
+    for e in local[1:]:
+        other = body.experts[e]
+        if len(other.nodes) != len(ref.nodes):
+            return f"expert {e} has {len(other.nodes)} nodes, expert {local[0]} {len(ref.nodes)}"
+    for i, n in enumerate(ref.nodes):
+        for j, e in enumerate(local):
+            m = body.experts[e].nodes[i]
+            if (m.op, m.target) != (n.op, n.target):
+                return f"expert {e} differs from expert {local[0]} at {m.name}"
+            if not _same_shape_args(n, m, ref, body.experts[e], owned[0], owned[j]):
+                return f"expert {e}'s {m.name} reads different values than expert {local[0]}'s"
+        if n.target in _LINEAR:
+            w, b = _linear_args(n)
+            if w not in owned[0] or (b is not None and b not in owned[0]):
+                return f"{n.name}: linear weights that are not the expert's own parameters"
+            if val(w).dim() != 2 or val(n.args[0]).dim() != 2:
+                return f"{n.name}: linear on non-2D tensors"
+            continue
+        if any(a in owned[0] for a in n.all_input_nodes):
+            return f"{n.name}: an expert parameter used outside a linear layer"
+        if n.op == "call_function" and n.target in _ROWWISE_FUNCS:
+            continue
+        if n.op == "call_method" and n.target in _ROWWISE_METHODS:
+            continue
+        if _last_dim_split(n):
+            continue
+        if n.target is operator.getitem and isinstance(n.args[1], int) and not isinstance(
+            val(n), torch.Tensor
+        ) is False and _last_dim_split(n.args[0]):
+            continue
+        return f"{n.name}: {getattr(n.target, '__name__', n.target)} is not known to be row-wise"
+    return None
+
+
+def _linear_args(n: Node) -> tuple[Node, Node | None]:
+    w = n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
+    b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    return w, b
+
+
+def _expert_params(sub: ExpertSubgraph) -> set[Node]:
+    inside = set(sub.nodes) | {sub.input}
+    params = set()
+    for n in sub.nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and is_param_like(a) and all(u in inside for u in a.users):
+                params.add(a)
+    return params
+
+
+def _same_shape_args(n: Node, m: Node, sn: ExpertSubgraph, sm: ExpertSubgraph, pn, pm) -> bool:
+    pos_n = {x: i for i, x in enumerate([sn.input, *sn.nodes])}
+    pos_m = {x: i for i, x in enumerate([sm.input, *sm.nodes])}
+    flat_n: list = []
+    flat_m: list = []
+    fx.node.map_aggregate((n.args, n.kwargs), flat_n.append)
+    fx.node.map_aggregate((m.args, m.kwargs), flat_m.append)
+    if len(flat_n) != len(flat_m):
+        return False
+    for a, b in zip(flat_n, flat_m, strict=True):
+        if isinstance(a, Node) != isinstance(b, Node):
+            return False
+        if not isinstance(a, Node):
+            if type(a) is not type(b) or (not isinstance(a, (list, tuple, dict)) and a != b):
+                return False
+            continue
+        if a in pos_n or b in pos_m:
+            if pos_n.get(a) != pos_m.get(b):
+                return False
+        elif a in pn or b in pm:
+            if not (a in pn and b in pm) or val(a).shape != val(b).shape:
+                return False
+        elif a is not b:
+            return False
+    return True
+
+
+def _emit_segments(
+    graph: fx.Graph, body: ModuleListExperts, local: Sequence[int], recv_x: Node, tpe: Node,
+    env: Callable[[Node], Node],
+) -> Node:
+    """Each local expert on its segment of ``recv_x`` (one host read of the row counts)."""
+    sizes = call(graph, "tolist", (tpe,))
+    parts = call(graph, torch.split, (recv_x, sizes))
+    outs = []
+    for j, e in enumerate(local):
+        seg = call(graph, operator.getitem, (parts, j))
+        outs.append(_copy_body(graph, body.experts[e], seg, env))
+    return outs[0] if len(outs) == 1 else call(graph, torch.cat, (outs,))
+
+
+def _copy_body(
+    graph: fx.Graph, sub: ExpertSubgraph, inp: Node, env: Callable[[Node], Node]
+) -> Node:
+    local_env: dict[Node, Node] = {sub.input: inp}
+    for n in sub.nodes:
+        new = graph.node_copy(n, lambda a: local_env[a] if a in local_env else env(a))
+        new.meta.pop("unbacked_bindings", None)
+        _set_val(new)
+        local_env[n] = new
+    return local_env[sub.output]
+
+
+def _emit_grouped(
+    graph: fx.Graph, body: ModuleListExperts, local: Sequence[int], recv_x: Node, tpe: Node,
+    env: Callable[[Node], Node],
+) -> Node:
+    """One ``torch._grouped_mm`` per linear layer over the stacked local experts' weights."""
+    offs = grouped_offsets(graph, tpe)
+    row_expert = None
+    ref = body.experts[local[0]]
+    local_env: dict[Node, Node] = {ref.input: recv_x}
+    for i, n in enumerate(ref.nodes):
+        if n.target in _LINEAR:
+            ws = [env(_linear_args(body.experts[e].nodes[i])[0]) for e in local]
+            w_stack = call(graph, torch.stack, (ws,))
+            w_t = call(graph, "transpose", (w_stack, -2, -1))
+            out = call(graph, torch._grouped_mm, (local_env[n.args[0]], w_t), {"offs": offs})
+            if _linear_args(n)[1] is not None:
+                if row_expert is None:
+                    rows = call(graph, "size", (recv_x, 0))
+                    ids = call(graph, torch.arange, (len(local),), {"device": val(tpe).device})
+                    row_expert = call(
+                        graph, torch.repeat_interleave, (ids, tpe), {"output_size": rows}
+                    )
+                bs = [env(_linear_args(body.experts[e].nodes[i])[1]) for e in local]
+                b_stack = call(graph, torch.stack, (bs,))
+                out = call(graph, operator.add, (out, call(graph, operator.getitem, (b_stack, row_expert))))
+            local_env[n] = out
+            continue
+        new = graph.node_copy(n, lambda a: local_env[a] if a in local_env else env(a))
+        new.meta.pop("unbacked_bindings", None)
+        _set_val(new)
+        local_env[n] = new
+    return local_env[ref.output]
+
+
+def _can_group(body: ModuleListExperts, local: Sequence[int], x_val) -> str | None:
+    if x_val.dtype != torch.bfloat16:
+        return f"dtype {x_val.dtype} (torch._grouped_mm is used for bfloat16 only)"
+    return _grouped_plan(body, local)
+
+
+def _emit_stacked(
+    graph: fx.Graph, body: StackedExperts, num_experts: int, world_size: int, rank: int,
+    recv_x: Node, tpe: Node, env: Callable[[Node], Node],
+) -> Node:
+    e_l = num_experts // world_size
+    local = []
+    for p in body.params:
+        rows = val(p).shape[0]
+        q = env(p)
+        if rows == num_experts and e_l != num_experts:
+            q = call(graph, operator.getitem, (q, slice(rank * e_l, (rank + 1) * e_l)))
+        elif rows != e_l:
+            raise ValueError(
+                f"fx_passes: stacked expert parameter {p.name} must have {num_experts} or {e_l} "
+                f"rows (E or E/W), got {rows}"
+            )
+        local.append(q)
+    return body.emit(graph, recv_x, tpe, local)
+
+
+# ----------------------------------------------------------------------------- emission
+def emit_routed(
+    graph: fx.Graph, match: MoEMatch, env: Callable[[Node], Node], group_name: str,
+    world_size: int, rank: int, info: dict | None = None,
+) -> Node:
+    """Insert dispatch -> local experts -> combine for ``match`` at the insertion point.
+
+    ``env`` maps the original graph's nodes to ``graph``'s (the identity for an in-place
+    rewrite). Returns the node holding the routed output, in ``match.output``'s dtype.
+    """
+    info = {} if info is None else info
+    E = match.num_experts
+    x, idx = env(match.x), env(match.topk_idx)
+    w = env(match.topk_weights) if match.topk_weights is not None else None
+    if val(idx).dim() == 1:
+        idx = call(graph, "unsqueeze", (idx, 1))
+        if w is not None and val(w).dim() == 1:
+            w = call(graph, "unsqueeze", (w, 1))
+    d = call(graph, torch.ops.moe_ops.dispatch.default, (x, idx, E, group_name, world_size))
+    recv_x, tpe, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = (
+        call(graph, operator.getitem, (d, i)) for i in range(7)
+    )
+    e_l = E // world_size
+    local = list(range(rank * e_l, (rank + 1) * e_l))
+    if isinstance(match.body, StackedExperts):
+        expert_out = _emit_stacked(graph, match.body, E, world_size, rank, recv_x, tpe, env)
+        info["experts"] = "stacked"
+    else:
+        why_not = _can_group(match.body, local, val(x))
+        if why_not is None:
+            expert_out = _emit_grouped(graph, match.body, local, recv_x, tpe, env)
+            info["experts"] = "grouped_mm"
+        else:
+            expert_out = _emit_segments(graph, match.body, local, recv_x, tpe, env)
+            info["experts"] = "segments"
+            info["why_not_grouped"] = why_not
+    c = call(
+        graph, torch.ops.moe_ops.combine.default,
+        (expert_out, w, pair_pos, send_pair_idx, recv_perm, send_splits, recv_splits,
+         group_name, world_size),
+    )
+    out = call(graph, operator.getitem, (c, 0))
+    want = val(match.output).dtype
+    if val(out).dtype != want:
+        out = call(graph, "to", (out, want))
+    if match.base is not None:
+        out = call(graph, operator.add, (env(match.base), out))
+    return out
+
+
+def rewrite_match(gm: fx.GraphModule, match: MoEMatch, group: dist.ProcessGroup | None) -> None:
+    """Replace ``match`` in ``gm`` (in place) by dispatch -> local experts -> combine."""
+    why = check_removable(match)
+    if why is not None:
+        raise ValueError(f"fx_passes: cannot rewrite {match.module_path or 'block'}: {why}")
+    group_name, world_size, rank = resolve_group(group)
+    if match.num_experts % world_size:
+        raise ValueError(
+            f"fx_passes: {match.module_path or 'block'} has {match.num_experts} experts, not a "
+            f"multiple of the group size {world_size}"
+        )
+    graph = gm.graph
+    order = graph_order(graph)
+    tail = max([*match.remove, *([match.last_write] if match.last_write else [])], key=order.get)
+    removed = set(match.remove)
+    with graph.inserting_before(tail.next):
+        first_new = tail.next
+        out = emit_routed(graph, match, lambda n: n, group_name, world_size, rank,
+                          match.rewritten)
+    new_nodes = set()
+    n = tail.next
+    while n is not first_new:
+        new_nodes.add(n)
+        n = n.next
+    last = order[match.last_write] if match.last_write is not None else -1
+    for u in list(match.output.users):
+        if u in new_nodes or u in removed:
+            continue
+        if u in order and order[u] <= last:
+            continue
+        u.replace_input_with(match.output, out)
+    for n in sorted(removed, key=order.get, reverse=True):
+        if n.users:
+            raise AssertionError(f"fx_passes: {n.name} still has users {list(n.users)}")
+        graph.erase_node(n)
+    match.rewritten.update(world_size=world_size, rank=rank)
+    graph.lint()
+    gm.recompile()
+
+
+# ----------------------------------------------------------------------------- verification
+def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    if dtype in (torch.float16, torch.bfloat16):
+        return 3e-2, 3e-2
+    if dtype == torch.float32:
+        return 1e-4, 1e-4
+    return 1e-9, 1e-9
+
+
+def _region_inputs(match: MoEMatch) -> list[Node]:
+    removed = set(match.remove)
+    ext: list[Node] = []
+
+    def add(a: Node) -> None:
+        if a not in removed and a not in ext:
+            ext.append(a)
+
+    for n in match.remove:
+        for a in n.all_input_nodes:
+            add(a)
+    for a in (match.x, match.topk_idx, match.topk_weights, match.base, match.output):
+        if a is not None:
+            add(a) if a not in removed else None
+    if isinstance(match.body, StackedExperts):
+        for p in match.body.params:
+            add(p)
+    return ext
+
+
+def _random_inputs(
+    match: MoEMatch, ext: list[Node], tokens: int, real: dict[Node, Any]
+) -> list[Any] | str:
+    T = val(match.x).shape[0]
+    E = match.num_experts
+    out: list[Any] = []
+    for a in ext:
+        v = val(a)
+        if a in real and not isinstance(real[a], torch.SymInt):
+            out.append(real[a])
+            continue
+        if isinstance(v, torch.SymInt):
+            out.append(tokens if v == T else int(v.node.hint if v.node.hint is not None else v))
+            continue
+        if not isinstance(v, torch.Tensor):
+            return f"cannot verify: {a.name} has no example value"
+        dev = v.device
+        if a is match.x or a is match.output or a is match.base:
+            shape = (tokens, *[int(s) for s in v.shape[1:]])
+            out.append(torch.randn(shape, dtype=v.dtype, device=dev))
+        elif a is match.topk_idx:
+            K = 1 if v.dim() == 1 else int(v.shape[1])
+            ids = torch.rand(tokens, E, device=dev).argsort(-1)[:, :K].to(v.dtype)
+            out.append(ids.reshape(tokens) if v.dim() == 1 else ids)
+        elif a is match.topk_weights:
+            shape = (tokens, *[int(s) for s in v.shape[1:]])
+            out.append(torch.rand(shape, device=dev).to(v.dtype) + 0.1)
+        else:
+            if v.dim() and (v.shape[0] == T or isinstance(v.shape[0], torch.SymInt)):
+                return f"cannot verify: the block reads {a.name}, a per-token value"
+            if any(isinstance(s, torch.SymInt) for s in v.shape):
+                return f"cannot verify: {a.name} has a symbolic shape"
+            if v.dtype.is_floating_point:
+                out.append(torch.randn(tuple(v.shape), dtype=v.dtype, device=dev) * 0.5)
+            else:
+                out.append(torch.zeros(tuple(v.shape), dtype=v.dtype, device=dev))
+    return out
+
+
+def _region_modules(gm: fx.GraphModule, match: MoEMatch, ext: list[Node]):
+    removed = set(match.remove)
+    g_old, g_new = fx.Graph(), fx.Graph()
+    env_old = {a: g_old.placeholder(f"in{i}") for i, a in enumerate(ext)}
+    env_new = {a: g_new.placeholder(f"in{i}") for i, a in enumerate(ext)}
+    for a in ext:
+        env_new[a].meta.update(a.meta)
+    for n in match.output.graph.nodes:
+        if n in removed:
+            env_old[n] = g_old.node_copy(n, lambda a: env_old[a])
+    g_old.output(env_old[match.output])
+    out = emit_routed(g_new, match, lambda a: env_new[a], "", 1, 0)
+    g_new.output(out)
+    return fx.GraphModule(gm, g_old), fx.GraphModule(gm, g_new)
+
+
+def verify_match(
+    gm: fx.GraphModule, match: MoEMatch, example_inputs: Sequence[Any] | None = None
+) -> str | None:
+    """Run the matched region and its W = 1 rewrite on small random inputs.
+
+    Parameters keep their real values when ``example_inputs`` holds real tensors for the graph's
+    placeholders. Returns None when both agree, else why not (the graph is left untouched).
+    """
+    ext = _region_inputs(match)
+    real: dict[Node, Any] = {}
+    if example_inputs is not None:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for p, v in zip(phs, example_inputs, strict=False):
+            if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) and p in ext:
+                if p is not match.x and p is not match.topk_idx and p is not match.topk_weights:
+                    real[p] = v
+    for a in ext:
+        if a.op == "get_attr":
+            with contextlib.suppress(AttributeError):
+                real[a] = fx.graph_module._get_attr(gm, a.target)
+    try:
+        old_mod, new_mod = _region_modules(gm, match, ext)
+    except Exception as e:  # noqa: BLE001 - any failure to build means "not sure"
+        return f"could not build the rewrite: {type(e).__name__}: {e}"
+    T = val(match.x).shape[0]
+    T_hint = int(T.node.hint) if isinstance(T, torch.SymInt) and T.node.hint is not None else T
+    sizes = [5] + ([int(T_hint)] if isinstance(T_hint, int) and T_hint != 5 else [])
+    last_err = "no token count to try"
+    for tokens in sizes:
+        inputs = _random_inputs(match, ext, tokens, real)
+        if isinstance(inputs, str):
+            return inputs
+        with torch.no_grad():
+            try:
+                ref = old_mod(*[i.clone() if isinstance(i, torch.Tensor) else i for i in inputs])
+            except Exception as e:  # noqa: BLE001 - the original may hard-code T
+                last_err = f"the original block fails on {tokens} random tokens: {e}"
+                continue
+            try:
+                got = new_mod(*inputs)
+            except Exception as e:  # noqa: BLE001
+                return f"the rewrite fails on {tokens} random tokens: {type(e).__name__}: {e}"
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            return f"the rewrite gives {tuple(got.shape)} {got.dtype}, the block {tuple(ref.shape)} {ref.dtype}"
+        rtol, atol = _tolerance(ref.dtype)
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        err = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+        if not err <= atol * max(scale, 1.0) + rtol * scale:
+            return f"the rewrite differs from the block on random inputs (max abs diff {err:.3g})"
+        return None
+    return last_err
+
+
+# ----------------------------------------------------------------------------- entry point
+def _family_modules() -> list[Any]:
+    mods = []
+    for name in _FAMILY_MODULES:
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    return mods
+
+
+def fuse_moe_routing(
+    gm: fx.GraphModule,
+    *,
+    group: dist.ProcessGroup | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    verify: bool = True,
+) -> list[MoEMatch]:
+    """Rewrite every MoE block of ``gm`` (a Dynamo-level graph) into dispatch/combine, in place.
+
+    Args:
+        gm: the graph, as a torch.compile backend receives it (or any graph of torch-level calls).
+        group: a ``ProcessGroup`` for expert parallelism; None means the default group when
+            ``torch.distributed`` is initialized, else a single rank.
+        example_inputs: the graph's inputs; real tensors let the W = 1 check use real weights.
+        verify: check each match against its rewrite on random inputs before committing it.
+
+    Returns the rewritten blocks (family, number of experts, module path); why other candidates
+    were left alone is logged at debug level and kept in ``gm.meta["moe_rejected"]``.
+    """
+    rejects: list[Rejected] = []
+    done: list[MoEMatch] = []
+    for mod in _family_modules():
+        for match in mod.find_patterns(gm, rejects):
+            where = match.module_path or "<top>"
+            why = check_removable(match)
+            if why is None and verify:
+                why = verify_match(gm, match, example_inputs)
+            if why is not None:
+                rejects.append(Rejected(match.family, match.module_path, why))
+                continue
+            rewrite_match(gm, match, group)
+            log.info(
+                "fx_passes: rewrote MoE block %s (family %s, %d experts, %s)",
+                where, match.family, match.num_experts, match.rewritten.get("experts"),
+            )
+            done.append(match)
+    for r in rejects:
+        log.debug("fx_passes: left %s (family %s) alone: %s", r.module_path or "<top>", r.family,
+                  r.reason)
+    gm.meta["moe_rejected"] = rejects
+    gm.meta["moe_matches"] = done
+    return done
