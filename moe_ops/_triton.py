@@ -1,0 +1,396 @@
+"""Fused Triton kernels for the CUDA path of dispatch and combine.
+
+Imported only when a tensor is on a CUDA device; the CPU path keeps plain torch ops
+(``moe_ops._layout``). Every function here computes exactly what its torch counterpart computes
+(same order of rows, same rounding), so the two paths agree bit for bit, except :func:`slot_dot`,
+whose dot products are summed in a different (but fixed) order.
+
+Shape letters: see ``moe_ops._layout``. A pair ``p = t * K + k`` is one (token, slot).
+
+* :func:`send_layout`: counts per expert, the bad-id count and every pair's row in the send
+  buffer (stable counting sort by expert: two small kernels and a scan over ``[P / BP, E]``
+  block counts, no sort).
+* :func:`scatter_rows`: ``dst[pos[m, k]] = src[m] * w[m, k]``: reads each source row once and
+  writes it to its K rows of the send buffer (dispatch; combine's backward at W = 1).
+* :func:`gather_rows`: ``dst[i] = src[idx[i]] * w[i]``: the receive-side regroup by local expert.
+* :func:`combine_rows`: ``out[t] = sum_k w[t, k] * rows[pos[t, k]]`` in slot order, accumulated in
+  float32 for half types (float64 for float64), weights applied in the same pass, no ``[T * K, H]``
+  temporary. Compiled with floating-point contraction off so that it rounds like the CPU path.
+* :func:`slot_dot`: ``g[t, k] = <grad[t], rows[pos[t, k]]>``: combine's weight gradient.
+
+None of them syncs with the host.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+enabled = True  # the benchmark turns this off to time the plain torch path on the GPU
+
+_BP = 128  # pairs per block of the layout kernels
+
+
+def use_triton(t: Tensor) -> bool:
+    """Whether ``t``'s operations take the Triton path."""
+    return enabled and t.is_cuda
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _row_block(H: int, elt: int) -> tuple[int, int]:
+    """(rows, columns) of one program's tile: 4 KiB of a row, about 8 KiB in all."""
+    BH = min(triton.next_power_of_2(max(H, 1)), 4096 // elt)
+    BM = min(64, max(1, 8192 // (BH * elt)))
+    return BM, BH
+
+
+# ----------------------------------------------------------------------------- layout
+@triton.jit
+def _block_hist_kernel(idx_ptr, counts_ptr, P, E, NBINS: tl.constexpr, BP: tl.constexpr):
+    """counts[b, e] = pairs of block b routed to expert e (e < E); counts[b, E] = bad ids."""
+    b = tl.program_id(0)
+    offs = b * BP + tl.arange(0, BP)
+    m = offs < P
+    ids = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int64)
+    bad = m & ((ids < -1) | (ids >= E))
+    valid = m & (ids >= 0) & (ids < E)
+    bins = tl.where(valid, ids, E).to(tl.int32)
+    hist = tl.histogram(bins, NBINS)
+    n_bad = tl.sum(bad.to(tl.int32), axis=0)
+    cols = tl.arange(0, NBINS)
+    hist = tl.where(cols == E, n_bad, hist)
+    tl.store(counts_ptr + b * (E + 1) + cols, hist, mask=cols <= E)
+
+
+@triton.jit
+def _place_kernel(
+    idx_ptr,
+    base_ptr,
+    send_pos_ptr,
+    pair_pos_ptr,
+    send_pair_ptr,
+    P,
+    E,
+    E_l,
+    BP: tl.constexpr,
+    SHIFT: tl.constexpr,
+):
+    """Row of every valid pair in the send buffer: its block's base for its expert plus its rank
+    among the block's earlier pairs of that expert (so the order is stable)."""
+    b = tl.program_id(0)
+    i = tl.arange(0, BP)
+    offs = b * BP + i
+    m = offs < P
+    ids = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int64)
+    valid = m & (ids >= 0) & (ids < E)
+    same = (ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
+    e = tl.where(valid, ids, 0)
+    pos = tl.load(base_ptr + b * E + e, mask=valid, other=0) + rank
+    tl.store(send_pos_ptr + offs, tl.where(valid, pos, -1), mask=m)
+    if SHIFT:
+        # combine gets each destination's chunk back followed by one status row
+        tl.store(pair_pos_ptr + offs, tl.where(valid, pos + e // E_l, -1), mask=m)
+    tl.store(send_pair_ptr + pos, offs.to(tl.int64), mask=valid)
+
+
+class SendLayout(NamedTuple):
+    """What :func:`send_layout` returns.
+
+    send_pos:       int64 ``[T, K]``, row of each pair in the send buffer, -1 for unused slots
+    pair_pos:       int64 ``[T, K]``, row of each pair in the buffer combine gets back: at W > 1
+                    ``send_pos`` plus the destination rank (status rows); ``send_pos`` at W = 1
+    send_pair_idx:  int64 ``[P]``, pair index of every send row; only the first N are meaningful
+    counts_bad:     int64 ``[E + 1]``, valid pairs per global expert, then the number of bad ids
+    """
+
+    send_pos: Tensor
+    pair_pos: Tensor
+    send_pair_idx: Tensor
+    counts_bad: Tensor
+
+
+def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendLayout:
+    """Stable counting sort of the pairs by global expert; the order of ``_layout.send_layout``."""
+    T, K = topk_idx_TK.shape
+    P, E = T * K, num_experts
+    dev = topk_idx_TK.device
+    i64 = dict(dtype=torch.int64, device=dev)
+    if P == 0:
+        empty = torch.empty((T, K), **i64)
+        return SendLayout(empty, empty, torch.empty(0, **i64), torch.zeros(E + 1, **i64))
+    idx_P = topk_idx_TK.contiguous().view(-1)
+    NB = triton.cdiv(P, _BP)
+    counts = torch.empty((NB, E + 1), dtype=torch.int32, device=dev)
+    _block_hist_kernel[(NB,)](idx_P, counts, P, E, NBINS=triton.next_power_of_2(E + 1), BP=_BP)
+    incl = counts.cumsum(0)  # int64
+    counts_bad = incl[-1]
+    cnt_E = counts_bad[:E]
+    base = (incl[:, :E] - counts[:, :E]) + (cnt_E.cumsum(0) - cnt_E)
+    send_pos = torch.empty((T, K), **i64)
+    pair_pos = torch.empty((T, K), **i64) if world_size > 1 else send_pos
+    send_pair_idx = torch.empty(P, **i64)
+    _place_kernel[(NB,)](
+        idx_P,
+        base,
+        send_pos,
+        pair_pos,
+        send_pair_idx,
+        P,
+        E,
+        E // world_size,
+        BP=_BP,
+        SHIFT=world_size > 1,
+    )
+    return SendLayout(send_pos, pair_pos, send_pair_idx, counts_bad)
+
+
+# ----------------------------------------------------------------------------- row movers
+@triton.jit
+def _scatter_rows_kernel(
+    src_ptr,
+    pos_ptr,
+    w_ptr,
+    dst_ptr,
+    M,
+    H,
+    K,
+    HAS_W: tl.constexpr,
+    ACC: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nhb = tl.cdiv(H, BH)
+    rows = (pid // nhb) * BM + tl.arange(0, BM).to(tl.int64)
+    cols = (pid % nhb) * BH + tl.arange(0, BH)
+    rm = rows < M
+    cm = cols < H
+    x = tl.load(src_ptr + rows[:, None] * H + cols[None, :], mask=rm[:, None] & cm[None, :])
+    for k in range(K):
+        p = tl.load(pos_ptr + rows * K + k, mask=rm, other=-1)
+        if HAS_W:
+            w = tl.load(w_ptr + rows * K + k, mask=rm, other=0).to(ACC)
+            v = (x.to(ACC) * w[:, None]).to(dst_ptr.dtype.element_ty)
+        else:
+            v = x
+        tl.store(dst_ptr + p[:, None] * H + cols[None, :], v, mask=(p >= 0)[:, None] & cm[None, :])
+
+
+def scatter_rows(
+    src_MH: Tensor, pos_MK: Tensor, w_MK: Tensor | None, num_rows: int, out: Tensor | None = None
+) -> Tensor:
+    """``dst[pos[m, k]] = src[m]`` (times ``w[m, k]`` in the accumulation dtype, then cast back).
+
+    ``pos_MK`` int64 ``[M, K]`` (-1: skip). Returns ``dst`` ``[num_rows, H]`` in src's dtype
+    (``out`` if given); rows no pair points at are left as they were.
+    """
+    M, H = src_MH.shape
+    K = pos_MK.shape[1]
+    dst = src_MH.new_empty((num_rows, H)) if out is None else out
+    if M == 0 or H == 0 or K == 0 or num_rows == 0:
+        return dst
+    BM, BH = _row_block(H, src_MH.element_size())
+    grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
+    _scatter_rows_kernel[grid](
+        src_MH.contiguous(),
+        pos_MK.contiguous(),
+        w_MK.contiguous() if w_MK is not None else pos_MK,
+        dst,
+        M,
+        H,
+        K,
+        HAS_W=w_MK is not None,
+        ACC=_acc_tl(src_MH.dtype),
+        BM=BM,
+        BH=BH,
+        num_warps=4,
+    )
+    return dst
+
+
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr,
+    idx_ptr,
+    w_ptr,
+    dst_ptr,
+    M,
+    H,
+    HAS_W: tl.constexpr,
+    ACC: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nhb = tl.cdiv(H, BH)
+    rows = (pid // nhb) * BM + tl.arange(0, BM).to(tl.int64)
+    cols = (pid % nhb) * BH + tl.arange(0, BH)
+    rm = rows < M
+    mask = rm[:, None] & (cols < H)[None, :]
+    s = tl.load(idx_ptr + rows, mask=rm, other=0)
+    v = tl.load(src_ptr + s[:, None] * H + cols[None, :], mask=mask)
+    if HAS_W:
+        w = tl.load(w_ptr + rows, mask=rm, other=0).to(ACC)
+        v = (v.to(ACC) * w[:, None]).to(dst_ptr.dtype.element_ty)
+    tl.store(dst_ptr + rows[:, None] * H + cols[None, :], v, mask=mask)
+
+
+def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Tensor:
+    """``dst[i] = src[idx[i]]`` (times ``w[i]``, in the accumulation dtype): ``[M, H]``."""
+    M = idx_M.shape[0]
+    H = src_SH.shape[1]
+    dst = src_SH.new_empty((M, H))
+    if M == 0 or H == 0:
+        return dst
+    BM, BH = _row_block(H, src_SH.element_size())
+    grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
+    _gather_rows_kernel[grid](
+        src_SH.contiguous(),
+        idx_M.contiguous(),
+        w_M.contiguous() if w_M is not None else idx_M,
+        dst,
+        M,
+        H,
+        HAS_W=w_M is not None,
+        ACC=_acc_tl(src_SH.dtype),
+        BM=BM,
+        BH=BH,
+        num_warps=4,
+    )
+    return dst
+
+
+# ----------------------------------------------------------------------------- combine
+@triton.jit
+def _combine_kernel(
+    rows_ptr,
+    pos_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    H,
+    K,
+    HAS_W: tl.constexpr,
+    ACC: tl.constexpr,
+    BT: tl.constexpr,
+    BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nhb = tl.cdiv(H, BH)
+    tok = (pid // nhb) * BT + tl.arange(0, BT).to(tl.int64)
+    cols = (pid % nhb) * BH + tl.arange(0, BH)
+    tm = tok < T
+    cm = cols < H
+    acc = tl.zeros((BT, BH), dtype=ACC)
+    for k in range(K):
+        p = tl.load(pos_ptr + tok * K + k, mask=tm, other=-1)
+        ok = p >= 0
+        r = tl.load(
+            rows_ptr + p[:, None] * H + cols[None, :], mask=ok[:, None] & cm[None, :], other=0
+        ).to(ACC)
+        if HAS_W:
+            w = tl.load(w_ptr + tok * K + k, mask=tm, other=0).to(ACC)
+            r = r * w[:, None]
+        acc += tl.where(ok[:, None], r, 0.0)
+    tl.store(
+        out_ptr + tok[:, None] * H + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=tm[:, None] & cm[None, :],
+    )
+
+
+def combine_rows(
+    rows_MH: Tensor, pair_pos_TK: Tensor, topk_weights_TK: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``out[t] = sum_k w[t, k] * rows[pair_pos[t, k]]``: ``_layout.weighted_slot_sum``."""
+    T, K = pair_pos_TK.shape
+    H = rows_MH.shape[1]
+    out = torch.empty((T, H), dtype=out_dtype, device=rows_MH.device)
+    if T == 0 or H == 0:
+        return out
+    BT, BH = _row_block(H, 4)
+    grid = (triton.cdiv(T, BT) * triton.cdiv(H, BH),)
+    _combine_kernel[grid](
+        rows_MH.contiguous(),
+        pair_pos_TK.contiguous(),
+        topk_weights_TK.contiguous() if topk_weights_TK is not None else pair_pos_TK,
+        out,
+        T,
+        H,
+        K,
+        HAS_W=topk_weights_TK is not None,
+        ACC=_acc_tl(out_dtype),
+        BT=BT,
+        BH=BH,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+@triton.jit
+def _slot_dot_kernel(
+    g_ptr,
+    rows_ptr,
+    pos_ptr,
+    out_ptr,
+    T,
+    H,
+    K,
+    ACC: tl.constexpr,
+    BT: tl.constexpr,
+    BH: tl.constexpr,
+):
+    k = tl.program_id(0)
+    tok = tl.program_id(1) * BT + tl.arange(0, BT).to(tl.int64)
+    tm = tok < T
+    p = tl.load(pos_ptr + tok * K + k, mask=tm, other=-1)
+    ok = p >= 0
+    acc = tl.zeros((BT, BH), dtype=ACC)
+    for h0 in range(0, H, BH):
+        cols = h0 + tl.arange(0, BH)
+        cm = cols < H
+        g = tl.load(
+            g_ptr + tok[:, None] * H + cols[None, :], mask=tm[:, None] & cm[None, :], other=0
+        )
+        r = tl.load(
+            rows_ptr + p[:, None] * H + cols[None, :], mask=ok[:, None] & cm[None, :], other=0
+        )
+        acc += g.to(ACC) * r.to(ACC)
+    d = tl.where(ok, tl.sum(acc, axis=1), 0.0)
+    tl.store(out_ptr + tok * K + k, d.to(out_ptr.dtype.element_ty), mask=tm)
+
+
+def slot_dot(
+    grad_TH: Tensor, rows_MH: Tensor, pair_pos_TK: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """``g[t, k] = <grad[t], rows[pair_pos[t, k]]>`` (0 for -1 slots): ``_layout.slot_dot``."""
+    T, K = pair_pos_TK.shape
+    H = grad_TH.shape[1]
+    out = torch.empty((T, K), dtype=out_dtype, device=grad_TH.device)
+    if T == 0 or K == 0:
+        return out
+    BT = 4
+    BH = min(triton.next_power_of_2(max(H, 16)), 512)
+    _slot_dot_kernel[(K, triton.cdiv(T, BT))](
+        grad_TH.contiguous(),
+        rows_MH.contiguous(),
+        pair_pos_TK.contiguous(),
+        out,
+        T,
+        H,
+        K,
+        ACC=_acc_tl(grad_TH.dtype),
+        BT=BT,
+        BH=BH,
+        num_warps=4,
+    )
+    return out
