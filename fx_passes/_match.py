@@ -214,37 +214,32 @@ _ASSERT_TARGETS = {
 
 
 def assert_only_users(node: Node) -> list[Node]:
-    """Nodes hanging off ``node`` that only feed runtime shape assertions (Dynamo inserts
-    ``sym_size`` -> ``ge``/``le`` -> ``_assert_scalar`` chains after data-dependent ops).
+    """Nodes hanging off ``node`` that only feed runtime shape assertions.
 
-    Returns them when every path from ``node`` ends in an assertion, else ``[]``.
+    Dynamo inserts ``getitem`` -> ``sym_size`` -> ``ge``/``le`` -> ``_assert_scalar`` chains after
+    data-dependent ops (``nonzero``, ``where``, boolean indexing); they go with the block.
     """
     found: list[Node] = []
+    memo: dict[Node, bool] = {}
 
-    def walk(n: Node) -> bool:
-        for u in n.users:
-            if u.op != "call_function":
-                return False
-            tgt = u.target
-            if tgt is operator.getitem and isinstance(val(u), torch.Tensor):
-                return False
-            if tgt not in _ASSERT_TARGETS and tgt is not operator.getitem:
-                return False
-            if isinstance(val(u), torch.Tensor) and tgt is not torch.ops.aten.sym_size.int:
-                return False
-            if u not in found:
-                found.append(u)
-            if not walk(u):
-                return False
-        return True
+    def only_asserts(n: Node) -> bool:
+        if n not in memo:
+            memo[n] = False
+            ok = n.op == "call_function" and (
+                n.target in _ASSERT_TARGETS or n.target is operator.getitem
+            )
+            memo[n] = ok and all(only_asserts(u) for u in n.users)
+        return memo[n]
 
-    users_ok = True
     for u in node.users:
-        if u.op == "call_function" and u.target is torch.ops.aten.sym_size.int:
-            if u not in found:
-                found.append(u)
-            users_ok &= walk(u)
-    return found if users_ok else []
+        if only_asserts(u):
+            stack = [u]
+            while stack:
+                n = stack.pop()
+                if n not in found:
+                    found.append(n)
+                    stack.extend(n.users)
+    return found
 
 
 def nodes_between(src: Node, dst: Node) -> list[Node]:
@@ -272,6 +267,76 @@ def nodes_between(src: Node, dst: Node) -> list[Node]:
     return [n for n in src.graph.nodes if n in keep]
 
 
+def descendants(node: Node) -> set[Node]:
+    """Every node that depends on ``node`` (``node`` excluded)."""
+    seen: set[Node] = set()
+    stack = [node]
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def ancestors(nodes: Iterable[Node], within: set[Node] | None = None) -> set[Node]:
+    """``nodes`` and everything they depend on (restricted to ``within`` when given)."""
+    seen: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen or (within is not None and n not in within):
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+_INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
+
+
+def is_inplace(node: Node) -> bool:
+    """A write to one of its inputs (``x.add_()``, ``out[m] = v``, ``a += b``)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    return False
+
+
+def prune_removal(
+    candidates: set[Node], output: Node, last_write: Node | None
+) -> tuple[list[Node], str | None]:
+    """Drop from ``candidates`` what something outside them still needs.
+
+    A candidate whose value is used outside (other than ``output`` after ``last_write``) is kept
+    together with what it depends on, unless it writes in place (then the block cannot be
+    rewritten: the reason is returned). Returns the nodes to remove in graph order.
+    """
+    order = graph_order(output.graph)
+    last = order[last_write] if last_write is not None else -1
+    remove = set(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(remove):
+            outside = [
+                u for u in n.users
+                if u not in remove and not (n is output and order[u] > last)
+            ]
+            if outside:
+                keep = ancestors([n], within=remove)
+                bad = [k for k in keep if is_inplace(k)]
+                if bad:
+                    return [], f"{bad[0].name} writes in place and {outside[0].name} reads it"
+                remove -= keep
+                changed = True
+    return sorted(remove, key=order.get), None
+
+
 def graph_order(graph: fx.Graph) -> dict[Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
@@ -279,8 +344,15 @@ def graph_order(graph: fx.Graph) -> dict[Node, int]:
 def check_removable(match: MoEMatch) -> str | None:
     """Why ``match.remove`` cannot be deleted as it stands (a value used outside it), or None."""
     remove = set(match.remove)
+    for name in ("x", "topk_idx", "topk_weights", "base"):
+        if getattr(match, name) in remove:
+            return f"the block's {name} ({getattr(match, name).name}) is in the removed nodes"
     order = graph_order(match.output.graph)
     last = order[match.last_write] if match.last_write is not None else -1
+    if match.output not in remove:
+        for u in match.output.users:
+            if u not in remove and order[u] <= last:
+                return f"{u.name} reads {match.output.name} while the block still writes it"
     for n in remove:
         for u in n.users:
             if u in remove:

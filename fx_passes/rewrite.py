@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx import Node
 
+import moe_ops  # noqa: F401  (registers torch.ops.moe_ops)
 from fx_passes._match import (
     ExpertSubgraph,
     ModuleListExperts,
@@ -61,12 +62,14 @@ def _meta_key(graph: fx.Graph) -> str:
 
 
 def _fake_mode_of(args: Any):
-    from torch._guards import detect_fake_mode
+    """The fake mode of the first fake tensor in ``args`` (the one that made the graph's meta)."""
+    from torch._subclasses.fake_tensor import FakeTensor
 
-    flat = [a for a in fx.node.map_aggregate(args, lambda a: a) if isinstance(a, torch.Tensor)]
-    leaves = []
-    fx.node.map_aggregate(args, lambda a: leaves.append(a) if isinstance(a, torch.Tensor) else a)
-    return detect_fake_mode(leaves or flat)
+    modes = []
+    fx.node.map_aggregate(
+        args, lambda a: modes.append(a.fake_mode) if isinstance(a, FakeTensor) else a
+    )
+    return modes[0] if modes else None
 
 
 def _set_val(node: Node) -> None:
