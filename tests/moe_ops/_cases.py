@@ -1,0 +1,442 @@
+"""Case bodies that run on every rank of a world (see ``tests/_dist.py``), and their inputs.
+
+Every rank builds every rank's inputs from the same seed, runs the ops on its own share and
+checks its results against ``moe_ops.reference`` computed over all ranks, so a case needs no
+communication beyond the ops under test. Cases return nothing of interest unless noted; a failed
+check raises on the rank that saw it. Shape letters as in ``moe_ops._layout``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_ops
+from moe_ops import _comm
+from moe_ops._layout import acc_dtype
+from moe_ops.reference import reference_combine, reference_dispatch
+from tests._dist import device
+
+ROUTINGS = ("random", "to_rank0", "to_last", "skip_rank1", "rank0_silent", "all_unused", "skewed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One routing problem over W ranks. ``T`` gives tokens per rank (cycled over the ranks)."""
+
+    T: tuple[int, ...] = (6, 3, 0, 5)
+    K: int = 2
+    E_l: int = 2
+    H: int = 5
+    Hp: int = 5
+    dtype: torch.dtype = torch.float32
+    w_dtype: torch.dtype | None = None
+    routing: str = "random"
+    weights: bool = True
+    one_d: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Inputs:
+    xs: list[torch.Tensor]  # [T_r, H] per rank
+    idxs: list[torch.Tensor]  # [T_r, K] (or [T_r] when one_d) int64 per rank
+    ws: list[torch.Tensor] | None  # [T_r, K] (or [T_r]) per rank
+    num_experts: int
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, W) in the default group, or (0, 1) when ``torch.distributed`` is not initialized."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _ids(spec: Spec, W: int, r: int, T: int, g: torch.Generator) -> torch.Tensor:
+    E_l, K = spec.E_l, spec.K
+    E = E_l * W
+    shape = (T, K)
+    if spec.routing == "to_rank0":
+        ids = torch.randint(0, E_l, shape, generator=g)
+    elif spec.routing == "to_last":
+        ids = torch.randint(E - E_l, E, shape, generator=g)
+    elif spec.routing == "skip_rank1" and W > 1:
+        ids = torch.randint(0, E - E_l, shape, generator=g)
+        ids = torch.where(ids >= E_l, ids + E_l, ids)  # never an expert of rank 1
+    elif spec.routing == "skewed" and T > 0:
+        probs = torch.tensor([2.0**-e for e in range(E)])
+        ids = torch.multinomial(probs, T * K, replacement=True, generator=g).view(shape)
+    else:
+        ids = torch.randint(0, E, shape, generator=g)
+    unused = torch.rand(shape, generator=g) < 0.2
+    if spec.routing == "all_unused" or (spec.routing == "rank0_silent" and r == 0):
+        unused = torch.ones(shape, dtype=torch.bool)
+    return torch.where(unused, -1, ids)
+
+
+def make_inputs(spec: Spec, W: int) -> Inputs:
+    """Every rank's inputs, on the CPU, identical on every rank that calls this with ``spec``."""
+    g = torch.Generator().manual_seed(spec.seed * 1000 + W)
+    xs, idxs, ws = [], [], []
+    for r in range(W):
+        T = spec.T[r % len(spec.T)]
+        xs.append(torch.randn((T, spec.H), generator=g, dtype=torch.float64).to(spec.dtype))
+        ids = _ids(spec, W, r, T, g)
+        w = torch.rand((T, spec.K), generator=g, dtype=torch.float64).to(spec.w_dtype or spec.dtype)
+        if spec.one_d:
+            ids, w = ids[:, 0], w[:, 0]
+        idxs.append(ids)
+        ws.append(w)
+    return Inputs(xs, idxs, ws if spec.weights else None, spec.E_l * W)
+
+
+def expert_fn(recv_x: torch.Tensor, tokens_per_expert: torch.Tensor, Hp: int) -> torch.Tensor:
+    """A stand-in for the local experts: elementwise per row (so bitwise reproducible), ``H -> H'``."""
+    scale = torch.arange(1, tokens_per_expert.numel() + 1, device=recv_x.device, dtype=recv_x.dtype)
+    scale_R = torch.repeat_interleave(
+        scale / 4, tokens_per_expert.to(recv_x.device), output_size=recv_x.shape[0]
+    )
+    reps = -(-Hp // max(recv_x.shape[1], 1))
+    wide = torch.cat([recv_x.flip(1) if i % 2 else recv_x for i in range(reps)], 1)[:, :Hp]
+    return wide * scale_R[:, None] + 0.5
+
+
+def _bwd_tol(dtype: torch.dtype) -> dict:
+    return {
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+    }[dtype]
+
+
+def dispatch_combine_equal(spec: Spec, group_ranks: list[int] | None = None) -> None:
+    """Forward bit for bit against the reference; backward against autograd through the reference."""
+    if group_ranks is None:
+        group, (r, W) = None, rank_and_world()
+    else:  # every rank must take part in creating the group
+        group = dist.new_group(group_ranks)
+        if dist.get_rank() not in group_ranks:
+            return
+        W, r = group.size(), dist.get_rank(group)
+    inp = make_inputs(spec, W)
+    dev = device()
+    E = inp.num_experts
+
+    x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+    w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
+    recv_x, handle = moe_ops.dispatch(x, inp.idxs[r].to(dev), E, group=group)
+    expert_out = expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
+    out = moe_ops.combine(expert_out, handle, w, group=group)
+
+    ref_xs = [t.clone().requires_grad_(True) for t in inp.xs]
+    ref_ws = None if inp.ws is None else [t.clone().requires_grad_(True) for t in inp.ws]
+    ref_disp = reference_dispatch(ref_xs, inp.idxs, E)
+    ref_eo = [expert_fn(rx, tpe, spec.Hp) for rx, tpe in ref_disp]
+    ref_out = reference_combine(ref_eo, inp.idxs, E, ref_ws)
+
+    assert recv_x.dtype == spec.dtype and out.dtype == spec.dtype
+    assert handle.tokens_per_expert.device == dev and handle.tokens_per_expert.dtype == torch.int64
+    assert torch.equal(handle.tokens_per_expert.cpu(), ref_disp[r][1])
+    assert torch.equal(recv_x.detach().cpu(), ref_disp[r][0].detach())
+    assert torch.equal(expert_out.detach().cpu(), ref_eo[r].detach())
+    assert out.shape == (inp.xs[r].shape[0], spec.Hp)
+    assert torch.equal(out.detach().cpu(), ref_out[r].detach())
+
+    g = torch.Generator().manual_seed(spec.seed + 17)
+    grads_out = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(spec.dtype) for o in ref_out]
+    out.backward(grads_out[r].to(dev))
+    live = [o for o in ref_out if o.requires_grad]
+    if live:
+        torch.autograd.backward(live, [go for o, go in zip(ref_out, grads_out) if o.requires_grad])
+    ref_gx = ref_xs[r].grad if ref_xs[r].grad is not None else torch.zeros_like(ref_xs[r])
+    torch.testing.assert_close(x.grad.cpu(), ref_gx, **_bwd_tol(spec.dtype))
+    if w is not None:
+        ref_gw = ref_ws[r].grad if ref_ws[r].grad is not None else torch.zeros_like(ref_ws[r])
+        torch.testing.assert_close(w.grad.cpu(), ref_gw, **_bwd_tol(spec.dtype))
+
+
+def round_trip(spec: Spec) -> None:
+    """``combine(recv_x, handle, w)[t] == sum_k w[t, k] * x[t]`` over the valid slots, bit for bit."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    x, idx = inp.xs[r].to(dev), inp.idxs[r].to(dev)
+    w = None if inp.ws is None else inp.ws[r].to(dev)
+    recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
+    out = moe_ops.combine(recv_x, handle, w)
+
+    idx_TK = idx[:, None] if idx.dim() == 1 else idx
+    w_TK = None if w is None else (w[:, None] if w.dim() == 1 else w)
+    adt = acc_dtype(x.dtype)
+    want = torch.zeros(x.shape, dtype=adt, device=dev)
+    for k in range(idx_TK.shape[1]):
+        term = x.to(adt) if w_TK is None else x.to(adt) * w_TK[:, k, None].to(adt)
+        want += torch.where(idx_TK[:, k, None] >= 0, term, 0)
+    assert torch.equal(out, want.to(x.dtype))
+
+
+def routing_property(idx_lists: list[list[list[int]]], E_l: int, H: int, seed: int) -> None:
+    """Hypothesis-drawn routing (``idx_lists[r][t]`` = the K ids of token t on rank r)."""
+    r, W = rank_and_world()
+    K = len(next((row for rows in idx_lists for row in rows), [0]))
+    idxs = [torch.tensor(rows, dtype=torch.int64).view(len(rows), K) for rows in idx_lists]
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn((i.shape[0], H), generator=g) for i in idxs]
+    ws = [torch.rand(i.shape, generator=g) for i in idxs]
+    E = E_l * W
+    recv_x, handle = moe_ops.dispatch(xs[r], idxs[r], E)
+    ref = reference_dispatch(xs, idxs, E)
+    assert torch.equal(recv_x, ref[r][0]) and torch.equal(handle.tokens_per_expert, ref[r][1])
+    eo = [rx * 3 - 1 for rx, _ in ref]
+    out = moe_ops.combine(recv_x * 3 - 1, handle, ws[r])
+    assert torch.equal(out, reference_combine(eo, idxs, E, ws)[r])
+
+
+def gradcheck_case(which: str, seed: int) -> None:
+    """``torch.autograd.gradcheck`` in float64 through the real collectives of this world."""
+    r, W = rank_and_world()
+    spec = Spec(T=(4, 3, 0, 2), K=2, E_l=2, H=3, Hp=3, dtype=torch.float64, seed=seed)
+    inp = make_inputs(spec, W)
+    x, idx, w = inp.xs[r], inp.idxs[r], inp.ws[r]
+    E = inp.num_experts
+    if which == "dispatch":
+        fn, args = (lambda x_: moe_ops.dispatch(x_, idx, E)[0]), (x,)
+    elif which == "combine":
+        recv_x, handle = moe_ops.dispatch(x, idx, E)
+        fn, args = (lambda eo, w_: moe_ops.combine(eo, handle, w_)), (recv_x * 2, w)
+    else:
+        def fn(x_, w_):
+            recv_x, handle = moe_ops.dispatch(x_, idx, E)
+            return moe_ops.combine(torch.tanh(recv_x) * 1.5, handle, w_)
+
+        args = (x, w)
+    args = tuple(a.detach().clone().requires_grad_(True) for a in args)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- counts
+def count_calls(spec: Spec) -> dict[str, int]:
+    """Collectives and host syncs of forward dispatch+combine and of the backward on this rank."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+    w = inp.ws[r].to(dev, copy=True).requires_grad_(True)
+    idx = inp.idxs[r].to(dev)
+    a2a = mock.patch.object(dist, "all_to_all_single", wraps=dist.all_to_all_single)
+    sync = mock.patch.object(_comm, "read_to_host", wraps=_comm.read_to_host)
+    counts = {}
+    with a2a as a2a_mock, sync as sync_mock:
+        recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
+        counts["dispatch_a2a"], counts["dispatch_sync"] = a2a_mock.call_count, sync_mock.call_count
+        out = moe_ops.combine(recv_x * 2, handle, w)
+        counts["fwd_a2a"], counts["fwd_sync"] = a2a_mock.call_count, sync_mock.call_count
+        out.sum().backward()
+        counts["bwd_a2a"] = a2a_mock.call_count - counts["fwd_a2a"]
+        counts["bwd_sync"] = sync_mock.call_count - counts["fwd_sync"]
+    assert x.grad is not None and w.grad is not None
+    return counts
+
+
+class _NumelRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, numel) of every tensor a non-view aten op returns, including inside our ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "moe_ops":  # run the op's Python body so its aten ops show up here
+            with self:
+                return torch._library.custom_ops.OPDEFS[func._name]._init_fn(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((str(func), t.numel()))
+        return out
+
+
+def largest_intermediates(spec: Spec) -> dict:
+    """Largest aten outputs of dispatch, combine and backward, and this rank's N, R, T*K."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    x = inp.xs[r].requires_grad_(True)
+    w = inp.ws[r].requires_grad_(True)
+    idx = inp.idxs[r]
+    rec = _NumelRecorder()
+    with rec:
+        recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
+        eo = recv_x.detach().requires_grad_(True)
+        out = moe_ops.combine(eo, handle, w)
+        out.backward(torch.ones_like(out))
+    big = max(rec.seen, key=lambda s: s[1])
+    return dict(
+        big=big, calls=len(rec.seen), N=int(handle.send_splits.sum()), R=recv_x.shape[0],
+        TK=idx.numel(), H=spec.H,
+    )
+
+
+# ----------------------------------------------------------------------------- bad input
+def _good(W: int, seed: int = 3) -> tuple[Inputs, Spec]:
+    spec = Spec(T=(5, 4, 3, 6), K=2, E_l=2, H=4, Hp=4, seed=seed)
+    return make_inputs(spec, W), spec
+
+
+def _bad_dispatch_input(kind: str, x, idx, E):
+    """(x, topk_idx, expected exception type, message fragments) for one kind of bad input."""
+    if kind == "id_too_big":
+        idx = idx.clone()
+        idx[0, 0] = E + 3
+        return x, idx, ValueError, ["topk_idx", f"[0, {E})", "-1", f"[{E + 3}]"]
+    if kind == "id_below_minus1":
+        idx = idx.clone()
+        idx[-1, -1] = -2
+        return x, idx, ValueError, ["topk_idx", f"[0, {E})", "[-2]"]
+    if kind == "float_ids":
+        return x, idx.float(), TypeError, ["topk_idx", "integer", "torch.float32"]
+    if kind == "x_3d":
+        return x[None], idx, ValueError, ["x", "2-D [T, H]", str(tuple(x[None].shape))]
+    if kind == "idx_3d":
+        return x, idx[None], ValueError, ["topk_idx", "[T, K]", str(tuple(idx[None].shape))]
+    if kind == "T_mismatch":
+        return x[:-1], idx, ValueError, [
+            "topk_idx", f"{idx.shape[0]} rows", f"x has {x.shape[0] - 1} tokens"
+        ]
+    if kind == "int_x":
+        return x.long(), idx, TypeError, ["x", "floating point", "torch.int64"]
+    if kind == "meta_idx":
+        return x, idx.to("meta"), ValueError, ["topk_idx is on meta", "x is on cpu", "same device"]
+    raise AssertionError(kind)
+
+
+DISPATCH_BAD_KINDS = (
+    "id_too_big", "id_below_minus1", "float_ids", "x_3d", "idx_3d", "T_mismatch", "int_x",
+    "meta_idx",
+)
+COMBINE_BAD_KINDS = ("rows_too_many", "rows_too_few", "w_shape", "w_int", "w_meta", "eo_int")
+
+
+def _check_message(exc: BaseException, fragments: list[str]) -> None:
+    msg = str(exc)
+    missing = [f for f in fragments if f not in msg]
+    assert not missing, f"message {msg!r} lacks {missing}"
+
+
+def _next_call_works(inp: Inputs, spec: Spec, r: int) -> None:
+    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts)
+    ref = reference_dispatch(inp.xs, inp.idxs, inp.num_experts)
+    assert torch.equal(recv_x, ref[r][0])
+    out = moe_ops.combine(recv_x * 2, handle, inp.ws[r])
+    want = reference_combine([rx * 2 for rx, _ in ref], inp.idxs, inp.num_experts, inp.ws)[r]
+    assert torch.equal(out, want)
+
+
+def one_bad_rank_dispatch(bad_rank: int, kind: str) -> str:
+    """Only ``bad_rank`` passes bad input to dispatch: every rank raises, then the group works."""
+    r, W = rank_and_world()
+    inp, spec = _good(W)
+    x, idx, E = inp.xs[r], inp.idxs[r], inp.num_experts
+    if r == bad_rank:
+        x, idx, exc_type, fragments = _bad_dispatch_input(kind, x, idx, E)
+    else:
+        exc_type, fragments = moe_ops.PeerInputError, [f"rank(s) [{bad_rank}]", "dispatch"]
+    with pytest.raises(exc_type) as info:
+        moe_ops.dispatch(x, idx, E)
+    assert not isinstance(info.value, RuntimeError)
+    _check_message(info.value, fragments)
+    _next_call_works(inp, spec, r)
+    return type(info.value).__name__
+
+
+def _bad_combine_input(kind: str, recv_x, w):
+    R = recv_x.shape[0]
+    if kind == "rows_too_many":
+        return torch.cat([recv_x, recv_x[:1] * 0 + 1]), w, ValueError, [
+            "expert_out", f"R={R}", f"got {R + 1} rows"
+        ]
+    if kind == "rows_too_few":
+        return recv_x[1:], w, ValueError, ["expert_out", f"R={R}", f"got {R - 1} rows"]
+    if kind == "w_shape":
+        return recv_x, w[:, :1], ValueError, [
+            "topk_weights", f"{list(w.shape)}", f"got {list(w[:, :1].shape)}"
+        ]
+    if kind == "w_int":
+        return recv_x, w.long(), TypeError, ["topk_weights", "floating point", "torch.int64"]
+    if kind == "w_meta":
+        return recv_x, w.to("meta"), ValueError, ["topk_weights is on meta", "cpu", "same device"]
+    if kind == "eo_int":
+        return recv_x.long(), w, TypeError, ["expert_out", "floating point", "torch.int64"]
+    raise AssertionError(kind)
+
+
+def one_bad_rank_combine(bad_rank: int, kind: str) -> str:
+    """Only ``bad_rank`` passes bad input to combine: every rank raises (on the CPU), then the group works."""
+    r, W = rank_and_world()
+    inp, spec = _good(W, seed=4)
+    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts)
+    assert recv_x.shape[0] > 1
+    eo, w = recv_x, inp.ws[r]
+    if r == bad_rank:
+        eo, w, exc_type, fragments = _bad_combine_input(kind, recv_x, w)
+    else:
+        exc_type, fragments = moe_ops.PeerInputError, [f"rank(s) [{bad_rank}]", "combine"]
+    with pytest.raises(exc_type) as info:
+        moe_ops.combine(eo, handle, w)
+    assert not isinstance(info.value, RuntimeError)
+    _check_message(info.value, fragments)
+    out = moe_ops.combine(recv_x, handle, inp.ws[r])
+    ref = reference_dispatch(inp.xs, inp.idxs, inp.num_experts)
+    want = reference_combine([rx for rx, _ in ref], inp.idxs, inp.num_experts, inp.ws)[r]
+    assert torch.equal(out, want)
+    _next_call_works(inp, spec, r)
+    return type(info.value).__name__
+
+
+def handle_from_other_group() -> None:
+    """combine(..., group=g) with a handle from dispatch on another group raises on every rank."""
+    r, W = rank_and_world()
+    inp, spec = _good(W)
+    other = dist.new_group(list(range(W)))
+    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts)
+    with pytest.raises(ValueError) as info:
+        moe_ops.combine(recv_x, handle, inp.ws[r], group=other)
+    _check_message(info.value, [
+        "handle", repr(handle.group_name), repr(other.group_name), "pass the group that dispatch used"
+    ])
+    pair = dist.new_group([0, 1])
+    if r in (0, 1):
+        small = make_inputs(Spec(T=(3, 2), K=1, E_l=2, H=4, Hp=4), 2)
+        recv_s, handle_s = moe_ops.dispatch(small.xs[r], small.idxs[r], 4, group=pair)
+        with pytest.raises(ValueError) as info:
+            moe_ops.combine(recv_s, handle_s)
+        _check_message(info.value, [
+            f"({2} ranks)", f"({W} ranks)", repr(pair.group_name), "pass the group that dispatch used"
+        ])
+    _next_call_works(inp, spec, r)
+
+
+def handle_from_other_world(world_size: int) -> None:
+    """A handle whose recorded world does not match its group's size raises on every rank."""
+    r, W = rank_and_world()
+    inp, spec = _good(W)
+    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts)
+    forged = dataclasses.replace(handle, world_size=world_size)
+    with pytest.raises(ValueError) as info:
+        moe_ops.combine(recv_x, forged, inp.ws[r])
+    _check_message(info.value, [f"{W} ranks", f"({world_size} ranks)"])
+    _next_call_works(inp, spec, r)
+
+
+def num_experts_not_divisible() -> None:
+    W = dist.get_world_size()
+    x, idx = torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.int64)
+    with pytest.raises(ValueError) as info:
+        moe_ops.dispatch(x, idx, W + 1)
+    _check_message(info.value, ["num_experts", f"group size {W}", f"got {W + 1}"])
