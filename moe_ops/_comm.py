@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops._layout import expert_major_perm
+from moe_ops._layout import expert_major_perm, triton_kernels
 
 _OK, _BAD = 0, 1
 
@@ -82,7 +82,14 @@ def rows_to_experts(
     """Payload exchange towards the experts; returns rows in expert-major order ``[R, ...]``."""
     recv_RH = rows_N.new_empty((sum(recv_splits), *rows_N.shape[1:]))
     dist.all_to_all_single(recv_RH, rows_N.contiguous(), recv_splits, send_splits, group=group)
-    return recv_RH[recv_perm_R]
+    kern = triton_kernels(recv_RH)
+    return recv_RH[recv_perm_R] if kern is None else kern.gather_rows(recv_RH, recv_perm_R)
+
+
+def _int64_on(values: list[int], device: torch.device) -> Tensor:
+    """A small int64 tensor on ``device``; to CUDA through pinned memory, with no stream sync."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _status_row_positions(splits: list[int], device: torch.device) -> Tensor:
@@ -90,7 +97,7 @@ def _status_row_positions(splits: list[int], device: torch.device) -> Tensor:
     for n in splits:
         end += n + 1
         pos.append(end - 1)
-    return torch.tensor(pos, dtype=torch.int64, device=device)
+    return _int64_on(pos, device)
 
 
 def rows_to_sources(
@@ -119,9 +126,14 @@ def rows_to_sources(
         buf[status_pos] = _BAD
     else:
         chunk_of_R = torch.repeat_interleave(
-            torch.arange(W, device=device), torch.tensor(recv_splits, device=device), output_size=R
+            torch.arange(W, device=device), _int64_on(recv_splits, device), output_size=R
         )
-        buf.index_copy_(0, recv_perm_R + chunk_of_R[recv_perm_R], rows_R)
+        dest_R = recv_perm_R + chunk_of_R[recv_perm_R]
+        kern = triton_kernels(rows_R)
+        if kern is None:
+            buf.index_copy_(0, dest_R, rows_R)
+        else:
+            kern.scatter_rows(rows_R, dest_R[:, None], None, R + W, out=buf)
         buf[status_pos] = _OK
     out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
     dist.all_to_all_single(

@@ -96,3 +96,15 @@ def slot_dot(grad_TH: Tensor, rows_M: Tensor, pair_pos_TK: Tensor, out_dtype: to
         dot_T = (rows_M[pos_T.clamp(min=0)].to(adt) * g_TH).sum(-1)
         cols.append(torch.where(pos_T >= 0, dot_T, 0))
     return torch.stack(cols, 1).to(out_dtype)
+
+
+def triton_kernels(t: Tensor):
+    """``moe_ops._triton`` when ``t`` is on a CUDA device and the Triton path is on, else None.
+
+    Imported lazily: CPU-only installs of torch come without Triton, and the CPU path needs none.
+    """
+    if not t.is_cuda:
+        return None
+    from moe_ops import _triton
+
+    return _triton if _triton.enabled else None

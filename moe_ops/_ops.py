@@ -130,7 +130,12 @@ def dispatch_op(
     W, E = world_size, num_experts
     if err is not None and group is None:
         raise err
-    if err is None:
+    kern = _layout.triton_kernels(x) if err is None else None
+    if kern is not None:
+        T, K = topk_idx.shape
+        lay = kern.send_layout(topk_idx, E, W)
+        counts_E, bad_ids = lay.counts_bad[:E], lay.counts_bad[E] > 0
+    elif err is None:
         T, K = topk_idx.shape
         order_P, counts_E = _layout.send_layout(topk_idx, E)
         ids = topk_idx.to(torch.int64)
@@ -140,7 +145,11 @@ def dispatch_op(
         bad_ids = True
 
     if group is None:
-        host = _comm.read_to_host(torch.cat([counts_E, bad_ids.view(1).to(torch.int64)]))
+        host = _comm.read_to_host(
+            lay.counts_bad
+            if kern is not None
+            else torch.cat([counts_E, bad_ids.view(1).to(torch.int64)])
+        )
         if host[-1]:
             raise _bad_id_error(topk_idx, E)
         send_splits = recv_splits = [int(host[:-1].sum())]
@@ -156,15 +165,23 @@ def dispatch_op(
         recv_splits = host[E:].view(W, -1)[:, 1:].sum(1).tolist()
 
     N = sum(send_splits)
-    send_pair_idx = order_P[:N]
-    rows_NH = x[send_pair_idx // K]
+    if kern is not None:
+        send_pair_idx = lay.send_pair_idx[:N]
+        rows_NH = kern.scatter_rows(x, lay.send_pos, None, N)
+    else:
+        send_pair_idx = order_P[:N]
+        rows_NH = x[send_pair_idx // K]
     if group is None:
         recv_x, tokens_per_expert = rows_NH, counts_E
         recv_perm = torch.empty(0, dtype=torch.int64, device=x.device)
-        pair_pos = _layout.pair_positions(send_pair_idx, T * K)
     else:
         tokens_per_expert, recv_perm = _comm.expert_major_layout(recv_WC[:, 1:], recv_splits)
         recv_x = _comm.rows_to_experts(rows_NH, send_splits, recv_splits, recv_perm, group)
+    if kern is not None:
+        pair_pos = lay.pair_pos  # at W > 1 send_layout already shifted it by the destination rank
+    elif group is None:
+        pair_pos = _layout.pair_positions(send_pair_idx, T * K)
+    else:
         # combine gets each chunk back followed by a status row: shift by the destination rank.
         dest_N = torch.repeat_interleave(
             torch.arange(W, device=x.device), torch.tensor(send_splits, device=x.device),
@@ -257,7 +274,11 @@ def combine_op(
         )
         if err is not None:
             raise err
-    out = _layout.weighted_slot_sum(rows, pair_pos, topk_weights, expert_out.dtype)
+    kern = _layout.triton_kernels(rows)
+    if kern is not None:
+        out = kern.combine_rows(rows, pair_pos, topk_weights, expert_out.dtype)
+    else:
+        out = _layout.weighted_slot_sum(rows, pair_pos, topk_weights, expert_out.dtype)
     return out, returned
 
 
@@ -313,8 +334,15 @@ def combine_backward_op(
     """Gradients of combine: w.r.t. expert_out always; w.r.t. topk_weights when ``returned_rows`` is given."""
     group = _comm.resolve_group(group_name, world_size)
     K = pair_pos.shape[1]
-    rows_NH = grad_out[send_pair_idx // K]
-    if topk_weights is not None:
+    kern = _layout.triton_kernels(grad_out)
+    if kern is not None and group is None:
+        rows_NH = kern.scatter_rows(grad_out, pair_pos, topk_weights, send_pair_idx.shape[0])
+    elif kern is not None:
+        w_N = None if topk_weights is None else topk_weights.reshape(-1)[send_pair_idx]
+        rows_NH = kern.gather_rows(grad_out, send_pair_idx // K, w_N)
+    else:
+        rows_NH = grad_out[send_pair_idx // K]
+    if topk_weights is not None and kern is None:
         adt = _layout.acc_dtype(grad_out.dtype)
         w_N = topk_weights.reshape(-1)[send_pair_idx].to(adt)
         rows_NH = (rows_NH.to(adt) * w_N[:, None]).to(grad_out.dtype)
@@ -327,7 +355,7 @@ def combine_backward_op(
     if returned_rows is None:
         grad_w = grad_out.new_empty((0, 0))
     else:
-        grad_w = _layout.slot_dot(grad_out, returned_rows, pair_pos, topk_weights.dtype)
+        grad_w = (kern or _layout).slot_dot(grad_out, returned_rows, pair_pos, topk_weights.dtype)
     return grad_expert_out, grad_w
 
 
