@@ -1,0 +1,203 @@
+"""The torch.compile backend: ``moe_backend``, the ``"moe"`` entry point, ``compile_moe`` and ``explain``.
+
+``torch.compile(model, backend="moe", fullgraph=True)`` rewrites every MoE block Dynamo captured
+whole, then hands the graph to the inner compiler (inductor by default). Without ``fullgraph=True``
+Dynamo does not capture data-dependent ops (``nonzero``, ``torch.where(mask)``, boolean indexing)
+and breaks the graph there, so the pass never sees a whole block: use :func:`compile_moe`, which
+turns the capture on. Blocks that look like MoE routing but were not rewritten are reported once,
+at warning level, under the ``fx_passes`` logger.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from fx_passes._match import MoEMatch, Rejected, descendants, module_path
+from fx_passes.rewrite import fuse_moe_routing
+
+log = logging.getLogger("fx_passes")
+
+_CAPTURE_FLAGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+_HINT = (
+    "To have it rewritten, let Dynamo capture the whole block as one graph: compile with "
+    "fullgraph=True (or fx_passes.compile_moe, which turns on Dynamo's capture of data-dependent "
+    "ops), loop over range(num_experts) rather than over experts found at run time "
+    "(expert_hit = ...nonzero()), and drop data-dependent branches such as "
+    "`if idx.numel() == 0: continue`. For transformers 5 models pass "
+    "experts_implementation='grouped_mm'."
+)
+_warned: set[str] = set()
+
+
+def _inner_compiler(inner: str | Callable) -> Callable:
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(inner)
+
+
+def _routing_candidates(gm: fx.GraphModule) -> list[fx.Node]:
+    """``topk`` nodes whose indices look like expert routing (feed a one-hot, compare, mask,
+    or gather), or leave the graph (Dynamo broke the block)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.target not in (torch.topk, "topk"):
+            continue
+        reach = descendants(n)
+        if any(
+            u.op == "output"
+            or u.target in (torch.nn.functional.one_hot, torch._C._nn.one_hot, torch.where,
+                            torch.nonzero, "nonzero", operator.eq, "index_add_", operator.setitem,
+                            torch.argsort, torch.sort, "argsort", torch.bincount)
+            for u in reach
+        ):
+            out.append(n)
+    return out
+
+
+def _unrewritten_reasons(
+    gm: fx.GraphModule, matches: list[MoEMatch], rejects: list[Rejected]
+) -> list[tuple[str, str]]:
+    """``(module path, reason)`` for each MoE-looking block of ``gm`` that was not rewritten."""
+    done = {m.module_path for m in matches}
+    reasons: dict[str, str] = {}
+    for r in rejects:
+        if r.module_path not in done:
+            reasons.setdefault(r.module_path, f"family {r.family}: {r.reason}")
+    for n in _routing_candidates(gm):
+        path = module_path(n)
+        if path in done or any(path.startswith(d) or d.startswith(path) for d in done if d):
+            continue
+        if path in reasons:
+            continue
+        if any(u.op == "output" for u in descendants(n)):
+            reasons[path] = (
+                "its routing leaves the compiled graph (Dynamo split the block, e.g. at a "
+                "data-dependent loop or branch), so no graph holds the whole block"
+            )
+        else:
+            reasons[path] = "the routing was not recognised as any known family"
+    return sorted(reasons.items())
+
+
+def _warn_once(path: str, reason: str) -> None:
+    key = f"{path}: {reason}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning("fx_passes: MoE-looking block %s was not rewritten: %s. %s",
+                path or "<top>", reason, _HINT)
+
+
+def moe_backend(
+    group: dist.ProcessGroup | None = None,
+    *,
+    inner: str | Callable = "inductor",
+    strict: bool = False,
+) -> Callable:
+    """A torch.compile backend that rewrites MoE routing into dispatch/combine, then compiles.
+
+    Args:
+        group: the expert-parallel ``ProcessGroup``; None means the default group when
+            ``torch.distributed`` is initialized (at compile time), else a single rank.
+        inner: ``"inductor"``, ``"aot_eager"`` (or any registered backend name), or a backend
+            callable ``(gm, example_inputs) -> callable``; it receives the rewritten graph.
+        strict: raise ``RuntimeError`` when a graph that looks like MoE routing had no block
+            rewritten (instead of warning once).
+    """
+    compile_inner = _inner_compiler(inner)
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        matches = fuse_moe_routing(gm, group=group, example_inputs=example_inputs)
+        missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
+        if strict and missed:
+            path, reason = missed[0]
+            raise RuntimeError(
+                f"fx_passes.moe_backend(strict=True): MoE block {path or '<top>'} was not "
+                f"rewritten: {reason}. {_HINT}"
+            )
+        for path, reason in missed:
+            _warn_once(path, reason)
+        return compile_inner(gm, example_inputs)
+
+    backend.__name__ = "moe"
+    return backend
+
+
+def moe_backend_entry(gm: fx.GraphModule, example_inputs, *, options=None, mode=None):
+    """``torch.compile(model, backend="moe", options={"inner": "aot_eager", "strict": True})``."""
+    opts = dict(options or {})
+    unknown = set(opts) - {"inner", "strict", "group"}
+    if unknown:
+        raise ValueError(
+            f"backend='moe': unknown options {sorted(unknown)}; expected inner, strict, group"
+        )
+    return moe_backend(**opts)(gm, example_inputs)
+
+
+def compile_moe(
+    model: Callable,
+    *,
+    group: dist.ProcessGroup | None = None,
+    inner: str | Callable = "inductor",
+    strict: bool = False,
+    **compile_kwargs: Any,
+) -> Callable:
+    """``torch.compile(model, backend=moe_backend(...))`` with Dynamo's capture of data-dependent
+    ops turned on for every call, for code that cannot use ``fullgraph=True``.
+
+    Returns a callable that runs the compiled model under
+    ``torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)``.
+    """
+    compiled = torch.compile(
+        model, backend=moe_backend(group, inner=inner, strict=strict), **compile_kwargs
+    )
+
+    @functools.wraps(getattr(model, "forward", model))
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(**_CAPTURE_FLAGS):
+            return compiled(*args, **kwargs)
+
+    run.compiled = compiled
+    return run
+
+
+def explain(model: Callable, *inputs: Any, group: dist.ProcessGroup | None = None,
+            fullgraph: bool = False, file=None) -> list[dict[str, Any]]:
+    """Compile ``model`` on ``inputs`` (with the capture flags on), print a table of the MoE blocks
+    found and not found with reasons, and return its rows. Runs the graphs uncompiled."""
+    from tabulate import tabulate
+
+    rows: list[dict[str, Any]] = []
+
+    def record(gm: fx.GraphModule, example_inputs):
+        matches = fuse_moe_routing(gm, group=group, example_inputs=example_inputs)
+        for m in matches:
+            detail = m.rewritten.get("experts", "")
+            if "why_not_grouped" in m.rewritten:
+                detail += f" ({m.rewritten['why_not_grouped']})"
+            rows.append({"block": m.module_path or "<top>", "family": m.family,
+                         "experts": m.num_experts, "rewritten": "yes", "detail": detail})
+        for path, reason in _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", [])):
+            rows.append({"block": path or "<top>", "family": "", "experts": "",
+                         "rewritten": "no", "detail": reason})
+        return gm.forward
+
+    with torch._dynamo.config.patch(**_CAPTURE_FLAGS):
+        torch.compile(model, backend=record, fullgraph=fullgraph)(*inputs)
+    table = tabulate(rows, headers="keys") if rows else "no MoE routing found"
+    print(table, file=file)
+    return rows
