@@ -14,6 +14,17 @@ Design (see ``_match`` for what a family matcher must fill in):
 """
 
 from fx_passes._match import MoEMatch, Rejected
+from fx_passes.backend import compile_moe, explain, moe_backend
 from fx_passes.rewrite import fuse_moe_routing
+from fx_passes.sharding import ShardedExperts, shard_experts
 
-__all__ = ["MoEMatch", "Rejected", "fuse_moe_routing"]
+__all__ = [
+    "MoEMatch",
+    "Rejected",
+    "ShardedExperts",
+    "compile_moe",
+    "explain",
+    "fuse_moe_routing",
+    "moe_backend",
+    "shard_experts",
+]

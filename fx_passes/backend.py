@@ -117,11 +117,16 @@ def moe_backend(
             callable ``(gm, example_inputs) -> callable``; it receives the rewritten graph.
         strict: raise ``RuntimeError`` when a graph that looks like MoE routing had no block
             rewritten (instead of warning once).
+
+    The returned backend's ``matches`` attribute lists every block it rewrote
+    (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout).
     """
     compile_inner = _inner_compiler(inner)
+    rewritten: list[MoEMatch] = []
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]):
         matches = fuse_moe_routing(gm, group=group, example_inputs=example_inputs)
+        rewritten.extend(matches)
         missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
         if strict and missed:
             path, reason = missed[0]
@@ -134,6 +139,7 @@ def moe_backend(
         return compile_inner(gm, example_inputs)
 
     backend.__name__ = "moe"
+    backend.matches = rewritten
     return backend
 
 

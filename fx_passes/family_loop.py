@@ -117,13 +117,26 @@ def _split_weight(contrib: Node, reach: set[Node]) -> tuple[Node, Node | None, s
     return m, None, None
 
 
-def _expert_id(nodes: list[Node]) -> tuple[str, int] | None:
-    """``("path.of.ModuleList", e)`` from the module stacks of an expert's nodes."""
+def _indexed_paths(nodes: list[Node]) -> dict[str, int]:
+    """``{"path.of.ModuleList": e}`` for every ``<list>.<e>`` module on the nodes' stacks."""
+    out: dict[str, int] = {}
     for n in nodes:
         for path in module_stack_paths(n):
             m = re.match(r"^(.*)\.(\d+)$", path)
             if m:
-                return m.group(1), int(m.group(2))
+                out.setdefault(m.group(1), int(m.group(2)))
+    return out
+
+
+def _expert_ids(bodies: list[list[Node]]) -> tuple[str, list[int]] | None:
+    """The ModuleList the bodies come from (the deepest one where they all have distinct
+    indices) and each body's index in it; None when the module stacks do not say."""
+    per_body = [_indexed_paths(b) for b in bodies]
+    common = set(per_body[0]).intersection(*per_body[1:])
+    for path in sorted(common, key=len, reverse=True):
+        ids = [p[path] for p in per_body]
+        if len(set(ids)) == len(ids):
+            return path, ids
     return None
 
 
@@ -181,13 +194,13 @@ def _match_block(
     for b in bodies:
         groups.setdefault(frozenset(_params_of(b[2], b[0])), []).append(b)
     firsts = [g[0] for g in groups.values()]
-    ids = [_expert_id(b[2]) for b in firsts]
+    found = _expert_ids([b[2] for b in firsts])
     path = ""
-    if all(i is not None for i in ids) and len({i[0] for i in ids}) == 1:
-        list_path = ids[0][0]
+    if found is not None:
+        list_path, ids = found
         path = list_path.rsplit(".", 1)[0] if "." in list_path else ""
-        by_id = {i[1]: b for i, b in zip(ids, firsts, strict=True)}
-        if len(by_id) != len(firsts) or sorted(by_id) != list(range(len(by_id))):
+        by_id = dict(zip(ids, firsts, strict=True))
+        if sorted(by_id) != list(range(len(by_id))):
             return _reject(rejects, family, path, "the loop does not cover experts 0..E-1")
     else:
         by_id = dict(enumerate(firsts))
