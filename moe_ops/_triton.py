@@ -44,11 +44,16 @@ def _acc_tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _row_block(H: int, elt: int) -> tuple[int, int]:
-    """(rows, columns) of one program's tile: 4 KiB of a row, about 8 KiB in all."""
+def _row_block(H: int, elt: int) -> tuple[int, int, int]:
+    """(rows, columns, warps) of one program's tile: 4 KiB of a row, about 8 KiB in all."""
     BH = min(triton.next_power_of_2(max(H, 1)), 4096 // elt)
     BM = min(64, max(1, 8192 // (BH * elt)))
-    return BM, BH
+    return BM, BH, 4
+
+
+def _combine_block(H: int) -> tuple[int, int, int]:
+    """(tokens, columns, warps) of one combine program: its float32 accumulator is about 8 KiB."""
+    return _row_block(H, 4)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -197,7 +202,7 @@ def scatter_rows(
     dst = src_MH.new_empty((num_rows, H)) if out is None else out
     if M == 0 or H == 0 or K == 0 or num_rows == 0:
         return dst
-    BM, BH = _row_block(H, src_MH.element_size())
+    BM, BH, nw = _row_block(H, src_MH.element_size())
     grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
     _scatter_rows_kernel[grid](
         src_MH.contiguous(),
@@ -211,7 +216,7 @@ def scatter_rows(
         ACC=_acc_tl(src_MH.dtype),
         BM=BM,
         BH=BH,
-        num_warps=4,
+        num_warps=nw,
     )
     return dst
 
@@ -250,7 +255,7 @@ def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Ten
     dst = src_SH.new_empty((M, H))
     if M == 0 or H == 0:
         return dst
-    BM, BH = _row_block(H, src_SH.element_size())
+    BM, BH, nw = _row_block(H, src_SH.element_size())
     grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
     _gather_rows_kernel[grid](
         src_SH.contiguous(),
@@ -263,7 +268,7 @@ def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Ten
         ACC=_acc_tl(src_SH.dtype),
         BM=BM,
         BH=BH,
-        num_warps=4,
+        num_warps=nw,
     )
     return dst
 
@@ -316,7 +321,7 @@ def combine_rows(
     out = torch.empty((T, H), dtype=out_dtype, device=rows_MH.device)
     if T == 0 or H == 0:
         return out
-    BT, BH = _row_block(H, 4)
+    BT, BH, nw = _combine_block(H)
     grid = (triton.cdiv(T, BT) * triton.cdiv(H, BH),)
     _combine_kernel[grid](
         rows_MH.contiguous(),
@@ -330,7 +335,7 @@ def combine_rows(
         ACC=_acc_tl(out_dtype),
         BT=BT,
         BH=BH,
-        num_warps=4,
+        num_warps=nw,
         enable_fp_fusion=False,
     )
     return out

@@ -1,0 +1,173 @@
+"""The CUDA path's Triton kernels against the CPU path (plain torch ops), on a GPU.
+
+Every kernel must give bit for bit what the CPU path gives for the same inputs (the weight
+gradient's dot products only up to summation order), for the ops as a whole too: forward and
+backward, all float dtypes, ``-1`` slots, T = 0, K = 1. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import _layout
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+def _routing(T, K, E, seed, unused=0.15):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(T, E, generator=g).argsort(1)[:, :K]
+    idx[torch.rand(T, K, generator=g) < unused] = -1
+    return idx
+
+
+def _kernels():
+    from moe_ops import _triton
+
+    return _triton
+
+
+@pytest.mark.parametrize(
+    "T,K,E,W", [(1000, 8, 256, 1), (333, 2, 8, 1), (513, 4, 64, 2), (77, 3, 12, 4), (5, 1, 4, 1)]
+)
+def test_send_layout_matches_torch(T, K, E, W):
+    idx = _routing(T, K, E, seed=T)
+    lay = _kernels().send_layout(idx.cuda(), E, W)
+    order, counts = _layout.send_layout(idx, E)
+    N = int(counts.sum())
+    assert torch.equal(lay.counts_bad.cpu(), torch.cat([counts, torch.zeros(1, dtype=torch.int64)]))
+    assert torch.equal(lay.send_pair_idx[:N].cpu(), order[:N])
+    assert torch.equal(lay.send_pos.cpu(), _layout.pair_positions(order[:N], T * K).view(T, K))
+    dest = torch.div(idx.reshape(-1)[order[:N]], E // W, rounding_mode="floor")
+    shifted = _layout.pair_positions(order[:N], T * K, dest).view(T, K)
+    assert torch.equal(lay.pair_pos.cpu(), shifted)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_send_layout_counts_bad_ids(dtype):
+    idx = _routing(200, 2, 8, seed=1).to(torch.int64)
+    idx[idx < 0] = 0
+    idx[3, 1], idx[150, 0] = 8, 100
+    if dtype != torch.uint8:
+        idx[7, 0] = -3
+    lay = _kernels().send_layout(idx.to(dtype).cuda(), 8, 1)
+    assert int(lay.counts_bad[8]) == (2 if dtype == torch.uint8 else 3)
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_row_kernels_match_torch(dtype):
+    k = _kernels()
+    T, K, E, H = 700, 4, 16, 1000
+    idx = _routing(T, K, E, seed=2)
+    order, counts = _layout.send_layout(idx, E)
+    N = int(counts.sum())
+    send_idx = order[:N]
+    pos = _layout.pair_positions(send_idx, T * K).view(T, K)
+    x = torch.randn(T, H).to(dtype)
+    w = torch.rand(T, K, dtype=torch.float32)
+    adt = _layout.acc_dtype(dtype)
+    ref = x[send_idx // K]
+    ref_w = (ref.to(adt) * w.reshape(-1)[send_idx].to(adt)[:, None]).to(dtype)
+    xc, posc, wc = x.cuda(), pos.cuda(), w.cuda()
+    out = torch.full((N, H), float("nan"), dtype=dtype, device="cuda")
+    assert torch.equal(k.scatter_rows(xc, posc, None, N, out=out).cpu(), ref)
+    assert torch.equal(k.scatter_rows(xc, posc, wc, N).cpu(), ref_w)
+    assert torch.equal(k.gather_rows(xc, (send_idx // K).cuda()).cpu(), ref)
+    w_N = w.reshape(-1)[send_idx].cuda()
+    assert torch.equal(k.gather_rows(xc, (send_idx // K).cuda(), w_N).cpu(), ref_w)
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_combine_and_slot_dot_match_torch(dtype):
+    k = _kernels()
+    T, K, E, H = 600, 8, 32, 1536
+    idx = _routing(T, K, E, seed=3)
+    order, counts = _layout.send_layout(idx, E)
+    N = int(counts.sum())
+    pos = _layout.pair_positions(order[:N], T * K).view(T, K)
+    rows = torch.randn(N, H).to(dtype)
+    grad = torch.randn(T, H).to(dtype)
+    for w in (None, torch.rand(T, K).to(dtype), torch.rand(T, K, dtype=torch.float64)):
+        ref = _layout.weighted_slot_sum(rows, pos, w, dtype)
+        got = k.combine_rows(rows.cuda(), pos.cuda(), None if w is None else w.cuda(), dtype)
+        assert torch.equal(got.cpu(), ref)
+    ref_d = _layout.slot_dot(grad, rows, pos, torch.float32)
+    got_d = k.slot_dot(grad.cuda(), rows.cuda(), pos.cuda(), torch.float32).cpu()
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(got_d, ref_d, rtol=tol, atol=tol * H**0.5)
+
+
+def _round_trip(device, x, idx, w, E, gout):
+    x = x.to(device).requires_grad_()
+    w = w.to(device).requires_grad_()
+    recv, h = moe_ops.dispatch(x, idx.to(device), E)
+    expert_out = recv * 2 - 1
+    out = moe_ops.combine(expert_out, h, w)
+    out.backward(gout.to(device))
+    return [t.detach().cpu() for t in (recv, h.tokens_per_expert, h.pair_pos, out, x.grad, w.grad)]
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("T,K,E,H", [(300, 8, 64, 512), (257, 2, 8, 96), (40, 1, 4, 33), (0, 2, 4, 8)])
+def test_ops_cuda_equal_cpu(dtype, T, K, E, H):
+    g = torch.Generator().manual_seed(T + K)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w = torch.rand(T, K, generator=g).to(dtype)
+    gout = torch.randn(T, H, generator=g).to(dtype)
+    idx = _routing(T, K, E, seed=T * 3 + 1)
+    cpu = _round_trip("cpu", x, idx, w, E, gout)
+    gpu = _round_trip("cuda", x, idx, w, E, gout)
+    names = ["recv_x", "tokens_per_expert", "pair_pos", "out", "grad_x", "grad_w"]
+    for name, a, b in zip(names[:-1], cpu, gpu):
+        assert torch.equal(a, b), name
+    tol = 1e-10 if dtype == torch.float64 else 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(gpu[-1], cpu[-1], rtol=tol, atol=tol)
+
+
+def _syncs(fn):
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchroniz" in str(c.message) for c in caught)
+
+
+def test_one_host_sync_per_dispatch_none_after():
+    T, K, E, H = 512, 4, 16, 256
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(T, K, device="cuda", requires_grad=True)
+    idx = _routing(T, K, E, seed=9).cuda()
+    moe_ops.combine(*moe_ops.dispatch(x, idx, E), w).sum().backward()  # compile the kernels
+    (recv, h), n_dispatch = _syncs(lambda: moe_ops.dispatch(x, idx, E))
+    out, n_combine = _syncs(lambda: moe_ops.combine(recv * 3, h, w))
+    _, n_backward = _syncs(lambda: out.backward(torch.randn_like(out)))
+    assert (n_dispatch, n_combine, n_backward) == (1, 0, 0)
+
+
+def test_bad_ids_raise_on_cuda():
+    idx = _routing(64, 2, 8, seed=4).cuda()
+    idx[5, 1] = 8
+    with pytest.raises(ValueError, match=r"topk_idx values must be expert ids in \[0, 8\)"):
+        moe_ops.dispatch(torch.randn(64, 16, device="cuda"), idx, 8)
+
+
+def test_triton_path_is_deterministic():
+    T, K, E, H = 4096, 8, 256, 1024
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(T, K, device="cuda")
+    idx = _routing(T, K, E, seed=5, unused=0.0).cuda()
+    outs = [moe_ops.combine(*moe_ops.dispatch(x, idx, E), w) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
