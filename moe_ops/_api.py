@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops._ops import combine_op, dispatch_op
+from moe_ops._ops import _check_combine, _check_dispatch, combine_op, dispatch_op
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,25 @@ def _resolve(group: dist.ProcessGroup | None) -> tuple[str, int]:
     return group.group_name, group.size()
 
 
+def _real_device(*tensors: Tensor) -> torch.device:
+    return next((t.device for t in tensors if t.device.type != "meta"), torch.device("cpu"))
+
+
+def _raise_on_every_rank(err: Exception, op, args: tuple) -> None:
+    """Raise ``err`` here after running ``op`` on ``args``, stand-ins that fail its checks on one device.
+
+    With inputs on several devices (one of them "meta", say) the dispatcher could pick a kernel
+    that raises without taking part in the exchange, and the other ranks would wait forever; the
+    stand-ins send this rank through the real kernel's error path, which tells them.
+    """
+    try:
+        with torch.no_grad():
+            op(*args)
+    except (ValueError, TypeError):
+        pass
+    raise err
+
+
 def dispatch(
     x: Tensor, topk_idx: Tensor, num_experts: int, group: dist.ProcessGroup | None = None
 ) -> tuple[Tensor, DispatchHandle]:
@@ -83,6 +102,11 @@ def dispatch(
         raise TypeError(f"moe_ops.dispatch: {bad} must be a Tensor")
     if topk_idx.dim() == 1:
         topk_idx = topk_idx.unsqueeze(1)
+    if x.device != topk_idx.device:
+        dev = _real_device(x, topk_idx)
+        stand_ins = (torch.empty(0, device=dev), torch.empty((0, 1), dtype=torch.int64, device=dev))
+        err = _check_dispatch(x, topk_idx, num_experts, world_size)
+        _raise_on_every_rank(err, dispatch_op, (*stand_ins, num_experts, group_name, world_size))
     recv_x, tokens_per_expert, *layout = dispatch_op(
         x, topk_idx, num_experts, group_name, world_size
     )
@@ -130,7 +154,19 @@ def combine(
             )
     if topk_weights is not None and topk_weights.dim() == 1 and handle.pair_pos.shape[1] == 1:
         topk_weights = topk_weights.unsqueeze(1)
-    out, _ = combine_op(
-        expert_out, topk_weights, *handle._layout(), handle.group_name, handle.world_size
-    )
+    layout = handle._layout()
+    pair_pos = handle.pair_pos
+    if expert_out.device != pair_pos.device or (
+        topk_weights is not None and topk_weights.device != pair_pos.device
+    ):
+        R = handle.recv_perm.shape[0] if handle.world_size > 1 else handle.send_pair_idx.shape[0]
+        err = _check_combine(expert_out, topk_weights, pair_pos, R)
+        stand_ins = (
+            torch.empty(expert_out.shape, dtype=expert_out.dtype, device=pair_pos.device),
+            torch.empty((0, 0), device=pair_pos.device),  # never [T, K]: flags this rank as bad
+        )
+        _raise_on_every_rank(
+            err, combine_op, (*stand_ins, *layout, handle.group_name, handle.world_size)
+        )
+    out, _ = combine_op(expert_out, topk_weights, *layout, handle.group_name, handle.world_size)
     return out

@@ -313,14 +313,18 @@ def _bad_dispatch_input(kind: str, x, idx, E):
         return x.long(), idx, TypeError, ["x", "floating point", "torch.int64"]
     if kind == "meta_idx":
         return x, idx.to("meta"), ValueError, ["topk_idx is on meta", "x is on cpu", "same device"]
+    if kind == "meta_x":
+        return x.to("meta"), idx, ValueError, ["topk_idx is on cpu", "x is on meta", "same device"]
     raise AssertionError(kind)
 
 
 DISPATCH_BAD_KINDS = (
     "id_too_big", "id_below_minus1", "float_ids", "x_3d", "idx_3d", "T_mismatch", "int_x",
-    "meta_idx",
+    "meta_idx", "meta_x",
 )
-COMBINE_BAD_KINDS = ("rows_too_many", "rows_too_few", "w_shape", "w_int", "w_meta", "eo_int")
+COMBINE_BAD_KINDS = (
+    "rows_too_many", "rows_too_few", "w_shape", "w_int", "w_meta", "eo_meta", "eo_int"
+)
 
 
 def _check_message(exc: BaseException, fragments: list[str]) -> None:
@@ -371,6 +375,8 @@ def _bad_combine_input(kind: str, recv_x, w):
         return recv_x, w.long(), TypeError, ["topk_weights", "floating point", "torch.int64"]
     if kind == "w_meta":
         return recv_x, w.to("meta"), ValueError, ["topk_weights is on meta", "cpu", "same device"]
+    if kind == "eo_meta":
+        return recv_x.to("meta"), w, ValueError, ["expert_out is on meta", "cpu", "same device"]
     if kind == "eo_int":
         return recv_x.long(), w, TypeError, ["expert_out", "floating point", "torch.int64"]
     raise AssertionError(kind)
