@@ -95,6 +95,15 @@ def _is_routed_getitem(n: Node, reach: set[Node]) -> bool:
     return any(isinstance(k, Node) and k in reach for k in keys)
 
 
+def _is_weight_getitem(n: Node, reach: set[Node]) -> bool:
+    """``w[index]`` with ``index`` depending on the routing (``w`` itself may, e.g. a gather)."""
+    if not (n.op == "call_function" and n.target is operator.getitem):
+        return False
+    base, key = n.args
+    keys = key if isinstance(key, tuple) else (key,)
+    return isinstance(base, Node) and any(isinstance(k, Node) and k in reach for k in keys)
+
+
 def _split_weight(contrib: Node, reach: set[Node]) -> tuple[Node, Node | None, str | None]:
     """``(expert_out, topk_weights)`` from ``expert_out * w[t, k, None]`` (weights may be None)."""
     m = _strip_casts(contrib)
@@ -108,7 +117,7 @@ def _split_weight(contrib: Node, reach: set[Node]) -> tuple[Node, Node | None, s
             w0 = w
             if w.op == "call_method" and w.target in ("unsqueeze", "view", "reshape"):
                 w = w.args[0]
-            if _is_routed_getitem(w, reach) and isinstance(y, Node):
+            if _is_weight_getitem(w, reach) and isinstance(y, Node):
                 base = w.args[0]
                 bv = val(base)
                 if isinstance(bv, torch.Tensor) and bv.is_floating_point() and bv.dim() in (1, 2):
@@ -194,6 +203,8 @@ def _match_block(
     for b in bodies:
         groups.setdefault(frozenset(_params_of(b[2], b[0])), []).append(b)
     firsts = [g[0] for g in groups.values()]
+    if len(firsts) == 1 and len(bodies) > 1:
+        return _reject(rejects, family, "", "every write runs the same module: not per-expert")
     found = _expert_ids([b[2] for b in firsts])
     path = ""
     if found is not None:
@@ -217,6 +228,7 @@ def _match_block(
     if _is_zeros(acc):
         candidates.add(acc)
     else:
+        candidates.discard(acc)
         base = acc
     last_write = max((w for w, _, _ in writes), key=graph_order(acc.graph).get)
     remove, why = prune_removal(candidates, acc, last_write)

@@ -146,6 +146,16 @@ def _last_dim_split(node: Node) -> bool:
     return False
 
 
+def _row_reshape(node: Node, body_input: Node) -> bool:
+    """``rows.reshape(-1, H)`` / ``view`` giving ``[n, H]`` rows from ``[n, H]`` rows, or from
+    the expert's input (``x[None, idx]`` is ``[1, n, H]``; the rewrite feeds ``[R, H]``)."""
+    if node.op != "call_method" or node.target not in ("reshape", "view"):
+        return False
+    a, b = val(node.args[0]), val(node)
+    rows_in = a.dim() == 2 or node.args[0] is body_input
+    return rows_in and b.dim() == 2 and a.shape[-1] == b.shape[-1]
+
+
 def _grouped_plan(body: ModuleListExperts, local: Sequence[int]) -> str | None:
     """None when the local experts can run as one grouped computation, else why not."""
     ref = body.experts[local[0]]
@@ -174,7 +184,7 @@ def _grouped_plan(body: ModuleListExperts, local: Sequence[int]) -> str | None:
             continue
         if n.op == "call_method" and n.target in _ROWWISE_METHODS:
             continue
-        if _last_dim_split(n):
+        if _last_dim_split(n) or _row_reshape(n, ref.input):
             continue
         if n.target is operator.getitem and isinstance(n.args[1], int) and not isinstance(
             val(n), torch.Tensor
@@ -195,7 +205,7 @@ def _expert_params(sub: ExpertSubgraph) -> set[Node]:
     params = set()
     for n in sub.nodes:
         for a in n.all_input_nodes:
-            if a not in inside and is_param_like(a) and all(u in inside for u in a.users):
+            if a not in inside and is_param_like(a):
                 params.add(a)
     return params
 
@@ -554,6 +564,26 @@ def _family_modules() -> list[Any]:
     return mods
 
 
+def _subgraphs(gm: fx.GraphModule, example_inputs: Sequence[Any] | None):
+    """Graphs of higher-order ops (``torch.utils.checkpoint`` regions, ``wrap``) called from
+    ``gm``, each with the real values of its inputs where ``gm``'s inputs give them."""
+    real = {}
+    if example_inputs is not None:
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        real = dict(zip(phs, example_inputs, strict=False))
+    seen = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not n.args or not isinstance(n.args[0], Node):
+            continue
+        attr = n.args[0]
+        if attr.op != "get_attr" or attr.target in seen:
+            continue
+        sub = getattr(gm, attr.target, None)
+        if isinstance(sub, fx.GraphModule):
+            seen.add(attr.target)
+            yield sub, [real.get(a) for a in n.args[1:]]
+
+
 def fuse_moe_routing(
     gm: fx.GraphModule,
     *,
@@ -593,6 +623,8 @@ def fuse_moe_routing(
     for r in rejects:
         log.debug("fx_passes: left %s (family %s) alone: %s", r.module_path or "<top>", r.family,
                   r.reason)
+    for sub, sub_inputs in _subgraphs(gm, example_inputs):
+        done += fuse_moe_routing(sub, group=group, example_inputs=sub_inputs, verify=verify)
+        rejects += sub.meta.get("moe_rejected", [])
     gm.meta["moe_rejected"] = rejects
-    gm.meta["moe_matches"] = done
     return done

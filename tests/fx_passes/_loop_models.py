@@ -1,0 +1,204 @@
+"""Small MoE blocks written the way single-device model code writes them (families A and C),
+their near misses, and helpers to capture and compare them. Shape letters: T tokens, H hidden,
+I expert inner size, E experts, K top-k."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fx_passes
+
+H, I, E, K = 16, 24, 4, 2
+
+
+class Expert(nn.Module):
+    def __init__(self, act=F.silu, bias=False):
+        super().__init__()
+        self.act = act
+        self.gate = nn.Linear(H, I, bias=bias)
+        self.up = nn.Linear(H, I, bias=bias)
+        self.down = nn.Linear(I, H, bias=bias)
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Router + ModuleList experts; ``forward`` variants pick the routing code."""
+
+    def __init__(self, variant="onehot_where", *, routing="softmax", renorm=True, shared=False,
+                 act=F.silu, bias=False, num_experts=E):
+        super().__init__()
+        self.variant, self.routing, self.renorm = variant, routing, renorm
+        self.num_experts = num_experts
+        self.router = nn.Linear(H, num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(act, bias) for _ in range(num_experts))
+        self.shared = Expert() if shared or variant == "base_acc" else None
+
+    def _route(self, x):
+        logits = self.router(x)
+        if self.routing == "sigmoid":
+            scores = torch.sigmoid(logits.float())
+            _, idx = torch.topk(scores, K, dim=-1)
+            w = scores.gather(1, idx)
+        else:
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+            w, idx = torch.topk(probs, K, dim=-1)
+        if self.renorm:
+            w = w / w.sum(-1, keepdim=True)
+        return w.to(x.dtype), idx
+
+    def forward(self, x):
+        w, idx = self._route(x)
+        if self.variant == "base_acc":  # routed outputs accumulate onto the shared expert's
+            return self._onehot_where(x, w, idx, self.shared(x))
+        out = getattr(self, "_" + self.variant)(x, w, idx, torch.zeros_like(x))
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
+
+    # family A: one_hot mask, torch.where per expert (transformers 4.x OLMoE)
+    def _onehot_where(self, x, w, idx, out):
+        mask = F.one_hot(idx, self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            slot, tok = torch.where(mask[e])
+            y = self.experts[e](x[None, tok].reshape(-1, H)) * w[tok, slot, None]
+            out.index_add_(0, tok, y.to(x.dtype))
+        return out
+
+    # family A: mask = idx == e, nonzero
+    def _eq_nonzero(self, x, w, idx, out):
+        for e in range(self.num_experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot].unsqueeze(-1))
+        return out
+
+    # family C: boolean-mask loop over slots and experts
+    def _mask_loop(self, x, w, idx, out):
+        for k in range(K):
+            for e in range(self.num_experts):
+                m = idx[:, k] == e
+                out[m] += self.experts[e](x[m]) * w[m, k, None]
+        return out
+
+    # near miss: the mask is not a routing mask (>= instead of ==)
+    def _not_routing_mask(self, x, w, idx, out):
+        for e in range(self.num_experts):
+            m = idx[:, 0] >= e
+            out[m] += self.experts[e](x[m]) * w[m, 0, None]
+        return out
+
+    # near miss: the body is not per-expert (expert 0 for every e)
+    def _same_expert(self, x, w, idx, out):
+        for e in range(self.num_experts):
+            tok, slot = torch.where(idx == e)
+            out.index_add_(0, tok, self.experts[0](x[tok]) * w[tok, slot, None])
+        return out
+
+    # near miss: weights scale the expert input, which combine cannot express
+    def _weights_on_input(self, x, w, idx, out):
+        for e in range(self.num_experts):
+            tok, slot = torch.where(idx == e)
+            out.index_add_(0, tok, self.experts[e](x[tok] * w[tok, slot, None]))
+        return out
+
+
+class ExpertChoice(nn.Module):
+    """Near miss: a top-k over tokens (expert choice), not per-token routing."""
+
+    def __init__(self, capacity=3):
+        super().__init__()
+        self.capacity = capacity
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(Expert() for _ in range(E))
+
+    def forward(self, x):
+        scores = self.router(x).softmax(-1)
+        w, tok = torch.topk(scores, self.capacity, dim=0)  # [C, E]: tokens per expert
+        out = torch.zeros_like(x)
+        for e in range(E):
+            out.index_add_(0, tok[:, e], self.experts[e](x[tok[:, e]]) * w[:, e, None])
+        return out
+
+
+class ExpertHitLoop(nn.Module):
+    """transformers 4.x Mixtral-style: a loop over experts found at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(Expert() for _ in range(E))
+
+    def forward(self, x):
+        w, idx = torch.topk(self.router(x).softmax(-1), K, dim=-1)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(idx, E).permute(2, 1, 0)
+        expert_hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in expert_hit:
+            slot, tok = torch.where(mask[e].squeeze(0))
+            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        return out
+
+
+class Stack(nn.Module):
+    """Two residual MoE layers (nested module paths)."""
+
+    def __init__(self, **block_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(**block_kwargs) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- helpers
+def capture(model, x, group=None, **compile_kwargs):
+    """Compile ``model`` with a backend that runs the pass and keeps the rewritten graphs;
+    returns ``(output, graphs, matches)``."""
+    graphs, matches = [], []
+
+    def backend(gm, example_inputs):
+        matches.extend(fx_passes.fuse_moe_routing(gm, group=group, example_inputs=example_inputs))
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend, fullgraph=True, **compile_kwargs)(x)
+    return out, graphs, matches
+
+
+_PARAM = re.compile(r"l_(?:self|s)_modules_(\w+?)_parameters_(weight|bias)_")
+
+
+def normalized_code(gm) -> str:
+    """``gm.code`` without placeholders' re-binding, ``x = None`` frees and long param names."""
+    lines = []
+    for line in gm.code.splitlines():
+        line = line.split(";  ")[0].rstrip()
+        if not line.strip() or line.startswith("def forward") or re.match(r"\s+l_\w+ = L_", line):
+            continue
+        line = _PARAM.sub(lambda m: m.group(1).replace("_modules_", ".") + "." + m.group(2), line)
+        lines.append(line.strip())
+    return "\n".join(lines)
+
+
+def grads_equal(model, compile_fn, x, *, atol, rtol):
+    """Forward and gradient (input and parameters) of ``compile_fn(copy)`` vs eager ``model``."""
+    other = copy.deepcopy(model)
+    x1 = x.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = model(x1)
+    out = compile_fn(other)(x2)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    g = torch.randn_like(ref)
+    ref_g = torch.autograd.grad(ref, [x1, *model.parameters()], g, allow_unused=True)
+    out_g = torch.autograd.grad(out, [x2, *other.parameters()], g, allow_unused=True)
+    for a, b in zip(out_g, ref_g, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
