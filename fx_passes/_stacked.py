@@ -271,7 +271,7 @@ class Body:
             if n in env or self.branch.get(n, -1) >= e_l:
                 continue
             if n in self.rewrite:
-                env[n] = self.rewrite[n](graph, lookup, e_l)
+                env[n] = self.rewrite[n](graph, lookup, tpe)
                 continue
             args, kwargs = lookup(n.args), lookup(n.kwargs)
             if n.op == "call_method":
@@ -336,7 +336,10 @@ _SUPPORT_METHODS = {"transpose", "t", "contiguous", "select", "item", "cumsum", 
 
 
 def collect_support(
-    body: list[Node], rows: Node, leaf_kind: Callable[[Node], str | None]
+    body: list[Node],
+    rows: Node,
+    leaf_kind: Callable[[Node], str | None],
+    replaced: Iterable[Node] = (),
 ) -> tuple[list[Node], list[Node], list[Node], list[Node]] | str:
     """Classify what the body reads from outside itself.
 
@@ -344,9 +347,11 @@ def collect_support(
     counts ``[E]``) or ``"row_ids"`` (expert id of every grouped row). Returns ``(support,
     counts, row_ids, params)``: ``support`` are views/casts/selections of parameters and values
     derived from the counts (offsets, ``tolist`` items, their sums), copied with the body; or
-    why the body reads something else.
+    why the body reads something else. ``replaced`` are body nodes the caller emits itself
+    (their inputs are not walked).
     """
-    inside = set(body) | {rows}
+    replaced = set(replaced)
+    inside = set(body) | {rows} | replaced
     support: list[Node] = []
     counts: list[Node] = []
     row_ids: list[Node] = []
@@ -391,6 +396,8 @@ def collect_support(
         return f"the expert body reads {a.name} ({target_name(a)}), which it does not understand"
 
     for n in body:
+        if n in replaced:
+            continue
         for a in n.all_input_nodes:
             why = visit(a)
             if why is not None:

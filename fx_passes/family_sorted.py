@@ -338,7 +338,8 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
         return tags
     body = S.Body(x_sorted, y, all_nodes, counts, row_ids, params, tags, E)
 
-    remove = _removal_set(output, last_write, base, x, topk_idx, topk_weights, w, body)
+    known = set(w.seen) | set(body.nodes) | w.counts_chain
+    remove = removal_set(output, last_write, base, x, topk_idx, topk_weights, known)
     if isinstance(remove, str):
         return remove
     return MoEMatch(
@@ -528,11 +529,17 @@ def _check_body_node(n: Node) -> str | None:
     return None
 
 
-def _removal_set(output, last_write, base, x, topk_idx, topk_weights, w: _Walk, body: S.Body):
-    """Every node the rewrite deletes, or why the block cannot be cut out."""
+def removal_set(output, last_write, base, x, topk_idx, topk_weights, known: set[Node]):
+    """Every node the rewrite deletes, or why the block cannot be cut out.
+
+    It is everything the output (and the block's in-place writes) reads back to the anchors
+    (``x``, ids, weights, ``base``, parameters); each of those nodes must be one the matcher
+    recognised (``known``), a fresh buffer, or a runtime shape check. Flattening views of the
+    anchors that something outside still reads stay.
+    """
     graph = output.graph
     stop = {x, topk_idx, topk_weights, base} - {None}
-    known = set(w.seen) | set(body.nodes) | w.counts_chain | {output}
+    known = known | {output}
     if last_write is not None:
         known.add(last_write)
     roots = [output] + ([last_write] if last_write is not None else [])

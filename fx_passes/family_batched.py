@@ -1,0 +1,243 @@
+"""Family B: batched gather of expert weights per (token, slot), then ``bmm``.
+
+transformers 5 ``experts_implementation="batched_mm"`` writes, with ``ids = topk_idx.reshape(-1)``::
+
+    rows = x.repeat_interleave(K, dim=0)                          # [P, H], pair order
+    h = torch.bmm(W1[ids], rows.unsqueeze(-1)).squeeze(-1)   # or bmm(rows[:, None], W1[ids])
+    h = h + b1[ids]  (optional, often in place)   ... activation ...
+    y = torch.bmm(W2[ids], h.unsqueeze(-1)).squeeze(-1)
+    out = (y * w.reshape(-1).unsqueeze(-1)).view(T, K, H).sum(1)
+
+Every ``bmm`` with a gathered stacked weight becomes one grouped linear over this rank's local
+experts (``torch._grouped_mm`` for bfloat16 with 16-byte aligned rows, per-expert segments
+otherwise); gathered biases become ``b_local[local expert of each row]``; the rest of the body is
+copied as it is. Weights gathered by anything but the block's flattened top-k ids, or a body op
+not known to act row by row, leave the block alone.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx import Node
+
+from fx_passes import _stacked as S
+from fx_passes._match import (
+    MoEMatch,
+    Rejected,
+    StackedExperts,
+    common_prefix_path,
+    graph_order,
+    is_param_like,
+    module_path,
+    val,
+)
+from fx_passes.family_sorted import _column, _strip_row_weight, removal_set
+from fx_passes.rewrite import call, grouped_offsets
+
+FAMILY = "batched"
+
+
+def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]:
+    """One :class:`MoEMatch` per batched-gather MoE block of ``gm`` (module docstring)."""
+    matches: list[MoEMatch] = []
+    for node in list(gm.graph.nodes):
+        if not (S.is_method(node, "repeat_interleave") or S.is_call(node, torch.repeat_interleave)):
+            continue
+        if not (isinstance(node.args[1], int) and S.arg(node, 2, "dim") == 0):
+            continue
+        got = _match(node)
+        if isinstance(got, str):
+            rejects.append(Rejected(FAMILY, module_path(node), got))
+        elif got is not None:
+            matches.append(got)
+    return matches
+
+
+def _gathered_weight(n: Node) -> tuple[Node, Node] | None:
+    """``W[ids]`` with W a stacked parameter -> ``(W, ids)``."""
+    if n.target is operator.getitem and is_param_like(n.args[0]) and isinstance(n.args[1], Node):
+        return n.args[0], n.args[1]
+    return None
+
+
+def _batched_linear(sq: Node) -> tuple[Node, Node, Node, bool, list[Node]] | None:
+    """``bmm(W[ids], a.unsqueeze(-1)).squeeze(-1)`` or ``bmm(a.unsqueeze(1), W[ids]).squeeze(1)``.
+
+    Returns ``(a, W, ids, transposed, [unsqueeze, bmm, W[ids]])``.
+    """
+    if not S.is_method(sq, "squeeze"):
+        return None
+    mm = sq.args[0]
+    if not (S.is_call(mm, torch.bmm) or S.is_method(mm, "bmm")) or len(mm.users) != 1:
+        return None
+    lhs, rhs = mm.args[0], mm.args[1]
+    for wsel, vec, transposed, axis in ((lhs, rhs, False, -1), (rhs, lhs, True, 1)):
+        got = _gathered_weight(wsel)
+        if got is None or not S.is_method(vec, "unsqueeze") or len(vec.users) != 1:
+            continue
+        if vec.args[1] not in (axis, 2 if axis == -1 else 1) or sq.args[1:] not in (
+            (axis,),
+            (1 if transposed else 2,),
+        ):
+            continue
+        return vec.args[0], got[0], got[1], transposed, [vec, mm, wsel]
+    return None
+
+
+def _match(rep: Node) -> MoEMatch | str | None:
+    x = rep.args[0]
+    K = rep.args[1]
+    xv = val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 2:
+        return None
+    T = xv.shape[0]
+    # Find the per-slot sum: view(T, K, H').sum(1) of (y * w_flat[:, None]).
+    fwd: set[Node] = set()
+    stack = [rep]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in fwd:
+                fwd.add(u)
+                stack.append(u)
+    sums = [
+        n
+        for n in fwd
+        if S.is_method(n, "sum")
+        and S.arg(n, 1, "dim") in (1, -2)
+        and S.is_method(n.args[0], "view", "reshape")
+        and tuple(val(n.args[0]).shape[:2]) == (T, K)
+    ]
+    if len(sums) != 1:
+        return None if not sums else "more than one sum over slots after the repeated rows"
+    output = sums[0]
+    seen: list[Node] = [rep, output.args[0]]
+    z = output.args[0].args[0]
+    # weights: y * w_flat.unsqueeze(-1), w_flat = topk_weights.reshape(-1)
+    w_flat = None
+    n = z
+    while S.is_cast(n):
+        n = n.args[0]
+    if S.is_call(n, operator.mul, torch.mul) or S.is_method(n, "mul"):
+        for a in n.args[:2]:
+            col = _column(a) if isinstance(a, Node) else None
+            if col is not None and S.unflatten(col) is not col:
+                w_flat = S.strip_casts(col)
+    y, applied = _strip_row_weight(z, w_flat, seen)
+    topk_weights = S.unflatten(w_flat) if applied else None
+    if topk_weights is not None:
+        seen += [w_flat] if w_flat is not topk_weights else []
+        if val(topk_weights).dim() != 2 or tuple(val(topk_weights).shape) != (T, K):
+            return "the slot weights are not a [T, K] tensor"
+
+    body_nodes = S.body_region(rep, y)
+    if not body_nodes:
+        return None
+    linears = {}
+    skip: set[Node] = set()
+    topk_idx = ids = None
+    E = None
+    for n in body_nodes:
+        got = _batched_linear(n)
+        if got is None:
+            continue
+        a, W, wids, transposed, parts = got
+        if ids is None:
+            ids, topk_idx = wids, S.unflatten(wids)
+        if wids is not ids:
+            return f"{n.name}: weights gathered by different ids"
+        E = E if E is not None else val(W).shape[0]
+        if val(W).dim() != 3 or val(W).shape[0] != E:
+            return f"{W.name} is not a stacked [E, ., .] weight"
+        linears[n] = (a, W, transposed)
+        skip.update(parts)
+    if not linears:
+        return None
+    tv = val(topk_idx)
+    if not isinstance(tv, torch.Tensor) or tuple(tv.shape) != (T, K) or tv.dtype.is_floating_point:
+        return "the weights are not gathered by the flattened [T, K] expert ids"
+    body_nodes = [n for n in body_nodes if n not in skip]
+    for n in body_nodes:
+        if n in linears:
+            continue
+        why = S.check_row_op(n)
+        if why is not None:
+            return why
+        if n.target is operator.getitem and isinstance(val(n.args[0]), torch.Tensor):
+            idx = n.args[1]
+            if not (isinstance(idx, tuple) and idx and idx[0] is Ellipsis):
+                return f"{n.name}: indexing {idx!r} may mix rows"
+
+    def leaf_kind(a: Node) -> str | None:
+        return "row_ids" if S.strip_casts(a) is ids else None
+
+    sup = S.collect_support(body_nodes, rep, leaf_kind, replaced=linears)
+    if isinstance(sup, str):
+        return sup
+    support, _, row_ids, params = sup
+    params = list(dict.fromkeys(params + [W for (_, W, _) in linears.values()]))
+    for p in params:
+        if val(p).dim() == 0 or val(p).shape[0] != E:
+            return f"{p.name} is not stacked per expert ([{E}, ...])"
+    order = graph_order(rep.graph)
+    nodes = sorted(set(support) | set(body_nodes), key=order.get)
+    rewrite = {
+        sq: _grouped_linear_emitter(a, W, transposed) for sq, (a, W, transposed) in linears.items()
+    }
+    body = S.Body(rep, y, nodes, [], row_ids, params, {}, E, rewrite)
+
+    known = set(seen) | set(nodes) | skip | {ids, *_chain(ids, topk_idx)}
+    if topk_weights is not None:
+        known |= {w_flat, *_chain(w_flat, topk_weights)}
+    remove = removal_set(output, None, None, x, topk_idx, topk_weights, known)
+    if isinstance(remove, str):
+        return remove
+    return MoEMatch(
+        family=FAMILY,
+        module_path=common_prefix_path([module_path(rep), module_path(y)]),
+        num_experts=E,
+        x=x,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        output=output,
+        remove=remove,
+        body=StackedExperts(params, body.emit),
+    )
+
+
+def _chain(top: Node, bottom: Node) -> list[Node]:
+    out = []
+    while top is not bottom and isinstance(top, Node):
+        out.append(top)
+        top = top.args[0]
+    return out
+
+
+def _grouped_linear_emitter(a: Node, W: Node, transposed: bool):
+    def emit(graph: fx.Graph, lookup, tpe: Node) -> Node:
+        return grouped_linear(graph, lookup(a), lookup(W), tpe, transposed)
+
+    return emit
+
+
+def grouped_linear(graph: fx.Graph, a: Node, w: Node, tpe: Node, transposed: bool) -> Node:
+    """``a[R, in]`` rows grouped by local expert times ``w[E_l, out, in]`` (``[E_l, in, out]``
+    when ``transposed``): ``torch._grouped_mm`` for bfloat16 with 16-byte aligned rows, else one
+    ``mm`` per local expert on ``split(a, tpe.tolist())``."""
+    mat_b = w if transposed else call(graph, "transpose", (w, -2, -1))
+    bv = val(mat_b)
+    av = val(a)
+    aligned = all(isinstance(s, int) and (s * bv.element_size()) % 16 == 0 for s in bv.shape[1:])
+    if av.dtype == torch.bfloat16 and bv.dtype == torch.bfloat16 and aligned:
+        return call(graph, torch._grouped_mm, (a, mat_b), {"offs": grouped_offsets(graph, tpe)})
+    sizes = call(graph, "tolist", (tpe,))
+    parts = call(graph, torch.split, (a, sizes))
+    outs = []
+    for j in range(bv.shape[0]):
+        part = call(graph, operator.getitem, (parts, j))
+        wj = call(graph, operator.getitem, (mat_b, j))
+        outs.append(call(graph, torch.mm, (part, wj)))
+    return outs[0] if len(outs) == 1 else call(graph, torch.cat, (outs,))
