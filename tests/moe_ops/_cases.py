@@ -38,6 +38,7 @@ class Spec:
     routing: str = "random"
     weights: bool = True
     one_d: bool = False
+    unused: float = 0.2  # chance that a slot is -1
     seed: int = 0
 
 
@@ -72,7 +73,7 @@ def _ids(spec: Spec, W: int, r: int, T: int, g: torch.Generator) -> torch.Tensor
         ids = torch.multinomial(probs, T * K, replacement=True, generator=g).view(shape)
     else:
         ids = torch.randint(0, E, shape, generator=g)
-    unused = torch.rand(shape, generator=g) < 0.2
+    unused = torch.rand(shape, generator=g) < spec.unused
     if spec.routing == "all_unused" or (spec.routing == "rank0_silent" and r == 0):
         unused = torch.ones(shape, dtype=torch.bool)
     return torch.where(unused, -1, ids)
@@ -197,13 +198,24 @@ def routing_property(idx_lists: list[list[list[int]]], E_l: int, H: int, seed: i
     assert torch.equal(out, reference_combine(eo, idxs, E, ws)[r])
 
 
-def gradcheck_case(which: str, seed: int) -> None:
-    """``torch.autograd.gradcheck`` in float64 through the real collectives of this world."""
+def gradcheck_case(which: str, seed: int, checked_rank: int = 0) -> None:
+    """``torch.autograd.gradcheck`` in float64 through the real collectives of this world.
+
+    gradcheck perturbs inputs and probes outputs on every rank at once, so a rank's numerical
+    Jacobian would also see its peers' perturbations: only ``checked_rank`` is checked, the
+    others take part with constant inputs and zeroed outputs. gradcheck calls the function once
+    per input element and backward once per output element, so every rank needs the same shapes:
+    rank r routes like rank 0 shifted by r ranks, which gives every rank the same T and R.
+    """
     r, W = rank_and_world()
-    spec = Spec(T=(4, 3, 0, 2), K=2, E_l=2, H=3, Hp=3, dtype=torch.float64, seed=seed)
-    inp = make_inputs(spec, W)
-    x, idx, w = inp.xs[r], inp.idxs[r], inp.ws[r]
-    E = inp.num_experts
+    T, K, E_l, H = 4, 2, 2, 3
+    E = E_l * W
+    g = torch.Generator().manual_seed(seed)
+    base = _ids(Spec(K=K, E_l=E_l), W, 0, T, g)
+    idx = torch.where(base >= 0, (base + r * E_l) % E, -1)
+    g.manual_seed(seed * 100 + r)
+    x = torch.randn((T, H), generator=g, dtype=torch.float64)
+    w = torch.rand((T, K), generator=g, dtype=torch.float64)
     if which == "dispatch":
         fn, args = (lambda x_: moe_ops.dispatch(x_, idx, E)[0]), (x,)
     elif which == "combine":
@@ -215,8 +227,14 @@ def gradcheck_case(which: str, seed: int) -> None:
             return moe_ops.combine(torch.tanh(recv_x) * 1.5, handle, w_)
 
         args = (x, w)
-    args = tuple(a.detach().clone().requires_grad_(True) for a in args)
-    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8)
+    assert moe_ops.dispatch(x, idx, E)[0].shape[0] > 0
+    checked = fn
+    if r != checked_rank:
+        def checked(*inputs):
+            return fn(*(a + 0 * i for a, i in zip(args, inputs))) * 0
+
+    inputs = tuple(a.detach().clone().requires_grad_(True) for a in args)
+    assert torch.autograd.gradcheck(checked, inputs, eps=1e-6, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- counts

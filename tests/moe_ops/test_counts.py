@@ -1,0 +1,48 @@
+"""Pinned costs: collectives and host syncs per call, and no [T, K, H]-sized intermediate.
+
+Collectives are counted by wrapping ``torch.distributed.all_to_all_single`` (the only one
+``moe_ops._comm`` uses), host syncs by wrapping ``moe_ops._comm.read_to_host``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.moe_ops import _cases
+from tests.moe_ops._cases import Spec
+
+_SPEC = Spec(T=(8, 6, 5), K=3, E_l=2, H=6, Hp=6, seed=11)
+_BIG = Spec(T=(8, 8), K=4, E_l=2, H=16, Hp=16, unused=0.4, seed=2)
+
+
+def test_counts_single_rank():
+    counts = _cases.count_calls(_SPEC)
+    assert counts == dict(
+        dispatch_a2a=0, dispatch_sync=1, fwd_a2a=0, fwd_sync=1, bwd_a2a=0, bwd_sync=0
+    )
+
+
+@pytest.mark.parametrize("W", [2, 3])
+def test_counts_distributed(gloo_world, W):
+    for counts in gloo_world(W).run(_cases.count_calls, _SPEC):
+        assert counts == dict(
+            dispatch_a2a=2, dispatch_sync=1, fwd_a2a=3, fwd_sync=1, bwd_a2a=2, bwd_sync=0
+        )
+
+
+def _check_no_big_intermediate(found: dict) -> None:
+    TK, H = found["TK"], found["H"]
+    # The send/receive buffers ([N (+W), H], [R (+W), H]) are allowed; the routing leaves enough
+    # unused slots that they stay below T * K rows, so only a [T, K, H]-sized temporary reaches it.
+    assert max(found["N"], found["R"]) + 2 < TK, found
+    assert found["calls"] > 20, found
+    assert found["big"][1] < TK * H, found
+
+
+def test_no_tkh_intermediate_single_rank():
+    _check_no_big_intermediate(_cases.largest_intermediates(_BIG))
+
+
+def test_no_tkh_intermediate_distributed(gloo_world):
+    for found in gloo_world(2).run(_cases.largest_intermediates, _BIG):
+        _check_no_big_intermediate(found)
