@@ -8,8 +8,7 @@ whose dot products are summed in a different (but fixed) order.
 Shape letters: see ``moe_ops._layout``. A pair ``p = t * K + k`` is one (token, slot).
 
 * :func:`send_layout`: counts per expert, the bad-id count and every pair's row in the send
-  buffer (stable counting sort by expert: two small kernels and a scan over ``[P / BP, E]``
-  block counts, no sort).
+  buffer (a stable counting sort by expert in two small kernels, no sort, no torch glue).
 * :func:`scatter_rows`: ``dst[pos[m, k]] = src[m] * w[m, k]``: reads each source row once and
   writes it to its K rows of the send buffer (dispatch; combine's backward at W = 1).
 * :func:`gather_rows`: ``dst[i] = src[idx[i]] * w[i]``: the receive-side regroup by local expert.
@@ -32,7 +31,7 @@ from torch import Tensor
 
 enabled = True  # the benchmark turns this off to time the plain torch path on the GPU
 
-_BP = 128  # pairs per block of the layout kernels
+_SB = 128  # pairs ranked at a time by the layout kernel
 
 
 def use_triton(t: Tensor) -> bool:
@@ -58,52 +57,83 @@ def _combine_block(H: int) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- layout
 @triton.jit
-def _block_hist_kernel(idx_ptr, counts_ptr, P, E, NBINS: tl.constexpr, BP: tl.constexpr):
-    """counts[b, e] = pairs of block b routed to expert e (e < E); counts[b, E] = bad ids."""
+def _block_hist_kernel(idx_ptr, counts_ptr, bad_ptr, P, E, NBINS: tl.constexpr, BP: tl.constexpr):
+    """counts[b, e]: pairs of block b routed to expert e; bad[b]: ids of block b outside [-1, E)."""
     b = tl.program_id(0)
     offs = b * BP + tl.arange(0, BP)
     m = offs < P
     ids = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int64)
-    bad = m & ((ids < -1) | (ids >= E))
     valid = m & (ids >= 0) & (ids < E)
-    bins = tl.where(valid, ids, E).to(tl.int32)
-    hist = tl.histogram(bins, NBINS)
-    n_bad = tl.sum(bad.to(tl.int32), axis=0)
+    bad = m & ((ids < -1) | (ids >= E))
+    hist = tl.histogram(tl.where(valid, ids, 0).to(tl.int32), NBINS, mask=valid)
     cols = tl.arange(0, NBINS)
-    hist = tl.where(cols == E, n_bad, hist)
-    tl.store(counts_ptr + b * (E + 1) + cols, hist, mask=cols <= E)
+    tl.store(counts_ptr + b * E + cols, hist, mask=cols < E)
+    tl.store(bad_ptr + b, tl.sum(bad.to(tl.int32), axis=0))
 
 
 @triton.jit
 def _place_kernel(
     idx_ptr,
-    base_ptr,
+    counts_ptr,
+    bad_ptr,
     send_pos_ptr,
     pair_pos_ptr,
     send_pair_ptr,
+    counts_bad_ptr,
     P,
     E,
     E_l,
+    NB,
+    NBINS: tl.constexpr,
+    RB: tl.constexpr,
     BP: tl.constexpr,
+    SB: tl.constexpr,
     SHIFT: tl.constexpr,
 ):
-    """Row of every valid pair in the send buffer: its block's base for its expert plus its rank
-    among the block's earlier pairs of that expert (so the order is stable)."""
+    """Row of every valid pair of block b in the send buffer.
+
+    The row is: the expert's first row (exclusive scan of the expert totals), plus the pairs of
+    that expert in earlier blocks, plus its rank among the block's earlier pairs of that expert
+    (so the order is stable). Program 0 also writes the totals and the bad-id count.
+    """
     b = tl.program_id(0)
-    i = tl.arange(0, BP)
-    offs = b * BP + i
-    m = offs < P
-    ids = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int64)
-    valid = m & (ids >= 0) & (ids < E)
-    same = (ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None])
-    rank = tl.sum(same.to(tl.int32), axis=1)
-    e = tl.where(valid, ids, 0)
-    pos = tl.load(base_ptr + b * E + e, mask=valid, other=0) + rank
-    tl.store(send_pos_ptr + offs, tl.where(valid, pos, -1), mask=m)
-    if SHIFT:
-        # combine gets each destination's chunk back followed by one status row
-        tl.store(pair_pos_ptr + offs, tl.where(valid, pos + e // E_l, -1), mask=m)
-    tl.store(send_pair_ptr + pos, offs.to(tl.int64), mask=valid)
+    cols = tl.arange(0, NBINS)
+    cm = cols < E
+    prefix = tl.zeros([NBINS], dtype=tl.int32)
+    total = tl.zeros([NBINS], dtype=tl.int32)
+    for r0 in range(0, NB, RB):
+        rows = r0 + tl.arange(0, RB)
+        c = tl.load(
+            counts_ptr + rows[:, None] * E + cols[None, :],
+            mask=(rows < NB)[:, None] & cm[None, :],
+            other=0,
+        )
+        total += tl.sum(c, axis=0)
+        prefix += tl.sum(tl.where((rows < b)[:, None], c, 0), axis=0)
+    off = tl.cumsum(total, axis=0) - total + prefix
+    if b == 0:
+        tl.store(counts_bad_ptr + cols, total.to(tl.int64), mask=cm)
+        n_bad = tl.zeros([1024], dtype=tl.int32)
+        for r0 in range(0, NB, 1024):
+            rows = r0 + tl.arange(0, 1024)
+            n_bad += tl.load(bad_ptr + rows, mask=rows < NB, other=0)
+        tl.store(counts_bad_ptr + E, tl.sum(n_bad, axis=0).to(tl.int64))
+    i = tl.arange(0, SB)
+    for s in range(0, BP, SB):
+        offs = b * BP + s + i
+        m = offs < P
+        ids = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int64)
+        valid = m & (ids >= 0) & (ids < E)
+        e = tl.where(valid, ids, 0).to(tl.int32)
+        key = tl.where(valid, e, -1)
+        rank = tl.sum(((key[:, None] == key[None, :]) & (i[None, :] < i[:, None])).to(tl.int32), 1)
+        pos = (tl.gather(off, e, axis=0) + rank).to(tl.int64)
+        tl.store(send_pos_ptr + offs, tl.where(valid, pos, -1), mask=m)
+        if SHIFT:
+            # combine gets each destination's chunk back followed by one status row
+            tl.store(pair_pos_ptr + offs, tl.where(valid, pos + e // E_l, -1), mask=m)
+        tl.store(send_pair_ptr + pos, offs.to(tl.int64), mask=valid)
+        off += tl.histogram(e, NBINS, mask=valid)
 
 
 class SendLayout(NamedTuple):
@@ -123,7 +153,11 @@ class SendLayout(NamedTuple):
 
 
 def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendLayout:
-    """Stable counting sort of the pairs by global expert; the order of ``_layout.send_layout``."""
+    """Stable counting sort of the pairs by global expert; the order of ``_layout.send_layout``.
+
+    Two kernels: per-block expert histograms, then every block scans the histograms it needs
+    and places its pairs. About 128 blocks whatever the size, so neither kernel is a long chain.
+    """
     T, K = topk_idx_TK.shape
     P, E = T * K, num_experts
     dev = topk_idx_TK.device
@@ -132,26 +166,32 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
         empty = torch.empty((T, K), **i64)
         return SendLayout(empty, empty, torch.empty(0, **i64), torch.zeros(E + 1, **i64))
     idx_P = topk_idx_TK.contiguous().view(-1)
-    NB = triton.cdiv(P, _BP)
-    counts = torch.empty((NB, E + 1), dtype=torch.int32, device=dev)
-    _block_hist_kernel[(NB,)](idx_P, counts, P, E, NBINS=triton.next_power_of_2(E + 1), BP=_BP)
-    incl = counts.cumsum(0)  # int64
-    counts_bad = incl[-1]
-    cnt_E = counts_bad[:E]
-    base = (incl[:, :E] - counts[:, :E]) + (cnt_E.cumsum(0) - cnt_E)
+    BP = min(max(triton.next_power_of_2(triton.cdiv(P, 128)), _SB), 8192)
+    NB = triton.cdiv(P, BP)
+    NBINS = max(16, triton.next_power_of_2(E))
+    scratch = torch.empty(NB * (E + 1), dtype=torch.int32, device=dev)
+    counts, bad = scratch[: NB * E], scratch[NB * E :]
+    _block_hist_kernel[(NB,)](idx_P, counts, bad, P, E, NBINS=NBINS, BP=BP)
     send_pos = torch.empty((T, K), **i64)
     pair_pos = torch.empty((T, K), **i64) if world_size > 1 else send_pos
     send_pair_idx = torch.empty(P, **i64)
+    counts_bad = torch.empty(E + 1, **i64)
     _place_kernel[(NB,)](
         idx_P,
-        base,
+        counts,
+        bad,
         send_pos,
         pair_pos,
         send_pair_idx,
+        counts_bad,
         P,
         E,
         E // world_size,
-        BP=_BP,
+        NB,
+        NBINS=NBINS,
+        RB=max(1, min(triton.next_power_of_2(NB), 8192 // NBINS)),
+        BP=BP,
+        SB=_SB,
         SHIFT=world_size > 1,
     )
     return SendLayout(send_pos, pair_pos, send_pair_idx, counts_bad)
