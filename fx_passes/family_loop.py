@@ -107,8 +107,10 @@ def _is_weight_getitem(n: Node, reach: set[Node]) -> bool:
 def _split_weight(contrib: Node, reach: set[Node]) -> tuple[Node, Node | None, str | None]:
     """``(expert_out, topk_weights)`` from ``expert_out * w[t, k, None]`` (weights may be None)."""
     m = _strip_casts(contrib)
-    if m.op == "call_function" and m.target in (operator.mul, torch.mul) or (
-        m.op == "call_method" and m.target == "mul"
+    if (
+        m.op == "call_function"
+        and m.target in (operator.mul, torch.mul)
+        or (m.op == "call_method" and m.target == "mul")
     ):
         a, b = m.args[:2]
         for y, w in ((a, b), (b, a)):
@@ -150,7 +152,10 @@ def _expert_ids(bodies: list[list[Node]]) -> tuple[str, list[int]] | None:
 
 
 def _match_block(
-    idx: Node, acc: Node, writes: list[tuple[Node, Node, str]], reach: set[Node],
+    idx: Node,
+    acc: Node,
+    writes: list[tuple[Node, Node, str]],
+    reach: set[Node],
     rejects: list[Rejected],
 ) -> MoEMatch | None:
     family = "C" if writes[0][2] == "C" else "A"
@@ -164,16 +169,28 @@ def _match_block(
                 return _reject(rejects, family, "", f"{write.name} does not add to {acc.name}")
             prev, contrib = value.args
             if not (_is_routed_getitem(prev, reach) and prev.args[0] is acc):
-                return _reject(rejects, family, "", f"{write.name} does not add to {acc.name}[mask]")
+                return _reject(
+                    rejects, family, "", f"{write.name} does not add to {acc.name}[mask]"
+                )
         y, w, why = _split_weight(contrib, reach)
         if why:
             return _reject(rejects, family, "", why)
         if w is not None:
             weights.add(w)
         rows = [n for n in ancestors([y], within=reach) if _is_routed_getitem(n, reach)]
-        if len(rows) != 1:
+        idx_shape = tuple(val(idx).shape)
+        scaled = [r for r in rows if tuple(val(r.args[0]).shape) == idx_shape]
+        if len(rows) > 1 and scaled:
             return _reject(
                 rejects, family, "",
+                f"{scaled[0].name}: routing weights applied to the expert input cannot be moved "
+                "to combine",
+            )
+        if len(rows) != 1:
+            return _reject(
+                rejects,
+                family,
+                "",
                 f"{write.name}: the expert reads {len(rows)} routed gathers, expected one x[idx]",
             )
         inp = rows[0]
@@ -185,7 +202,9 @@ def _match_block(
             for a in n.all_input_nodes:
                 if a not in inside and a in reach:
                     return _reject(
-                        rejects, family, "",
+                        rejects,
+                        family,
+                        "",
                         f"{n.name}: the expert reads routing values ({a.name}); weights applied "
                         "to the expert input cannot be moved to combine",
                     )
@@ -220,7 +239,9 @@ def _match_block(
     num_experts = len(by_id)
     experts = [ExpertSubgraph(e, *by_id[e]) for e in range(num_experts)]
 
-    candidates = (ancestors([w for w, _, _ in writes]) & (reach | {acc})) | {w for w, _, _ in writes}
+    candidates = (ancestors([w for w, _, _ in writes]) & (reach | {acc})) | {
+        w for w, _, _ in writes
+    }
     for n in list(candidates):
         candidates.update(assert_only_users(n))
     candidates -= {idx, x, *weights}
@@ -238,9 +259,17 @@ def _match_block(
         if any(n not in remove for n in sub.nodes):
             return _reject(rejects, family, path, f"expert {sub.expert}'s output is used elsewhere")
     return MoEMatch(
-        family=family, module_path=path, num_experts=num_experts, x=x, topk_idx=idx,
-        topk_weights=next(iter(weights), None), output=acc, remove=remove,
-        body=ModuleListExperts(experts), base=base, last_write=last_write,
+        family=family,
+        module_path=path,
+        num_experts=num_experts,
+        x=x,
+        topk_idx=idx,
+        topk_weights=next(iter(weights), None),
+        output=acc,
+        remove=remove,
+        body=ModuleListExperts(experts),
+        base=base,
+        last_write=last_write,
     )
 
 

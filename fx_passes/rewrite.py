@@ -76,6 +76,8 @@ def _set_val(node: Node) -> None:
     """Compute ``node``'s example value from its inputs' in their fake mode (if they have one)."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), val)
     mode = _fake_mode_of((args, kwargs))
+    if mode is None:  # e.g. torch.arange: take the mode of the graph's inputs
+        mode = _fake_mode_of([val(n) for n in node.graph.nodes if n.op == "placeholder"])
     if mode is None:
         return
     with mode:

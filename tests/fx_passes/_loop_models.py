@@ -159,19 +159,23 @@ class Stack(nn.Module):
 
 
 # ----------------------------------------------------------------------------- helpers
-def capture(model, x, group=None, **compile_kwargs):
-    """Compile ``model`` with a backend that runs the pass and keeps the rewritten graphs;
-    returns ``(output, graphs, matches)``."""
-    graphs, matches = [], []
+def capture(model, x, group=None, run=True):
+    """Compile ``model`` (``fullgraph=True``) with a backend that runs the pass; returns
+    ``(output, graphs, matches, code_before)``. ``run=False`` skips running the rewritten graph
+    (for graphs built for a fake process group) and returns None as the output."""
+    graphs, matches, before = [], [], []
 
     def backend(gm, example_inputs):
+        before.append(normalized_code(gm))
         matches.extend(fx_passes.fuse_moe_routing(gm, group=group, example_inputs=example_inputs))
         graphs.append(gm)
+        if not run:
+            return lambda *args: [torch.empty(0)]
         return gm.forward
 
     torch._dynamo.reset()
-    out = torch.compile(model, backend=backend, fullgraph=True, **compile_kwargs)(x)
-    return out, graphs, matches
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    return (out if run else None), graphs, matches, before
 
 
 _PARAM = re.compile(r"l_(?:self|s)_modules_(\w+?)_parameters_(weight|bias)_")
@@ -202,3 +206,41 @@ def grads_equal(model, compile_fn, x, *, atol, rtol):
     out_g = torch.autograd.grad(out, [x2, *other.parameters()], g, allow_unused=True)
     for a, b in zip(out_g, ref_g, strict=True):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+# ----------------------------------------------------------------------------- gloo cases
+def ep_equal(variant: str, dtype: torch.dtype, tokens: int = 6, num_experts: int = E) -> int:
+    """On every rank of the default group: shard a two-layer model's experts, compile it with
+    the "moe" backend (aot_eager), and check output and gradients against the unsharded model
+    run eagerly on all ranks' tokens. Returns the expert parameters this rank keeps."""
+    import torch.distributed as dist
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = Stack(variant=variant, num_experts=num_experts).to(dtype)
+    reference = copy.deepcopy(model)
+    x_all = torch.randn(W * tokens, H, dtype=dtype)
+    g_all = torch.randn_like(x_all)
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    (reference(x_all) * g_all).sum().backward()
+    ref_out = reference(x_all)[mine]
+
+    fx_passes.shard_experts(model)
+    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend, fullgraph=True)(x_all[mine])
+    (out * g_all[mine]).sum().backward()
+    assert len(backend.matches) == 2, backend.matches
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref_out, **tol)
+    ref_params = dict(reference.named_parameters())
+    kept = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".experts." in name:
+            kept += p.numel()
+        else:
+            dist.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, ref_params[name].grad, **tol, msg=name)
+    return kept

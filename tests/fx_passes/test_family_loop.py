@@ -1,0 +1,323 @@
+"""Families A (per-expert loop with where/nonzero + index_add_) and C (boolean-mask loop).
+
+Graph shape (expecttest), near misses that must stay unchanged, forward and gradient equality
+with the eager model (aot_eager; inductor for a few), W > 1 graphs under the fake process group,
+and expert parallelism on gloo worlds of 2 and 4 ranks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from expecttest import assert_expected_inline
+from torch import nn
+
+import fx_passes
+from tests.fx_passes import _loop_models as M
+
+bf16, f32 = torch.bfloat16, torch.float32
+
+
+def _x(T=8, dtype=f32, seed=1):
+    return torch.randn(T, M.H, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _rewritten(model, x, **kwargs):
+    out, graphs, matches, _ = M.capture(model, x, **kwargs)
+    assert len(matches) == 1, matches
+    return out, M.normalized_code(graphs[0]), matches[0]
+
+
+# ----------------------------------------------------------------------------- graph shape
+def test_graph_family_a_fp32_segments():
+    torch.manual_seed(0)
+    out, code, match = _rewritten(M.Block("onehot_where", num_experts=2), _x())
+    assert match.summary()["experts"] == "segments"
+    assert_expected_inline(code, """\
+logits = torch._C._nn.linear(l_x_, router.weight, None)
+probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
+topk = torch.topk(probs, 2, dim = -1)
+w = topk[0]
+idx = topk[1]
+sum_1 = w.sum(-1, keepdim = True)
+w_1 = w / sum_1
+w_2 = w_1.to(torch.float32)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 2, '', 1)
+getitem_14 = dispatch_default[0]
+getitem_15 = dispatch_default[1]
+getitem_16 = dispatch_default[2]
+getitem_17 = dispatch_default[3]
+getitem_18 = dispatch_default[4]
+getitem_19 = dispatch_default[5]
+getitem_20 = dispatch_default[6]
+tolist = getitem_15.tolist()
+split = torch.functional.split(getitem_14, tolist)
+getitem_21 = split[0]
+reshape_2 = getitem_21.reshape(-1, 16)
+linear_7 = torch._C._nn.linear(reshape_2, experts.0.gate.weight, None)
+silu_2 = torch.nn.functional.silu(linear_7)
+linear_8 = torch._C._nn.linear(reshape_2, experts.0.up.weight, None)
+mul_4 = silu_2 * linear_8
+linear_9 = torch._C._nn.linear(mul_4, experts.0.down.weight, None)
+getitem_22 = split[1]
+reshape_3 = getitem_22.reshape(-1, 16)
+linear_10 = torch._C._nn.linear(reshape_3, experts.1.gate.weight, None)
+silu_3 = torch.nn.functional.silu(linear_10)
+linear_11 = torch._C._nn.linear(reshape_3, experts.1.up.weight, None)
+mul_5 = silu_3 * linear_11
+linear_12 = torch._C._nn.linear(mul_5, experts.1.down.weight, None)
+cat = torch.cat([linear_9, linear_12])
+combine_default = torch.ops.moe_ops.combine.default(cat, w_2, getitem_17, getitem_16, getitem_18, getitem_19, getitem_20, '', 1)
+getitem_23 = combine_default[0]
+return (getitem_23,)""")
+
+
+def test_graph_family_a_bf16_grouped_mm():
+    torch.manual_seed(0)
+    out, code, match = _rewritten(M.Block("eq_nonzero", num_experts=2).to(bf16), _x(dtype=bf16))
+    assert match.summary()["experts"] == "grouped_mm"
+    assert_expected_inline(code, """\
+logits = torch._C._nn.linear(l_x_, router.weight, None)
+probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
+topk = torch.topk(probs, 2, dim = -1)
+w = topk[0]
+idx = topk[1]
+sum_1 = w.sum(-1, keepdim = True)
+w_1 = w / sum_1
+w_2 = w_1.to(torch.bfloat16)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 2, '', 1)
+getitem_12 = dispatch_default[0]
+getitem_13 = dispatch_default[1]
+getitem_14 = dispatch_default[2]
+getitem_15 = dispatch_default[3]
+getitem_16 = dispatch_default[4]
+getitem_17 = dispatch_default[5]
+getitem_18 = dispatch_default[6]
+cumsum = torch.cumsum(getitem_13, 0, dtype = torch.int32)
+stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
+transpose = stack.transpose(-2, -1)
+_grouped_mm = torch._grouped_mm(getitem_12, transpose, offs = cumsum)
+silu_2 = torch.nn.functional.silu(_grouped_mm)
+stack_1 = torch.stack([experts.0.up.weight, experts.1.up.weight])
+transpose_1 = stack_1.transpose(-2, -1)
+_grouped_mm_1 = torch._grouped_mm(getitem_12, transpose_1, offs = cumsum)
+mul_4 = silu_2 * _grouped_mm_1
+stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
+transpose_2 = stack_2.transpose(-2, -1)
+_grouped_mm_2 = torch._grouped_mm(mul_4, transpose_2, offs = cumsum)
+combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_2, w_2, getitem_15, getitem_14, getitem_16, getitem_17, getitem_18, '', 1)
+getitem_19 = combine_default[0]
+return (getitem_19,)""")
+
+
+def test_graph_family_c_bf16_grouped_mm():
+    torch.manual_seed(0)
+    out, code, match = _rewritten(M.Block("mask_loop", num_experts=2).to(bf16), _x(dtype=bf16))
+    assert (match.family, match.num_experts) == ("C", 2)
+    assert_expected_inline(code, """\
+logits = torch._C._nn.linear(l_x_, router.weight, None)
+probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
+topk = torch.topk(probs, 2, dim = -1)
+w = topk[0]
+idx = topk[1]
+sum_1 = w.sum(-1, keepdim = True)
+w_1 = w / sum_1
+w_2 = w_1.to(torch.bfloat16)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 2, '', 1)
+getitem_18 = dispatch_default[0]
+getitem_19 = dispatch_default[1]
+getitem_20 = dispatch_default[2]
+getitem_21 = dispatch_default[3]
+getitem_22 = dispatch_default[4]
+getitem_23 = dispatch_default[5]
+getitem_24 = dispatch_default[6]
+cumsum = torch.cumsum(getitem_19, 0, dtype = torch.int32)
+stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
+transpose = stack.transpose(-2, -1)
+_grouped_mm = torch._grouped_mm(getitem_18, transpose, offs = cumsum)
+silu_4 = torch.nn.functional.silu(_grouped_mm)
+stack_1 = torch.stack([experts.0.up.weight, experts.1.up.weight])
+transpose_1 = stack_1.transpose(-2, -1)
+_grouped_mm_1 = torch._grouped_mm(getitem_18, transpose_1, offs = cumsum)
+mul_8 = silu_4 * _grouped_mm_1
+stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
+transpose_2 = stack_2.transpose(-2, -1)
+_grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
+combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_2, w_2, getitem_21, getitem_20, getitem_22, getitem_23, getitem_24, '', 1)
+getitem_25 = combine_default[0]
+return (getitem_25,)""")
+
+
+def test_graph_rank1_of_2_fake_process_group():
+    """At W = 2, rank 1 keeps experts 2 and 3 only; dispatch/combine name the group."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        torch.manual_seed(0)
+        _, graphs, matches, _ = M.capture(
+            M.Block("onehot_where").to(bf16), _x(dtype=bf16), group=dist.group.WORLD, run=False
+        )
+        name = dist.group.WORLD.group_name
+        code = M.normalized_code(graphs[0]).replace(f"'{name}'", "'<group>'")
+    finally:
+        dist.destroy_process_group()
+    assert matches[0].rewritten["world_size"] == 2 and matches[0].rewritten["rank"] == 1
+    assert "experts.0." not in code and "experts.1." not in code
+    assert_expected_inline(code, """\
+logits = torch._C._nn.linear(l_x_, router.weight, None)
+probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
+topk = torch.topk(probs, 2, dim = -1)
+w = topk[0]
+idx = topk[1]
+sum_1 = w.sum(-1, keepdim = True)
+w_1 = w / sum_1
+w_2 = w_1.to(torch.bfloat16)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '<group>', 2)
+getitem_26 = dispatch_default[0]
+getitem_27 = dispatch_default[1]
+getitem_28 = dispatch_default[2]
+getitem_29 = dispatch_default[3]
+getitem_30 = dispatch_default[4]
+getitem_31 = dispatch_default[5]
+getitem_32 = dispatch_default[6]
+cumsum = torch.cumsum(getitem_27, 0, dtype = torch.int32)
+reshape_4 = getitem_26.reshape(-1, 16)
+stack = torch.stack([experts.2.gate.weight, experts.3.gate.weight])
+transpose = stack.transpose(-2, -1)
+_grouped_mm = torch._grouped_mm(reshape_4, transpose, offs = cumsum)
+silu_4 = torch.nn.functional.silu(_grouped_mm)
+stack_1 = torch.stack([experts.2.up.weight, experts.3.up.weight])
+transpose_1 = stack_1.transpose(-2, -1)
+_grouped_mm_1 = torch._grouped_mm(reshape_4, transpose_1, offs = cumsum)
+mul_8 = silu_4 * _grouped_mm_1
+stack_2 = torch.stack([experts.2.down.weight, experts.3.down.weight])
+transpose_2 = stack_2.transpose(-2, -1)
+_grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
+combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_2, w_2, getitem_29, getitem_28, getitem_30, getitem_31, getitem_32, '<group>', 2)
+getitem_33 = combine_default[0]
+return (getitem_33,)""")
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_local_experts_under_fake_process_group(W):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    for rank in range(W):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=W)
+        try:
+            torch.manual_seed(0)
+            _, graphs, matches, _ = M.capture(
+                M.Block("mask_loop", num_experts=8), _x(), group=dist.group.WORLD, run=False
+            )
+        finally:
+            dist.destroy_process_group()
+        code = M.normalized_code(graphs[0])
+        used = {e for e in range(8) if f"experts.{e}.gate.weight" in code}
+        e_l = 8 // W
+        assert used == set(range(rank * e_l, (rank + 1) * e_l))
+        assert f"dispatch.default(l_x_, idx, 8, " in code and f", {W})" in code
+
+
+# ----------------------------------------------------------------------------- near misses
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        (M.Block("not_routing_mask"), "differs from the block on random inputs"),
+        (M.Block("same_expert"), "not per-expert"),
+        (M.Block("weights_on_input"), "applied to the expert input"),
+        (M.ExpertChoice(), "could not build the rewrite"),
+    ],
+    ids=["mask-not-routing", "body-not-per-expert", "weights-on-input", "topk-over-tokens"],
+)
+def test_near_miss_left_unchanged(model, reason, caplog):
+    x = _x()
+    with caplog.at_level("DEBUG", logger="fx_passes"):
+        out, graphs, matches, before = M.capture(model, x)
+    assert matches == []
+    assert M.normalized_code(graphs[0]) == before[0]
+    assert reason in caplog.text
+    torch.testing.assert_close(out, model(x))
+
+
+def test_topk_without_expert_loop_is_not_touched():
+    class TopTokens(nn.Module):
+        def forward(self, x):
+            w, idx = torch.topk(x.sum(-1), 3)
+            return x[idx] * w[:, None]
+
+    x = _x()
+    _, graphs, matches, before = M.capture(TopTokens(), x)
+    assert matches == [] and M.normalized_code(graphs[0]) == before[0]
+
+
+# ----------------------------------------------------------------------------- equality
+VARIANTS = {
+    "A-onehot-where": dict(variant="onehot_where"),
+    "A-eq-nonzero": dict(variant="eq_nonzero"),
+    "C-mask-loop": dict(variant="mask_loop"),
+    "A-base-is-shared-expert": dict(variant="base_acc"),
+    "A-sigmoid-gather": dict(routing="sigmoid"),
+    "A-shared-no-renorm": dict(renorm=False, shared=True),
+    "A-bias-gelu": dict(bias=True, act=F.gelu),
+    "C-bias-tanh": dict(variant="mask_loop", bias=True, act=torch.tanh),
+}
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_equal_to_eager_aot_eager(name, dtype):
+    torch.manual_seed(0)
+    model = M.Block(**VARIANTS[name]).to(dtype)
+    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
+    # bf16: the eager block rounds each expert's weighted output to bf16 before adding it up,
+    # combine adds in float32; gradients summed over tokens differ by a few bf16 ulps.
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=5e-2, rtol=5e-2)
+    torch._dynamo.reset()
+    M.grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True),
+                  _x(dtype=dtype), **tol)
+    assert len(backend.matches) == 1
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=["f32-segments", "bf16-grouped_mm"])
+def test_equal_to_eager_inductor(dtype):
+    torch.manual_seed(0)
+    model = M.Stack(variant="onehot_where").to(dtype)
+    backend = fx_passes.moe_backend(inner="inductor", strict=True)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=3e-2, rtol=3e-2)
+    torch._dynamo.reset()
+    M.grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True),
+                  _x(dtype=dtype), **tol)
+    assert [m.module_path for m in backend.matches] == ["layers.0", "layers.1"]
+
+
+def test_block_under_checkpoint():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = M.Block("onehot_where")
+
+        def forward(self, x):
+            return x + cp.checkpoint(self.moe, x, use_reentrant=False)
+
+    torch.manual_seed(0)
+    backend = fx_passes.moe_backend(inner="aot_eager")
+    torch._dynamo.reset()
+    M.grads_equal(Outer(), lambda m: torch.compile(m, backend=backend, fullgraph=True), _x(),
+                  atol=1e-5, rtol=1e-4)
+    assert [m.module_path for m in backend.matches] == ["moe"]
+
+
+# ----------------------------------------------------------------------------- gloo worlds
+@pytest.mark.parametrize("W", [2, 4])
+def test_expert_parallel_gloo(gloo_world, W):
+    kept = gloo_world(W).run(M.ep_equal, "onehot_where", f32)
+    full = 2 * M.E * 3 * M.H * M.I
+    assert kept == [full // W] * W
+
+
+def test_expert_parallel_gloo_family_c_bf16(gloo_world):
+    gloo_world(2).run(M.ep_equal, "mask_loop", bf16)
