@@ -53,7 +53,7 @@ def _real_device(*tensors: Tensor) -> torch.device:
 
 
 def _raise_on_every_rank(err: Exception, op, args: tuple) -> None:
-    """Raise ``err`` here after running ``op`` on ``args``, stand-ins that fail its checks on one device.
+    """Raise ``err`` after running ``op`` on ``args``, same-device stand-ins that fail its checks.
 
     With inputs on several devices (one of them "meta", say) the dispatcher could pick a kernel
     that raises without taking part in the exchange, and the other ranks would wait forever; the

@@ -57,7 +57,10 @@ def _worker(rank: int, world_size: int, backend: str, init_file: str, tasks, res
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(
-        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
         timeout=_PG_TIMEOUT,
     )
     results.put(("ready", rank, True, None))
@@ -93,8 +96,14 @@ class World:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world_size, backend, os.path.join(self._tmpdir, "store"),
-                      self._tasks[r], self._results),
+                args=(
+                    r,
+                    world_size,
+                    backend,
+                    os.path.join(self._tmpdir, "store"),
+                    self._tasks[r],
+                    self._results,
+                ),
                 daemon=True,
             )
             for r in range(world_size)
@@ -118,7 +127,8 @@ class World:
                     failures = {r: v for r, (ok_, v) in done.items() if not ok_}
                     self.close()
                     reason = (
-                        f"rank(s) {dead} died" if dead
+                        f"rank(s) {dead} died"
+                        if dead
                         else f"rank(s) {missing} did not finish within {timeout:.0f} s (a hang?)"
                     )
                     msg = f"{what} on a {self.backend} world of {self.world_size}: {reason}"
@@ -192,7 +202,7 @@ def under_torchrun() -> bool:
 
 
 class WorldPool:
-    """Worlds started lazily, once per (size, backend), and replaced after a failure shut one down."""
+    """Worlds started lazily per (size, backend); a world shut down by a failure is replaced."""
 
     def __init__(self):
         self._worlds: dict[tuple[int, str], World | TorchrunWorld] = {}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests._dist import WorldPool, under_torchrun
@@ -17,11 +20,11 @@ def world_pool():
 
 @pytest.fixture(scope="session")
 def gloo_world(world_pool):
-    """``gloo_world(W)``: a gloo world of W CPU processes, started on first use, kept for the session."""
+    """``gloo_world(W)``: W CPU processes joined by gloo, started on first use, kept all session."""
 
     def get(world_size: int):
         if under_torchrun():
-            pytest.skip("gloo worlds are not spawned under torchrun; there run tests/moe_ops/test_nccl.py")
+            pytest.skip("no gloo worlds under torchrun: run tests/moe_ops/test_nccl.py there")
         return world_pool.get(world_size, "gloo")
 
     return get
@@ -34,3 +37,28 @@ def _no_leaked_process_group():
     if dist.is_initialized() and not under_torchrun():
         dist.destroy_process_group()
         pytest.fail("the test left torch.distributed initialized")
+
+
+@pytest.fixture(scope="session")
+def nccl_world(world_pool):
+    """``nccl_world(W)``: W ranks with one GPU each, joined by NCCL.
+
+    Under ``torchrun`` this is the launched world (tests for another W skip); otherwise W
+    processes are spawned. Skips, saying why, when there are fewer than W GPUs.
+    """
+
+    def get(world_size: int):
+        if under_torchrun():
+            launched = int(os.environ["WORLD_SIZE"])
+            if launched != world_size:
+                pytest.skip(f"torchrun launched {launched} rank(s); this test needs {world_size}")
+            world = world_pool.get(world_size)
+            if world.backend != "nccl":
+                pytest.skip(f"torchrun world uses {world.backend}, not NCCL (no CUDA here)")
+            return world
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if found < world_size:
+            pytest.skip(f"needs {world_size} CUDA GPU(s) for an NCCL world, found {found}")
+        return world_pool.get(world_size, "nccl")
+
+    return get

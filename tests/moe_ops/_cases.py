@@ -96,7 +96,7 @@ def make_inputs(spec: Spec, W: int) -> Inputs:
 
 
 def expert_fn(recv_x: torch.Tensor, tokens_per_expert: torch.Tensor, Hp: int) -> torch.Tensor:
-    """A stand-in for the local experts: elementwise per row (so bitwise reproducible), ``H -> H'``."""
+    """A stand-in for the local experts, ``H -> H'``: elementwise, so bitwise reproducible."""
     scale = torch.arange(1, tokens_per_expert.numel() + 1, device=recv_x.device, dtype=recv_x.dtype)
     scale_R = torch.repeat_interleave(
         scale / 4, tokens_per_expert.to(recv_x.device), output_size=recv_x.shape[0]
@@ -116,7 +116,7 @@ def _bwd_tol(dtype: torch.dtype) -> dict:
 
 
 def dispatch_combine_equal(spec: Spec, group_ranks: list[int] | None = None) -> None:
-    """Forward bit for bit against the reference; backward against autograd through the reference."""
+    """Forward bit for bit against the reference, backward against autograd through it."""
     if group_ranks is None:
         group, (r, W) = None, rank_and_world()
     else:  # every rank must take part in creating the group
@@ -149,11 +149,14 @@ def dispatch_combine_equal(spec: Spec, group_ranks: list[int] | None = None) -> 
     assert torch.equal(out.detach().cpu(), ref_out[r].detach())
 
     g = torch.Generator().manual_seed(spec.seed + 17)
-    grads_out = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(spec.dtype) for o in ref_out]
+    grads_out = [
+        torch.randn(o.shape, generator=g, dtype=torch.float64).to(spec.dtype) for o in ref_out
+    ]
     out.backward(grads_out[r].to(dev))
     live = [o for o in ref_out if o.requires_grad]
     if live:
-        torch.autograd.backward(live, [go for o, go in zip(ref_out, grads_out) if o.requires_grad])
+        grads = [go for o, go in zip(ref_out, grads_out, strict=True) if o.requires_grad]
+        torch.autograd.backward(live, grads)
     ref_gx = ref_xs[r].grad if ref_xs[r].grad is not None else torch.zeros_like(ref_xs[r])
     torch.testing.assert_close(x.grad.cpu(), ref_gx, **_bwd_tol(spec.dtype))
     if w is not None:
@@ -162,7 +165,7 @@ def dispatch_combine_equal(spec: Spec, group_ranks: list[int] | None = None) -> 
 
 
 def round_trip(spec: Spec) -> None:
-    """``combine(recv_x, handle, w)[t] == sum_k w[t, k] * x[t]`` over the valid slots, bit for bit."""
+    """``combine(recv_x, handle, w)[t] == sum_k w[t, k] * x[t]`` over valid slots, bit for bit."""
     r, W = rank_and_world()
     inp = make_inputs(spec, W)
     dev = device()
@@ -214,14 +217,17 @@ def gradcheck_case(which: str, seed: int, checked_rank: int = 0) -> None:
     base = _ids(Spec(K=K, E_l=E_l), W, 0, T, g)
     idx = torch.where(base >= 0, (base + r * E_l) % E, -1)
     g.manual_seed(seed * 100 + r)
-    x = torch.randn((T, H), generator=g, dtype=torch.float64)
-    w = torch.rand((T, K), generator=g, dtype=torch.float64)
+    dev = device()
+    idx = idx.to(dev)
+    x = torch.randn((T, H), generator=g, dtype=torch.float64).to(dev)
+    w = torch.rand((T, K), generator=g, dtype=torch.float64).to(dev)
     if which == "dispatch":
         fn, args = (lambda x_: moe_ops.dispatch(x_, idx, E)[0]), (x,)
     elif which == "combine":
         recv_x, handle = moe_ops.dispatch(x, idx, E)
         fn, args = (lambda eo, w_: moe_ops.combine(eo, handle, w_)), (recv_x * 2, w)
     else:
+
         def fn(x_, w_):
             recv_x, handle = moe_ops.dispatch(x_, idx, E)
             return moe_ops.combine(torch.tanh(recv_x) * 1.5, handle, w_)
@@ -230,8 +236,9 @@ def gradcheck_case(which: str, seed: int, checked_rank: int = 0) -> None:
     assert moe_ops.dispatch(x, idx, E)[0].shape[0] > 0
     checked = fn
     if r != checked_rank:
+
         def checked(*inputs):
-            return fn(*(a + 0 * i for a, i in zip(args, inputs))) * 0
+            return fn(*(a + 0 * i for a, i in zip(args, inputs, strict=True))) * 0
 
     inputs = tuple(a.detach().clone().requires_grad_(True) for a in args)
     assert torch.autograd.gradcheck(checked, inputs, eps=1e-6, atol=1e-8)
@@ -271,7 +278,8 @@ class _NumelRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "moe_ops":  # run the op's Python body so its aten ops show up here
             with self:
-                return torch._library.custom_ops.OPDEFS[func._name]._init_fn(*args, **(kwargs or {}))
+                body = torch._library.custom_ops.OPDEFS[func._name]._init_fn
+                return body(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if func.is_view:
             return out
@@ -296,8 +304,12 @@ def largest_intermediates(spec: Spec) -> dict:
         out.backward(torch.ones_like(out))
     big = max(rec.seen, key=lambda s: s[1])
     return dict(
-        big=big, calls=len(rec.seen), N=int(handle.send_splits.sum()), R=recv_x.shape[0],
-        TK=idx.numel(), H=spec.H,
+        big=big,
+        calls=len(rec.seen),
+        N=int(handle.send_splits.sum()),
+        R=recv_x.shape[0],
+        TK=idx.numel(),
+        H=spec.H,
     )
 
 
@@ -324,24 +336,50 @@ def _bad_dispatch_input(kind: str, x, idx, E):
     if kind == "idx_3d":
         return x, idx[None], ValueError, ["topk_idx", "[T, K]", str(tuple(idx[None].shape))]
     if kind == "T_mismatch":
-        return x[:-1], idx, ValueError, [
-            "topk_idx", f"{idx.shape[0]} rows", f"x has {x.shape[0] - 1} tokens"
-        ]
+        return (
+            x[:-1],
+            idx,
+            ValueError,
+            ["topk_idx", f"{idx.shape[0]} rows", f"x has {x.shape[0] - 1} tokens"],
+        )
     if kind == "int_x":
         return x.long(), idx, TypeError, ["x", "floating point", "torch.int64"]
     if kind == "meta_idx":
-        return x, idx.to("meta"), ValueError, ["topk_idx is on meta", "x is on cpu", "same device"]
+        return (
+            x,
+            idx.to("meta"),
+            ValueError,
+            ["topk_idx is on meta", f"x is on {x.device}", "same device"],
+        )
     if kind == "meta_x":
-        return x.to("meta"), idx, ValueError, ["topk_idx is on cpu", "x is on meta", "same device"]
+        return (
+            x.to("meta"),
+            idx,
+            ValueError,
+            [f"topk_idx is on {idx.device}", "x is on meta", "same device"],
+        )
     raise AssertionError(kind)
 
 
 DISPATCH_BAD_KINDS = (
-    "id_too_big", "id_below_minus1", "float_ids", "x_3d", "idx_3d", "T_mismatch", "int_x",
-    "meta_idx", "meta_x",
+    "id_too_big",
+    "id_below_minus1",
+    "float_ids",
+    "x_3d",
+    "idx_3d",
+    "T_mismatch",
+    "int_x",
+    "meta_idx",
+    "meta_x",
 )
 COMBINE_BAD_KINDS = (
-    "rows_too_many", "rows_too_few", "w_shape", "w_int", "w_meta", "eo_meta", "eo_int"
+    "rows_too_many",
+    "rows_too_few",
+    "w_shape",
+    "w_int",
+    "w_meta",
+    "eo_meta",
+    "eo_int",
 )
 
 
@@ -352,19 +390,20 @@ def _check_message(exc: BaseException, fragments: list[str]) -> None:
 
 
 def _next_call_works(inp: Inputs, spec: Spec, r: int) -> None:
-    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts)
+    dev = device()
+    recv_x, handle = moe_ops.dispatch(inp.xs[r].to(dev), inp.idxs[r].to(dev), inp.num_experts)
     ref = reference_dispatch(inp.xs, inp.idxs, inp.num_experts)
-    assert torch.equal(recv_x, ref[r][0])
-    out = moe_ops.combine(recv_x * 2, handle, inp.ws[r])
+    assert torch.equal(recv_x.cpu(), ref[r][0])
+    out = moe_ops.combine(recv_x * 2, handle, inp.ws[r].to(dev))
     want = reference_combine([rx * 2 for rx, _ in ref], inp.idxs, inp.num_experts, inp.ws)[r]
-    assert torch.equal(out, want)
+    assert torch.equal(out.cpu(), want)
 
 
 def one_bad_rank_dispatch(bad_rank: int, kind: str) -> str:
     """Only ``bad_rank`` passes bad input to dispatch: every rank raises, then the group works."""
     r, W = rank_and_world()
     inp, spec = _good(W)
-    x, idx, E = inp.xs[r], inp.idxs[r], inp.num_experts
+    x, idx, E = inp.xs[r].to(device()), inp.idxs[r].to(device()), inp.num_experts
     if r == bad_rank:
         x, idx, exc_type, fragments = _bad_dispatch_input(kind, x, idx, E)
     else:
@@ -380,15 +419,21 @@ def one_bad_rank_dispatch(bad_rank: int, kind: str) -> str:
 def _bad_combine_input(kind: str, recv_x, w):
     R = recv_x.shape[0]
     if kind == "rows_too_many":
-        return torch.cat([recv_x, recv_x[:1] * 0 + 1]), w, ValueError, [
-            "expert_out", f"R={R}", f"got {R + 1} rows"
-        ]
+        return (
+            torch.cat([recv_x, recv_x[:1] * 0 + 1]),
+            w,
+            ValueError,
+            ["expert_out", f"R={R}", f"got {R + 1} rows"],
+        )
     if kind == "rows_too_few":
         return recv_x[1:], w, ValueError, ["expert_out", f"R={R}", f"got {R - 1} rows"]
     if kind == "w_shape":
-        return recv_x, w[:, :1], ValueError, [
-            "topk_weights", f"{list(w.shape)}", f"got {list(w[:, :1].shape)}"
-        ]
+        return (
+            recv_x,
+            w[:, :1],
+            ValueError,
+            ["topk_weights", f"{list(w.shape)}", f"got {list(w[:, :1].shape)}"],
+        )
     if kind == "w_int":
         return recv_x, w.long(), TypeError, ["topk_weights", "floating point", "torch.int64"]
     if kind == "w_meta":
@@ -401,7 +446,7 @@ def _bad_combine_input(kind: str, recv_x, w):
 
 
 def one_bad_rank_combine(bad_rank: int, kind: str) -> str:
-    """Only ``bad_rank`` passes bad input to combine: every rank raises (on the CPU), then the group works."""
+    """Only ``bad_rank`` passes bad input to combine: every rank raises (CPU), then it works."""
     r, W = rank_and_world()
     inp, spec = _good(W, seed=4)
     recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts)
@@ -431,18 +476,30 @@ def handle_from_other_group() -> None:
     recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts)
     with pytest.raises(ValueError) as info:
         moe_ops.combine(recv_x, handle, inp.ws[r], group=other)
-    _check_message(info.value, [
-        "handle", repr(handle.group_name), repr(other.group_name), "pass the group that dispatch used"
-    ])
+    _check_message(
+        info.value,
+        [
+            "handle",
+            repr(handle.group_name),
+            repr(other.group_name),
+            "pass the group that dispatch used",
+        ],
+    )
     pair = dist.new_group([0, 1])
     if r in (0, 1):
         small = make_inputs(Spec(T=(3, 2), K=1, E_l=2, H=4, Hp=4), 2)
         recv_s, handle_s = moe_ops.dispatch(small.xs[r], small.idxs[r], 4, group=pair)
         with pytest.raises(ValueError) as info:
             moe_ops.combine(recv_s, handle_s)
-        _check_message(info.value, [
-            f"({2} ranks)", f"({W} ranks)", repr(pair.group_name), "pass the group that dispatch used"
-        ])
+        _check_message(
+            info.value,
+            [
+                f"({2} ranks)",
+                f"({W} ranks)",
+                repr(pair.group_name),
+                "pass the group that dispatch used",
+            ],
+        )
     _next_call_works(inp, spec, r)
 
 
@@ -464,3 +521,22 @@ def num_experts_not_divisible() -> None:
     with pytest.raises(ValueError) as info:
         moe_ops.dispatch(x, idx, W + 1)
     _check_message(info.value, ["num_experts", f"group size {W}", f"got {W + 1}"])
+
+
+def one_bad_rank_combine_nan(bad_rank: int) -> None:
+    """On CUDA a bad combine input raises on its rank only; peers get NaN for its rows, no hang."""
+    r, W = rank_and_world()
+    inp, spec = _good(W, seed=4)
+    dev = device()
+    recv_x, handle = moe_ops.dispatch(inp.xs[r].to(dev), inp.idxs[r].to(dev), inp.num_experts)
+    w = inp.ws[r].to(dev)
+    if r == bad_rank:
+        with pytest.raises(ValueError, match="expert_out"):
+            moe_ops.combine(recv_x[1:], handle, w)
+    else:
+        out = moe_ops.combine(recv_x, handle, w).cpu()
+        E_l = inp.num_experts // W
+        from_bad = ((inp.idxs[r] // E_l == bad_rank) & (inp.idxs[r] >= 0)).any(1)
+        assert from_bad.any() and (~from_bad).any()
+        assert out[from_bad].isnan().all() and not out[~from_bad].isnan().any()
+    _next_call_works(inp, spec, r)

@@ -51,8 +51,17 @@ def test_matches_reference_on_subgroup(gloo_world, W, ranks):
 
 
 @pytest.mark.parametrize("W", [1, 2, 3, 4])
-@pytest.mark.parametrize("name", ["k1-1d-f32", "k2-f32", "k4-f32-Hp7", "to_rank0-k2-bf16",
-                                  "k1-2d-noweights", "T0-first-1d-f16-noweights"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "k1-1d-f32",
+        "k2-f32",
+        "k4-f32-Hp7",
+        "to_rank0-k2-bf16",
+        "k1-2d-noweights",
+        "T0-first-1d-f16-noweights",
+    ],
+)
 def test_round_trip_identity(gloo_world, W, name):
     if W == 1:
         _cases.round_trip(SPECS[name])
@@ -70,8 +79,12 @@ def _routing(draw, world_size):
 
 
 @pytest.mark.parametrize("W", [2, 3, 4])
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_routing_property(gloo_world, W, data):
     idx_lists, E_l, H, seed = data.draw(_routing(W))

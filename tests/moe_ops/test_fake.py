@@ -127,12 +127,15 @@ def test_make_fx_forward_backward(tracing_mode):
     args = (x.requires_grad_(), idx, w.requires_grad_(), proj.requires_grad_())
     gm = make_fx(_fwd_bwd, tracing_mode=tracing_mode)(*args)
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    for op in ("moe_ops.dispatch.default", "moe_ops.combine.default",
-               "moe_ops._combine_backward.default"):
+    for op in (
+        "moe_ops.dispatch.default",
+        "moe_ops.combine.default",
+        "moe_ops._combine_backward.default",
+    ):
         assert op in targets, targets
     # dispatch's backward is a combine without weights: two combines in all
     assert targets.count("moe_ops.combine.default") == 2
-    for got, want in zip(gm(*args), _fwd_bwd(*args)):
+    for got, want in zip(gm(*args), _fwd_bwd(*args), strict=True):
         assert torch.equal(got, want)
     if tracing_mode == "symbolic":
         out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
@@ -148,7 +151,7 @@ def test_export(strict):
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert {"moe_ops.dispatch.default", "moe_ops.combine.default"} <= targets
     x2, idx2, w2 = _inputs(seed=3)  # other routing, same shapes
-    for got, want in zip(ep.module()(x2, idx2, w2), block(x2, idx2, w2)):
+    for got, want in zip(ep.module()(x2, idx2, w2), block(x2, idx2, w2), strict=True):
         assert torch.equal(got, want)
 
 
@@ -206,8 +209,9 @@ def test_no_recompile_on_new_routing_static_shapes():
 # ----------------------------------------------------------------------------- fake process group
 @pytest.fixture
 def fake_world(request):
-    dist.init_process_group("fake", store=FakeStore(), rank=request.param - 1,
-                            world_size=request.param)
+    dist.init_process_group(
+        "fake", store=FakeStore(), rank=request.param - 1, world_size=request.param
+    )
     yield request.param
     dist.destroy_process_group()
 

@@ -1,0 +1,73 @@
+"""The distributed case bodies on GPUs with NCCL (marked ``gpu``; skip, saying why, with no GPU).
+
+Two ways to run them:
+
+* ``pytest tests/moe_ops/test_nccl.py -m gpu`` spawns NCCL worlds of 1 and 2 processes, one GPU
+  each (the W = 2 tests skip with fewer than 2 GPUs);
+* ``torchrun --nproc-per-node 2 -m pytest tests/moe_ops/test_nccl.py -p no:cacheprovider``
+  (or ``--nproc-per-node 1`` for the single-GPU path with NCCL initialised) runs them in the
+  launched processes; tests written for another W skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.moe_ops import _cases
+from tests.moe_ops._cases import Spec
+
+pytestmark = pytest.mark.gpu
+
+bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+
+SPECS = {
+    "k2-f32": Spec(K=2, dtype=f32),
+    "k2-bf16": Spec(K=2, dtype=bf16),
+    "k1-1d-f32": Spec(K=1, one_d=True),
+    "k4-bf16-Hp9": Spec(T=(12, 1, 7, 0), K=4, dtype=bf16, Hp=9, seed=2),
+    "to_rank0-bf16": Spec(K=2, routing="to_rank0", dtype=bf16),
+    "rank0_silent-f16-noweights": Spec(K=2, routing="rank0_silent", dtype=f16, weights=False),
+    "all_unused-bf16": Spec(K=2, routing="all_unused", dtype=bf16),
+    "T0-everywhere": Spec(T=(0,), K=2, dtype=bf16),
+    "big-bf16": Spec(T=(300, 200), K=4, E_l=4, H=64, Hp=32, dtype=bf16, seed=9),
+}
+
+
+@pytest.mark.parametrize("W", [1, 2])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_matches_reference(nccl_world, W, name):
+    nccl_world(W).run(_cases.dispatch_combine_equal, SPECS[name])
+
+
+@pytest.mark.parametrize("W", [1, 2])
+@pytest.mark.parametrize("name", ["k2-f32", "k2-bf16", "k1-1d-f32"])
+def test_round_trip_identity(nccl_world, W, name):
+    nccl_world(W).run(_cases.round_trip, SPECS[name])
+
+
+@pytest.mark.parametrize("W", [1, 2])
+def test_counts(nccl_world, W):
+    want = (
+        dict(dispatch_a2a=0, dispatch_sync=1, fwd_a2a=0, fwd_sync=1, bwd_a2a=0, bwd_sync=0)
+        if W == 1
+        else dict(dispatch_a2a=2, dispatch_sync=1, fwd_a2a=3, fwd_sync=1, bwd_a2a=2, bwd_sync=0)
+    )
+    for counts in nccl_world(W).run(_cases.count_calls, Spec(T=(8, 6), K=3, dtype=bf16)):
+        assert counts == want
+
+
+@pytest.mark.parametrize("W", [1, 2])
+@pytest.mark.parametrize("which", ["dispatch", "combine", "composed"])
+def test_gradcheck(nccl_world, W, which):
+    for checked_rank in range(W):
+        nccl_world(W).run(_cases.gradcheck_case, which, 1, checked_rank)
+
+
+@pytest.mark.parametrize("kind", ["id_too_big", "float_ids", "T_mismatch", "meta_idx"])
+def test_dispatch_one_bad_rank(nccl_world, kind):
+    nccl_world(2).run(_cases.one_bad_rank_dispatch, 1, kind)
+
+
+def test_combine_one_bad_rank_gives_nan_rows(nccl_world):
+    nccl_world(2).run(_cases.one_bad_rank_combine_nan, 0)
