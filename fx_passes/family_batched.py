@@ -34,7 +34,7 @@ from fx_passes._match import (
     module_path,
     val,
 )
-from fx_passes.family_sorted import _column, _strip_row_weight, removal_set
+from fx_passes.family_sorted import _column, _strip_row_weight, extend_cast, removal_set
 from fx_passes.rewrite import call, grouped_offsets
 
 FAMILY = "batched"
@@ -133,6 +133,7 @@ def _match(rep: Node) -> MoEMatch | str | None:
         if val(topk_weights).dim() != 2 or tuple(val(topk_weights).shape) != (T, K):
             return "the slot weights are not a [T, K] tensor"
 
+    output = extend_cast(output, seen)
     body_nodes = S.body_region(rep, y)
     if not body_nodes:
         return None

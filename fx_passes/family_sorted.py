@@ -139,6 +139,17 @@ def _strip_row_weight(z: Node, w_sorted: Node | None, seen: list[Node]) -> tuple
         return n, applied
 
 
+def extend_cast(output: Node, seen: list[Node]) -> Node:
+    """The routed sum's only use casting it (back to the model's half dtype) is the output:
+    combine then rounds once, like the original."""
+    if len(output.users) == 1:
+        u = next(iter(output.users))
+        if S.is_cast(u) and isinstance(val(u), torch.Tensor) and val(u).shape == val(output).shape:
+            seen.append(output)
+            return u
+    return output
+
+
 def _chain(top: Node, bottom: Node) -> list[Node]:
     """Single-input nodes from ``top`` down to ``bottom`` (exclusive)."""
     out = []
@@ -313,6 +324,8 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
     if isinstance(got, str):
         return got
     y, output, base, last_write, topk_weights = got
+    if last_write is None:
+        output = extend_cast(output, w.seen)
 
     # The expert body between the sorted rows and y.
     body_nodes = S.body_region(x_sorted, y)

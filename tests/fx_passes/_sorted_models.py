@@ -1,0 +1,208 @@
+"""Small sort-based (family D) and batched (family B) MoE blocks for the fx_passes tests.
+
+transformers 4.x cannot be installed beside transformers 5, so the 4.x blocks are our own
+re-implementations of their routing structure (same ops, same shapes), written for these tests:
+
+* ``GraniteStyle``: GraniteMoE / JetMoE 4.x: one-hot counts ``.tolist()``, ``sort`` of the
+  flattened ids, ``x[perm // K]``, stacked ``[E, out, in]`` weights applied by ``split`` + one
+  ``F.linear`` per expert + ``cat``, weights on the sorted rows, ``zeros.index_add``.
+* ``AriaStyle``: Aria 4.x unpermute: ``histc`` counts, ``argsort``, ``index_select``,
+  ``zeros.index_copy_(0, perm, y)``, weights applied after ``view(T, K, H)``, a shared expert
+  beside. (Aria's own expert loop slices with tensor offsets; here the experts run on
+  ``split(counts.tolist())``.)
+* ``TitanStyle``: torchtitan-style local dispatch: ``bincount`` + ``torch._check`` on its
+  length, stable ``argsort``, ``gather`` with an expanded index, ``torch._grouped_mm`` (bf16) or a
+  ``split`` loop of ``matmul`` s, ``scatter_add`` onto a shared expert's output.
+* ``BatchedStyle``: transformers 5 ``"batched_mm"`` structure: ``repeat_interleave``, ``W[ids]``
+  + ``bmm``, optional gathered biases, weighted ``view(T, K, H).sum(1)``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+H, INTER, E, K = 16, 32, 4, 2
+
+
+def _stacked(*shape):
+    return nn.Parameter(torch.randn(*shape) * shape[-1] ** -0.5)
+
+
+class GraniteStyle(nn.Module):
+    def __init__(self, num_experts=E, variant="index_add"):
+        super().__init__()
+        self.E, self.variant = num_experts, variant
+        self.router = nn.Linear(H, num_experts, bias=False)
+        self.w_in = _stacked(num_experts, 2 * INTER, H)
+        self.w_out = _stacked(num_experts, H, INTER)
+
+    def _experts(self, rows, sizes, w):
+        parts = rows.split(sizes, dim=0)
+        return torch.cat([F.linear(parts[e], w[e]) for e in range(self.E)], dim=0)
+
+    def forward(self, x):
+        logits = self.router(x).float()
+        top_v, top_i = logits.topk(K, dim=1)
+        gates_k = torch.softmax(top_v, dim=1).type_as(x)
+        onehot = torch.zeros(x.shape[0], self.E, dtype=gates_k.dtype).scatter(1, top_i, 1)
+        sizes = onehot.long().sum(0).tolist()
+        _, order = top_i.flatten().sort(0)
+        batch_index = order.div(K, rounding_mode="trunc")
+        batch_gates = gates_k.flatten()[order]
+        rows = x[batch_index]
+        if self.variant == "weights_on_input":
+            rows = rows * batch_gates[:, None]
+        if self.variant == "rows_mixed":
+            rows = rows - rows.mean(0, keepdim=True)
+        h = self._experts(rows, sizes, self.w_in)
+        a, b = h.chunk(2, dim=-1)
+        y = self._experts(F.silu(a) * b, sizes, self.w_out)
+        if self.variant != "weights_on_input":
+            y = y * batch_gates[:, None]
+        if self.variant == "no_way_back":  # rows stay in sorted order: not a routing sum
+            return y.view(x.shape[0], K, H).sum(1)
+        return torch.zeros_like(x).index_add(0, batch_index, y)
+
+
+class AriaStyle(nn.Module):
+    def __init__(self, num_experts=E):
+        super().__init__()
+        self.E = num_experts
+        self.router = nn.Linear(H, num_experts, bias=False)
+        self.fc1 = _stacked(num_experts, H, 2 * INTER)
+        self.fc2 = _stacked(num_experts, INTER, H)
+        self.shared = nn.Sequential(nn.Linear(H, INTER), nn.SiLU(), nn.Linear(INTER, H))
+
+    def forward(self, x):
+        top_v, top_i = torch.topk(self.router(x), k=K, dim=1)
+        scores = F.softmax(top_v, dim=-1)
+        counts = torch.histc(top_i.flatten().float(), bins=self.E, min=0, max=self.E - 1)
+        sizes = counts.long().tolist()
+        order = torch.argsort(top_i.view(-1))
+        rows = x.index_select(0, order // K)
+        parts = rows.split(sizes)
+        h = torch.cat([torch.matmul(parts[e], self.fc1[e]) for e in range(self.E)])
+        a, g = torch.chunk(h, 2, dim=-1)
+        parts = (F.silu(a) * g).split(sizes)
+        y = torch.cat([torch.matmul(parts[e], self.fc2[e]) for e in range(self.E)])
+        unperm = torch.zeros((x.shape[0] * K, H), dtype=y.dtype)
+        unperm.index_copy_(0, order, y)
+        out = (unperm.view(-1, K, H) * scores.unsqueeze(-1)).sum(dim=1)
+        return out + self.shared(x)
+
+
+class TitanStyle(nn.Module):
+    def __init__(self, num_experts=E, grouped=False):
+        super().__init__()
+        self.E, self.grouped = num_experts, grouped
+        self.gate = nn.Linear(H, num_experts, bias=False)
+        self.w1 = _stacked(num_experts, INTER, H)
+        self.w3 = _stacked(num_experts, INTER, H)
+        self.w2 = _stacked(num_experts, H, INTER)
+        self.shared = nn.Sequential(nn.Linear(H, INTER), nn.SiLU(), nn.Linear(INTER, H))
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.gate(x).float())
+        top, idx = torch.topk(scores, k=K, dim=1)
+        top = top / (top.sum(-1, keepdim=True) + 1e-20)
+        counts = torch.bincount(idx.view(-1), minlength=self.E)
+        torch._check(counts.shape[0] == self.E)
+        order = torch.argsort(idx.view(-1), stable=True)
+        top_sorted = top.view(-1)[order]
+        tok = (order // K).reshape(-1, 1).expand(-1, H)
+        rows = torch.gather(x, 0, tok)
+        if self.grouped:
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            w1, w3, w2 = (w.transpose(-2, -1) for w in (self.w1, self.w3, self.w2))
+            h = F.silu(torch._grouped_mm(rows, w1, offs=offs))
+            h = h * torch._grouped_mm(rows, w3, offs=offs)
+            y = torch._grouped_mm(h, w2, offs=offs)
+        else:
+            sizes = counts.tolist()
+            parts = torch.split(rows[: sum(sizes)], sizes, dim=0)
+            outs = []
+            for e, xe in enumerate(parts):
+                h = F.silu(torch.matmul(xe, self.w1[e].transpose(-2, -1)))
+                h = h * torch.matmul(xe, self.w3[e].transpose(-2, -1))
+                outs.append(torch.matmul(h, self.w2[e].transpose(-2, -1)))
+            y = torch.cat(outs, 0)
+        y = (y.to(torch.float32) * top_sorted.reshape(-1, 1)).to(x.dtype)
+        return self.shared(x).scatter_add(dim=0, index=tok, src=y)
+
+
+class BatchedStyle(nn.Module):
+    def __init__(self, num_experts=E, bias=False, transposed=False, ids="topk"):
+        super().__init__()
+        self.E, self.transposed, self.ids = num_experts, transposed, ids
+        self.router = nn.Linear(H, num_experts, bias=False)
+        shape_up = (num_experts, H, 2 * INTER) if transposed else (num_experts, 2 * INTER, H)
+        shape_down = (num_experts, INTER, H) if transposed else (num_experts, H, INTER)
+        self.gate_up = _stacked(*shape_up)
+        self.down = _stacked(*shape_down)
+        self.b_up = nn.Parameter(torch.randn(num_experts, 2 * INTER) * 0.1) if bias else None
+
+    def _lin(self, a, w):
+        if self.transposed:
+            return torch.bmm(a.unsqueeze(1), w).squeeze(1)
+        return torch.bmm(w, a.unsqueeze(-1)).squeeze(-1)
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)
+        top_w, top_i = torch.topk(probs, K, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        rows = x.repeat_interleave(K, dim=0)
+        ids = top_i.reshape(-1)
+        if self.ids == "shifted":  # not routing: each row uses the next slot's expert
+            ids = ids.roll(1)
+        h = self._lin(rows, self.gate_up[ids])
+        if self.b_up is not None:
+            h.add_(self.b_up[ids])
+        a, b = h.chunk(2, dim=-1)
+        y = self._lin(F.silu(a) * b, self.down[ids])
+        y = y * top_w.reshape(-1).unsqueeze(-1)
+        return y.view(x.shape[0], K, H).sum(dim=1).to(x.dtype)
+
+
+MODELS = {
+    "granite": lambda: GraniteStyle(),
+    "aria": lambda: AriaStyle(),
+    "titan_loop": lambda: TitanStyle(),
+    "titan_grouped": lambda: TitanStyle(grouped=True),
+    "batched": lambda: BatchedStyle(),
+    "batched_bias_t": lambda: BatchedStyle(bias=True, transposed=True),
+}
+
+
+def ep_equal(name: str, dtype: torch.dtype, tokens: int = 6) -> None:
+    """On every rank of the default group: compile one block with the "moe" backend
+    (aot_eager) and check its output and gradients against the block run eagerly on all
+    ranks' tokens. Stacked expert weights stay whole on each rank; the rewrite slices them,
+    so their gradients are summed over ranks before comparing."""
+    import torch.distributed as dist
+
+    import fx_passes
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = MODELS[name]().to(dtype)
+    reference = copy.deepcopy(model)
+    x_all = torch.randn(W * tokens, H, dtype=dtype)
+    g_all = torch.randn_like(x_all)
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    ref = reference(x_all)
+    (ref * g_all).sum().backward()
+    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend, fullgraph=True)(x_all[mine])
+    (out * g_all[mine]).sum().backward()
+    assert len(backend.matches) == 1, backend.matches
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, ref[mine], **tol)
+    ref_params = dict(reference.named_parameters())
+    for pname, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, ref_params[pname].grad, **tol, msg=pname)
