@@ -45,9 +45,16 @@ def resolve_group(group_name: str, world_size: int) -> dist.ProcessGroup | None:
     return group
 
 
-def read_to_host(t: Tensor) -> Tensor:
-    """The one device -> host sync of a dispatch (a no-op copy on CPU)."""
-    return t.cpu()
+def read_to_host(t: Tensor, stream: torch.cuda.Stream | None = None) -> Tensor:
+    """The one device -> host sync of a dispatch (a no-op copy on CPU).
+
+    With a CUDA ``stream`` the copy and the wait run there, so work queued on the current stream
+    after ``stream`` forked from it (the send-buffer fill) runs meanwhile.
+    """
+    if stream is None:
+        return t.cpu()
+    with torch.cuda.stream(stream):
+        return t.cpu()
 
 
 def exchange_counts(

@@ -144,19 +144,26 @@ def dispatch_op(
         counts_E = torch.zeros(E if E > 0 and E % W == 0 else W, dtype=torch.int64, device=x.device)
         bad_ids = True
 
+    side = None
     if group is None:
-        host = _comm.read_to_host(
-            lay.counts_bad
-            if kern is not None
-            else torch.cat([counts_E, bad_ids.view(1).to(torch.int64)])
-        )
+        if kern is not None:
+            to_read = lay.counts_bad
+        else:
+            to_read = torch.cat([counts_E, bad_ids.view(1).to(torch.int64)])
+    else:
+        rank = group.rank()
+        recv_WC = _comm.exchange_counts(counts_E, bad_ids, W, group)
+        to_read = torch.cat([counts_E, recv_WC.reshape(-1)])
+    if kern is not None:
+        # Fill a send buffer sized for every pair while the counts travel to the host.
+        side = kern.fork_stream(x)
+        rows_PH = kern.scatter_rows(x, lay.send_pos, None, T * K)
+    host = _comm.read_to_host(to_read, side)
+    if group is None:
         if host[-1]:
             raise _bad_id_error(topk_idx, E)
         send_splits = recv_splits = [int(host[:-1].sum())]
     else:
-        rank = group.rank()
-        recv_WC = _comm.exchange_counts(counts_E, bad_ids, W, group)
-        host = _comm.read_to_host(torch.cat([counts_E, recv_WC.reshape(-1)]))
         status_W = host[counts_E.shape[0]:].view(W, -1)[:, 0].tolist()
         if status_W[rank]:
             raise err if err is not None else _bad_id_error(topk_idx, E)
@@ -167,7 +174,7 @@ def dispatch_op(
     N = sum(send_splits)
     if kern is not None:
         send_pair_idx = lay.send_pair_idx[:N]
-        rows_NH = kern.scatter_rows(x, lay.send_pos, None, N)
+        rows_NH = rows_PH[:N]
     else:
         send_pair_idx = order_P[:N]
         rows_NH = x[send_pair_idx // K]

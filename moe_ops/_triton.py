@@ -39,6 +39,16 @@ def use_triton(t: Tensor) -> bool:
     return enabled and t.is_cuda
 
 
+def fork_stream(t: Tensor) -> torch.cuda.Stream | None:
+    """A side stream (from torch's pool) that waits for the work queued so far on ``t``'s
+    current stream; None on the CPU."""
+    if not t.is_cuda:
+        return None
+    side = torch.cuda.Stream(device=t.device)
+    side.wait_stream(torch.cuda.current_stream(t.device))
+    return side
+
+
 def _acc_tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
