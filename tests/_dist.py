@@ -192,7 +192,8 @@ class TorchrunWorld:
         return [v for _, v in gathered]
 
     def close(self) -> None:
-        pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def under_torchrun() -> bool:
