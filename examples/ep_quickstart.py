@@ -88,14 +88,15 @@ def _check(rank: int, world_size: int, init_file: str, inner: str, tokens: int) 
     if use_nccl:
         torch.cuda.set_device(device)
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     torch.manual_seed(0)
     model = TinyMoE().to(device)
     reference = copy.deepcopy(model)
     x_all = torch.randn(world_size * tokens, 32, device=device)
     grad_all = torch.randn_like(x_all)
-    x = x_all[rank * tokens:(rank + 1) * tokens]
+    x = x_all[rank * tokens : (rank + 1) * tokens]
 
     # The single-device model, eager, on every rank's tokens at once.
     ref_out = reference(x_all)
@@ -103,12 +104,13 @@ def _check(rank: int, world_size: int, init_file: str, inner: str, tokens: int) 
 
     before = sum(p.numel() for n, p in model.named_parameters() if _expert_param(n))
     sharded = fx_passes.shard_experts(model)
-    kept = sum(p.numel() for n, p in model.named_parameters()
-               if _expert_param(n) and p.requires_grad)
+    kept = sum(
+        p.numel() for n, p in model.named_parameters() if _expert_param(n) and p.requires_grad
+    )
     backend_fn = fx_passes.moe_backend(inner=inner)
     compiled = torch.compile(model, backend=backend_fn, fullgraph=True)
     out = compiled(x)
-    (out * grad_all[rank * tokens:(rank + 1) * tokens]).sum().backward()
+    (out * grad_all[rank * tokens : (rank + 1) * tokens]).sum().backward()
     for name, p in model.named_parameters():  # what data parallelism does for shared weights
         if p.requires_grad and not _expert_param(name):
             dist.all_reduce(p.grad)
@@ -116,7 +118,7 @@ def _check(rank: int, world_size: int, init_file: str, inner: str, tokens: int) 
     ref_params = dict(reference.named_parameters())
     tol = dict(rtol=1e-4, atol=1e-5)
     errors = []
-    if not torch.allclose(out, ref_out[rank * tokens:(rank + 1) * tokens], **tol):
+    if not torch.allclose(out, ref_out[rank * tokens : (rank + 1) * tokens], **tol):
         errors.append("output")
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.allclose(p.grad, ref_params[name].grad, **tol):
@@ -125,15 +127,19 @@ def _check(rank: int, world_size: int, init_file: str, inner: str, tokens: int) 
         print(f"{world_size} {backend} ranks, {tokens} tokens each, inner compiler {inner}")
         for m in backend_fn.matches:
             s = m.summary()
-            print(f"  rewrote {s['module']}: family {s['family']}, {s['num_experts']} experts, "
-                  f"expert compute: {s['experts']}")
+            print(
+                f"  rewrote {s['module']}: family {s['family']}, {s['num_experts']} experts, "
+                f"expert compute: {s['experts']}"
+            )
         for s in sharded:
             print(f"  {s.path}: rank 0 keeps experts {list(s.local_experts)} of {s.num_experts}")
         print(f"  expert parameters per rank: {kept} of {before}")
     dist.barrier()
-    print(f"rank {rank}: output and gradients "
-          + ("match the single-device model" if not errors else f"DIFFER: {errors}"),
-          flush=True)
+    print(
+        f"rank {rank}: output and gradients "
+        + ("match the single-device model" if not errors else f"DIFFER: {errors}"),
+        flush=True,
+    )
     dist.destroy_process_group()
     if errors:
         sys.exit(1)
@@ -148,8 +154,11 @@ def main() -> int:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.spawn(_check, args=(args.world_size, os.path.join(tmp, "store"), args.inner,
-                                   args.tokens), nprocs=args.world_size)
+            mp.spawn(
+                _check,
+                args=(args.world_size, os.path.join(tmp, "store"), args.inner, args.tokens),
+                nprocs=args.world_size,
+            )
         except mp.ProcessExitedException as e:
             print(f"FAILED: {e}", file=sys.stderr)
             return 1

@@ -1,4 +1,4 @@
-"""Find the expert routing of MoE models in FX graphs and rewrite it into ``moe_ops`` dispatch/combine.
+"""Find the expert routing of MoE models in FX graphs; rewrite it into ``moe_ops`` dispatch/combine.
 
 Design (see ``_match`` for what a family matcher must fill in):
 

@@ -208,8 +208,15 @@ _ASSERT_TARGETS = {
     torch.ops.aten.sym_constrain_range_for_size.default,
     torch._check,
     torch._check_is_size,
-    operator.ge, operator.le, operator.gt, operator.lt, operator.eq, operator.ne,
-    operator.and_, operator.or_, operator.not_,
+    operator.ge,
+    operator.le,
+    operator.gt,
+    operator.lt,
+    operator.eq,
+    operator.ne,
+    operator.and_,
+    operator.or_,
+    operator.not_,
 }
 
 
@@ -324,8 +331,7 @@ def prune_removal(
         changed = False
         for n in list(remove):
             outside = [
-                u for u in n.users
-                if u not in remove and not (n is output and order[u] > last)
+                u for u in n.users if u not in remove and not (n is output and order[u] > last)
             ]
             if outside:
                 keep = ancestors([n], within=remove)

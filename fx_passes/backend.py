@@ -1,4 +1,4 @@
-"""The torch.compile backend: ``moe_backend``, the ``"moe"`` entry point, ``compile_moe`` and ``explain``.
+"""The torch.compile backend: ``moe_backend``, the "moe" entry point, ``compile_moe``, ``explain``.
 
 ``torch.compile(model, backend="moe", fullgraph=True)`` rewrites every MoE block Dynamo captured
 whole, then hands the graph to the inner compiler (inductor by default). Without ``fullgraph=True``
@@ -59,9 +59,21 @@ def _routing_candidates(gm: fx.GraphModule) -> list[fx.Node]:
         reach = descendants(n)
         if any(
             u.op == "output"
-            or u.target in (torch.nn.functional.one_hot, torch._C._nn.one_hot, torch.where,
-                            torch.nonzero, "nonzero", operator.eq, "index_add_", operator.setitem,
-                            torch.argsort, torch.sort, "argsort", torch.bincount)
+            or u.target
+            in (
+                torch.nn.functional.one_hot,
+                torch._C._nn.one_hot,
+                torch.where,
+                torch.nonzero,
+                "nonzero",
+                operator.eq,
+                "index_add_",
+                operator.setitem,
+                torch.argsort,
+                torch.sort,
+                "argsort",
+                torch.bincount,
+            )
             for u in reach
         ):
             out.append(n)
@@ -98,8 +110,9 @@ def _warn_once(path: str, reason: str) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    log.warning("fx_passes: MoE-looking block %s was not rewritten: %s. %s",
-                path or "<top>", reason, _HINT)
+    log.warning(
+        "fx_passes: MoE-looking block %s was not rewritten: %s. %s", path or "<top>", reason, _HINT
+    )
 
 
 def moe_backend(
@@ -165,8 +178,8 @@ def compile_moe(
     """``torch.compile(model, backend=moe_backend(...))`` with Dynamo's capture of data-dependent
     ops turned on for every call, for code that cannot use ``fullgraph=True``.
 
-    Returns a callable that runs the compiled model under
-    ``torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)``.
+    Returns a callable that runs the compiled model under ``torch._dynamo.config.patch(
+    capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)``.
     """
     compiled = torch.compile(
         model, backend=moe_backend(group, inner=inner, strict=strict), **compile_kwargs
@@ -181,8 +194,13 @@ def compile_moe(
     return run
 
 
-def explain(model: Callable, *inputs: Any, group: dist.ProcessGroup | None = None,
-            fullgraph: bool = False, file=None) -> list[dict[str, Any]]:
+def explain(
+    model: Callable,
+    *inputs: Any,
+    group: dist.ProcessGroup | None = None,
+    fullgraph: bool = False,
+    file=None,
+) -> list[dict[str, Any]]:
     """Compile ``model`` on ``inputs`` (with the capture flags on), print a table of the MoE blocks
     found and not found with reasons, and return its rows. Runs the graphs uncompiled."""
     from tabulate import tabulate
@@ -195,11 +213,25 @@ def explain(model: Callable, *inputs: Any, group: dist.ProcessGroup | None = Non
             detail = m.rewritten.get("experts", "")
             if "why_not_grouped" in m.rewritten:
                 detail += f" ({m.rewritten['why_not_grouped']})"
-            rows.append({"block": m.module_path or "<top>", "family": m.family,
-                         "experts": m.num_experts, "rewritten": "yes", "detail": detail})
+            rows.append(
+                {
+                    "block": m.module_path or "<top>",
+                    "family": m.family,
+                    "experts": m.num_experts,
+                    "rewritten": "yes",
+                    "detail": detail,
+                }
+            )
         for path, reason in _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", [])):
-            rows.append({"block": path or "<top>", "family": "", "experts": "",
-                         "rewritten": "no", "detail": reason})
+            rows.append(
+                {
+                    "block": path or "<top>",
+                    "family": "",
+                    "experts": "",
+                    "rewritten": "no",
+                    "detail": reason,
+                }
+            )
         return gm.forward
 
     with torch._dynamo.config.patch(**_CAPTURE_FLAGS):

@@ -182,7 +182,9 @@ def _match_block(
         scaled = [r for r in rows if tuple(val(r.args[0]).shape) == idx_shape]
         if len(rows) > 1 and scaled:
             return _reject(
-                rejects, family, "",
+                rejects,
+                family,
+                "",
                 f"{scaled[0].name}: routing weights applied to the expert input cannot be moved "
                 "to combine",
             )

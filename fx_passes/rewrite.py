@@ -95,7 +95,7 @@ def _set_val(node: Node) -> None:
 
 
 def call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
-    """Insert ``target(*args, **kwargs)`` (a method when ``target`` is a str) with its meta value."""
+    """Insert ``target(*args, **kwargs)`` (a method if ``target`` is a str) with its meta value."""
     if isinstance(target, str):
         node = graph.call_method(target, args, kwargs or {})
     else:
@@ -128,14 +128,54 @@ def resolve_group(group: dist.ProcessGroup | None) -> tuple[str, int, int]:
 # ----------------------------------------------------------------------------- expert bodies
 _LINEAR = (torch._C._nn.linear, F.linear)
 _ROWWISE_FUNCS = {
-    F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus, F.elu, F.leaky_relu, F.mish,
-    torch.sigmoid, torch.tanh, torch.relu, torch.exp, torch.square, torch.clamp, torch.clip,
-    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.erf,
-    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+    F.silu,
+    F.gelu,
+    F.relu,
+    F.sigmoid,
+    F.tanh,
+    F.softplus,
+    F.elu,
+    F.leaky_relu,
+    F.mish,
+    torch.sigmoid,
+    torch.tanh,
+    torch.relu,
+    torch.exp,
+    torch.square,
+    torch.clamp,
+    torch.clip,
+    torch.mul,
+    torch.add,
+    torch.sub,
+    torch.div,
+    torch.neg,
+    torch.erf,
+    operator.mul,
+    operator.add,
+    operator.sub,
+    operator.truediv,
+    operator.neg,
+    operator.pow,
 }
 _ROWWISE_METHODS = {
-    "to", "float", "half", "bfloat16", "type_as", "sigmoid", "tanh", "relu", "mul", "add", "sub",
-    "div", "clamp", "pow", "neg", "exp", "contiguous", "square",
+    "to",
+    "float",
+    "half",
+    "bfloat16",
+    "type_as",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "mul",
+    "add",
+    "sub",
+    "div",
+    "clamp",
+    "pow",
+    "neg",
+    "exp",
+    "contiguous",
+    "square",
 }
 
 
@@ -188,9 +228,11 @@ def _grouped_plan(body: ModuleListExperts, local: Sequence[int]) -> str | None:
             continue
         if _last_dim_split(n) or _row_reshape(n, ref.input):
             continue
-        if n.target is operator.getitem and isinstance(n.args[1], int) and not isinstance(
-            val(n), torch.Tensor
-        ) is False and _last_dim_split(n.args[0]):
+        if (
+            n.target is operator.getitem
+            and isinstance(n.args[1], int)
+            and _last_dim_split(n.args[0])
+        ):
             continue
         return f"{n.name}: {getattr(n.target, '__name__', n.target)} is not known to be row-wise"
     return None
@@ -240,7 +282,11 @@ def _same_shape_args(n: Node, m: Node, sn: ExpertSubgraph, sm: ExpertSubgraph, p
 
 
 def _emit_segments(
-    graph: fx.Graph, body: ModuleListExperts, local: Sequence[int], recv_x: Node, tpe: Node,
+    graph: fx.Graph,
+    body: ModuleListExperts,
+    local: Sequence[int],
+    recv_x: Node,
+    tpe: Node,
     env: Callable[[Node], Node],
 ) -> Node:
     """Each local expert on its segment of ``recv_x`` (one host read of the row counts)."""
@@ -266,7 +312,11 @@ def _copy_body(
 
 
 def _emit_grouped(
-    graph: fx.Graph, body: ModuleListExperts, local: Sequence[int], recv_x: Node, tpe: Node,
+    graph: fx.Graph,
+    body: ModuleListExperts,
+    local: Sequence[int],
+    recv_x: Node,
+    tpe: Node,
     env: Callable[[Node], Node],
 ) -> Node:
     """One ``torch._grouped_mm`` per linear layer over the stacked local experts' weights."""
@@ -289,7 +339,8 @@ def _emit_grouped(
                     )
                 bs = [env(_linear_args(body.experts[e].nodes[i])[1]) for e in local]
                 b_stack = call(graph, torch.stack, (bs,))
-                out = call(graph, operator.add, (out, call(graph, operator.getitem, (b_stack, row_expert))))
+                b_rows = call(graph, operator.getitem, (b_stack, row_expert))
+                out = call(graph, operator.add, (out, b_rows))
             local_env[n] = out
             continue
         new = graph.node_copy(n, lambda a: local_env[a] if a in local_env else env(a))
@@ -306,8 +357,14 @@ def _can_group(body: ModuleListExperts, local: Sequence[int], x_val) -> str | No
 
 
 def _emit_stacked(
-    graph: fx.Graph, body: StackedExperts, num_experts: int, world_size: int, rank: int,
-    recv_x: Node, tpe: Node, env: Callable[[Node], Node],
+    graph: fx.Graph,
+    body: StackedExperts,
+    num_experts: int,
+    world_size: int,
+    rank: int,
+    recv_x: Node,
+    tpe: Node,
+    env: Callable[[Node], Node],
 ) -> Node:
     e_l = num_experts // world_size
     local = []
@@ -327,8 +384,13 @@ def _emit_stacked(
 
 # ----------------------------------------------------------------------------- emission
 def emit_routed(
-    graph: fx.Graph, match: MoEMatch, env: Callable[[Node], Node], group_name: str,
-    world_size: int, rank: int, info: dict | None = None,
+    graph: fx.Graph,
+    match: MoEMatch,
+    env: Callable[[Node], Node],
+    group_name: str,
+    world_size: int,
+    rank: int,
+    info: dict | None = None,
 ) -> Node:
     """Insert dispatch -> local experts -> combine for ``match`` at the insertion point.
 
@@ -362,9 +424,19 @@ def emit_routed(
             info["experts"] = "segments"
             info["why_not_grouped"] = why_not
     c = call(
-        graph, torch.ops.moe_ops.combine.default,
-        (expert_out, w, pair_pos, send_pair_idx, recv_perm, send_splits, recv_splits,
-         group_name, world_size),
+        graph,
+        torch.ops.moe_ops.combine.default,
+        (
+            expert_out,
+            w,
+            pair_pos,
+            send_pair_idx,
+            recv_perm,
+            send_splits,
+            recv_splits,
+            group_name,
+            world_size,
+        ),
     )
     out = call(graph, operator.getitem, (c, 0))
     want = val(match.output).dtype
@@ -392,8 +464,7 @@ def rewrite_match(gm: fx.GraphModule, match: MoEMatch, group: dist.ProcessGroup 
     removed = set(match.remove)
     with graph.inserting_before(tail.next):
         first_new = tail.next
-        out = emit_routed(graph, match, lambda n: n, group_name, world_size, rank,
-                          match.rewritten)
+        out = emit_routed(graph, match, lambda n: n, group_name, world_size, rank, match.rewritten)
     new_nodes = set()
     n = tail.next
     while n is not first_new:
@@ -514,9 +585,9 @@ def verify_match(
 
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for p, v in zip(phs, example_inputs, strict=False):
+            routing = p is match.x or p is match.topk_idx or p is match.topk_weights
             if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) and p in ext:
-                if p is not match.x and p is not match.topk_idx and p is not match.topk_weights:
-                    real[p] = v
+                real.update({} if routing else {p: v})
     for a in ext:
         if a.op == "get_attr":
             with contextlib.suppress(AttributeError):
@@ -544,7 +615,10 @@ def verify_match(
             except Exception as e:  # noqa: BLE001
                 return f"the rewrite fails on {tokens} random tokens: {type(e).__name__}: {e}"
         if got.shape != ref.shape or got.dtype != ref.dtype:
-            return f"the rewrite gives {tuple(got.shape)} {got.dtype}, the block {tuple(ref.shape)} {ref.dtype}"
+            return (
+                f"the rewrite gives {tuple(got.shape)} {got.dtype}, the block "
+                f"{tuple(ref.shape)} {ref.dtype}"
+            )
         rtol, atol = _tolerance(ref.dtype)
         scale = ref.abs().max().item() if ref.numel() else 0.0
         err = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
@@ -619,12 +693,16 @@ def fuse_moe_routing(
             rewrite_match(gm, match, group)
             log.info(
                 "fx_passes: rewrote MoE block %s (family %s, %d experts, %s)",
-                where, match.family, match.num_experts, match.rewritten.get("experts"),
+                where,
+                match.family,
+                match.num_experts,
+                match.rewritten.get("experts"),
             )
             done.append(match)
     for r in rejects:
-        log.debug("fx_passes: left %s (family %s) alone: %s", r.module_path or "<top>", r.family,
-                  r.reason)
+        log.debug(
+            "fx_passes: left %s (family %s) alone: %s", r.module_path or "<top>", r.family, r.reason
+        )
     for sub, sub_inputs in _subgraphs(gm, example_inputs):
         done += fuse_moe_routing(sub, group=group, example_inputs=sub_inputs, verify=verify)
         rejects += sub.meta.get("moe_rejected", [])

@@ -29,8 +29,10 @@ class ShardedExperts:
 
 def _expert_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return [
-        (name, mod) for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("experts")
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList)
+        and name.rsplit(".", 1)[-1].endswith("experts")
         and len(mod) > 0
     ]
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fx_passes
 
-H, I, E, K = 16, 24, 4, 2
+H, I, E, K = 16, 24, 4, 2  # noqa: E741
 
 
 class Expert(nn.Module):
@@ -31,8 +31,17 @@ class Expert(nn.Module):
 class Block(nn.Module):
     """Router + ModuleList experts; ``forward`` variants pick the routing code."""
 
-    def __init__(self, variant="onehot_where", *, routing="softmax", renorm=True, shared=False,
-                 act=F.silu, bias=False, num_experts=E):
+    def __init__(
+        self,
+        variant="onehot_where",
+        *,
+        routing="softmax",
+        renorm=True,
+        shared=False,
+        act=F.silu,
+        bias=False,
+        num_experts=E,
+    ):
         super().__init__()
         self.variant, self.routing, self.renorm = variant, routing, renorm
         self.num_experts = num_experts
@@ -182,13 +191,17 @@ _PARAM = re.compile(r"l_(?:self|s)_modules_(\w+?)_parameters_(weight|bias)_")
 
 
 def normalized_code(gm) -> str:
-    """``gm.code`` without placeholders' re-binding, ``x = None`` frees and long param names."""
+    """``gm.code`` without placeholders' re-binding and ``x = None`` frees, with short names for
+    parameters (``experts.0.gate.weight``), the ops (``moe_ops.dispatch``) and ``getitem_N``."""
     lines = []
     for line in gm.code.splitlines():
         line = line.split(";  ")[0].rstrip()
         if not line.strip() or line.startswith("def forward") or re.match(r"\s+l_\w+ = L_", line):
             continue
         line = _PARAM.sub(lambda m: m.group(1).replace("_modules_", ".") + "." + m.group(2), line)
+        line = line.replace("torch.ops.moe_ops.", "moe_ops.").replace(".default(", "(")
+        line = re.sub(r"\b(dispatch|combine)_default", r"\1", line)
+        line = re.sub(r"\bgetitem_(\d+)", r"gi\1", line)
         lines.append(line.strip())
     return "\n".join(lines)
 

@@ -33,9 +33,12 @@ def test_backend_by_name_rewrites_and_matches_eager(caplog):
     with caplog.at_level(logging.INFO, logger="fx_passes"):
         M.grads_equal(
             model,
-            lambda m: torch.compile(m, backend="moe", fullgraph=True,
-                                    options={"inner": "aot_eager", "strict": True}),
-            _x(), atol=1e-5, rtol=1e-4,
+            lambda m: torch.compile(
+                m, backend="moe", fullgraph=True, options={"inner": "aot_eager", "strict": True}
+            ),
+            _x(),
+            atol=1e-5,
+            rtol=1e-4,
         )
     assert "rewrote MoE block <top> (family A, 4 experts, segments)" in caplog.text
 
@@ -54,8 +57,9 @@ def test_inner_callable_receives_rewritten_graph():
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(M.Block("mask_loop"), backend=fx_passes.moe_backend(inner=inner),
-                  fullgraph=True)(_x())
+    torch.compile(M.Block("mask_loop"), backend=fx_passes.moe_backend(inner=inner), fullgraph=True)(
+        _x()
+    )
     assert torch.ops.moe_ops.dispatch.default in seen[0]
     assert torch.ops.moe_ops.combine.default in seen[0]
     assert "index_add_" not in seen[0] and torch.where not in seen[0]
@@ -127,7 +131,8 @@ def test_shard_experts_keeps_only_local_weights():
     finally:
         torch.distributed.destroy_process_group()
     assert [(s.path, s.num_experts, s.local_experts) for s in info] == [
-        ("layers.0.experts", 8, range(2, 4)), ("layers.1.experts", 8, range(2, 4))
+        ("layers.0.experts", 8, range(2, 4)),
+        ("layers.1.experts", 8, range(2, 4)),
     ]
     for name, p in model.named_parameters():
         if ".experts." in name:

@@ -36,7 +36,9 @@ def test_graph_family_a_fp32_segments():
     torch.manual_seed(0)
     out, code, match = _rewritten(M.Block("onehot_where", num_experts=2), _x())
     assert match.summary()["experts"] == "segments"
-    assert_expected_inline(code, """\
+    assert_expected_inline(
+        code,
+        """\
 logits = torch._C._nn.linear(l_x_, router.weight, None)
 probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
 topk = torch.topk(probs, 2, dim = -1)
@@ -45,41 +47,44 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.float32)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 2, '', 1)
-getitem_14 = dispatch_default[0]
-getitem_15 = dispatch_default[1]
-getitem_16 = dispatch_default[2]
-getitem_17 = dispatch_default[3]
-getitem_18 = dispatch_default[4]
-getitem_19 = dispatch_default[5]
-getitem_20 = dispatch_default[6]
-tolist = getitem_15.tolist()
-split = torch.functional.split(getitem_14, tolist)
-getitem_21 = split[0]
-reshape_2 = getitem_21.reshape(-1, 16)
+dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1)
+gi14 = dispatch[0]
+gi15 = dispatch[1]
+gi16 = dispatch[2]
+gi17 = dispatch[3]
+gi18 = dispatch[4]
+gi19 = dispatch[5]
+gi20 = dispatch[6]
+tolist = gi15.tolist()
+split = torch.functional.split(gi14, tolist)
+gi21 = split[0]
+reshape_2 = gi21.reshape(-1, 16)
 linear_7 = torch._C._nn.linear(reshape_2, experts.0.gate.weight, None)
 silu_2 = torch.nn.functional.silu(linear_7)
 linear_8 = torch._C._nn.linear(reshape_2, experts.0.up.weight, None)
 mul_4 = silu_2 * linear_8
 linear_9 = torch._C._nn.linear(mul_4, experts.0.down.weight, None)
-getitem_22 = split[1]
-reshape_3 = getitem_22.reshape(-1, 16)
+gi22 = split[1]
+reshape_3 = gi22.reshape(-1, 16)
 linear_10 = torch._C._nn.linear(reshape_3, experts.1.gate.weight, None)
 silu_3 = torch.nn.functional.silu(linear_10)
 linear_11 = torch._C._nn.linear(reshape_3, experts.1.up.weight, None)
 mul_5 = silu_3 * linear_11
 linear_12 = torch._C._nn.linear(mul_5, experts.1.down.weight, None)
 cat = torch.cat([linear_9, linear_12])
-combine_default = torch.ops.moe_ops.combine.default(cat, w_2, getitem_17, getitem_16, getitem_18, getitem_19, getitem_20, '', 1)
-getitem_23 = combine_default[0]
-return (getitem_23,)""")
+combine = moe_ops.combine(cat, w_2, gi17, gi16, gi18, gi19, gi20, '', 1)
+gi23 = combine[0]
+return (gi23,)""",
+    )
 
 
 def test_graph_family_a_bf16_grouped_mm():
     torch.manual_seed(0)
     out, code, match = _rewritten(M.Block("eq_nonzero", num_experts=2).to(bf16), _x(dtype=bf16))
     assert match.summary()["experts"] == "grouped_mm"
-    assert_expected_inline(code, """\
+    assert_expected_inline(
+        code,
+        """\
 logits = torch._C._nn.linear(l_x_, router.weight, None)
 probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
 topk = torch.topk(probs, 2, dim = -1)
@@ -88,36 +93,39 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.bfloat16)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 2, '', 1)
-getitem_12 = dispatch_default[0]
-getitem_13 = dispatch_default[1]
-getitem_14 = dispatch_default[2]
-getitem_15 = dispatch_default[3]
-getitem_16 = dispatch_default[4]
-getitem_17 = dispatch_default[5]
-getitem_18 = dispatch_default[6]
-cumsum = torch.cumsum(getitem_13, 0, dtype = torch.int32)
+dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1)
+gi12 = dispatch[0]
+gi13 = dispatch[1]
+gi14 = dispatch[2]
+gi15 = dispatch[3]
+gi16 = dispatch[4]
+gi17 = dispatch[5]
+gi18 = dispatch[6]
+cumsum = torch.cumsum(gi13, 0, dtype = torch.int32)
 stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
 transpose = stack.transpose(-2, -1)
-_grouped_mm = torch._grouped_mm(getitem_12, transpose, offs = cumsum)
+_grouped_mm = torch._grouped_mm(gi12, transpose, offs = cumsum)
 silu_2 = torch.nn.functional.silu(_grouped_mm)
 stack_1 = torch.stack([experts.0.up.weight, experts.1.up.weight])
 transpose_1 = stack_1.transpose(-2, -1)
-_grouped_mm_1 = torch._grouped_mm(getitem_12, transpose_1, offs = cumsum)
+_grouped_mm_1 = torch._grouped_mm(gi12, transpose_1, offs = cumsum)
 mul_4 = silu_2 * _grouped_mm_1
 stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_4, transpose_2, offs = cumsum)
-combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_2, w_2, getitem_15, getitem_14, getitem_16, getitem_17, getitem_18, '', 1)
-getitem_19 = combine_default[0]
-return (getitem_19,)""")
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi15, gi14, gi16, gi17, gi18, '', 1)
+gi19 = combine[0]
+return (gi19,)""",
+    )
 
 
 def test_graph_family_c_bf16_grouped_mm():
     torch.manual_seed(0)
     out, code, match = _rewritten(M.Block("mask_loop", num_experts=2).to(bf16), _x(dtype=bf16))
     assert (match.family, match.num_experts) == ("C", 2)
-    assert_expected_inline(code, """\
+    assert_expected_inline(
+        code,
+        """\
 logits = torch._C._nn.linear(l_x_, router.weight, None)
 probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
 topk = torch.topk(probs, 2, dim = -1)
@@ -126,29 +134,30 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.bfloat16)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 2, '', 1)
-getitem_18 = dispatch_default[0]
-getitem_19 = dispatch_default[1]
-getitem_20 = dispatch_default[2]
-getitem_21 = dispatch_default[3]
-getitem_22 = dispatch_default[4]
-getitem_23 = dispatch_default[5]
-getitem_24 = dispatch_default[6]
-cumsum = torch.cumsum(getitem_19, 0, dtype = torch.int32)
+dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1)
+gi18 = dispatch[0]
+gi19 = dispatch[1]
+gi20 = dispatch[2]
+gi21 = dispatch[3]
+gi22 = dispatch[4]
+gi23 = dispatch[5]
+gi24 = dispatch[6]
+cumsum = torch.cumsum(gi19, 0, dtype = torch.int32)
 stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
 transpose = stack.transpose(-2, -1)
-_grouped_mm = torch._grouped_mm(getitem_18, transpose, offs = cumsum)
+_grouped_mm = torch._grouped_mm(gi18, transpose, offs = cumsum)
 silu_4 = torch.nn.functional.silu(_grouped_mm)
 stack_1 = torch.stack([experts.0.up.weight, experts.1.up.weight])
 transpose_1 = stack_1.transpose(-2, -1)
-_grouped_mm_1 = torch._grouped_mm(getitem_18, transpose_1, offs = cumsum)
+_grouped_mm_1 = torch._grouped_mm(gi18, transpose_1, offs = cumsum)
 mul_8 = silu_4 * _grouped_mm_1
 stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
-combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_2, w_2, getitem_21, getitem_20, getitem_22, getitem_23, getitem_24, '', 1)
-getitem_25 = combine_default[0]
-return (getitem_25,)""")
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi21, gi20, gi22, gi23, gi24, '', 1)
+gi25 = combine[0]
+return (gi25,)""",
+    )
 
 
 def test_graph_rank1_of_2_fake_process_group():
@@ -167,7 +176,9 @@ def test_graph_rank1_of_2_fake_process_group():
         dist.destroy_process_group()
     assert matches[0].rewritten["world_size"] == 2 and matches[0].rewritten["rank"] == 1
     assert "experts.0." not in code and "experts.1." not in code
-    assert_expected_inline(code, """\
+    assert_expected_inline(
+        code,
+        """\
 logits = torch._C._nn.linear(l_x_, router.weight, None)
 probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
 topk = torch.topk(probs, 2, dim = -1)
@@ -176,16 +187,16 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.bfloat16)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '<group>', 2)
-getitem_26 = dispatch_default[0]
-getitem_27 = dispatch_default[1]
-getitem_28 = dispatch_default[2]
-getitem_29 = dispatch_default[3]
-getitem_30 = dispatch_default[4]
-getitem_31 = dispatch_default[5]
-getitem_32 = dispatch_default[6]
-cumsum = torch.cumsum(getitem_27, 0, dtype = torch.int32)
-reshape_4 = getitem_26.reshape(-1, 16)
+dispatch = moe_ops.dispatch(l_x_, idx, 4, '<group>', 2)
+gi26 = dispatch[0]
+gi27 = dispatch[1]
+gi28 = dispatch[2]
+gi29 = dispatch[3]
+gi30 = dispatch[4]
+gi31 = dispatch[5]
+gi32 = dispatch[6]
+cumsum = torch.cumsum(gi27, 0, dtype = torch.int32)
+reshape_4 = gi26.reshape(-1, 16)
 stack = torch.stack([experts.2.gate.weight, experts.3.gate.weight])
 transpose = stack.transpose(-2, -1)
 _grouped_mm = torch._grouped_mm(reshape_4, transpose, offs = cumsum)
@@ -197,9 +208,10 @@ mul_8 = silu_4 * _grouped_mm_1
 stack_2 = torch.stack([experts.2.down.weight, experts.3.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
-combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_2, w_2, getitem_29, getitem_28, getitem_30, getitem_31, getitem_32, '<group>', 2)
-getitem_33 = combine_default[0]
-return (getitem_33,)""")
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi29, gi28, gi30, gi31, gi32, '<group>', 2)
+gi33 = combine[0]
+return (gi33,)""",
+    )
 
 
 @pytest.mark.parametrize("W", [2, 4])
@@ -219,7 +231,7 @@ def test_local_experts_under_fake_process_group(W):
         used = {e for e in range(8) if f"experts.{e}.gate.weight" in code}
         e_l = 8 // W
         assert used == set(range(rank * e_l, (rank + 1) * e_l))
-        assert f"dispatch.default(l_x_, idx, 8, " in code and f", {W})" in code
+        assert "moe_ops.dispatch(l_x_, idx, 8, " in code and f", {W})" in code
 
 
 # ----------------------------------------------------------------------------- near misses
@@ -277,8 +289,9 @@ def test_equal_to_eager_aot_eager(name, dtype):
     # combine adds in float32; gradients summed over tokens differ by a few bf16 ulps.
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=5e-2, rtol=5e-2)
     torch._dynamo.reset()
-    M.grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True),
-                  _x(dtype=dtype), **tol)
+    M.grads_equal(
+        model, lambda m: torch.compile(m, backend=backend, fullgraph=True), _x(dtype=dtype), **tol
+    )
     assert len(backend.matches) == 1
 
 
@@ -289,8 +302,9 @@ def test_equal_to_eager_inductor(dtype):
     backend = fx_passes.moe_backend(inner="inductor", strict=True)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=3e-2, rtol=3e-2)
     torch._dynamo.reset()
-    M.grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True),
-                  _x(dtype=dtype), **tol)
+    M.grads_equal(
+        model, lambda m: torch.compile(m, backend=backend, fullgraph=True), _x(dtype=dtype), **tol
+    )
     assert [m.module_path for m in backend.matches] == ["layers.0", "layers.1"]
 
 
@@ -306,8 +320,13 @@ def test_block_under_checkpoint():
     torch.manual_seed(0)
     backend = fx_passes.moe_backend(inner="aot_eager")
     torch._dynamo.reset()
-    M.grads_equal(Outer(), lambda m: torch.compile(m, backend=backend, fullgraph=True), _x(),
-                  atol=1e-5, rtol=1e-4)
+    M.grads_equal(
+        Outer(),
+        lambda m: torch.compile(m, backend=backend, fullgraph=True),
+        _x(),
+        atol=1e-5,
+        rtol=1e-4,
+    )
     assert [m.module_path for m in backend.matches] == ["moe"]
 
 
