@@ -219,6 +219,8 @@ def _grouped_plan(body: ModuleListExperts, local: Sequence[int]) -> str | None:
                 return f"{n.name}: linear weights that are not the expert's own parameters"
             if val(w).dim() != 2 or val(n.args[0]).dim() != 2:
                 return f"{n.name}: linear on non-2D tensors"
+            if val(w).is_cuda and any(int(d) % 8 for d in val(w).shape):
+                return f"{n.name}: weight {tuple(val(w).shape)} not a multiple of 8 (TMA alignment)"
             continue
         if any(a in owned[0] for a in n.all_input_nodes):
             return f"{n.name}: an expert parameter used outside a linear layer"
