@@ -91,7 +91,7 @@ def _unrewritten_reasons(
             reasons.setdefault(r.module_path, f"family {r.family}: {r.reason}")
     for n in _routing_candidates(gm):
         path = module_path(n)
-        if path in done or any(path.startswith(d) or d.startswith(path) for d in done if d):
+        if path in done or any(path.startswith(d) or d.startswith(path) for d in done):
             continue
         if path in reasons:
             continue

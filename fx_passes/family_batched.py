@@ -46,7 +46,7 @@ def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]
     for node in list(gm.graph.nodes):
         if not (S.is_method(node, "repeat_interleave") or S.is_call(node, torch.repeat_interleave)):
             continue
-        if not (isinstance(node.args[1], int) and S.arg(node, 2, "dim") == 0):
+        if not (isinstance(S.arg(node, 1, "repeats"), int) and S.arg(node, 2, "dim") == 0):
             continue
         got = _match(node)
         if isinstance(got, str):
@@ -198,7 +198,7 @@ def _match(rep: Node) -> MoEMatch | str | None:
         return remove
     return MoEMatch(
         family=FAMILY,
-        module_path=common_prefix_path([module_path(rep), module_path(y)]),
+        module_path=common_prefix_path([module_path(topk_idx), module_path(rep), module_path(y)]),
         num_experts=E,
         x=x,
         topk_idx=topk_idx,

@@ -357,7 +357,7 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
         return remove
     return MoEMatch(
         family=FAMILY,
-        module_path=common_prefix_path([module_path(s), module_path(y)]),
+        module_path=common_prefix_path([module_path(topk_idx), module_path(s), module_path(y)]),
         num_experts=E,
         x=x,
         topk_idx=topk_idx,
