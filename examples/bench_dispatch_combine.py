@@ -175,7 +175,7 @@ class _Meter:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         del out
-        return sum("synchroniz" in str(w.message) for w in caught)
+        return sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 @contextlib.contextmanager

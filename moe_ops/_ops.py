@@ -134,7 +134,7 @@ def dispatch_op(
     if kern is not None:
         T, K = topk_idx.shape
         lay = kern.send_layout(topk_idx, E, W)
-        counts_E, bad_ids = lay.counts_bad[:E], lay.counts_bad[E] > 0
+        counts_E, bad_ids = lay.counts_bad[:E], lay.counts_bad[E]  # bad-id count: 0 is good
     elif err is None:
         T, K = topk_idx.shape
         order_P, counts_E = _layout.send_layout(topk_idx, E)

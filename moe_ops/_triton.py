@@ -22,6 +22,7 @@ None of them syncs with the host.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -34,6 +35,41 @@ enabled = True  # the benchmark turns this off to time the plain torch path on t
 _SB = 128  # pairs ranked at a time by the layout kernel
 
 
+def _spec(a) -> tuple:
+    """What Triton specializes a kernel argument on: dtype and 16-byte alignment of pointers;
+    for ints, being 1, a multiple of 16, and fitting in 32 bits; constexprs by value."""
+    if isinstance(a, Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, int) and not isinstance(a, bool):
+        return (int, a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
+    return (type(a), str(a))
+
+
+class _Launcher:
+    """Launches a ``@triton.jit`` kernel with less host time than ``kernel[grid](...)``.
+
+    Triton binds and specializes every argument in Python on every launch (tens of microseconds
+    on the lent machines' hosts, more than our small kernels run). After the first launch of a
+    specialization we keep its compiled kernel under the same features Triton specializes on
+    (``_spec``) and launch it directly. Arguments: every kernel parameter, in order (constexprs
+    too); ``options`` are Triton's launch options (``num_warps``...).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = {}
+
+    def __call__(self, grid, *args, **options):
+        key = tuple(_spec(a) for a in args) + tuple(options.items())
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            kernel = self.fn[grid](*args, **options)
+            if hasattr(kernel, "function"):  # not under TRITON_INTERPRET
+                self.compiled[key] = kernel
+        else:
+            kernel[tuple(grid) + (1,) * (3 - len(grid))](*args)
+
+
 def use_triton(t: Tensor) -> bool:
     """Whether ``t``'s operations take the Triton path."""
     return enabled and t.is_cuda
@@ -44,9 +80,14 @@ def fork_stream(t: Tensor) -> torch.cuda.Stream | None:
     current stream; None on the CPU."""
     if not t.is_cuda:
         return None
-    side = torch.cuda.Stream(device=t.device)
+    side = _side_stream(t.device.index)
     side.wait_stream(torch.cuda.current_stream(t.device))
     return side
+
+
+@functools.cache
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device_index)
 
 
 def _acc_tl(dtype: torch.dtype):
@@ -79,6 +120,9 @@ def _block_hist_kernel(idx_ptr, counts_ptr, bad_ptr, P, E, NBINS: tl.constexpr, 
     cols = tl.arange(0, NBINS)
     tl.store(counts_ptr + b * E + cols, hist, mask=cols < E)
     tl.store(bad_ptr + b, tl.sum(bad.to(tl.int32), axis=0))
+
+
+_launch_hist = _Launcher(_block_hist_kernel)
 
 
 @triton.jit
@@ -146,6 +190,9 @@ def _place_kernel(
         off += tl.histogram(e, NBINS, mask=valid)
 
 
+_launch_place = _Launcher(_place_kernel)
+
+
 class SendLayout(NamedTuple):
     """What :func:`send_layout` returns.
 
@@ -181,12 +228,13 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
     NBINS = max(16, triton.next_power_of_2(E))
     scratch = torch.empty(NB * (E + 1), dtype=torch.int32, device=dev)
     counts, bad = scratch[: NB * E], scratch[NB * E :]
-    _block_hist_kernel[(NB,)](idx_P, counts, bad, P, E, NBINS=NBINS, BP=BP)
+    _launch_hist((NB,), idx_P, counts, bad, P, E, NBINS, BP)
     send_pos = torch.empty((T, K), **i64)
     pair_pos = torch.empty((T, K), **i64) if world_size > 1 else send_pos
     send_pair_idx = torch.empty(P, **i64)
     counts_bad = torch.empty(E + 1, **i64)
-    _place_kernel[(NB,)](
+    _launch_place(
+        (NB,),
         idx_P,
         counts,
         bad,
@@ -198,11 +246,11 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
         E,
         E // world_size,
         NB,
-        NBINS=NBINS,
-        RB=max(1, min(triton.next_power_of_2(NB), 8192 // NBINS)),
-        BP=BP,
-        SB=_SB,
-        SHIFT=world_size > 1,
+        NBINS,
+        max(1, min(triton.next_power_of_2(NB), 8192 // NBINS)),
+        BP,
+        _SB,
+        world_size > 1,
     )
     return SendLayout(send_pos, pair_pos, send_pair_idx, counts_bad)
 
@@ -239,6 +287,9 @@ def _scatter_rows_kernel(
         tl.store(dst_ptr + p[:, None] * H + cols[None, :], v, mask=(p >= 0)[:, None] & cm[None, :])
 
 
+_launch_scatter = _Launcher(_scatter_rows_kernel)
+
+
 def scatter_rows(
     src_MH: Tensor, pos_MK: Tensor, w_MK: Tensor | None, num_rows: int, out: Tensor | None = None
 ) -> Tensor:
@@ -254,7 +305,8 @@ def scatter_rows(
         return dst
     BM, BH, nw = _row_block(H, src_MH.element_size())
     grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
-    _scatter_rows_kernel[grid](
+    _launch_scatter(
+        grid,
         src_MH.contiguous(),
         pos_MK.contiguous(),
         w_MK.contiguous() if w_MK is not None else pos_MK,
@@ -262,10 +314,10 @@ def scatter_rows(
         M,
         H,
         K,
-        HAS_W=w_MK is not None,
-        ACC=_acc_tl(src_MH.dtype),
-        BM=BM,
-        BH=BH,
+        w_MK is not None,
+        _acc_tl(src_MH.dtype),
+        BM,
+        BH,
         num_warps=nw,
     )
     return dst
@@ -298,6 +350,9 @@ def _gather_rows_kernel(
     tl.store(dst_ptr + rows[:, None] * H + cols[None, :], v, mask=mask)
 
 
+_launch_gather = _Launcher(_gather_rows_kernel)
+
+
 def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Tensor:
     """``dst[i] = src[idx[i]]`` (times ``w[i]``, in the accumulation dtype): ``[M, H]``."""
     M = idx_M.shape[0]
@@ -307,17 +362,18 @@ def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Ten
         return dst
     BM, BH, nw = _row_block(H, src_SH.element_size())
     grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
-    _gather_rows_kernel[grid](
+    _launch_gather(
+        grid,
         src_SH.contiguous(),
         idx_M.contiguous(),
         w_M.contiguous() if w_M is not None else idx_M,
         dst,
         M,
         H,
-        HAS_W=w_M is not None,
-        ACC=_acc_tl(src_SH.dtype),
-        BM=BM,
-        BH=BH,
+        w_M is not None,
+        _acc_tl(src_SH.dtype),
+        BM,
+        BH,
         num_warps=nw,
     )
     return dst
@@ -362,6 +418,9 @@ def _combine_kernel(
     )
 
 
+_launch_combine = _Launcher(_combine_kernel)
+
+
 def combine_rows(
     rows_MH: Tensor, pair_pos_TK: Tensor, topk_weights_TK: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
@@ -373,7 +432,8 @@ def combine_rows(
         return out
     BT, BH, nw = _combine_block(H)
     grid = (triton.cdiv(T, BT) * triton.cdiv(H, BH),)
-    _combine_kernel[grid](
+    _launch_combine(
+        grid,
         rows_MH.contiguous(),
         pair_pos_TK.contiguous(),
         topk_weights_TK.contiguous() if topk_weights_TK is not None else pair_pos_TK,
@@ -381,10 +441,10 @@ def combine_rows(
         T,
         H,
         K,
-        HAS_W=topk_weights_TK is not None,
-        ACC=_acc_tl(out_dtype),
-        BT=BT,
-        BH=BH,
+        topk_weights_TK is not None,
+        _acc_tl(out_dtype),
+        BT,
+        BH,
         num_warps=nw,
         enable_fp_fusion=False,
     )
@@ -424,6 +484,9 @@ def _slot_dot_kernel(
     tl.store(out_ptr + tok * K + k, d.to(out_ptr.dtype.element_ty), mask=tm)
 
 
+_launch_slot_dot = _Launcher(_slot_dot_kernel)
+
+
 def slot_dot(
     grad_TH: Tensor, rows_MH: Tensor, pair_pos_TK: Tensor, out_dtype: torch.dtype
 ) -> Tensor:
@@ -435,7 +498,8 @@ def slot_dot(
         return out
     BT = 4
     BH = min(triton.next_power_of_2(max(H, 16)), 512)
-    _slot_dot_kernel[(K, triton.cdiv(T, BT))](
+    _launch_slot_dot(
+        (K, triton.cdiv(T, BT)),
         grad_TH.contiguous(),
         rows_MH.contiguous(),
         pair_pos_TK.contiguous(),
@@ -443,9 +507,9 @@ def slot_dot(
         T,
         H,
         K,
-        ACC=_acc_tl(grad_TH.dtype),
-        BT=BT,
-        BH=BH,
+        _acc_tl(grad_TH.dtype),
+        BT,
+        BH,
         num_warps=4,
     )
     return out
