@@ -155,11 +155,11 @@ class ExpertHitLoop(nn.Module):
 
 
 class Stack(nn.Module):
-    """Two residual MoE layers (nested module paths)."""
+    """Residual MoE layers (nested module paths ``layers.<i>``)."""
 
-    def __init__(self, **block_kwargs):
+    def __init__(self, layers=2, **block_kwargs):
         super().__init__()
-        self.layers = nn.ModuleList(Block(**block_kwargs) for _ in range(2))
+        self.layers = nn.ModuleList(Block(**block_kwargs) for _ in range(layers))
 
     def forward(self, x):
         for layer in self.layers:
@@ -222,15 +222,15 @@ def grads_equal(model, compile_fn, x, *, atol, rtol):
 
 
 # ----------------------------------------------------------------------------- gloo cases
-def ep_equal(variant: str, dtype: torch.dtype, tokens: int = 6, num_experts: int = E) -> int:
-    """On every rank of the default group: shard a two-layer model's experts, compile it with
+def ep_equal(variant: str, dtype: torch.dtype, layers: int = 2, tokens: int = 6) -> int:
+    """On every rank of the default group: shard a ``layers``-layer model's experts, compile it with
     the "moe" backend (aot_eager), and check output and gradients against the unsharded model
     run eagerly on all ranks' tokens. Returns the expert parameters this rank keeps."""
     import torch.distributed as dist
 
     rank, W = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = Stack(variant=variant, num_experts=num_experts).to(dtype)
+    model = Stack(layers, variant=variant).to(dtype)
     reference = copy.deepcopy(model)
     x_all = torch.randn(W * tokens, H, dtype=dtype)
     g_all = torch.randn_like(x_all)
@@ -243,7 +243,7 @@ def ep_equal(variant: str, dtype: torch.dtype, tokens: int = 6, num_experts: int
     torch._dynamo.reset()
     out = torch.compile(model, backend=backend, fullgraph=True)(x_all[mine])
     (out * g_all[mine]).sum().backward()
-    assert len(backend.matches) == 2, backend.matches
+    assert len(backend.matches) == layers, backend.matches
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out, ref_out, **tol)
     ref_params = dict(reference.named_parameters())
