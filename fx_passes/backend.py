@@ -80,15 +80,25 @@ def _routing_candidates(gm: fx.GraphModule) -> list[fx.Node]:
     return out
 
 
+def _code_line(node: fx.Node) -> str:
+    """``File "...", line N`` of the user code that made ``node`` (last frame), or ``""``."""
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines()]
+    frames = [ln for ln in lines if ln.startswith("File ")]
+    return frames[-1] if frames else ""
+
+
 def _unrewritten_reasons(
     gm: fx.GraphModule, matches: list[MoEMatch], rejects: list[Rejected]
-) -> list[tuple[str, str]]:
-    """``(module path, reason)`` for each MoE-looking block of ``gm`` that was not rewritten."""
+) -> list[tuple[str, str, str]]:
+    """``(module path, reason, code line)`` for each MoE-looking block of ``gm`` that was not
+    rewritten."""
     done = {m.module_path for m in matches}
-    reasons: dict[str, str] = {}
+    reasons: dict[str, tuple[str, str]] = {}
+    lines = {module_path(n): _code_line(n) for n in _routing_candidates(gm)}
     for r in rejects:
         if r.module_path not in done:
-            reasons.setdefault(r.module_path, f"family {r.family}: {r.reason}")
+            where = lines.get(r.module_path, "")
+            reasons.setdefault(r.module_path, (f"family {r.family}: {r.reason}", where))
     for n in _routing_candidates(gm):
         path = module_path(n)
         if path in done or any(path.startswith(d) or d.startswith(path) for d in done):
@@ -96,22 +106,28 @@ def _unrewritten_reasons(
         if path in reasons:
             continue
         if any(u.op == "output" for u in descendants(n)):
-            reasons[path] = (
+            why = (
                 "its routing leaves the compiled graph (Dynamo split the block, e.g. at a "
                 "data-dependent loop or branch), so no graph holds the whole block"
             )
         else:
-            reasons[path] = "the routing was not recognised as any known family"
-    return sorted(reasons.items())
+            why = "the routing was not recognised as any known family"
+        reasons[path] = (why, _code_line(n))
+    return sorted((path, why, where) for path, (why, where) in reasons.items())
 
 
-def _warn_once(path: str, reason: str) -> None:
-    key = f"{path}: {reason}"
+def _warn_once(path: str, reason: str, where: str) -> None:
+    key = f"{path}|{reason}|{where}"
     if key in _warned:
         return
     _warned.add(key)
+    at = f" ({where})" if where else ""
     log.warning(
-        "fx_passes: MoE-looking block %s was not rewritten: %s. %s", path or "<top>", reason, _HINT
+        "fx_passes: MoE-looking block %s%s was not rewritten: %s. %s",
+        path or "<top>",
+        at,
+        reason,
+        _HINT,
     )
 
 
@@ -142,13 +158,13 @@ def moe_backend(
         rewritten.extend(matches)
         missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
         if strict and missed:
-            path, reason = missed[0]
+            path, reason, _ = missed[0]
             raise RuntimeError(
                 f"fx_passes.moe_backend(strict=True): MoE block {path or '<top>'} was not "
                 f"rewritten: {reason}. {_HINT}"
             )
-        for path, reason in missed:
-            _warn_once(path, reason)
+        for path, reason, where in missed:
+            _warn_once(path, reason, where)
         return compile_inner(gm, example_inputs)
 
     backend.__name__ = "moe"
@@ -222,7 +238,8 @@ def explain(
                     "detail": detail,
                 }
             )
-        for path, reason in _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", [])):
+        missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
+        for path, reason, _ in missed:
             rows.append(
                 {
                     "block": path or "<top>",
