@@ -23,6 +23,7 @@ None of them syncs with the host.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -35,9 +36,11 @@ enabled = True  # the benchmark turns this off to time the plain torch path on t
 _SB = 128  # pairs ranked at a time by the layout kernel
 
 
-def _spec(a) -> tuple:
-    """What Triton specializes a kernel argument on: dtype and 16-byte alignment of pointers;
-    for ints, being 1, a multiple of 16, and fitting in 32 bits; constexprs by value."""
+def _spec(a, is_constexpr: bool) -> tuple:
+    """What Triton specializes a kernel argument on: constexprs by value; dtype and 16-byte
+    alignment of pointers; for ints, being 1, a multiple of 16, and fitting in 32 bits."""
+    if is_constexpr:
+        return ("constexpr", type(a), str(a))
     if isinstance(a, Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
     if isinstance(a, int) and not isinstance(a, bool):
@@ -57,10 +60,14 @@ class _Launcher:
 
     def __init__(self, fn):
         self.fn = fn
+        params = inspect.signature(fn.fn).parameters.values()
+        self.constexpr = ["constexpr" in str(p.annotation) for p in params]
         self.compiled = {}
 
     def __call__(self, grid, *args, **options):
-        key = tuple(_spec(a) for a in args) + tuple(options.items())
+        if len(args) != len(self.constexpr):
+            raise TypeError(f"{self.fn.__name__}: expected {len(self.constexpr)} arguments")
+        key = tuple(map(_spec, args, self.constexpr)) + tuple(options.items())
         kernel = self.compiled.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, **options)
