@@ -63,14 +63,36 @@ def _topk_indices(graph: fx.Graph) -> list[Node]:
     return out
 
 
+def _is_index_add(n: Node) -> bool:
+    """``acc.index_add(0, index, src)`` / ``torch.index_add(acc, 0, index, src)`` (functional)."""
+    return (
+        (n.op == "call_method" and n.target == "index_add")
+        or (n.op == "call_function" and n.target is torch.index_add)
+    ) and len(n.args) >= 4
+
+
 def _writes(idx: Node, reach: set[Node]) -> dict[Node, list[tuple[Node, Node, str]]]:
-    """Accumulator -> [(write node, written value, family)] for writes indexed by routing."""
+    """Accumulator -> [(write node, written value, kind)] for writes indexed by routing.
+
+    ``kind`` is ``"A"`` (in-place ``index_add_``), ``"A-chain"`` (``out = out.index_add(...)``
+    repeated: the last one is the routed output) or ``"C"`` (``out[mask] = ...``).
+    """
+    order = graph_order(idx.graph)
     found: dict[Node, list[tuple[Node, Node, str]]] = {}
-    for n in sorted(reach, key=lambda n: graph_order(idx.graph)[n]):
+    for n in sorted(reach, key=order.get):
         if n.op == "call_method" and n.target == "index_add_" and len(n.args) >= 4:
             acc, dim, index, src = n.args[:4]
             if dim == 0 and index in reach and acc not in reach:
                 found.setdefault(acc, []).append((n, src, "A"))
+        elif _is_index_add(n) and n.args[0] not in reach:
+            acc, chain = n.args[0], [n]
+            while len(chain[-1].users) == 1:
+                (nxt,) = chain[-1].users
+                if not (_is_index_add(nxt) and nxt.args[0] is chain[-1]):
+                    break
+                chain.append(nxt)
+            if all(c.args[1] == 0 and c.args[2] in reach for c in chain):
+                found[acc] = [(c, c.args[3], "A-chain") for c in chain]
         elif n.op == "call_function" and n.target is operator.setitem:
             acc, key, value = n.args
             if key in reach and acc not in reach and isinstance(value, Node):
@@ -253,8 +275,12 @@ def _match_block(
     else:
         candidates.discard(acc)
         base = acc
-    last_write = max((w for w, _, _ in writes), key=graph_order(acc.graph).get)
-    remove, why = prune_removal(candidates, acc, last_write)
+    if writes[0][2] == "A-chain":
+        output, last_write = writes[-1][0], None
+    else:
+        output = acc
+        last_write = max((w for w, _, _ in writes), key=graph_order(acc.graph).get)
+    remove, why = prune_removal(candidates, output, last_write)
     if why:
         return _reject(rejects, family, path, why)
     for sub in experts:
@@ -267,7 +293,7 @@ def _match_block(
         x=x,
         topk_idx=idx,
         topk_weights=next(iter(weights), None),
-        output=acc,
+        output=output,
         remove=remove,
         body=ModuleListExperts(experts),
         base=base,

@@ -36,7 +36,9 @@ from fx_passes._match import (
     MoEMatch,
     Rejected,
     StackedExperts,
+    ancestors,
     check_removable,
+    descendants,
     graph_order,
     is_param_like,
     val,
@@ -497,20 +499,32 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return 1e-9, 1e-9
 
 
-def _region_inputs(match: MoEMatch) -> list[Node]:
+def _region_nodes(match: MoEMatch) -> list[Node]:
+    """What the check runs of the original block: the removed nodes, plus the routing values
+    they read that stay in the graph for other users (a one-hot mask that also feeds an
+    auxiliary loss, say), so that those follow the random ``topk_idx`` too."""
     removed = set(match.remove)
+    boundary = ancestors([a for a in (match.x, match.topk_weights, match.base) if a is not None])
+    routed = descendants(match.topk_idx)
+    keep = ancestors(match.remove, within=(routed | removed) - boundary)
+    region = removed | keep
+    return [n for n in match.output.graph.nodes if n in region]
+
+
+def _region_inputs(match: MoEMatch, region: list[Node]) -> list[Node]:
+    inside = set(region)
     ext: list[Node] = []
 
     def add(a: Node) -> None:
-        if a not in removed and a not in ext:
+        if a not in inside and a not in ext:
             ext.append(a)
 
-    for n in match.remove:
+    for n in region:
         for a in n.all_input_nodes:
             add(a)
     for a in (match.x, match.topk_idx, match.topk_weights, match.base, match.output):
         if a is not None:
-            add(a) if a not in removed else None
+            add(a)
     if isinstance(match.body, StackedExperts):
         for p in match.body.params:
             add(p)
@@ -556,16 +570,14 @@ def _random_inputs(
     return out
 
 
-def _region_modules(gm: fx.GraphModule, match: MoEMatch, ext: list[Node]):
-    removed = set(match.remove)
+def _region_modules(gm: fx.GraphModule, match: MoEMatch, region: list[Node], ext: list[Node]):
     g_old, g_new = fx.Graph(), fx.Graph()
     env_old = {a: g_old.placeholder(f"in{i}") for i, a in enumerate(ext)}
     env_new = {a: g_new.placeholder(f"in{i}") for i, a in enumerate(ext)}
     for a in ext:
         env_new[a].meta.update(a.meta)
-    for n in match.output.graph.nodes:
-        if n in removed:
-            env_old[n] = g_old.node_copy(n, lambda a: env_old[a])
+    for n in region:
+        env_old[n] = g_old.node_copy(n, lambda a: env_old[a])
     g_old.output(env_old[match.output])
     out = emit_routed(g_new, match, lambda a: env_new[a], "", 1, 0)
     g_new.output(out)
@@ -580,7 +592,8 @@ def verify_match(
     Parameters keep their real values when ``example_inputs`` holds real tensors for the graph's
     placeholders. Returns None when both agree, else why not (the graph is left untouched).
     """
-    ext = _region_inputs(match)
+    region = _region_nodes(match)
+    ext = _region_inputs(match, region)
     real: dict[Node, Any] = {}
     if example_inputs is not None:
         from torch._subclasses.fake_tensor import FakeTensor
@@ -595,7 +608,7 @@ def verify_match(
             with contextlib.suppress(AttributeError):
                 real[a] = fx.graph_module._get_attr(gm, a.target)
     try:
-        old_mod, new_mod = _region_modules(gm, match, ext)
+        old_mod, new_mod = _region_modules(gm, match, region, ext)
     except Exception as e:  # noqa: BLE001 - any failure to build means "not sure"
         return f"could not build the rewrite: {type(e).__name__}: {e}"
     T = val(match.x).shape[0]
@@ -616,6 +629,8 @@ def verify_match(
                 got = new_mod(*inputs)
             except Exception as e:  # noqa: BLE001
                 return f"the rewrite fails on {tokens} random tokens: {type(e).__name__}: {e}"
+        if got.shape != ref.shape and tokens != sizes[-1]:
+            continue  # the block hard-codes T (static shapes): try the real token count
         if got.shape != ref.shape or got.dtype != ref.dtype:
             return (
                 f"the rewrite gives {tuple(got.shape)} {got.dtype}, the block "

@@ -87,6 +87,13 @@ class Block(nn.Module):
             out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot].unsqueeze(-1))
         return out
 
+    # family A, functional: out = out.index_add(...) per expert
+    def _chain(self, x, w, idx, out):
+        for e in range(self.num_experts):
+            tok, slot = torch.where(idx == e)
+            out = out.index_add(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        return out
+
     # family C: boolean-mask loop over slots and experts
     def _mask_loop(self, x, w, idx, out):
         for k in range(K):
@@ -115,6 +122,19 @@ class Block(nn.Module):
             tok, slot = torch.where(idx == e)
             out.index_add_(0, tok, self.experts[e](x[tok] * w[tok, slot, None]))
         return out
+
+
+class WithAuxLoss(Block):
+    """Family A whose routing mask also feeds a load-balancing statistic (kept in the graph)."""
+
+    def forward(self, x):
+        w, idx = self._route(x)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(idx, self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            slot, tok = torch.where(mask[e])
+            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        return out, mask.float().sum((1, 2)) / x.shape[0]
 
 
 class ExpertChoice(nn.Module):

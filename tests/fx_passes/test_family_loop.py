@@ -266,10 +266,23 @@ def test_topk_without_expert_loop_is_not_touched():
     assert matches == [] and M.normalized_code(graphs[0]) == before[0]
 
 
+def test_routing_mask_shared_with_aux_loss_stays():
+    torch.manual_seed(0)
+    model = M.WithAuxLoss()
+    x = _x()
+    (out, aux), graphs, matches, _ = M.capture(model, x)
+    code = M.normalized_code(graphs[0])
+    assert len(matches) == 1 and "one_hot" in code and "index_add_" not in code
+    ref_out, ref_aux = model(x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(aux, ref_aux)
+
+
 # ----------------------------------------------------------------------------- equality
 VARIANTS = {
     "A-onehot-where": dict(variant="onehot_where"),
     "A-eq-nonzero": dict(variant="eq_nonzero"),
+    "A-functional-index_add": dict(variant="chain"),
     "C-mask-loop": dict(variant="mask_loop"),
     "A-base-is-shared-expert": dict(variant="base_acc"),
     "A-sigmoid-gather": dict(routing="sigmoid"),
