@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import logging
 import operator
 from collections.abc import Callable, Sequence
@@ -619,7 +620,8 @@ def verify_match(
         inputs = _random_inputs(match, ext, tokens, real)
         if isinstance(inputs, str):
             return inputs
-        with torch.no_grad():
+        # GraphModule prints a failing call's traceback to stderr; a failure here is an answer.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             try:
                 ref = old_mod(*[i.clone() if isinstance(i, torch.Tensor) else i for i in inputs])
             except Exception as e:  # noqa: BLE001 - the original may hard-code T
