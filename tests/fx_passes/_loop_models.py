@@ -211,18 +211,26 @@ _PARAM = re.compile(r"l_(?:self|s)_modules_(\w+?)_parameters_(weight|bias)_")
 
 
 def normalized_code(gm) -> str:
-    """``gm.code`` without placeholders' re-binding and ``x = None`` frees, with short names for
-    parameters (``experts.0.gate.weight``), the ops (``moe_ops.dispatch``) and ``getitem_N``."""
+    """``gm.code`` without placeholders' re-binding and ``x = None`` frees, with short parameter
+    names (``experts.0.gate.weight``)."""
     lines = []
     for line in gm.code.splitlines():
         line = line.split(";  ")[0].rstrip()
         if not line.strip() or line.startswith("def forward") or re.match(r"\s+l_\w+ = L_", line):
             continue
         line = _PARAM.sub(lambda m: m.group(1).replace("_modules_", ".") + "." + m.group(2), line)
+        lines.append(line.strip())
+    return "\n".join(lines)
+
+
+def short_code(gm) -> str:
+    """:func:`normalized_code` with short names for the ops (``moe_ops.dispatch``) and for
+    ``getitem_N`` (``giN``), so that lines fit the line length."""
+    lines = []
+    for line in normalized_code(gm).splitlines():
         line = line.replace("torch.ops.moe_ops.", "moe_ops.").replace(".default(", "(")
         line = re.sub(r"\b(dispatch|combine)_default", r"\1", line)
-        line = re.sub(r"\bgetitem_(\d+)", r"gi\1", line)
-        lines.append(line.strip())
+        lines.append(re.sub(r"\bgetitem_(\d+)", r"gi\1", line))
     return "\n".join(lines)
 
 

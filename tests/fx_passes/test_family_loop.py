@@ -28,7 +28,7 @@ def _x(T=8, dtype=f32, seed=1):
 def _rewritten(model, x, **kwargs):
     out, graphs, matches, _ = M.capture(model, x, **kwargs)
     assert len(matches) == 1, matches
-    return out, M.normalized_code(graphs[0]), matches[0]
+    return out, M.short_code(graphs[0]), matches[0]
 
 
 # ----------------------------------------------------------------------------- graph shape
@@ -171,7 +171,7 @@ def test_graph_rank1_of_2_fake_process_group():
             M.Block("onehot_where").to(bf16), _x(dtype=bf16), group=dist.group.WORLD, run=False
         )
         name = dist.group.WORLD.group_name
-        code = M.normalized_code(graphs[0]).replace(f"'{name}'", "'<group>'")
+        code = M.short_code(graphs[0]).replace(f"'{name}'", "'<group>'")
     finally:
         dist.destroy_process_group()
     assert matches[0].rewritten["world_size"] == 2 and matches[0].rewritten["rank"] == 1
@@ -227,7 +227,7 @@ def test_local_experts_under_fake_process_group(W):
             )
         finally:
             dist.destroy_process_group()
-        code = M.normalized_code(graphs[0])
+        code = M.short_code(graphs[0])
         used = {e for e in range(8) if f"experts.{e}.gate.weight" in code}
         e_l = 8 // W
         assert used == set(range(rank * e_l, (rank + 1) * e_l))
@@ -271,7 +271,7 @@ def test_routing_mask_shared_with_aux_loss_stays():
     model = M.WithAuxLoss()
     x = _x()
     (out, aux), graphs, matches, _ = M.capture(model, x)
-    code = M.normalized_code(graphs[0])
+    code = M.short_code(graphs[0])
     assert len(matches) == 1 and "one_hot" in code and "index_add_" not in code
     ref_out, ref_aux = model(x)
     torch.testing.assert_close(out, ref_out)
