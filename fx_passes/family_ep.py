@@ -1,0 +1,568 @@
+"""Family E: hand-written expert parallelism (all-to-all EP written in the model).
+
+Each rank holds its ``E_l = E / W`` local experts (global ids ``r * E_l + j``) and moves tokens
+itself. The block, as Dynamo captures it (``dist.all_to_all_single`` becomes
+``_c10d_functional.all_to_all_single`` + ``wait_tensor`` + ``copy_`` into the preallocated
+buffer; ``_functional_collectives.all_to_all_single[_autograd]`` the same op and waits)::
+
+    order = argsort(topk_idx.flatten()); rows = x[order // K]        # as in family D
+    counts = bincount / histc / one-hot sum of the ids               # [E]
+    recv_counts = all_to_all_single(counts)                          # equal splits E_l
+    send = counts.view(W, E_l).sum(1).tolist()
+    recv = recv_counts.view(W, E_l).sum(1).tolist()
+    recv_x = all_to_all_single(rows, out=recv, in=send)
+    regroup = argsort(repeat_interleave(arange(E_l).repeat(W), recv_counts))
+    y_g = <experts>(recv_x[regroup], recv_counts.view(W, E_l).sum(0))
+    y[regroup] = y_g                                                 # or index_copy_
+    back = all_to_all_single(y, out=send, in=recv)
+    <unpermute back to the tokens with the routing weights>          # as in family D
+
+It is rewritten into ``moe_ops.dispatch -> experts on rows grouped by local expert ->
+moe_ops.combine`` over the group the user's collectives name (not the backend's ``group``): one
+count exchange, one payload exchange each way, and one host sync, instead of the user's
+collectives and ``tolist`` calls. Experts are stacked ``[E_l, ...]`` parameters (a ``split``
+loop, ``torch._grouped_mm``) or a ``ModuleList`` of ``E_l`` experts on ``split`` segments.
+
+Being sure: every piece above is matched exactly (the same group in the three exchanges, the
+way back with the forward split sizes swapped, the counts of the block's own ids, the regroup
+keyed by local expert), and anything else left alone, with the reason. The W = 1 random check of
+``rewrite.verify_match`` does not apply here: the region holds the user's collectives over a
+W-rank group and bakes W, the rank and the local parameters into the graph, so it cannot run by
+itself in one process (at compile time it would issue real collectives, and a rank that decided
+differently would hang its peers). ``EPMatch.verify_at_w1`` is False; the structural match is
+the check.
+
+Shape letters: T tokens, H hidden, K top-k, E experts, W ranks, E_l = E / W, P = T * K pairs,
+R rows received by this rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.fx import Node
+
+from fx_passes import _stacked as S
+from fx_passes import family_sorted as D
+from fx_passes._match import (
+    ExpertSubgraph,
+    ModuleListExperts,
+    MoEMatch,
+    Rejected,
+    StackedExperts,
+    common_prefix_path,
+    graph_order,
+    is_param_like,
+    module_path,
+    nodes_between,
+    val,
+)
+
+FAMILY = "ep"
+
+
+@dataclasses.dataclass
+class EPMatch(MoEMatch):
+    """A family-E match: rewritten over the group the user's own collectives use."""
+
+    ep_group: dist.ProcessGroup | None = None
+    verify_at_w1 = False  # see the module docstring
+
+    def replace_with(self, gm: fx.GraphModule, group=None) -> None:
+        from fx_passes.rewrite import rewrite_match
+
+        rewrite_match(gm, self, self.ep_group)
+
+
+def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]:
+    """One :class:`EPMatch` per hand-written EP block of ``gm`` (see the module docstring)."""
+    if not any(_is_a2a(n) for n in gm.graph.nodes):
+        return []
+    matches: list[MoEMatch] = []
+    for node in list(gm.graph.nodes):
+        if not D._is_sort(node):
+            continue
+        got = _match_ep(node)
+        if isinstance(got, str):
+            rejects.append(Rejected(FAMILY, module_path(node), got))
+        elif got is not None:
+            matches.append(got)
+    return matches
+
+
+# ----------------------------------------------------------------------------- collectives
+def _ops(name: str) -> tuple:
+    out = []
+    for ns in ("_c10d_functional", "_c10d_functional_autograd"):
+        packet = getattr(getattr(torch.ops, ns, None), name, None)
+        if packet is not None:
+            out += [packet, packet.default]
+    return tuple(out)
+
+
+_A2A = _ops("all_to_all_single")
+_WAIT = _ops("wait_tensor")
+
+
+def _is_a2a(n: Node) -> bool:
+    return n.op == "call_function" and n.target in _A2A
+
+
+def _is_wait(n: Node) -> bool:
+    return n.op == "call_function" and n.target in _WAIT
+
+
+_BUFFERS = (torch.empty, torch.empty_like, torch.zeros, torch.zeros_like)
+
+
+def _is_buffer(n: Node) -> bool:
+    return S.is_call(n, *_BUFFERS) or S.is_method(n, "new_empty", "new_zeros")
+
+
+@dataclasses.dataclass
+class _Exchange:
+    """One ``all_to_all_single``: what it sends, its split sizes (lists of nodes or ints, or
+    None), its group, the node the code reads the received rows from, and its own nodes."""
+
+    src: Node
+    out_splits: list | None
+    in_splits: list | None
+    group_name: str
+    received: Node
+    nodes: list[Node]
+
+
+def _exchange(a2a: Node) -> _Exchange | str:
+    """Follow an ``all_to_all_single`` through its waits (and a ``copy_`` into a buffer)."""
+    src, out_splits, in_splits, group_name = (S.arg(a2a, i, k) for i, k in enumerate(_A2A_ARGS))
+    nodes = [a2a]
+    n = a2a
+    while len(n.users) == 1 and _is_wait(next(iter(n.users))):
+        n = next(iter(n.users))
+        nodes.append(n)
+    if not _is_wait(n) and not (n.target in _A2A and "autograd" in str(n.target)):
+        return f"{a2a.name}: the all_to_all's result is not waited for"
+    users = list(n.users)
+    if len(users) == 1 and S.is_method(users[0], "copy_") and users[0].args[1] is n:
+        copy, buf = users[0], users[0].args[0]
+        order = graph_order(a2a.graph)
+        if not _is_buffer(buf):
+            return f"{a2a.name}: received into {buf.name}, which is not a fresh buffer"
+        if copy.users or any(order[u] < order[copy] for u in buf.users if u is not copy):
+            return f"{a2a.name}: its buffer {buf.name} is read before it is filled"
+        nodes += [copy, buf]
+        n = buf
+    if not isinstance(group_name, str):
+        return f"{a2a.name}: the group is not a constant name"
+    return _Exchange(src, out_splits, in_splits, group_name, n, nodes)
+
+
+_A2A_ARGS = ("input", "output_split_sizes", "input_split_sizes", "group_name")
+
+
+def _exchange_into(received: Node) -> _Exchange | None:
+    """The exchange whose received rows ``received`` is, or None."""
+    n = received
+    if _is_buffer(n):
+        copies = [u for u in n.users if S.is_method(u, "copy_") and u.args[0] is n]
+        if len(copies) != 1 or not isinstance(copies[0].args[1], Node):
+            return None
+        n = copies[0].args[1]
+    while _is_wait(n):
+        n = n.args[0]
+    if not _is_a2a(n):
+        return None
+    ex = _exchange(n)
+    return ex if isinstance(ex, _Exchange) and ex.received is received else None
+
+
+def _split_source(splits, W: int) -> tuple[Node, list[Node]] | str:
+    """``c.view(W, E_l).sum(1).tolist()`` (as Dynamo captures it: one ``getitem`` + ``item``
+    per rank) -> ``(c, nodes)``."""
+    if not isinstance(splits, (list, tuple)) or len(splits) != W:
+        return f"split sizes {splits!r} are not one per rank ({W})"
+    sums, nodes = None, []
+    for i, it in enumerate(splits):
+        if not (isinstance(it, Node) and S.is_method(it, "item")):
+            return f"split size {i} is not read from a tensor of per-rank counts"
+        g = it.args[0]
+        if not (g.target is operator.getitem and g.args[1] == i):
+            return f"split size {i} reads {g.name}, not entry {i} of per-rank counts"
+        if sums is not None and g.args[0] is not sums:
+            return "the split sizes come from different tensors"
+        sums = g.args[0]
+        nodes += [it, g]
+    c = _per_rank_sum(sums, W, dim=1)
+    if c is None:
+        return f"{sums.name} is not counts.view({W}, E_l).sum(1)"
+    return c, [*nodes, sums, sums.args[0]]
+
+
+def _per_rank_sum(n: Node, W: int, dim: int) -> Node | None:
+    """``c.view(W, E_l).sum(dim)`` (or ``reshape``, ``-1`` for E_l) -> ``c``."""
+    if not (S.is_method(n, "sum") and S.arg(n, 1, "dim") in (dim, dim - 2)):
+        return None
+    if S.arg(n, 2, "keepdim", False):
+        return None
+    v = n.args[0]
+    if not (S.is_method(v, "view", "reshape") and len(v.args) == 3 and v.args[1] == W):
+        return None
+    c = v.args[0]
+    cv = val(c)
+    if not isinstance(cv, torch.Tensor) or cv.dim() != 1 or v.args[2] not in (-1, cv.shape[0] // W):
+        return None
+    return c
+
+
+# ----------------------------------------------------------------------------- regrouping
+def _is_local_ids(n: Node, W: int, E_l: int) -> bool:
+    """``arange(E_l).repeat(W)`` / ``.tile(W)``, or ``arange(E) % E_l``: the local expert of
+    each (source rank, local expert) block of received rows."""
+    if S.is_method(n, "repeat", "tile") and tuple(n.args[1:]) in ((W,), ((W,),)):
+        return _is_arange(n.args[0], E_l)
+    if S.is_call(n, operator.mod, torch.remainder) or S.is_method(n, "remainder"):
+        return _is_arange(n.args[0], E_l * W) and n.args[1] == E_l
+    return False
+
+
+def _is_arange(n: Node, stop: int) -> bool:
+    if not S.is_call(n, torch.arange):
+        return False
+    return tuple(n.args) in ((stop,), (0, stop), (0, stop, 1))
+
+
+def _regroup(recv: Node, recv_counts: Node, W: int, E_l: int, filled_by: list[Node]):
+    """``recv[argsort(repeat_interleave(local_ids, recv_counts))]`` -> ``(rows, regroup,
+    nodes)``: the received rows grouped by local expert (any order inside a group: the way back
+    undoes it)."""
+    readers = [u for u in recv.users if isinstance(val(u), torch.Tensor) and u not in filled_by]
+    if len(readers) != 1:
+        return "the received rows are read more than once (or not at all)"
+    g = readers[0]
+    if g.target is operator.getitem and isinstance(g.args[1], Node):
+        regroup = g.args[1]
+    elif S.is_method(g, "index_select") and g.args[1] == 0 and isinstance(g.args[2], Node):
+        regroup = g.args[2]
+    else:
+        return f"the received rows go to {g.name} ({S.target_name(g)}), not a regroup by expert"
+    nodes = [g, regroup]
+    sorter = regroup
+    if regroup.target is operator.getitem and regroup.args[1] == 1:
+        sorter = regroup.args[0]
+        nodes.append(sorter)
+        if not (S.is_method(sorter, "sort") or S.is_call(sorter, torch.sort)):
+            return f"{regroup.name} is not a sort of the received rows' experts"
+    elif not (S.is_method(regroup, "argsort") or S.is_call(regroup, torch.argsort)):
+        return f"the received rows are reordered by {regroup.name}, not by expert"
+    key = sorter.args[0]
+    if S.arg(sorter, 1, "dim", -1) not in (0, -1) or S.arg(sorter, 2, "descending", False):
+        return "the regroup sort is descending or along another dim"
+    if not S.is_call(key, torch.repeat_interleave) or len(key.args) < 2:
+        return f"{key.name} is not the local expert of each received row"
+    ids, reps = key.args[0], key.args[1]
+    if S.unflatten(reps) is not recv_counts or not _is_local_ids(ids, W, E_l):
+        return f"{key.name} does not give each received row its local expert"
+    nodes += [key, ids, *D._chain(reps, recv_counts), ids.args[0]]
+    return g, regroup, nodes
+
+
+def _unregroup(y: Node, regroup: Node):
+    """``y[regroup] = y_g`` into a fresh buffer, or ``zeros.index_copy_(0, regroup, y_g)`` ->
+    ``(y_g, nodes)``: rows put back in the received order."""
+    if _is_buffer(y):
+        writes = [u for u in y.users if u.target is operator.setitem]
+        if len(writes) != 1 or writes[0].args[0] is not y or writes[0].args[1] is not regroup:
+            return f"{y.name} is not filled as buf[regroup] = rows"
+        return writes[0].args[2], [y, writes[0]]
+    if S.is_method(y, "index_copy_", "index_copy") and y.args[1] == 0 and y.args[2] is regroup:
+        if not _is_buffer(y.args[0]) or len(y.args[0].users) != 1:
+            return f"{y.name} copies into a tensor that is not a fresh buffer"
+        return y.args[3], [y, y.args[0]]
+    return f"{y.name} does not put the expert outputs back in the received order"
+
+
+# ----------------------------------------------------------------------------- the match
+def _sorted_rows(s: Node):
+    """The family-D front of the block: ids, permutation, token index, rows, weights, way back.
+
+    Returns ``(walk, topk_idx, K, perm, tok, w_sorted, back, x, rows)``, why not, or None when
+    ``s`` is no sort of top-k ids."""
+    ids_flat = s.args[0] if s.args else s.kwargs.get("input")
+    if not (isinstance(ids_flat, Node) and D._is_int_tensor(ids_flat)):
+        return None
+    topk_idx = S.unflatten(ids_flat)
+    tv = val(topk_idx)
+    if val(ids_flat).dim() != 1 or not D._is_int_tensor(topk_idx) or tv.dim() not in (1, 2):
+        return None
+    if S.arg(s, 1, "dim", -1) not in (0, -1) or S.arg(s, 2, "descending", False):
+        return "the sort is descending or not along the ids"
+    K = 1 if tv.dim() == 1 else tv.shape[1]
+    if not isinstance(K, int):
+        return "the number of slots per token is symbolic"
+    w = D._Walk(s)
+    w.topk_idx = topk_idx
+    w.seen += D._chain(ids_flat, topk_idx)
+    if D._is_sort(s) and (S.is_call(s, torch.argsort) or S.is_method(s, "argsort")):
+        perm = s
+    else:
+        perm = None
+        for u in s.users:
+            if u.target is operator.getitem and u.args[1] in (0, 1):
+                perm = u if u.args[1] == 1 else perm
+                w.sorted_vals = u if u.args[1] == 0 else w.sorted_vals
+                w.seen.append(u)
+            else:
+                return f"the sort result is used by {u.name}"
+        if perm is None:
+            return None
+    tok = perm if K == 1 else None
+    w_sorted, back = None, []
+    for u in perm.users:
+        if K > 1 and D._is_floordiv_by(u, perm, K):
+            tok = u
+        elif u.target is operator.getitem and u.args[1] is perm and D._is_float_tensor(u):
+            w_sorted = u
+        elif (
+            S.is_method(u, "index_copy_", "index_copy") and u.args[1] == 0 and u.args[2] is perm
+        ) or (u.target is operator.setitem and u.args[1] is perm):
+            back.append(u)
+        elif S.is_call(u, torch.empty_like, torch.zeros_like) and u.args[0] is perm:
+            continue
+        elif K != 1:
+            return f"the sort's permutation is also used by {u.name} ({S.target_name(u)})"
+    if tok is None:
+        return "no token index perm // K follows the sort"
+    w.seen.append(tok)
+    x = rows = None
+    for u in list(tok.users):
+        if u in back:
+            continue
+        got = D._tok_uses(u, tok, w)
+        if got is None:
+            if K == 1 and (u is w_sorted or u.target is operator.setitem):
+                continue
+            return f"the token index is used by {u.name} ({S.target_name(u)})"
+        for kind, node, src in got:
+            if kind == "back":
+                back.append(node)
+            elif rows is not None:
+                return "the rows are gathered twice"
+            else:
+                rows, x = node, src
+    if rows is None:
+        return "no gather of token rows by the sorted order"
+    w.seen.append(rows)
+    return w, topk_idx, K, perm, tok, w_sorted, back, x, rows
+
+
+def _match_ep(s: Node) -> MoEMatch | str | None:
+    front = _sorted_rows(s)
+    if not isinstance(front, tuple):
+        return front
+    w, topk_idx, K, perm, tok, w_sorted, back, x, rows = front
+    sends = [u for u in rows.users if _is_a2a(u)]
+    if not sends:
+        return None  # no all_to_all of the sorted rows: not hand-written EP (family D's)
+    others = [u for u in rows.users if u is not sends[0] and not _is_buffer(u)]
+    if len(sends) != 1 or others:
+        return "the sorted rows are used beside the all_to_all that sends them"
+    fwd = _exchange(sends[0])
+    if isinstance(fwd, str):
+        return fwd
+    w.seen += fwd.nodes
+
+    topk_weights = None
+    tv = val(topk_idx)
+    if w_sorted is not None:
+        topk_weights = S.unflatten(w_sorted.args[0])
+        w.seen += [w_sorted, *D._chain(w_sorted.args[0], topk_weights)]
+        if tuple(val(topk_weights).shape) != tuple(tv.shape):
+            return "the sorted weights do not come from a [T, K] tensor like the ids"
+    if len(back) != 1:
+        return f"expected one way back to the tokens, found {len(back)}"
+    got = D._way_back(back[0], perm, tok, w_sorted, topk_weights, T=tv.shape[0], K=K, walk=w)
+    if isinstance(got, str):
+        return got
+    returned, output, base, last_write, topk_weights = got
+    if last_write is None:
+        output = D.extend_cast(output, w.seen)
+
+    # The way back: the reverse exchange, with the forward split sizes swapped.
+    rev = _exchange_into(returned)
+    if rev is None:
+        return f"{returned.name} (what is unpermuted) is not what an all_to_all_single received"
+    w.seen += rev.nodes
+    if rev.group_name != fwd.group_name:
+        return "the rows go out and come back over different groups"
+    if list(rev.out_splits or []) != list(fwd.in_splits or [None]) or list(
+        rev.in_splits or []
+    ) != list(fwd.out_splits or [None]):
+        return "the way back does not swap the forward split sizes"
+
+    # The group, the split sizes and the count exchange.
+    pg = _group(fwd.group_name)
+    if isinstance(pg, str):
+        return pg
+    W = pg.size()
+    send = _split_source(fwd.in_splits, W)
+    recv = _split_source(fwd.out_splits, W)
+    if isinstance(send, str) or isinstance(recv, str):
+        return f"send/receive sizes: {send if isinstance(send, str) else recv}"
+    (counts, send_nodes), (recv_counts, recv_nodes) = send, recv
+    E = w.counts_experts(S.strip_casts(counts))
+    if E is None:
+        return f"the send sizes are not summed from counts of the routed ids ({counts.name})"
+    w.set_experts(E)
+    if E % W:
+        return f"{E} experts cannot be split over {W} ranks"
+    E_l = E // W
+    cx = _exchange_into(recv_counts)
+    if cx is None or cx.src is not counts or cx.group_name != fwd.group_name:
+        return "the receive sizes do not come from exchanging the send counts"
+    for splits in (cx.in_splits, cx.out_splits):
+        if splits is not None and list(splits) != [E_l] * W:
+            return "the count exchange does not send E/W counts to each rank"
+    w.seen += [*send_nodes, *recv_nodes, *cx.nodes, counts]
+
+    # Rows regrouped by local expert, the experts, and back to the received order.
+    got = _regroup(fwd.received, recv_counts, W, E_l, fwd.nodes)
+    if isinstance(got, str):
+        return got
+    rows_g, regroup, nodes = got
+    w.seen += nodes
+    got = _unregroup(rev.src, regroup)
+    if isinstance(got, str):
+        return got
+    out_g, nodes = got
+    w.seen += nodes
+    got = _body(rows_g, out_g, recv_counts, W, E_l, pg.rank(), E)
+    if isinstance(got, str):
+        return got
+    body, nodes = got
+    known = set(w.seen) | w.counts_chain | set(nodes)
+    remove = D.removal_set(output, last_write, base, x, topk_idx, topk_weights, known)
+    if isinstance(remove, str):
+        return remove
+    return EPMatch(
+        family=FAMILY,
+        module_path=common_prefix_path([module_path(topk_idx), module_path(s), module_path(out_g)]),
+        num_experts=E,
+        x=x,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        output=output,
+        remove=remove,
+        body=body,
+        base=base,
+        last_write=last_write,
+        ep_group=pg,
+    )
+
+
+def _group(name: str) -> dist.ProcessGroup | str:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        return _resolve_process_group(name)
+    except Exception as e:  # noqa: BLE001 - an unknown name means "not sure"
+        return f"the all_to_all's group {name!r} is unknown here ({e})"
+
+
+# ----------------------------------------------------------------------------- expert bodies
+def _body(rows: Node, out: Node, recv_counts: Node, W: int, E_l: int, rank: int, E: int):
+    """The experts between the grouped rows and their outputs: stacked ``[E_l, ...]``
+    parameters, or a ``ModuleList`` on ``split`` segments (given to the rewrite padded with None
+    outside this rank's experts). Returns ``(body, nodes it covers)`` or why not."""
+
+    def tokens_per_expert(n: Node) -> bool:
+        return _per_rank_sum(S.strip_casts(n), W, dim=0) is recv_counts
+
+    region = S.body_region(rows, out)
+    if not region:
+        return "the expert output does not depend on the grouped rows"
+    for n in region:
+        why = D._check_body_node(n)
+        if why is not None:
+            return why
+    sup = S.collect_support(region, rows, lambda n: "counts" if tokens_per_expert(n) else None)
+    if isinstance(sup, str):
+        return sup
+    support, counts, row_ids, params = sup
+    nodes = sorted(set(support) | set(region), key=graph_order(rows.graph).get)
+    covered = [*nodes, *counts, *(a for c in counts for a in D._chain(c, recv_counts))]
+    stacked = [p for p in params if _used_stacked(p, set(nodes))]
+    if params and len(stacked) == len(params):
+        for p in params:
+            if val(p).dim() == 0 or val(p).shape[0] != E_l:
+                return f"{p.name} is not stacked over the {E_l} local experts"
+        tags = S.branch_tags(nodes, rows, params, counts, E_l)
+        if isinstance(tags, str):
+            return tags
+        b = S.Body(rows, out, nodes, counts, row_ids, params, tags, E_l)
+        return StackedExperts(params, b.emit), covered
+    if stacked:
+        return f"{stacked[0].name} is a stacked parameter beside per-expert modules"
+    subs = _module_list(rows, out, counts, E_l)
+    if isinstance(subs, str):
+        return subs
+    pad_before, pad_after = [None] * (rank * E_l), [None] * (E - (rank + 1) * E_l)
+    return ModuleListExperts(pad_before + subs + pad_after), covered
+
+
+def _used_stacked(p: Node, region: set[Node]) -> bool:
+    """``p`` is read only as ``p[j]``, transposed, or whole by a grouped matmul."""
+    for u in p.users:
+        if u not in region:
+            continue
+        if u.target is operator.getitem and isinstance(u.args[1], int):
+            continue
+        if S.is_method(u, "transpose", "permute", "contiguous") or S.is_call(
+            u, torch.transpose, torch._grouped_mm
+        ):
+            continue
+        return False
+    return True
+
+
+def _module_list(rows: Node, out: Node, counts: list[Node], E_l: int):
+    """``torch.cat([expert_j(part_j) for j])`` over ``rows.split(tokens_per_expert.tolist())``:
+    one :class:`ExpertSubgraph` per local expert, each reading only its own segment and
+    parameters."""
+    if not (S.is_call(out, torch.cat) and S.arg(out, 1, "dim", 0) == 0):
+        return "the local experts' outputs are not concatenated along rows"
+    outs = out.args[0]
+    splits = [u for u in rows.users if S.is_method(u, "split") or S.is_call(u, torch.split)]
+    if len(outs) != E_l or len(splits) != 1 or len(rows.users) != 1:
+        return f"the grouped rows are not split into {E_l} expert segments"
+    sp = splits[0]
+    sizes = S.arg(sp, 1, "split_size_or_sections", sp.kwargs.get("split_size"))
+    if S.arg(sp, 2, "dim", 0) != 0 or not isinstance(sizes, (list, tuple)) or len(sizes) != E_l:
+        return "the grouped rows are not split by per-expert row counts"
+    for j, it in enumerate(sizes):
+        g = it.args[0] if isinstance(it, Node) and S.is_method(it, "item") else None
+        if not (g is not None and g.target is operator.getitem and g.args[1] == j):
+            return f"split size {j} is not the row count of local expert {j}"
+        if g.args[0] not in counts:
+            return f"split size {j} is not read from the per-expert row counts"
+    parts = {u.args[1]: u for u in sp.users if u.target is operator.getitem}
+    subs, owned = [], set()
+    for j in range(E_l):
+        if j not in parts:
+            return f"local expert {j} reads no segment"
+        nodes = nodes_between(parts[j], outs[j])
+        if not nodes and outs[j] is not parts[j]:
+            return f"local expert {j}'s output does not read its segment"
+        inside = {parts[j], *nodes}
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a in inside:
+                    continue
+                if not is_param_like(a) or a in owned:
+                    return f"local expert {j}'s {n.name} reads {a.name}, not its own parameter"
+        owned |= {a for n in nodes for a in n.all_input_nodes if is_param_like(a)}
+        subs.append(ExpertSubgraph(j, parts[j], outs[j], nodes))
+    return subs
