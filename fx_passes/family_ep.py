@@ -239,9 +239,9 @@ def _regroup(recv: Node, recv_counts: Node, W: int, E_l: int, filled_by: list[No
     """``recv[argsort(repeat_interleave(local_ids, recv_counts))]`` -> ``(rows, regroup,
     nodes)``: the received rows grouped by local expert (any order inside a group: the way back
     undoes it)."""
-    readers = [u for u in recv.users if isinstance(val(u), torch.Tensor) and u not in filled_by]
+    readers = [u for u in recv.users if u not in filled_by and not D._hanger(u)]
     if len(readers) != 1:
-        return "the received rows are read more than once (or not at all)"
+        return f"the received rows are read by {len(readers)} nodes, not one regroup by expert"
     g = readers[0]
     if g.target is operator.getitem and isinstance(g.args[1], Node):
         regroup = g.args[1]

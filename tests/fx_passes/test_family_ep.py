@@ -1,0 +1,156 @@
+"""Family E (hand-written all-to-all EP): graph shape under the fake process group, near misses,
+and equality with the block run eagerly on its own all_to_alls (gloo, W = 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from expecttest import assert_expected_inline
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from tests.fx_passes import _ep_models as M
+from tests.fx_passes import _loop_models as L
+from tests.fx_passes.test_family_sorted import code_of
+
+bf16, f32 = torch.bfloat16, torch.float32
+
+
+def _capture_fake(make, rank, dtype=f32, W=2):
+    """Capture ``make()`` on rank ``rank`` of a fake process group of ``W``; the pass runs, the
+    rewritten graph does not. Returns ``(code after, matches, unchanged, rejects)``."""
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=W)
+    try:
+        torch.manual_seed(0)
+        model = make().to(dtype)
+        x = torch.randn(8, M.H, generator=torch.Generator().manual_seed(1)).to(dtype)
+        _, graphs, matches, before = L.capture(model, x, run=False)
+        name = dist.group.WORLD.group_name
+        code = code_of(graphs[0]).replace(f"'{name}'", "'<group>'")
+    finally:
+        dist.destroy_process_group()
+    unchanged = L.normalized_code(graphs[0]) == before[0]
+    return code, matches, unchanged, graphs[0].meta["moe_rejected"]
+
+
+def test_graph_titan_grouped_mm_bf16_rank1_of_2():
+    """The user's three all_to_alls, ``tolist`` sizes and regroup become dispatch/combine; the
+    local ``[E_l, ...]`` weights are used whole."""
+    code, matches, _, _ = _capture_fake(lambda: M.TitanEP(grouped=True), rank=1, dtype=bf16)
+    assert [m.family for m in matches] == ["ep"]
+    assert matches[0].rewritten == dict(experts="stacked", world_size=2, rank=1)
+    assert_expected_inline(
+        code,
+        """\
+linear = torch._C._nn.linear(l_x_, gate.weight, None)
+float_1 = linear.float()
+scores = torch.sigmoid(float_1)
+topk = torch.topk(scores, k = 2, dim = 1)
+top = topk[0]
+idx = topk[1]
+sum_1 = top.sum(-1, keepdim = True)
+add = sum_1 + 1e-20
+top_1 = top / add
+input_1 = torch._C._nn.linear(l_x_, shared.0.weight, shared.0.bias)
+input_2 = torch.nn.functional.silu(input_1, inplace = False)
+input_3 = torch._C._nn.linear(input_2, shared.2.weight, shared.2.bias)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '<group>', 2)
+getitem_12 = dispatch_default[0]
+getitem_13 = dispatch_default[1]
+getitem_14 = dispatch_default[2]
+getitem_15 = dispatch_default[3]
+getitem_16 = dispatch_default[4]
+getitem_17 = dispatch_default[5]
+getitem_18 = dispatch_default[6]
+to_2 = getitem_13.to(torch.int64)
+cumsum_1 = torch.cumsum(to_2, 0, dtype = torch.int32)
+transpose_3 = l_self_parameters_w1_.transpose(-2, -1)
+transpose_4 = l_self_parameters_w3_.transpose(-2, -1)
+transpose_5 = l_self_parameters_w2_.transpose(-2, -1)
+_grouped_mm_3 = torch._grouped_mm(getitem_12, transpose_3, offs = cumsum_1)
+silu_2 = torch.nn.functional.silu(_grouped_mm_3)
+_grouped_mm_4 = torch._grouped_mm(getitem_12, transpose_4, offs = cumsum_1)
+mul_2 = silu_2 * _grouped_mm_4
+_grouped_mm_5 = torch._grouped_mm(mul_2, transpose_5, offs = cumsum_1)
+combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_5, top_1, <layout>, '<group>', 2)
+getitem_19 = combine_default[0]
+add_1 = input_3 + getitem_19
+return (add_1,)""",
+    )
+
+
+def test_graph_seed_plain_dist_module_list_rank0_of_2():
+    """Plain ``dist.all_to_all_single`` (functional op + wait + ``copy_`` into a buffer) and a
+    ``ModuleList`` of local experts: each runs on its segment of the received rows."""
+    code, matches, _, _ = _capture_fake(M.SeedEP, rank=0)
+    assert [m.family for m in matches] == ["ep"]
+    assert matches[0].rewritten["experts"] == "segments"
+    assert_expected_inline(
+        code,
+        """\
+linear = torch._C._nn.linear(l_x_, router.weight, None)
+probs = torch.nn.functional.softmax(linear, dim = -1, dtype = torch.float32)
+topk = torch.topk(probs, 2, dim = -1)
+topk_w = topk[0]
+topk_idx = topk[1]
+sum_1 = topk_w.sum(-1, keepdim = True)
+topk_w_1 = topk_w / sum_1
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, topk_idx, 4, '<group>', 2)
+getitem_18 = dispatch_default[0]
+getitem_19 = dispatch_default[1]
+getitem_20 = dispatch_default[2]
+getitem_21 = dispatch_default[3]
+getitem_22 = dispatch_default[4]
+getitem_23 = dispatch_default[5]
+getitem_24 = dispatch_default[6]
+tolist = getitem_19.tolist()
+split_1 = torch.functional.split(getitem_18, tolist)
+getitem_25 = split_1[0]
+linear_5 = torch._C._nn.linear(getitem_25, experts.0.up.weight, experts.0.up.bias)
+chunk_2 = linear_5.chunk(2, dim = -1)
+a_2 = chunk_2[0]
+b_2 = chunk_2[1]
+silu_2 = torch.nn.functional.silu(a_2)
+mul_3 = silu_2 * b_2
+linear_6 = torch._C._nn.linear(mul_3, experts.0.down.weight, experts.0.down.bias)
+getitem_26 = split_1[1]
+linear_7 = torch._C._nn.linear(getitem_26, experts.1.up.weight, experts.1.up.bias)
+chunk_3 = linear_7.chunk(2, dim = -1)
+a_3 = chunk_3[0]
+b_3 = chunk_3[1]
+silu_3 = torch.nn.functional.silu(a_3)
+mul_4 = silu_3 * b_3
+linear_8 = torch._C._nn.linear(mul_4, experts.1.down.weight, experts.1.down.bias)
+cat_1 = torch.cat([linear_6, linear_8])
+combine_default = torch.ops.moe_ops.combine.default(cat_1, topk_w_1, <layout>, '<group>', 2)
+getitem_27 = combine_default[0]
+return (getitem_27,)""",
+    )
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: M.TitanEP(variant="no_regroup"), "not a regroup by expert"),
+        (lambda: M.TitanEP(variant="swapped_back"), "does not swap the forward split sizes"),
+        (M.ActivationA2A, "expected one way back to the tokens, found 0"),
+    ],
+    ids=["experts-read-rows-by-source-rank", "way-back-with-forward-sizes", "activation-a2a"],
+)
+def test_near_miss_left_unchanged(make, reason):
+    code, matches, unchanged, rejects = _capture_fake(make, rank=1)
+    assert matches == [] and unchanged
+    assert "_c10d_functional.all_to_all_single" in code
+    assert any(r.family == "ep" and reason in r.reason for r in rejects), rejects
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("titan", f32), ("seed", f32), ("titan_grouped", bf16)],
+    ids=["titan-functional", "seed-plain-dist-modulelist", "titan-grouped-mm-bf16"],
+)
+def test_expert_parallel_gloo(gloo_world, name, dtype):
+    """Output and gradients equal the eager block's; the compiled block runs 3 all_to_alls and
+    1 host sync forward, 2 all_to_alls backward (the user's code: 3 and 2 syncs forward)."""
+    for counts in gloo_world(2).run(M.ep_equal, name, dtype):
+        assert counts == dict(fwd_a2a=3, fwd_sync=1, bwd_a2a=2, bwd_sync=0)
