@@ -126,6 +126,17 @@ def _is_weight_getitem(n: Node, reach: set[Node]) -> bool:
     return isinstance(base, Node) and any(isinstance(k, Node) and k in reach for k in keys)
 
 
+def _is_shape_only(n: Node) -> bool:
+    """A view that only adds or reshapes unit dims: ``unsqueeze``/``view``/``reshape``, or
+    indexing with constants only (``t[:, None]``)."""
+    if n.op == "call_method" and n.target in ("unsqueeze", "view", "reshape"):
+        return True
+    if n.op == "call_function" and n.target is operator.getitem:
+        key = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        return isinstance(n.args[0], Node) and not any(isinstance(k, Node) for k in key)
+    return False
+
+
 def _split_weight(contrib: Node, reach: set[Node]) -> tuple[Node, Node | None, str | None]:
     """``(expert_out, topk_weights)`` from ``expert_out * w[t, k, None]`` (weights may be None)."""
     m = _strip_casts(contrib)
@@ -139,8 +150,8 @@ def _split_weight(contrib: Node, reach: set[Node]) -> tuple[Node, Node | None, s
             if not isinstance(w, Node):
                 continue
             w0 = w
-            if w.op == "call_method" and w.target in ("unsqueeze", "view", "reshape"):
-                w = w.args[0]
+            while _is_shape_only(w) and not _is_weight_getitem(w, reach):
+                w = w.args[0]  # w[t, k].unsqueeze(-1), w[t, k][:, None], .view(-1, 1)
             if _is_weight_getitem(w, reach) and isinstance(y, Node):
                 base = w.args[0]
                 bv = val(base)

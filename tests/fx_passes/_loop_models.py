@@ -84,7 +84,7 @@ class Block(nn.Module):
     def _eq_nonzero(self, x, w, idx, out):
         for e in range(self.num_experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)
-            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot].unsqueeze(-1))
+            out.index_add_(0, tok, w[tok, slot][:, None] * self.experts[e](x[tok]))
         return out
 
     # family A, functional: out = out.index_add(...) per expert
