@@ -94,28 +94,28 @@ sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.bfloat16)
 dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1)
-gi12 = dispatch[0]
-gi13 = dispatch[1]
-gi14 = dispatch[2]
-gi15 = dispatch[3]
-gi16 = dispatch[4]
-gi17 = dispatch[5]
-gi18 = dispatch[6]
-cumsum = torch.cumsum(gi13, 0, dtype = torch.int32)
+gi14 = dispatch[0]
+gi15 = dispatch[1]
+gi16 = dispatch[2]
+gi17 = dispatch[3]
+gi18 = dispatch[4]
+gi19 = dispatch[5]
+gi20 = dispatch[6]
+cumsum = torch.cumsum(gi15, 0, dtype = torch.int32)
 stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
 transpose = stack.transpose(-2, -1)
-_grouped_mm = torch._grouped_mm(gi12, transpose, offs = cumsum)
+_grouped_mm = torch._grouped_mm(gi14, transpose, offs = cumsum)
 silu_2 = torch.nn.functional.silu(_grouped_mm)
 stack_1 = torch.stack([experts.0.up.weight, experts.1.up.weight])
 transpose_1 = stack_1.transpose(-2, -1)
-_grouped_mm_1 = torch._grouped_mm(gi12, transpose_1, offs = cumsum)
+_grouped_mm_1 = torch._grouped_mm(gi14, transpose_1, offs = cumsum)
 mul_4 = silu_2 * _grouped_mm_1
 stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_4, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi15, gi14, gi16, gi17, gi18, '', 1)
-gi19 = combine[0]
-return (gi19,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi17, gi16, gi18, gi19, gi20, '', 1)
+gi21 = combine[0]
+return (gi21,)""",
     )
 
 
