@@ -150,3 +150,22 @@ def test_shard_experts_rejects_uneven_split():
             fx_passes.shard_experts(M.Block())
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_quickstart_example_runs_expert_parallel():
+    """examples/ep_quickstart.py: 2 gloo ranks, sharded experts, equal to one device."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "ep_quickstart.py"), "--inner", "aot_eager"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rewrote layers.0: family A, 4 experts" in proc.stdout
+    assert proc.stdout.count("output and gradients match the single-device model") == 2
