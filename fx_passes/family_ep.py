@@ -3,7 +3,8 @@
 Each rank holds its ``E_l = E / W`` local experts (global ids ``r * E_l + j``) and moves tokens
 itself. The block, as Dynamo captures it (``dist.all_to_all_single`` becomes
 ``_c10d_functional.all_to_all_single`` + ``wait_tensor`` + ``copy_`` into the preallocated
-buffer; ``_functional_collectives.all_to_all_single[_autograd]`` the same op and waits)::
+buffer; ``_functional_collectives.all_to_all_single[_autograd]`` the same op and waits, which
+torch 2.11 wraps in an ``autograd_function_apply`` for the autograd variant)::
 
     order = argsort(topk_idx.flatten()); rows = x[order // K]        # as in family D
     counts = bincount / histc / one-hot sum of the ids               # [E]
@@ -141,10 +142,18 @@ def _exchange(a2a: Node) -> _Exchange | str:
     src, out_splits, in_splits, group_name = (S.arg(a2a, i, k) for i, k in enumerate(_A2A_ARGS))
     nodes = [a2a]
     n = a2a
-    while len(n.users) == 1 and _is_wait(next(iter(n.users))):
-        n = next(iter(n.users))
-        nodes.append(n)
-    if not _is_wait(n) and not (n.target in _A2A and "autograd" in str(n.target)):
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        if _is_wait(u):
+            n = u
+            nodes.append(n)
+            continue
+        wrapped = _wait_in_autograd_function(u, n)
+        if wrapped is None:
+            break
+        n = wrapped
+        nodes += [u, n]
+    if n is a2a:
         return f"{a2a.name}: the all_to_all's result is not waited for"
     users = list(n.users)
     if len(users) == 1 and S.is_method(users[0], "copy_") and users[0].args[1] is n:
@@ -164,6 +173,38 @@ def _exchange(a2a: Node) -> _Exchange | str:
 _A2A_ARGS = ("input", "output_split_sizes", "input_split_sizes", "group_name")
 
 
+def _wait_in_autograd_function(apply: Node, arg: Node) -> Node | None:
+    """torch 2.11 captures the wait of ``all_to_all_single_autograd``'s result as
+    ``autograd_function_apply(fwd_body, bwd_body, *sizes, t)`` whose forward only waits for
+    ``t``: the ``getitem(apply, 0)`` that reads its result, else None."""
+    hop = getattr(torch.ops.higher_order, "autograd_function_apply", None)
+    if hop is None or apply.op != "call_function" or apply.target is not hop:
+        return None
+    body = apply.args[0]
+    if not (isinstance(body, Node) and body.op == "get_attr" and arg in apply.args[2:]):
+        return None
+    try:
+        fwd = fx.graph_module._get_attr(apply.graph.owning_module, body.target)
+    except AttributeError:
+        return None
+    phs = [n for n in fwd.graph.nodes if n.op == "placeholder"]
+    ph = phs[list(apply.args[2:]).index(arg)] if len(phs) == len(apply.args) - 2 else None
+    work = [
+        n
+        for n in fwd.graph.nodes
+        if n.op == "call_function" and n.target is not torch._C._set_grad_enabled
+    ]
+    if ph is None or len(work) != 1 or not _is_wait(work[0]) or work[0].args[0] is not ph:
+        return None
+    out = next(n for n in fwd.graph.nodes if n.op == "output").args[0]
+    if not (isinstance(out, tuple) and out and tuple(out[0]) == (work[0],)):
+        return None
+    readers = list(apply.users)
+    if len(readers) != 1 or readers[0].target is not operator.getitem or readers[0].args[1] != 0:
+        return None
+    return readers[0]
+
+
 def _exchange_into(received: Node) -> _Exchange | None:
     """The exchange whose received rows ``received`` is, or None."""
     n = received
@@ -172,8 +213,12 @@ def _exchange_into(received: Node) -> _Exchange | None:
         if len(copies) != 1 or not isinstance(copies[0].args[1], Node):
             return None
         n = copies[0].args[1]
-    while _is_wait(n):
+    while _is_wait(n) or (n.target is operator.getitem and n.args[1] == 0):
         n = n.args[0]
+        if n.op == "call_function" and n.target is getattr(
+            torch.ops.higher_order, "autograd_function_apply", None
+        ):
+            n = n.args[-1]
     if not _is_a2a(n):
         return None
     ex = _exchange(n)

@@ -148,6 +148,7 @@ class SeedEP(nn.Module):
         recv_counts = self._a2a(torch.empty_like(counts), counts)
         send_splits = counts.view(W, E_l).sum(1).tolist()
         recv_splits = recv_counts.view(W, E_l).sum(1).tolist()
+        torch._check(sum(send_splits) == send_x.shape[0])  # torch 2.11 Dynamo needs it
         recv_x = x.new_empty(sum(recv_splits), H)
         recv_x = self._a2a(recv_x, send_x, recv_splits, send_splits)
 
