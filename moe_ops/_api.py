@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_ops import _comm, _fixed
 from moe_ops._ops import _check_combine, _check_dispatch, combine_op, dispatch_op
 
 
@@ -15,9 +16,12 @@ from moe_ops._ops import _check_combine, _check_dispatch, combine_op, dispatch_o
 class DispatchHandle:
     """What :func:`combine` (and both backwards) need from :func:`dispatch`.
 
-    Only ``tokens_per_expert`` is meant for users: int64 ``[E_l]`` on x's device, rows of ``recv_x``
-    per local expert in order (``cumsum`` gives grouped-GEMM offsets). The other tensors describe
-    the layout (see ``moe_ops._ops``); the ints name the group the rows went through.
+    Meant for users: ``tokens_per_expert``, int64 ``[E_l]`` on x's device, rows of ``recv_x``
+    per local expert in order (``cumsum`` gives grouped-GEMM offsets); in capacity mode also
+    ``capacity`` (rows of ``recv_x``) and ``num_dropped``, an int64 0-d tensor on x's device:
+    this rank's (token, slot) pairs that did not fit (always 0 with ``overflow="error"``). The
+    other tensors describe the layout (see ``moe_ops._ops`` and ``moe_ops._fixed``); the ints
+    name the group the rows went through.
     """
 
     tokens_per_expert: Tensor
@@ -29,13 +33,25 @@ class DispatchHandle:
     num_experts: int
     group_name: str
     world_size: int
+    capacity: int | None = None
+    num_dropped: Tensor | None = None
+    transport: str = ""
+    recv_index: Tensor | None = None
+    num_recv: Tensor | None = None
+    splits: Tensor | None = None
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.world_size
 
     def _layout(self) -> tuple[Tensor, ...]:
-        return (self.pair_pos, self.send_pair_idx, self.recv_perm, self.send_splits, self.recv_splits)
+        return (
+            self.pair_pos,
+            self.send_pair_idx,
+            self.recv_perm,
+            self.send_splits,
+            self.recv_splits,
+        )
 
 
 def _resolve(group: dist.ProcessGroup | None) -> tuple[str, int]:
@@ -44,7 +60,9 @@ def _resolve(group: dist.ProcessGroup | None) -> tuple[str, int]:
             return "", 1
         group = dist.group.WORLD
     if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"moe_ops: group must be a ProcessGroup or None, got {type(group).__name__}")
+        raise TypeError(
+            f"moe_ops: group must be a ProcessGroup or None, got {type(group).__name__}"
+        )
     return group.group_name, group.size()
 
 
@@ -68,7 +86,13 @@ def _raise_on_every_rank(err: Exception, op, args: tuple) -> None:
 
 
 def dispatch(
-    x: Tensor, topk_idx: Tensor, num_experts: int, group: dist.ProcessGroup | None = None
+    x: Tensor,
+    topk_idx: Tensor,
+    num_experts: int,
+    group: dist.ProcessGroup | None = None,
+    *,
+    capacity: int | str | None = None,
+    overflow: str = "error",
 ) -> tuple[Tensor, DispatchHandle]:
     """Send every (token, slot) pair's row of ``x`` to the rank that owns its expert.
 
@@ -80,18 +104,40 @@ def dispatch(
             W. Rank ``r`` owns experts ``[r * E / W, (r + 1) * E / W)``.
         group: a ``ProcessGroup``; None means the default group when ``torch.distributed`` is
             initialized, else a single rank (no collective at all).
+        capacity: None (default mode: ``recv_x`` has exactly R rows; one device -> host sync
+            reads the counts). An int C >= 0 or ``"worst-case"`` turns on the capacity mode:
+            no device -> host sync at all, ``recv_x`` is ``[C, H]`` (a static shape: CUDA graphs
+            and torch.compile without dynamic shapes), rows past ``tokens_per_expert.sum()``
+            are zero padding. ``"worst-case"`` is ``W * T * K`` (every pair of every rank could
+            come here; at W = 1 that is T * K). At W > 1 every rank must pass the same T
+            (symmetric buffers), unless C <= T * K on every rank with the padded transport.
+            Rows reach their owners through NVSHMEM (``torch.ops.symm_mem.all_to_all_vdev_2d``)
+            on CUDA when PyTorch has it, else one fixed-size ``all_to_all_single`` with
+            ``min(C, T * K)`` rows per peer (gloo, or NCCL without NVSHMEM); see
+            ``moe_ops._fixed``.
+        overflow: capacity mode only: what happens to pairs that do not fit in C rows (the
+            receiver's rows past C in its expert-major order). ``"error"``: on the CPU every rank
+            raises ``ValueError`` naming the rows each rank would need; on CUDA a device-side
+            assertion (``torch._assert_async``) fires, which aborts the CUDA context and reports
+            the message at the next synchronizing call (checking on the host would be a sync).
+            ``"drop"``: those pairs are not sent, add 0 in combine, get no gradient, and
+            ``handle.num_dropped`` counts them on the sending rank. Bad expert ids are reported
+            the same way as overflow errors, on CUDA by a device-side assertion.
 
     Returns:
         ``recv_x``: ``[R, H]``, one row per (token, slot) pair from any rank routed to one of this
         rank's experts, ordered by local expert, then source rank, then source token, then slot.
         ``handle``: a :class:`DispatchHandle` for :func:`combine`.
 
-    Differentiable w.r.t. ``x``. Syncs the device with the host once (the row counts). Bad input on
-    any rank raises ``ValueError``/``TypeError`` on every rank before any row moves.
+    Differentiable w.r.t. ``x``. Syncs the device with the host once (the row counts), none in
+    capacity mode. Bad input on any rank raises ``ValueError``/``TypeError`` on every rank before
+    any row moves (capacity mode on CUDA: see ``overflow``).
     """
     group_name, world_size = _resolve(group)
     if not isinstance(num_experts, int) or isinstance(num_experts, bool):
-        raise TypeError(f"moe_ops.dispatch: num_experts must be an int, got {type(num_experts).__name__}")
+        raise TypeError(
+            f"moe_ops.dispatch: num_experts must be an int, got {type(num_experts).__name__}"
+        )
     if num_experts <= 0 or num_experts % world_size != 0:
         raise ValueError(
             f"moe_ops.dispatch: num_experts must be a positive multiple of the group size "
@@ -107,15 +153,92 @@ def dispatch(
         stand_ins = (torch.empty(0, device=dev), torch.empty((0, 1), dtype=torch.int64, device=dev))
         err = _check_dispatch(x, topk_idx, num_experts, world_size)
         _raise_on_every_rank(err, dispatch_op, (*stand_ins, num_experts, group_name, world_size))
+    if capacity is not None or overflow != "error":
+        return _dispatch_fixed(x, topk_idx, num_experts, group_name, world_size, capacity, overflow)
     recv_x, tokens_per_expert, *layout = dispatch_op(
         x, topk_idx, num_experts, group_name, world_size
     )
     send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = layout
     handle = DispatchHandle(
-        tokens_per_expert, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits,
-        num_experts, group_name, world_size,
+        tokens_per_expert,
+        send_pair_idx,
+        pair_pos,
+        recv_perm,
+        send_splits,
+        recv_splits,
+        num_experts,
+        group_name,
+        world_size,
     )
     return recv_x, handle
+
+
+def _transport(x: Tensor, world_size: int) -> str:
+    if _fixed.transport_override is not None:
+        return _fixed.transport_override
+    if world_size == 1:
+        return "local"
+    return "nvshmem" if x.is_cuda and _comm.nvshmem_available() else "padded"
+
+
+def _dispatch_fixed(x, topk_idx, num_experts, group_name, world_size, capacity, overflow):
+    if overflow not in ("error", "drop"):
+        raise ValueError(f"moe_ops.dispatch: overflow must be 'error' or 'drop', got {overflow!r}")
+    if capacity is None:
+        raise ValueError("moe_ops.dispatch: overflow is a capacity-mode option; pass capacity too")
+    K = topk_idx.shape[1] if topk_idx.dim() == 2 else 1
+    if capacity == "worst-case":
+        capacity = world_size * x.shape[0] * K
+    elif isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
+        raise TypeError(
+            f"moe_ops.dispatch: capacity must be None, an int or 'worst-case', got {capacity!r}"
+        )
+    elif isinstance(capacity, int) and capacity < 0:
+        raise ValueError(f"moe_ops.dispatch: capacity must be >= 0 rows, got {capacity}")
+    transport = _transport(x, world_size)
+    recv_x, tpe, num_dropped, pair_pos, recv_index, num_recv, splits = _fixed.dispatch_fixed_op(
+        x, topk_idx, num_experts, capacity, overflow == "drop", group_name, world_size, transport
+    )
+    empty = pair_pos.new_empty(0)
+    handle = DispatchHandle(
+        tpe,
+        empty,
+        pair_pos,
+        empty,
+        empty,
+        empty,
+        num_experts,
+        group_name,
+        world_size,
+        capacity=capacity,
+        num_dropped=num_dropped,
+        transport=transport,
+        recv_index=recv_index,
+        num_recv=num_recv,
+        splits=splits,
+    )
+    return recv_x, handle
+
+
+def _combine_fixed(expert_out, handle, topk_weights):
+    if expert_out.device != handle.pair_pos.device:
+        raise ValueError(
+            f"moe_ops.combine: expert_out is on {expert_out.device} but dispatch ran on "
+            f"{handle.pair_pos.device}; expected the same device"
+        )
+    out, _ = _fixed.combine_fixed_op(
+        expert_out,
+        topk_weights,
+        handle.pair_pos,
+        handle.recv_index,
+        handle.num_recv,
+        handle.splits,
+        handle.capacity,
+        handle.group_name,
+        handle.world_size,
+        handle.transport,
+    )
+    return out
 
 
 def combine(
@@ -128,7 +251,8 @@ def combine(
     """Send expert outputs back to their tokens and sum them: the inverse of :func:`dispatch`.
 
     Args:
-        expert_out: ``[R, H']``, row-aligned with ``recv_x`` (``H'`` may differ from ``H``).
+        expert_out: ``[R, H']``, row-aligned with ``recv_x`` (``H'`` may differ from ``H``); in
+            capacity mode ``[C, H']`` (padding rows are never read).
         handle: the :class:`DispatchHandle` that :func:`dispatch` returned for these rows.
         topk_weights: optional ``[T, K]`` floating weights; None means 1 for every slot.
         group: optional; when given it must be the group ``dispatch`` used.
@@ -154,6 +278,8 @@ def combine(
             )
     if topk_weights is not None and topk_weights.dim() == 1 and handle.pair_pos.shape[1] == 1:
         topk_weights = topk_weights.unsqueeze(1)
+    if handle.capacity is not None:
+        return _combine_fixed(expert_out, handle, topk_weights)
     layout = handle._layout()
     pair_pos = handle.pair_pos
     if expert_out.device != pair_pos.device or (

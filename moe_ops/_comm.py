@@ -1,6 +1,7 @@
 """Communication: the count exchange, the one host sync, and the two payload exchanges.
 
-Only this module talks to ``torch.distributed``. Every collective is an ``all_to_all_single``:
+Only this module talks to ``torch.distributed``. Every collective is an ``all_to_all_single``
+(or, in capacity mode on CUDA with NVSHMEM, a ``torch.ops.symm_mem`` all-to-all):
 
 * :func:`exchange_counts`: ``[W, 1 + E_l]`` int64 per rank, a status flag then the counts per
   local expert. Its shape depends only on E and W, so a rank whose input is bad still takes part
@@ -13,6 +14,10 @@ Only this module talks to ``torch.distributed``. Every collective is an ``all_to
   raises; on GPU reading the flag would cost a host sync, so the bad rank's rows are NaN instead).
 
 :func:`read_to_host` is the single device -> host sync of a dispatch.
+
+Capacity mode (``moe_ops._fixed``, no host sync): :func:`gather_rows_of_counts` (every rank's
+counts per expert), :func:`exchange_equal_chunks` (the padded transport), and
+:func:`nvshmem_to_experts` / :func:`nvshmem_to_sources` (device-side split sizes, NVSHMEM).
 """
 
 from __future__ import annotations
@@ -60,9 +65,12 @@ def read_to_host(t: Tensor, stream: torch.cuda.Stream | None = None) -> Tensor:
 def exchange_counts(
     counts_E: Tensor, bad: Tensor | bool, world_size: int, group: dist.ProcessGroup
 ) -> Tensor:
-    """Send ``counts_E`` (as ``[W, E_l]``) and a status flag to every rank; returns ``[W, 1 + E_l]``."""
-    send = torch.empty((world_size, 1 + counts_E.shape[0] // world_size), dtype=torch.int64,
-                       device=counts_E.device)
+    """Send ``counts_E`` (as ``[W, E_l]``) and a status flag to every rank.
+
+    Returns ``[W, 1 + E_l]``."""
+    send = torch.empty(
+        (world_size, 1 + counts_E.shape[0] // world_size), dtype=torch.int64, device=counts_E.device
+    )
     send[:, 0] = torch.as_tensor(bad, device=counts_E.device).to(torch.int64)
     send[:, 1:] = counts_E.view(world_size, -1)
     recv = torch.empty_like(send)
@@ -152,8 +160,111 @@ def rows_to_sources(
     return out
 
 
-def expert_major_layout(
-    counts_WEl: Tensor, recv_splits: list[int]
-) -> tuple[Tensor, Tensor]:
+def expert_major_layout(counts_WEl: Tensor, recv_splits: list[int]) -> tuple[Tensor, Tensor]:
     """``tokens_per_expert`` ``[E_l]`` and the regroup permutation ``[R]`` from received counts."""
     return counts_WEl.sum(0), expert_major_perm(counts_WEl, sum(recv_splits))
+
+
+# ----------------------------------------------------------------------------- capacity mode
+def gather_rows_of_counts(row_C: Tensor, world_size: int, group: dist.ProcessGroup) -> Tensor:
+    """Every rank's ``row_C`` (int64): ``[W, C]``. An all-gather written as ``all_to_all_single``
+    of the row repeated W times (tiny; one collective kind for the whole module): no host sync."""
+    send = row_C.expand(world_size, row_C.shape[0]).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv
+
+
+def exchange_equal_chunks(send_MH: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``all_to_all_single`` with equal chunks (``M / W`` rows per peer): sizes known to every
+    rank in advance, so no count travels to the host."""
+    recv_MH = torch.empty_like(send_MH)
+    dist.all_to_all_single(recv_MH, send_MH.contiguous(), group=group)
+    return recv_MH
+
+
+_symm_cache: dict[tuple, Tensor] = {}
+
+
+def _symm_buffer(
+    key: tuple, shape: tuple, dtype: torch.dtype, device: torch.device, group_name: str
+) -> Tensor:
+    """A persistent symmetric-memory (NVSHMEM) tensor, allocated and rendezvoused once per key.
+
+    Allocation is collective: every rank must ask for the same shapes in the same order (the
+    capacity mode requires the same T on every rank), and the first call must not be inside a
+    CUDA-graph capture (warm up first).
+    """
+    full = (key, shape, dtype, device, group_name)
+    buf = _symm_cache.get(full)
+    if buf is None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if symm_mem.get_backend(device) != "NVSHMEM":
+            symm_mem.set_backend("NVSHMEM")
+        buf = symm_mem.empty(shape, dtype=dtype, device=device)
+        symm_mem.rendezvous(buf, group_name)
+        _symm_cache[full] = buf
+    return buf
+
+
+def nvshmem_available() -> bool:
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except ImportError:
+        return False
+    return symm_mem.is_nvshmem_available()
+
+
+def nvshmem_to_experts(
+    fill_send,
+    send_rows: int,
+    out_rows: int,
+    width: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    in_splits_E: Tensor,
+    group_name: str,
+    tag: str,
+) -> tuple[Tensor, Tensor]:
+    """Rows (send order: destination rank, local expert) -> expert-major on their owners.
+
+    ``fill_send(buf)`` writes the packed send rows into the symmetric send buffer
+    ``[send_rows, width]``; ``in_splits_E`` (int64 ``[W * E_l]``, on the device) gives the rows
+    per (destination, local expert). Returns the symmetric receive buffer ``[out_rows, width]``
+    (rows ``[0, R)`` filled, expert-major then source rank) and ``[2, W * E_l]`` (received splits
+    and offsets per (local expert, source), what the way back needs); both are reused by the next
+    call with the same tag, so callers copy what they keep.
+    """
+    send = _symm_buffer(("send", tag), (send_rows, width), dtype, device, group_name)
+    recv = _symm_buffer(("recv", tag), (out_rows, width), dtype, device, group_name)
+    n = in_splits_E.shape[0]
+    splits = _symm_buffer(("in_splits", tag), (n,), torch.int64, device, group_name)
+    out_so = _symm_buffer(("out_so", tag), (2, n), torch.int64, device, group_name)
+    fill_send(send)
+    splits.copy_(in_splits_E)
+    torch.ops.symm_mem.all_to_all_vdev_2d(send, recv, splits, out_so, group_name)
+    return recv, out_so.clone()
+
+
+def nvshmem_to_sources(
+    rows_CH: Tensor, back_rows: int, splits_offsets_2E: Tensor, group_name: str, tag: str
+) -> Tensor:
+    """The way back of :func:`nvshmem_to_experts`: expert-major rows -> the senders' send order.
+
+    Returns the symmetric buffer ``[back_rows, width]`` (reused by the next call with this tag).
+    """
+    C, width = rows_CH.shape
+    dev = rows_CH.device
+    send = _symm_buffer(("back_send", tag), (C, width), rows_CH.dtype, dev, group_name)
+    recv = _symm_buffer(("back_recv", tag), (back_rows, width), rows_CH.dtype, dev, group_name)
+    in_so = _symm_buffer(
+        ("back_in_so", tag), tuple(splits_offsets_2E.shape), torch.int64, dev, group_name
+    )
+    out_so = _symm_buffer(
+        ("back_out_so", tag), tuple(splits_offsets_2E.shape), torch.int64, dev, group_name
+    )
+    send.copy_(rows_CH)
+    in_so.copy_(splits_offsets_2E)
+    torch.ops.symm_mem.all_to_all_vdev_2d_offset(send, recv, in_so, out_so, group_name)
+    return recv

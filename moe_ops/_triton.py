@@ -520,3 +520,32 @@ def slot_dot(
         num_warps=4,
     )
     return out
+
+
+# ----------------------------------------------------------------------------- capacity mode
+@triton.jit
+def _zero_tail_kernel(dst_ptr, n_ptr, M, H, BM: tl.constexpr, BH: tl.constexpr):
+    pid = tl.program_id(0)
+    nhb = tl.cdiv(H, BH)
+    row0 = (pid // nhb) * BM
+    n = tl.load(n_ptr)
+    if row0 + BM > n:
+        rows = row0 + tl.arange(0, BM).to(tl.int64)
+        cols = (pid % nhb) * BH + tl.arange(0, BH)
+        mask = ((rows >= n) & (rows < M))[:, None] & (cols < H)[None, :]
+        zero = tl.zeros((BM, BH), dtype=dst_ptr.dtype.element_ty)
+        tl.store(dst_ptr + rows[:, None] * H + cols[None, :], zero, mask=mask)
+
+
+_launch_zero_tail = _Launcher(_zero_tail_kernel)
+
+
+def zero_tail(dst_MH: Tensor, n: Tensor) -> Tensor:
+    """``dst[n:] = 0`` in place, with ``n`` an int64 tensor on the device (no host sync)."""
+    M, H = dst_MH.shape
+    if M == 0 or H == 0:
+        return dst_MH
+    BM, BH, nw = _row_block(H, dst_MH.element_size())
+    grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
+    _launch_zero_tail(grid, dst_MH, n.reshape(1), M, H, BM, BH, num_warps=nw)
+    return dst_MH
