@@ -31,6 +31,10 @@ What each column measures, per rank (T tokens per rank, top-K of E experts, hidd
   before it (outputs included), in MiB; n/a on CPU (the allocator there keeps no such count).
 * syncs: device -> host synchronizations counted with ``torch.cuda.set_sync_debug_mode("warn")``
   over one call (n/a on CPU).
+* sync-free rows (third table): ``moe_ops.dispatch(..., capacity=--capacity, overflow="drop")``
+  (fixed-size buffers, no host sync) beside the default mode; "CUDA graph": dispatch + combine
+  captured once per input set and the graph replays timed (no host work at all); syncs counted
+  over dispatch + combine.
 
 Timing: warm-up first, then the median of ``--iters`` runs cycling over ``--sets`` input sets
 (random data, never zeros). On GPUs each run is timed with CUDA events after a device sync and a
@@ -280,6 +284,79 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     row["syncs_dispatch"] = meter.syncs(lambda: ours_d(0))
     row["syncs_combine"] = meter.syncs(lambda: ours_c(0))
     row["syncs_seed_d+c"] = None if args.no_seed else meter.syncs(lambda: seed_dc(0))
+    row["syncs_d+c"] = meter.syncs(lambda: ours_dc(0))
+    if not args.no_sync_free:
+        row.update(_bench_sync_free(args, meter, group, xs, idxs, ws, E, gen))
+    return row
+
+
+def _capture(fn, device):
+    """A CUDA graph of ``fn()`` (warmed up on a side stream first), and its outputs."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _bench_sync_free(args, meter: _Meter, group, xs, idxs, ws, E, gen) -> dict:
+    """The capacity mode (``capacity=args.capacity``): times, peak memory, syncs, and on GPUs
+    d+c captured in a CUDA graph (one graph per input set, replays timed)."""
+    device, S = meter.device, len(xs)
+    cap = args.capacity if args.capacity == "worst-case" else int(args.capacity)
+
+    def disp(i):
+        return moe_ops.dispatch(xs[i], idxs[i], E, group=group, capacity=cap, overflow="drop")
+
+    handles = [disp(i)[1] for i in range(S)]
+    C = handles[0].capacity
+    eos = [
+        torch.randn(C, xs[0].shape[1], device=device, generator=gen).to(xs[0].dtype)
+        for _ in range(S)
+    ]
+
+    def comb(i):
+        return moe_ops.combine(eos[i], handles[i], ws[i])
+
+    def dc(i):
+        recv, h = disp(i)
+        return moe_ops.combine(recv, h, ws[i])
+
+    recv_d, h_d = moe_ops.dispatch(xs[0], idxs[0], E, group=group)
+    diff = (dc(0).float() - moe_ops.combine(recv_d, h_d, ws[0]).float()).abs().max().item()
+    del recv_d, h_d
+    row = {"sf_capacity": C, "sf_dropped": int(handles[0].num_dropped), "sf_max|diff|": diff}
+    row["sf_dispatch_ms"] = meter.time_ms(disp, S)
+    row["sf_combine_ms"] = meter.time_ms(comb, S)
+    row["sf_d+c_ms"] = meter.time_ms(dc, S)
+    if args.backward:
+        xg = [x.clone().requires_grad_() for x in xs]
+        wg = [w.clone().requires_grad_() for w in ws]
+        go = [torch.randn(x.shape, device=device, generator=gen).to(x.dtype) for x in xs]
+
+        def fb(i):
+            recv, h = moe_ops.dispatch(
+                xg[i], idxs[i], E, group=group, capacity=cap, overflow="drop"
+            )
+            moe_ops.combine(recv, h, wg[i]).backward(go[i])
+            xg[i].grad = wg[i].grad = None
+
+        row["sf_fwd+bwd_ms"] = meter.time_ms(fb, S)
+        del xg, wg, go
+    row["sf_peak_d+c_MiB"] = meter.peak_extra_mib(lambda: dc(0))
+    row["sf_syncs_d+c"] = meter.syncs(lambda: dc(0))
+    if meter.cuda:
+        graphs = [_capture(lambda i=i: dc(i), device) for i in range(S)]
+        for i, (graph, out) in enumerate(graphs):
+            graph.replay()
+            assert torch.equal(out, dc(i)), "graph replay differs from eager"
+        row["sf_graph_d+c_ms"] = meter.time_ms(lambda i: graphs[i][0].replay(), S)
+        del graphs
     return row
 
 
@@ -362,7 +439,80 @@ def _tables(rows):
         "syncs seed PR d+c",
         "max |ours - seed|",
     ]
-    return tabulate(t1, h1, tablefmt="github"), tabulate(t2, h2, tablefmt="github")
+    t3 = []
+    for r in rows:
+        if "sf_d+c_ms" not in r:
+            continue
+        case = f"T={r['T']} H={r['H']} top-{r['K']}/{r['E']} {r['routing']} {r['dtype']} W={r['W']}"
+        cp = r["copy_ms"]
+        modes = [
+            (
+                "default",
+                "",
+                r["dispatch_ms"],
+                r["combine_ms"],
+                r["d+c_ms"],
+                r.get("fwd+bwd_ms"),
+                r["peak_d+c_MiB"],
+                r["syncs_d+c"],
+            ),
+            (
+                "sync-free",
+                r["sf_capacity"],
+                r["sf_dispatch_ms"],
+                r["sf_combine_ms"],
+                r["sf_d+c_ms"],
+                r.get("sf_fwd+bwd_ms"),
+                r["sf_peak_d+c_MiB"],
+                r["sf_syncs_d+c"],
+            ),
+        ]
+        if r.get("sf_graph_d+c_ms") is not None:
+            modes.append(
+                (
+                    "sync-free, CUDA graph",
+                    r["sf_capacity"],
+                    None,
+                    None,
+                    r["sf_graph_d+c_ms"],
+                    None,
+                    None,
+                    0,
+                )
+            )
+        for mode, cap, d, c, dc, fb, peak, syncs in modes:
+            t3.append(
+                [
+                    case,
+                    mode,
+                    cap,
+                    _f(d),
+                    _f(c),
+                    _f(dc),
+                    f"{dc / cp:.2f}",
+                    _f(fb),
+                    _f(peak, "{:.0f}"),
+                    _f(syncs, "{}"),
+                    f"{r['sf_max|diff|']:.2g}" if mode != "default" else "",
+                ]
+            )
+    h3 = [
+        "case",
+        "mode",
+        "capacity",
+        "dispatch ms",
+        "combine ms",
+        "d+c ms",
+        "d+c / copy",
+        "fwd+bwd ms",
+        "peak extra MiB (d+c)",
+        "syncs (d+c fwd)",
+        "max |sync-free - default|",
+    ]
+    tables = [tabulate(t1, h1, tablefmt="github"), tabulate(t2, h2, tablefmt="github")]
+    if t3:
+        tables.append(tabulate(t3, h3, tablefmt="github"))
+    return tables
 
 
 # ----------------------------------------------------------------------------- driver
@@ -397,12 +547,11 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
                 torch.cuda.empty_cache()
     if rank == 0:
         dev = torch.cuda.get_device_name(device) if use_cuda else "CPU"
-        t1, t2 = _tables(rows)
         head = (
             f"# moe_ops dispatch/combine on {dev}, W={world_size} ({kw['backend']}), "
             f"torch {torch.__version__}, median of {args.iters}"
         )
-        text = f"{head}\n\n{t1}\n\n{t2}\n"
+        text = "\n\n".join([head, *_tables(rows)]) + "\n"
         print("\n" + text, flush=True)
         if args.out:
             with open(args.out, "w") as f:
@@ -433,6 +582,10 @@ def main(argv=None):
     p.add_argument("--backward", action="store_true", help="also time d+c forward + backward")
     p.add_argument("--no-seed", action="store_true", help="skip the seed PR baseline")
     p.add_argument("--no-torch-path", action="store_true", help="skip moe_ops without Triton")
+    p.add_argument(
+        "--capacity", default="worst-case", help="sync-free mode's capacity: an int or worst-case"
+    )
+    p.add_argument("--no-sync-free", action="store_true", help="skip the sync-free mode")
     p.add_argument("--out", help="also write the tables (markdown) and rows (.json) here")
     args = p.parse_args(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun

@@ -490,3 +490,16 @@ def test_cuda_no_sync_fwd_bwd(overflow):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert int(handle.num_dropped) == 0 and x.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["padded", "nvshmem"])
+@pytest.mark.parametrize("drop", [False, True])
+def test_nccl_single_rank_transports(nccl_world, transport, drop):
+    """The W > 1 transports' code at W = 1 on one GPU (NCCL group of one rank): the padded
+    all_to_all_single, and NVSHMEM's all_to_all_vdev_2d / _2d_offset through symmetric memory."""
+    if transport == "nvshmem" and not _comm.nvshmem_available():
+        pytest.skip("this PyTorch build has no usable NVSHMEM")
+    spec = Spec(T=(300,), K=4, E_l=4, H=64, Hp=32, dtype=bf16, seed=9)
+    capacity = _exact_capacity(spec, 1) - (20 if drop else 0)
+    assert nccl_world(1).run(fixed_case, spec, capacity, drop, transport) == [20 if drop else 0]
