@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -123,6 +124,11 @@ class MoEMatch:
     base: Node | None = None
     last_write: Node | None = None
     rewritten: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # Whether the rewrite checks the block against its W = 1 rewrite on random inputs first. A
+    # block holding the user's own collectives (family E) cannot run alone, so it relies on its
+    # exact structural match instead.
+    verify_at_w1: typing.ClassVar[bool] = True
 
     def replace_with(self, gm: fx.GraphModule, group=None) -> None:
         """Rewrite this block of ``gm`` into dispatch -> local experts -> combine."""

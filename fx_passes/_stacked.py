@@ -119,6 +119,8 @@ _ASSERTISH = {
     operator.lt,
     operator.eq,
     operator.ne,
+    operator.or_,
+    operator.and_,
     operator.getitem,
     torch.sym_sum,
     operator.add,

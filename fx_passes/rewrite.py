@@ -704,12 +704,12 @@ def fuse_moe_routing(
         for match in mod.find_patterns(gm, rejects):
             where = match.module_path or "<top>"
             why = check_removable(match)
-            if why is None and verify:
+            if why is None and verify and match.verify_at_w1:
                 why = verify_match(gm, match, example_inputs)
             if why is not None:
                 rejects.append(Rejected(match.family, match.module_path, why))
                 continue
-            rewrite_match(gm, match, group)
+            match.replace_with(gm, group)
             log.info(
                 "fx_passes: rewrote MoE block %s (family %s, %d experts, %s)",
                 where,
