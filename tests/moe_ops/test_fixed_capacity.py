@@ -415,7 +415,8 @@ def test_compile_fullgraph_fwd_bwd(dynamic):
 def test_cuda_matches_reference(name, drop):
     """The Triton path of the capacity mode against the reference (W = 1)."""
     spec = SPECS[name]
-    with mock.patch("tests.moe_ops.test_fixed_capacity.device", lambda: torch.device("cuda")):
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    with mock.patch("tests.moe_ops.test_fixed_capacity.device", lambda: cuda):
         cap = _exact_capacity(spec, 1) - (3 if drop else 0)
         fixed_case(spec, max(cap, 0), drop)
 
