@@ -95,7 +95,37 @@ def _rank_in_expert(topk_idx_TK: Tensor, E: int, kern):
         bad = ((ids_P < -1) | (ids_P >= E)).sum()
     g_P = torch.where(valid_P, ids_P, 0)
     start_E = torch.cumsum(counts_E, 0) - counts_E
-    return valid_P, g_P, pos_P - start_E[g_P], counts_E, bad
+    return valid_P, g_P, pos_P - start_E[g_P], counts_E, bad, pos_P
+
+
+def _layout_local(topk_idx_TK, E, C, kern):
+    """W = 1 (few ops: their host time is on the critical path): the send order is the
+    expert-major receive order, so a pair fits iff its send row is < C."""
+    T, K = topk_idx_TK.shape
+    if kern is not None:
+        lay = kern.send_layout(topk_idx_TK, E, 1)
+        counts_E, bad, pos_TK = lay.counts_bad[:E], lay.counts_bad[E], lay.send_pos
+    else:
+        *_, counts_E, bad, pos_P = _rank_in_expert(topk_idx_TK, E, None)
+        pos_TK = pos_P.view(T, K)
+    pair_pos = torch.where(pos_TK < C, pos_TK, -1)
+    kept_end = torch.cumsum(counts_E, 0).clamp(max=C)
+    tokens_per_expert = torch.diff(kept_end, prepend=kept_end.new_zeros(1))
+    total = counts_E.sum()
+    num_recv = total.clamp(max=C).view(1)
+    num_dropped = total - total.clamp(max=C)
+    dev = pos_TK.device
+    recv_index = torch.zeros(0, dtype=_I64, device=dev)
+    splits = torch.zeros((0, 0), dtype=_I64, device=dev)
+    out = (tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits)
+    flags = dict(
+        overflow=num_dropped,
+        need_W=counts_E.sum().view(1),
+        bad_W=bad.view(1),
+        S_W=None,
+        bad_here=bad,
+    )
+    return out, flags
 
 
 def _excl_cumsum(t: Tensor, dim: int) -> Tensor:
@@ -107,7 +137,7 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, group, kern)
     T, K = topk_idx_TK.shape
     dev = topk_idx_TK.device
     E_l = E // W
-    valid_P, g_P, j_P, counts_E, bad = _rank_in_expert(topk_idx_TK, E, kern)
+    valid_P, g_P, j_P, counts_E, bad, _ = _rank_in_expert(topk_idx_TK, E, kern)
     if W == 1:
         counts_sde = counts_E.view(1, 1, E)
         T_W = torch.full((1,), T, dtype=_I64, device=dev)
@@ -191,8 +221,8 @@ def _raise_on_cpu(flags, rank, C, drop, equal_chunks, topk_idx, E) -> None:
         if flags["bad_here"] > 0:
             raise _bad_id_error(topk_idx, E)
         _comm.raise_if_peer_bad([int(b > 0) for b in bad_W], rank, "dispatch")
-    S_W = flags["S_W"].tolist()
-    if not equal_chunks and len(set(S_W)) > 1:
+    S_W = [] if equal_chunks else flags["S_W"].tolist()
+    if len(set(S_W)) > 1:
         raise ValueError(
             f"moe_ops.dispatch: with capacity={C} > T * K every rank must pass the same number "
             f"of tokens T (rows per peer min(C, T * K) differ across ranks: {S_W})"
@@ -316,10 +346,15 @@ def dispatch_fixed_op(
     if err is not None:  # still take part in the count exchange, flagged bad, so peers know
         topk_idx = torch.full((0, 1), -1, dtype=_I64, device=x.device)
     kern = _layout.triton_kernels(x) if err is None else None
-    lay, flags = _layout_fixed(topk_idx, E, C, W, rank, transport, err is not None, group, kern)
+    if transport == "local":
+        lay, flags = _layout_local(topk_idx, E, C, kern)
+    else:
+        bad_input = err is not None
+        lay, flags = _layout_fixed(topk_idx, E, C, W, rank, transport, bad_input, group, kern)
     if err is not None:
         raise err
-    _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
+    if transport != "local":  # before any row moves
+        _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
     tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits = lay
     recv_x = _to_experts(
         x,
@@ -336,6 +371,8 @@ def dispatch_fixed_op(
         "dispatch",
         splits[1:] if transport == "nvshmem" else None,
     )
+    if transport == "local":  # after the row scatter is queued: its host time hides this
+        _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
     return recv_x, tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits
 
 
