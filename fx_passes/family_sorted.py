@@ -331,17 +331,24 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
     body_nodes = S.body_region(x_sorted, y)
     if not body_nodes:
         return "the expert output does not depend on the sorted rows"
+    sentinel = _sentinel_fills(w, x_sorted, body_nodes)
+    if isinstance(sentinel, str):
+        return sentinel
+    fills, sentinel_bounds = sentinel
     for n in body_nodes:
-        why = _check_body_node(n)
+        why = None if n in fills else _check_body_node(n)
         if why is not None:
             return why
-    sup = S.collect_support(body_nodes, x_sorted, w.leaf_kind)
+    sup = S.collect_support(body_nodes, x_sorted, w.leaf_kind, replaced=fills)
     if isinstance(sup, str):
         return sup
     support, counts, row_ids, params = sup
     E = w.num_experts
     if E is None:
         return "no per-expert row counts (histc / bincount / one-hot sum) feed the experts"
+    for n, bound in sentinel_bounds:
+        if bound != E:
+            return f"{n.name} compares the sorted ids with {bound}, not the {E} experts"
     for p in params:
         if val(p).dim() == 0 or val(p).shape[0] != E:
             return f"{p.name} is not stacked per expert ([{E}, ...]): ModuleList after a sort"
@@ -350,6 +357,7 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
     if isinstance(tags, str):
         return tags
     body = S.Body(x_sorted, y, all_nodes, counts, row_ids, params, tags, E)
+    body.rewrite.update({n: _identity_of(n) for n in fills if n in body_nodes})
 
     known = set(w.seen) | set(body.nodes) | w.counts_chain
     remove = removal_set(output, last_write, base, x, topk_idx, topk_weights, known)
@@ -368,6 +376,81 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
         base=base,
         last_write=last_write,
     )
+
+
+def _sentinel_fills(w: _Walk, x_sorted: Node, body_nodes: list[Node]):
+    """transformers' expert-parallel sentinel handling (5.17: always on; 5.24: when sharded)::
+
+        mask = (ids_sorted >= E).unsqueeze(-1); ids_sorted.clamp_(max=E - 1)
+        rows.masked_fill_(mask, 0.0); ...; y = y.masked_fill(mask, 0.0)
+
+    ``mask`` is True only on rows whose id is not an expert of the block. The rewrite's rows all
+    have ids in ``[0, E)`` (``moe_ops.dispatch`` takes no other ids), so on them each fill and the
+    clamp are the identity. Returns ``(fills, bounds)``: the ``masked_fill`` nodes (the rewrite
+    copies them as their input) and each ``(node, E')`` whose ``E'`` must be the block's E
+    (checked once E is known); the mask, compare and clamp nodes go to ``w.seen``. Or why not.
+    """
+    ids = w.sorted_vals
+    fills: set[Node] = set()
+    bounds: list[tuple[Node, int]] = []
+    if ids is None:
+        return fills, bounds
+    inside = set(body_nodes)
+    for u in list(ids.users):
+        bound = _sentinel_bound(u, ids)
+        if bound is None:
+            continue
+        if S.is_method(u, "clamp_"):
+            if u.users:
+                return f"{u.name} clamps the sorted ids and its result is used"
+            bounds.append((u, bound))
+            w.seen.append(u)
+            continue
+        masks = [u] + [m for m in u.users if _column(m) is u]
+        for m in masks:
+            for f in m.users:
+                if f in masks:
+                    continue
+                if not (
+                    (
+                        S.is_method(f, "masked_fill", "masked_fill_")
+                        or S.is_call(f, torch.masked_fill)
+                    )
+                    and S.arg(f, 1, "mask") is m
+                    and not isinstance(S.arg(f, 2, "value"), Node)
+                ):
+                    return f"the sentinel mask {m.name} is used by {f.name} ({S.target_name(f)})"
+                if f not in inside:
+                    rows_write = S.is_method(f, "masked_fill_") and f.args[0] is x_sorted
+                    if not rows_write or f.users:
+                        return f"{f.name} fills a tensor that is not the expert rows"
+                    w.seen.append(f)
+                fills.add(f)
+        bounds.append((u, bound))
+        w.seen += masks
+    return fills, bounds
+
+
+def _sentinel_bound(u: Node, ids: Node) -> int | None:
+    """E' for ``ids >= E'``, ``ids > E' - 1`` or ``ids.clamp_(max=E' - 1)``, else None."""
+    if not u.args or u.args[0] is not ids:
+        return None
+    c = u.args[1] if len(u.args) > 1 else None
+    if isinstance(c, bool) or not isinstance(c, (int, type(None))):
+        return None
+    if S.is_call(u, operator.ge, torch.ge) or S.is_method(u, "ge"):
+        return c
+    if S.is_call(u, operator.gt, torch.gt) or S.is_method(u, "gt"):
+        return None if c is None else c + 1
+    if S.is_method(u, "clamp_") and c is None and u.kwargs.get("min") is None:
+        top = u.kwargs.get("max")
+        return top + 1 if isinstance(top, int) and not isinstance(top, bool) else None
+    return None
+
+
+def _identity_of(n: Node):
+    """A ``Body.rewrite`` entry copying ``n`` as its first argument."""
+    return lambda graph, lookup, tpe: lookup(n.args[0])
 
 
 def _tok_uses(u: Node, tok: Node, w: _Walk) -> list[tuple[str, Node, Node | None]] | None:

@@ -13,6 +13,10 @@ re-implementations of their routing structure (same ops, same shapes), written f
 * ``TitanStyle``: torchtitan-style local dispatch: ``bincount`` + ``torch._check`` on its
   length, stable ``argsort``, ``gather`` with an expanded index, ``torch._grouped_mm`` (bf16) or a
   ``split`` loop of ``matmul`` s, ``scatter_add`` onto a shared expert's output.
+* ``SentinelStyle``: transformers 5.17 ``"grouped_mm"`` structure (5.24 runs it only for
+  expert-parallel experts): ``sort``, ``histc``, the sentinel mask ``(ids_sorted >= E)[:, None]``
+  and ``ids_sorted.clamp_(max=E - 1)``, ``rows.masked_fill_(mask, 0)`` and ``masked_fill`` after
+  each ``torch._grouped_mm``, inverse permutation. ``variant="not_sentinel"`` masks real experts.
 * ``BatchedStyle``: transformers 5 ``"batched_mm"`` structure: ``repeat_interleave``, ``W[ids]``
   + ``bmm``, optional gathered biases, weighted ``view(T, K, H).sum(1)``.
 """
@@ -134,6 +138,35 @@ class TitanStyle(nn.Module):
         return self.shared(x).scatter_add(dim=0, index=tok, src=y)
 
 
+class SentinelStyle(nn.Module):
+    def __init__(self, num_experts=E, variant="sentinel"):
+        super().__init__()
+        self.E, self.variant = num_experts, variant
+        self.router = nn.Linear(H, num_experts, bias=False)
+        self.gate_up = _stacked(num_experts, 2 * INTER, H)
+        self.down = _stacked(num_experts, H, INTER)
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        top_w, top_i = torch.topk(probs, K, dim=-1)
+        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
+        ids_g, perm = torch.sort(top_i.reshape(-1))
+        rows = x[perm // K]
+        w_g = top_w.reshape(-1)[perm]
+        counts = torch.histc(ids_g.float(), bins=self.E, min=0, max=self.E - 1)
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        mask = (ids_g >= (self.E if self.variant == "sentinel" else 1)).unsqueeze(-1)
+        ids_g.clamp_(max=self.E - 1)
+        rows.masked_fill_(mask, 0.0)
+        h = torch._grouped_mm(rows, self.gate_up.transpose(-2, -1), offs=offs)
+        a, b = h.masked_fill(mask, 0.0).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(a) * b, self.down.transpose(-2, -1), offs=offs)
+        y = y.masked_fill(mask, 0.0) * w_g.unsqueeze(-1)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.size(0))
+        return y[inv].view(x.shape[0], K, H).sum(dim=1)
+
+
 class BatchedStyle(nn.Module):
     def __init__(self, num_experts=E, bias=False, transposed=False, ids="topk"):
         super().__init__()
@@ -172,6 +205,7 @@ MODELS = {
     "aria": lambda: AriaStyle(),
     "titan_loop": lambda: TitanStyle(),
     "titan_grouped": lambda: TitanStyle(grouped=True),
+    "sentinel": lambda: SentinelStyle(),
     "batched": lambda: BatchedStyle(),
     "batched_bias_t": lambda: BatchedStyle(bias=True, transposed=True),
 }

@@ -152,11 +152,12 @@ return (getitem_50,)""",
         (M.GraniteStyle(variant="no_way_back"), "way back"),
         (M.GraniteStyle(variant="weights_on_input"), "does not understand"),
         (M.GraniteStyle(variant="rows_mixed"), "mean over dim 0"),
+        (M.SentinelStyle(variant="not_sentinel").to(bf16), "not the 4 experts"),
     ],
-    ids=["sort-without-inverse", "weights-on-input", "body-mixes-rows"],
+    ids=["sort-without-inverse", "weights-on-input", "body-mixes-rows", "mask-of-real-experts"],
 )
 def test_near_miss_left_unchanged(model, reason, caplog):
-    x = _x()
+    x = _x(dtype=next(model.parameters()).dtype)
     with caplog.at_level("DEBUG", logger="fx_passes"):
         out, graphs, matches, before = L.capture(model, x)
     assert matches == []
@@ -179,7 +180,13 @@ def test_sort_that_is_not_routing_is_not_touched():
 
 @pytest.mark.parametrize(
     "name, dtype",
-    [("granite", f32), ("aria", f32), ("titan_loop", f32), ("titan_grouped", bf16)],
+    [
+        ("granite", f32),
+        ("aria", f32),
+        ("titan_loop", f32),
+        ("titan_grouped", bf16),
+        ("sentinel", bf16),
+    ],
 )
 def test_equal_to_eager_aot_eager(name, dtype):
     torch.manual_seed(0)
@@ -204,6 +211,8 @@ def test_equal_to_eager_inductor():
     )
 
 
-@pytest.mark.parametrize("name, dtype", [("granite", f32), ("titan_grouped", bf16)])
+@pytest.mark.parametrize(
+    "name, dtype", [("granite", f32), ("titan_grouped", bf16), ("sentinel", bf16)]
+)
 def test_expert_parallel_gloo(gloo_world, name, dtype):
     gloo_world(2).run(M.ep_equal, name, dtype)
