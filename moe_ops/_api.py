@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops import _comm, _fixed
+from moe_ops import _fixed
 from moe_ops._ops import _check_combine, _check_dispatch, combine_op, dispatch_op
 
 
@@ -111,9 +111,9 @@ def dispatch(
             are zero padding. ``"worst-case"`` is ``W * T * K`` (every pair of every rank could
             come here; at W = 1 that is T * K). At W > 1 every rank must pass the same T
             (symmetric buffers), unless C <= T * K on every rank with the padded transport.
-            Rows reach their owners through NVSHMEM (``torch.ops.symm_mem.all_to_all_vdev_2d``)
-            on CUDA when PyTorch has it, else one fixed-size ``all_to_all_single`` with
-            ``min(C, T * K)`` rows per peer (gloo, or NCCL without NVSHMEM); see
+            Rows reach their owners through one fixed-size ``all_to_all_single`` with
+            ``min(C, T * K)`` rows per peer (gloo or NCCL); an experimental NVSHMEM transport
+            (``torch.ops.symm_mem.all_to_all_vdev_2d``, device-side split sizes) is opt-in, see
             ``moe_ops._fixed``.
         overflow: capacity mode only: what happens to pairs that do not fit in C rows (the
             receiver's rows past C in its expert-major order). ``"error"``: on the CPU every rank
@@ -178,7 +178,9 @@ def _transport(x: Tensor, world_size: int) -> str:
         return _fixed.transport_override
     if world_size == 1:
         return "local"
-    return "nvshmem" if x.is_cuda and _comm.nvshmem_available() else "padded"
+    # The NVSHMEM transport has not run on more than one GPU yet (none was lent), so it is opt-in:
+    # set ``moe_ops._fixed.transport_override = "nvshmem"``.
+    return "padded"
 
 
 def _dispatch_fixed(x, topk_idx, num_experts, group_name, world_size, capacity, overflow):

@@ -22,7 +22,8 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     """Sort the valid pairs by global expert (stable).
 
     Returns ``order_P`` (int64 ``[P]``: pair indices, valid pairs first in send order, then the
-    ``-1`` slots and any out-of-range ids) and ``counts_E`` (int64 ``[E]``: valid pairs per global expert).
+    ``-1`` slots and any out-of-range ids) and ``counts_E`` (int64 ``[E]``: valid pairs per
+    global expert).
     """
     ids_P = topk_idx_TK.reshape(-1).to(torch.int64)
     valid_P = (ids_P >= 0) & (ids_P < num_experts)  # out-of-range ids are reported by the caller
@@ -35,7 +36,7 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
 def pair_positions(
     send_pair_idx_N: Tensor, num_pairs: int, row_offset_N: Tensor | int = 0
 ) -> Tensor:
-    """Inverse of the send order: row of every pair in the send order (plus ``row_offset``), -1 if unused."""
+    """Inverse of the send order: each pair's row in it (plus ``row_offset``), -1 if unused."""
     pos_P = torch.full((num_pairs,), -1, dtype=torch.int64, device=send_pair_idx_N.device)
     rows_N = torch.arange(send_pair_idx_N.shape[0], device=send_pair_idx_N.device) + row_offset_N
     return pos_P.index_copy_(0, send_pair_idx_N, rows_N)
@@ -83,8 +84,10 @@ def weighted_slot_sum(
     return acc_TH.to(out_dtype)
 
 
-def slot_dot(grad_TH: Tensor, rows_M: Tensor, pair_pos_TK: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``g[t, k] = <grad[t], rows[pair_pos[t, k]]>``, 0 for ``-1`` slots: combine's weight gradient."""
+def slot_dot(
+    grad_TH: Tensor, rows_M: Tensor, pair_pos_TK: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """``g[t, k] = <grad[t], rows[pair_pos[t, k]]>``, 0 for ``-1`` slots (weight gradient)."""
     T, K = pair_pos_TK.shape
     adt = acc_dtype(grad_TH.dtype)
     if rows_M.shape[0] == 0:

@@ -15,8 +15,8 @@ Each op sits next to its fake kernel and its autograd formula. Shape letters: se
 ``combine(expert_out[R, H'], topk_weights[T, K]?, <the handle's tensors>, group_name, world_size)``
 returns ``out[T, H']`` and ``returned_rows``: the rows that came back to this rank in send order,
 with one status row per source chunk (``[N + W, H']``); combine's backward needs them for the
-weight gradient. When ``W = 1`` nothing moves and ``returned_rows`` is ``[0, H']``: the backward uses
-``expert_out`` itself.
+weight gradient. When ``W = 1`` nothing moves and ``returned_rows`` is ``[0, H']``: the backward
+uses ``expert_out`` itself.
 
 ``_combine_backward`` returns ``grad_expert_out[R, H']`` and ``grad_topk_weights[T, K]`` (``[0, 0]``
 when not asked for).
@@ -37,7 +37,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_dispatch(x: Tensor, topk_idx: Tensor, num_experts: int, world_size: int) -> Exception | None:
+def _check_dispatch(
+    x: Tensor, topk_idx: Tensor, num_experts: int, world_size: int
+) -> Exception | None:
     """Shape/dtype/device checks that need no data; returns the error instead of raising it."""
     if x.dim() != 2:
         return ValueError(f"moe_ops.dispatch: x must be 2-D [T, H], got shape {tuple(x.shape)}")
@@ -45,7 +47,8 @@ def _check_dispatch(x: Tensor, topk_idx: Tensor, num_experts: int, world_size: i
         return TypeError(f"moe_ops.dispatch: x must be floating point, got dtype {x.dtype}")
     if topk_idx.dtype not in _INT_DTYPES:
         return TypeError(
-            f"moe_ops.dispatch: topk_idx must be an integer tensor of expert ids, got dtype {topk_idx.dtype}"
+            "moe_ops.dispatch: topk_idx must be an integer tensor of expert ids, "
+            f"got dtype {topk_idx.dtype}"
         )
     if topk_idx.dim() != 2:
         return ValueError(
@@ -53,7 +56,8 @@ def _check_dispatch(x: Tensor, topk_idx: Tensor, num_experts: int, world_size: i
         )
     if topk_idx.shape[0] != x.shape[0]:
         return ValueError(
-            f"moe_ops.dispatch: topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} tokens; "
+            f"moe_ops.dispatch: topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} "
+            "tokens; "
             "expected one row of expert ids per token"
         )
     if topk_idx.device != x.device:
@@ -86,7 +90,9 @@ def _check_combine(
             f"moe_ops.combine: expert_out must be 2-D [R, H'], got shape {tuple(expert_out.shape)}"
         )
     if expert_out.dtype not in _FLOAT_DTYPES:
-        return TypeError(f"moe_ops.combine: expert_out must be floating point, got {expert_out.dtype}")
+        return TypeError(
+            f"moe_ops.combine: expert_out must be floating point, got {expert_out.dtype}"
+        )
     rows = expert_out.shape[0]
     if isinstance(rows, int) and isinstance(num_rows, int) and rows != num_rows:
         return ValueError(
@@ -164,7 +170,7 @@ def dispatch_op(
             raise _bad_id_error(topk_idx, E)
         send_splits = recv_splits = [int(host[:-1].sum())]
     else:
-        status_W = host[counts_E.shape[0]:].view(W, -1)[:, 0].tolist()
+        status_W = host[counts_E.shape[0] :].view(W, -1)[:, 0].tolist()
         if status_W[rank]:
             raise err if err is not None else _bad_id_error(topk_idx, E)
         _comm.raise_if_peer_bad(status_W, rank, "dispatch")
@@ -191,7 +197,8 @@ def dispatch_op(
     else:
         # combine gets each chunk back followed by a status row: shift by the destination rank.
         dest_N = torch.repeat_interleave(
-            torch.arange(W, device=x.device), torch.tensor(send_splits, device=x.device),
+            torch.arange(W, device=x.device),
+            torch.tensor(send_splits, device=x.device),
             output_size=N,
         )
         pair_pos = _layout.pair_positions(send_pair_idx, T * K, dest_N)
@@ -238,8 +245,15 @@ def _dispatch_setup_context(ctx, inputs, output):
 def _dispatch_backward(ctx, grad_recv_x, *_):
     send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = ctx.saved_tensors
     grad_x, _ = combine_op(
-        grad_recv_x, None, pair_pos, send_pair_idx, recv_perm, send_splits, recv_splits,
-        ctx.group_name, ctx.world_size,
+        grad_recv_x,
+        None,
+        pair_pos,
+        send_pair_idx,
+        recv_perm,
+        send_splits,
+        recv_splits,
+        ctx.group_name,
+        ctx.world_size,
     )
     return grad_x, None, None, None, None
 
@@ -272,12 +286,20 @@ def combine_op(
     else:
         width = expert_out.shape[-1] if expert_out.dim() >= 1 else 1
         dtype = expert_out.dtype if expert_out.dtype in _FLOAT_DTYPES else torch.float32
-        rows_R = expert_out if err is None else torch.empty(
-            (recv_perm.shape[0], width), dtype=dtype, device=pair_pos.device
+        rows_R = (
+            expert_out
+            if err is None
+            else torch.empty((recv_perm.shape[0], width), dtype=dtype, device=pair_pos.device)
         )
         rows = returned = _comm.rows_to_sources(
-            rows_R, send_splits.tolist(), recv_splits.tolist(), recv_perm, err is not None,
-            group.rank(), group, "combine",
+            rows_R,
+            send_splits.tolist(),
+            recv_splits.tolist(),
+            recv_perm,
+            err is not None,
+            group.rank(),
+            group,
+            "combine",
         )
         if err is not None:
             raise err
@@ -290,8 +312,17 @@ def combine_op(
 
 
 @combine_op.register_fake
-def _(expert_out, topk_weights, pair_pos, send_pair_idx, recv_perm, send_splits, recv_splits,
-      group_name, world_size):
+def _(
+    expert_out,
+    topk_weights,
+    pair_pos,
+    send_pair_idx,
+    recv_perm,
+    send_splits,
+    recv_splits,
+    group_name,
+    world_size,
+):
     R = _num_recv_rows(send_pair_idx, recv_perm, world_size)
     err = _check_combine(expert_out, topk_weights, pair_pos, R)
     if err is not None:
@@ -302,7 +333,9 @@ def _(expert_out, topk_weights, pair_pos, send_pair_idx, recv_perm, send_splits,
     )
     T = pair_pos.shape[0]
     M = 0 if world_size == 1 else send_pair_idx.shape[0] + world_size
-    return expert_out.new_empty((T, expert_out.shape[1])), expert_out.new_empty((M, expert_out.shape[1]))
+    return expert_out.new_empty((T, expert_out.shape[1])), expert_out.new_empty(
+        (M, expert_out.shape[1])
+    )
 
 
 def _combine_setup_context(ctx, inputs, output):
@@ -316,8 +349,12 @@ def _combine_backward(ctx, grad_out, _grad_returned):
     returned, topk_weights, *handle = ctx.saved_tensors
     want_w = topk_weights is not None and ctx.needs_input_grad[1]
     grad_expert_out, grad_w = combine_backward_op(
-        grad_out, returned if want_w else None, topk_weights, *handle,
-        ctx.group_name, ctx.world_size,
+        grad_out,
+        returned if want_w else None,
+        topk_weights,
+        *handle,
+        ctx.group_name,
+        ctx.world_size,
     )
     return grad_expert_out, grad_w if want_w else None, None, None, None, None, None, None, None
 
@@ -338,7 +375,7 @@ def combine_backward_op(
     group_name: str,
     world_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of combine: w.r.t. expert_out always; w.r.t. topk_weights when ``returned_rows`` is given."""
+    """Combine's gradients: w.r.t. expert_out; w.r.t. topk_weights if ``returned_rows`` is given."""
     group = _comm.resolve_group(group_name, world_size)
     K = pair_pos.shape[1]
     kern = _layout.triton_kernels(grad_out)
@@ -367,8 +404,18 @@ def combine_backward_op(
 
 
 @combine_backward_op.register_fake
-def _(grad_out, returned_rows, topk_weights, pair_pos, send_pair_idx, recv_perm, send_splits,
-      recv_splits, group_name, world_size):
+def _(
+    grad_out,
+    returned_rows,
+    topk_weights,
+    pair_pos,
+    send_pair_idx,
+    recv_perm,
+    send_splits,
+    recv_splits,
+    group_name,
+    world_size,
+):
     R = _num_recv_rows(send_pair_idx, recv_perm, world_size)
     grad_w_shape = (0, 0) if returned_rows is None else tuple(pair_pos.shape)
     grad_w_dtype = grad_out.dtype if topk_weights is None else topk_weights.dtype

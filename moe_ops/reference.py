@@ -27,7 +27,7 @@ def _rows_for_expert(topk_idx: list[Tensor], expert: int) -> list[tuple[int, int
 def reference_dispatch(
     xs: list[Tensor], topk_idx: list[Tensor], num_experts: int
 ) -> list[tuple[Tensor, Tensor]]:
-    """``xs[r]``, ``topk_idx[r]`` are rank r's inputs; returns ``(recv_x, tokens_per_expert)`` per rank."""
+    """``xs[r]``, ``topk_idx[r]``: rank r's inputs. Returns ``(recv_x, tokens_per_expert)`` each."""
     W = len(xs)
     E_l = num_experts // W
     result = []
@@ -48,7 +48,7 @@ def reference_combine(
     num_experts: int,
     topk_weights: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """``expert_out[r]`` is row-aligned with rank r's ``recv_x``; returns ``out`` per source rank."""
+    """``expert_out[r]``: rows aligned with rank r's ``recv_x``. Returns ``out`` per source rank."""
     W = len(expert_out)
     E_l = num_experts // W
     row_of: dict[tuple[int, int, int], Tensor] = {}
