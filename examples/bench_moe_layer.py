@@ -1,8 +1,11 @@
 """Time one MoE block eager, with the default torch.compile, and with the "moe" backend.
 
 Blocks (bf16): a family-A block (per-expert loop over an ``nn.ModuleList`` of SwiGLU experts,
-``torch.where`` + ``index_add_``) and, when transformers is installed, transformers 5's Mixtral
-block with ``experts_implementation="grouped_mm"``. Forward and forward + backward; a table.
+``torch.where`` + ``index_add_``), the same block after ``fx_passes.shard_experts(block,
+stack=True)`` (each rank keeps its experts' weights as one ``[E_l, ...]`` parameter per name, so
+the rewrite's grouped GEMMs read them without a per-forward ``torch.stack``) and, when
+transformers is installed, transformers 5's Mixtral block with
+``experts_implementation="grouped_mm"``. Forward and forward + backward; a table.
 
     python examples/bench_moe_layer.py                 # E=8, top-2, H=2048, I=5632, 4096 tokens
     python examples/bench_moe_layer.py --quick         # a small shape for a CPU smoke run
@@ -120,6 +123,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="small shape (CPU smoke run)")
     p.add_argument("--world-size", type=int, default=None, help="expected W (checked)")
+    p.add_argument(
+        "--no-stacked", action="store_true", help="skip the shard_experts(stack=True) block"
+    )
     args = p.parse_args()
     if args.quick:
         args.experts, args.hidden, args.inter, args.tokens = 4, 64, 128, 256
@@ -142,6 +148,8 @@ def main() -> None:
 
     E, K, Hd, In, T = args.experts, args.top_k, args.hidden, args.inter, args.tokens
     blocks = {"family A (ModuleList loop)": lambda: LoopBlock(Hd, In, E, K)}
+    if not args.no_stacked:
+        blocks["family A, stack=True"] = lambda: LoopBlock(Hd, In, E, K)
     if _transformers_block(8, 16, 2, 1) is not None:
         blocks["transformers grouped_mm"] = lambda: _transformers_block(Hd, In, E, K)
 
@@ -149,6 +157,8 @@ def main() -> None:
     for bname, make in blocks.items():
         torch.manual_seed(0)
         base = make().to(device=device, dtype=torch.bfloat16)
+        if bname.endswith("stack=True"):  # the experts read slices of one [E_l, ...] parameter
+            fx_passes.shard_experts(base, group, stack=True)
         x = torch.randn(T, Hd, device=device, dtype=torch.bfloat16, generator=None) * 0.5
         if bname.startswith("transformers"):
             x = x.view(1, T, Hd)

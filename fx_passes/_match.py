@@ -204,6 +204,17 @@ def is_param_like(node: Any) -> bool:
     return isinstance(node, Node) and node.op in ("placeholder", "get_attr")
 
 
+def is_param_slice(node: Any) -> bool:
+    """``P[j]``: one expert's slice of a stacked parameter (``shard_experts(stack=True)``)."""
+    return (
+        isinstance(node, Node)
+        and node.op == "call_function"
+        and node.target is operator.getitem
+        and is_param_like(node.args[0])
+        and isinstance(node.args[1], int)
+    )
+
+
 def node_inputs(node: Node) -> list[Node]:
     return list(node.all_input_nodes)
 

@@ -42,6 +42,7 @@ from fx_passes._match import (
     descendants,
     graph_order,
     is_param_like,
+    is_param_slice,
     module_stack_paths,
     nodes_between,
     prune_removal,
@@ -314,7 +315,12 @@ def _match_block(
 
 def _params_of(body: list[Node], inp: Node) -> set[Node]:
     inside = set(body) | {inp}
-    return {a for n in body for a in n.all_input_nodes if a not in inside and is_param_like(a)}
+    return {
+        a
+        for n in body
+        for a in n.all_input_nodes
+        if a not in inside and (is_param_like(a) or is_param_slice(a))
+    }
 
 
 def _is_zeros(n: Node) -> bool:

@@ -42,6 +42,7 @@ from fx_passes._match import (
     descendants,
     graph_order,
     is_param_like,
+    is_param_slice,
     val,
 )
 
@@ -250,13 +251,30 @@ def _linear_args(n: Node) -> tuple[Node, Node | None]:
 
 
 def _expert_params(sub: ExpertSubgraph) -> set[Node]:
+    """The expert's own parameters: graph inputs/attributes, or ``P[j]`` slices of a stacked
+    parameter (``shard_experts(stack=True)``)."""
     inside = set(sub.nodes) | {sub.input}
     params = set()
     for n in sub.nodes:
         for a in n.all_input_nodes:
-            if a not in inside and is_param_like(a):
+            if a not in inside and (is_param_like(a) or is_param_slice(a)):
                 params.add(a)
     return params
+
+
+def _local_stack(graph: fx.Graph, parts: list[Node], env: Callable[[Node], Node]) -> Node:
+    """``[E_l, ...]`` from the local experts' parameters: ``P[j0:j0 + E_l]`` (a view) when they
+    are consecutive slices of one stacked parameter ``P``, else ``torch.stack`` (a copy)."""
+    p = parts[0].args[0] if is_param_slice(parts[0]) else None
+    j0 = parts[0].args[1] if p is not None else 0
+    consecutive = p is not None and all(
+        is_param_slice(q) and q.args[0] is p and q.args[1] == j0 + i for i, q in enumerate(parts)
+    )
+    if not consecutive:
+        return call(graph, torch.stack, ([env(q) for q in parts],))
+    if j0 == 0 and val(p).shape[0] == len(parts):
+        return env(p)
+    return call(graph, operator.getitem, (env(p), slice(j0, j0 + len(parts))))
 
 
 def _same_shape_args(n: Node, m: Node, sn: ExpertSubgraph, sm: ExpertSubgraph, pn, pm) -> bool:
@@ -331,8 +349,8 @@ def _emit_grouped(
     local_env: dict[Node, Node] = {ref.input: recv_x}
     for i, n in enumerate(ref.nodes):
         if n.target in _LINEAR:
-            ws = [env(_linear_args(body.experts[e].nodes[i])[0]) for e in local]
-            w_stack = call(graph, torch.stack, (ws,))
+            ws = [_linear_args(body.experts[e].nodes[i])[0] for e in local]
+            w_stack = _local_stack(graph, ws, env)
             w_t = call(graph, "transpose", (w_stack, -2, -1))
             out = call(graph, torch._grouped_mm, (local_env[n.args[0]], w_t), {"offs": offs})
             if _linear_args(n)[1] is not None:
@@ -342,8 +360,8 @@ def _emit_grouped(
                     row_expert = call(
                         graph, torch.repeat_interleave, (ids, tpe), {"output_size": rows}
                     )
-                bs = [env(_linear_args(body.experts[e].nodes[i])[1]) for e in local]
-                b_stack = call(graph, torch.stack, (bs,))
+                bs = [_linear_args(body.experts[e].nodes[i])[1] for e in local]
+                b_stack = _local_stack(graph, bs, env)
                 b_rows = call(graph, operator.getitem, (b_stack, row_expert))
                 out = call(graph, operator.add, (out, b_rows))
             local_env[n] = out
@@ -482,10 +500,15 @@ def rewrite_match(gm: fx.GraphModule, match: MoEMatch, group: dist.ProcessGroup 
         if u in order and order[u] <= last:
             continue
         u.replace_input_with(match.output, out)
+    # the experts' slices P[j] of stacked parameters go too once nothing reads them
+    slices = {a for n in removed for a in n.all_input_nodes if is_param_slice(a)} - removed
     for n in sorted(removed, key=order.get, reverse=True):
         if n.users:
             raise AssertionError(f"fx_passes: {n.name} still has users {list(n.users)}")
         graph.erase_node(n)
+    for n in slices:
+        if not n.users:
+            graph.erase_node(n)
     match.rewritten.update(world_size=world_size, rank=rank)
     graph.lint()
     gm.recompile()
@@ -509,6 +532,8 @@ def _region_nodes(match: MoEMatch) -> list[Node]:
     routed = descendants(match.topk_idx)
     keep = ancestors(match.remove, within=(routed | removed) - boundary)
     region = removed | keep
+    # experts' slices P[j] of a stacked parameter run with the block: the check feeds P
+    region |= {a for n in region for a in n.all_input_nodes if is_param_slice(a)}
     return [n for n in match.output.graph.nodes if n in region]
 
 
@@ -579,6 +604,8 @@ def _region_modules(gm: fx.GraphModule, match: MoEMatch, region: list[Node], ext
         env_new[a].meta.update(a.meta)
     for n in region:
         env_old[n] = g_old.node_copy(n, lambda a: env_old[a])
+        if is_param_slice(n):
+            env_new[n] = g_new.node_copy(n, lambda a: env_new[a])
     g_old.output(env_old[match.output])
     out = emit_routed(g_new, match, lambda a: env_new[a], "", 1, 0)
     g_new.output(out)
