@@ -5,7 +5,9 @@ Blocks (bf16): a family-A block (per-expert loop over an ``nn.ModuleList`` of Sw
 stack=True)`` (each rank keeps its experts' weights as one ``[E_l, ...]`` parameter per name, so
 the rewrite's grouped GEMMs read them without a per-forward ``torch.stack``) and, when
 transformers is installed, transformers 5's Mixtral block with
-``experts_implementation="grouped_mm"``. Forward and forward + backward; a table.
+``experts_implementation="grouped_mm"``. Forward and forward + backward; a table. Modes: eager,
+``torch.compile``, the "moe" backend, and the "moe" backend with ``capacity="worst-case"`` (the
+sync-free capacity-mode ops: the host is not held back by a read of the row counts).
 
     python examples/bench_moe_layer.py                 # E=8, top-2, H=2048, I=5632, 4096 tokens
     python examples/bench_moe_layer.py --quick         # a small shape for a CPU smoke run
@@ -102,13 +104,16 @@ def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
 
 
 def _modes(group):
-    def moe(m):
-        return torch.compile(m, backend=fx_passes.moe_backend(group=group), fullgraph=True)
+    def moe(m, capacity=None):
+        backend = fx_passes.moe_backend(group=group, capacity=capacity)
+        return torch.compile(m, backend=backend, fullgraph=True)
 
     return {
         "eager": lambda m: m,
         "torch.compile": lambda m: torch.compile(m),
         "moe backend": moe,
+        # sync-free dispatch_fixed/combine_fixed on W * T * K padded rows (no host read)
+        "moe backend, capacity=worst-case": lambda m: moe(m, "worst-case"),
     }
 
 

@@ -130,11 +130,12 @@ class MoEMatch:
     # exact structural match instead.
     verify_at_w1: typing.ClassVar[bool] = True
 
-    def replace_with(self, gm: fx.GraphModule, group=None) -> None:
-        """Rewrite this block of ``gm`` into dispatch -> local experts -> combine."""
+    def replace_with(self, gm: fx.GraphModule, group=None, *, capacity=None) -> None:
+        """Rewrite this block of ``gm`` into dispatch -> local experts -> combine (the
+        capacity-mode ops when ``capacity`` is not None, see ``fuse_moe_routing``)."""
         from fx_passes.rewrite import rewrite_match
 
-        rewrite_match(gm, self, group)
+        rewrite_match(gm, self, group, capacity)
 
     def summary(self) -> dict[str, Any]:
         return {

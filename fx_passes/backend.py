@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fx_passes._match import MoEMatch, Rejected, descendants, module_path
-from fx_passes.rewrite import fuse_moe_routing
+from fx_passes.rewrite import check_capacity, fuse_moe_routing
 
 log = logging.getLogger("fx_passes")
 
@@ -136,6 +136,7 @@ def moe_backend(
     *,
     inner: str | Callable = "inductor",
     strict: bool = False,
+    capacity: int | str | None = None,
 ) -> Callable:
     """A torch.compile backend that rewrites MoE routing into dispatch/combine, then compiles.
 
@@ -146,15 +147,26 @@ def moe_backend(
             callable ``(gm, example_inputs) -> callable``; it receives the rewritten graph.
         strict: raise ``RuntimeError`` when a graph that looks like MoE routing had no block
             rewritten (instead of warning once).
+        capacity: opt-in sync-free dispatch (see ``fuse_moe_routing``). None (default): the
+            rewrite emits ``moe_ops.dispatch``/``combine`` (one device -> host sync per block,
+            reading the row counts). ``"worst-case"`` (``W * T * K`` rows: nothing can be
+            dropped, results unchanged) or an int ``C`` (``overflow="error"``): it emits
+            ``moe_ops.dispatch_fixed``/``combine_fixed`` and grouped expert compute on the
+            ``[C, H]`` padded rows, with no host sync, so the host can run ahead of the GPU. A
+            block whose experts cannot be grouped keeps the default ops (logged at warning
+            level; ``match.rewritten["capacity_fallback"]`` says why).
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout).
     """
+    check_capacity(capacity, "fx_passes.moe_backend")
     compile_inner = _inner_compiler(inner)
     rewritten: list[MoEMatch] = []
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]):
-        matches = fuse_moe_routing(gm, group=group, example_inputs=example_inputs)
+        matches = fuse_moe_routing(
+            gm, group=group, example_inputs=example_inputs, capacity=capacity
+        )
         rewritten.extend(matches)
         missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
         if strict and missed:
@@ -173,12 +185,14 @@ def moe_backend(
 
 
 def moe_backend_entry(gm: fx.GraphModule, example_inputs, *, options=None, mode=None):
-    """``torch.compile(model, backend="moe", options={"inner": "aot_eager", "strict": True})``."""
+    """``torch.compile(model, backend="moe", options={"inner": "aot_eager", "strict": True,
+    "capacity": "worst-case"})``; the options are :func:`moe_backend`'s keywords."""
     opts = dict(options or {})
-    unknown = set(opts) - {"inner", "strict", "group"}
+    unknown = set(opts) - {"inner", "strict", "group", "capacity"}
     if unknown:
         raise ValueError(
-            f"backend='moe': unknown options {sorted(unknown)}; expected inner, strict, group"
+            f"backend='moe': unknown options {sorted(unknown)}; expected inner, strict, group, "
+            f"capacity"
         )
     return moe_backend(**opts)(gm, example_inputs)
 
@@ -189,6 +203,7 @@ def compile_moe(
     group: dist.ProcessGroup | None = None,
     inner: str | Callable = "inductor",
     strict: bool = False,
+    capacity: int | str | None = None,
     **compile_kwargs: Any,
 ) -> Callable:
     """``torch.compile(model, backend=moe_backend(...))`` with Dynamo's capture of data-dependent
@@ -198,7 +213,9 @@ def compile_moe(
     capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)``.
     """
     compiled = torch.compile(
-        model, backend=moe_backend(group, inner=inner, strict=strict), **compile_kwargs
+        model,
+        backend=moe_backend(group, inner=inner, strict=strict, capacity=capacity),
+        **compile_kwargs,
     )
 
     @functools.wraps(getattr(model, "forward", model))

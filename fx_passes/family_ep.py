@@ -73,10 +73,10 @@ class EPMatch(MoEMatch):
     ep_group: dist.ProcessGroup | None = None
     verify_at_w1 = False  # see the module docstring
 
-    def replace_with(self, gm: fx.GraphModule, group=None) -> None:
+    def replace_with(self, gm: fx.GraphModule, group=None, *, capacity=None) -> None:
         from fx_passes.rewrite import rewrite_match
 
-        rewrite_match(gm, self, self.ep_group)
+        rewrite_match(gm, self, self.ep_group, capacity)
 
 
 def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]:

@@ -10,6 +10,16 @@ it (:func:`rewrite_match`). The emitted graph, with ``g = group_name, W = world_
     out, _ = torch.ops.moe_ops.combine(expert_out, topk_weights, *layout, g, W)
     routed = base + out                                # when the block accumulated onto a base
 
+With ``capacity=`` (opt-in, see :func:`fuse_moe_routing`) the pair is the sync-free capacity mode
+(``t`` the transport, ``moe_ops._api._transport``; ``C`` the capacity, ``W * T * K`` for
+``"worst-case"``)::
+
+    recv_x, tokens_per_expert, _, pair_pos, recv_index, num_recv, splits = \
+        torch.ops.moe_ops.dispatch_fixed(x, topk_idx, E, C, False, g, W, t)
+    expert_out = <local experts on recv_x>           # [C, H']: no host read of the counts
+    out, _ = torch.ops.moe_ops.combine_fixed(expert_out, topk_weights, pair_pos, recv_index,
+                                             num_recv, splits, C, g, W, t)
+
 Rank ``r`` runs global experts ``r * E_l + j``. New nodes carry ``meta["example_value"]`` (or
 ``meta["val"]`` in graphs that use it) computed in the graph's fake mode.
 """
@@ -341,10 +351,18 @@ def _emit_grouped(
     recv_x: Node,
     tpe: Node,
     env: Callable[[Node], Node],
+    padded: bool = False,
 ) -> Node:
-    """One ``torch._grouped_mm`` per linear layer over the stacked local experts' weights."""
+    """One ``torch._grouped_mm`` per linear layer over the stacked local experts' weights.
+
+    ``padded``: ``recv_x`` is a capacity-mode ``[C, H]`` whose rows past ``tokens_per_expert.sum()``
+    are padding. ``torch._grouped_mm`` leaves its output rows past the last offset unwritten
+    (uninitialized memory, also in its input gradient); every op here is row-wise and combine never
+    reads those rows. Only the bias rows mix rows (their gradient sums over rows), so padding rows
+    add no bias and send it no gradient.
+    """
     offs = grouped_offsets(graph, tpe)
-    row_expert = None
+    row_expert = valid = None
     ref = body.experts[local[0]]
     local_env: dict[Node, Node] = {ref.input: recv_x}
     for i, n in enumerate(ref.nodes):
@@ -354,7 +372,9 @@ def _emit_grouped(
             w_t = call(graph, "transpose", (w_stack, -2, -1))
             out = call(graph, torch._grouped_mm, (local_env[n.args[0]], w_t), {"offs": offs})
             if _linear_args(n)[1] is not None:
-                if row_expert is None:
+                if row_expert is None and padded:
+                    row_expert, valid = _padded_row_expert(graph, recv_x, offs, len(local))
+                elif row_expert is None:
                     rows = call(graph, "size", (recv_x, 0))
                     ids = call(graph, torch.arange, (len(local),), {"device": val(tpe).device})
                     row_expert = call(
@@ -363,6 +383,8 @@ def _emit_grouped(
                 bs = [_linear_args(body.experts[e].nodes[i])[1] for e in local]
                 b_stack = _local_stack(graph, bs, env)
                 b_rows = call(graph, operator.getitem, (b_stack, row_expert))
+                if valid is not None:
+                    b_rows = call(graph, torch.where, (valid, b_rows, 0))
                 out = call(graph, operator.add, (out, b_rows))
             local_env[n] = out
             continue
@@ -371,6 +393,56 @@ def _emit_grouped(
         _set_val(new)
         local_env[n] = new
     return local_env[ref.output]
+
+
+def _padded_row_expert(graph: fx.Graph, recv_x: Node, offs: Node, e_l: int) -> tuple[Node, Node]:
+    """Local expert of each of the ``C`` rows (int64 ``[C]``, padding rows clamped to the last
+    expert) and ``[C, 1]`` bool, True on real rows; no host read of the counts."""
+    rows = call(graph, "size", (recv_x, 0))
+    row_C = call(graph, torch.arange, (rows,), {"device": val(recv_x).device, "dtype": torch.int32})
+    expert_C = call(graph, torch.searchsorted, (offs, row_C), {"right": True})
+    expert_C = call(graph, torch.clamp, (expert_C,), {"max": e_l - 1})
+    last = call(graph, operator.getitem, (offs, -1))
+    valid_C = call(graph, operator.lt, (row_C, last))
+    return expert_C, call(graph, "unsqueeze", (valid_C, 1))
+
+
+# Ops that read the row counts on the host or assume exactly R rows: a capacity-mode body must
+# have none (``split(recv_x, tpe.tolist())`` segments, ``repeat_interleave(..., output_size=R)``).
+_SYNC_METHODS = {"tolist", "item", "split", "nonzero", "repeat_interleave"}
+_SYNC_FUNCS = {torch.split, torch.functional.split, torch.nonzero, torch.repeat_interleave}
+
+
+def _capacity_blocker(nodes: Sequence[Node]) -> str | None:
+    """Why expert-compute ``nodes`` cannot run on a capacity-mode ``recv_x``, or None."""
+    for n in nodes:
+        if (n.op == "call_method" and n.target in _SYNC_METHODS) or (
+            n.op == "call_function" and n.target in _SYNC_FUNCS
+        ):
+            name = getattr(n.target, "__name__", n.target)
+            return f"the expert compute uses {name} ({n.name}): a host read of the row counts"
+    return None
+
+
+def capacity_rows(graph: fx.Graph, x: Node, idx: Node, capacity: int | str, world_size: int):
+    """The capacity ``C`` of a capacity-mode dispatch: ``capacity`` itself when an int, else
+    ``W * T * K`` (an int, or a node when ``T`` is symbolic)."""
+    if capacity != "worst-case":
+        return capacity
+    T, K = val(idx).shape
+    if isinstance(T, int):
+        return world_size * T * K
+    return call(graph, operator.mul, (call(graph, "size", (x, 0)), world_size * int(K)))
+
+
+def check_capacity(capacity: Any, where: str) -> None:
+    """Raise unless ``capacity`` is None, ``"worst-case"`` or an int >= 0."""
+    if capacity is None or capacity == "worst-case":
+        return
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"{where}: capacity must be None, an int or 'worst-case', got {capacity!r}")
+    if capacity < 0:
+        raise ValueError(f"{where}: capacity must be >= 0 rows, got {capacity}")
 
 
 def _can_group(body: ModuleListExperts, local: Sequence[int], x_val) -> str | None:
@@ -414,20 +486,48 @@ def emit_routed(
     world_size: int,
     rank: int,
     info: dict | None = None,
+    capacity: int | str | None = None,
 ) -> Node:
     """Insert dispatch -> local experts -> combine for ``match`` at the insertion point.
 
     ``env`` maps the original graph's nodes to ``graph``'s (the identity for an in-place
-    rewrite). Returns the node holding the routed output, in ``match.output``'s dtype.
+    rewrite). ``capacity`` (None, an int, or ``"worst-case"``) picks the sync-free capacity-mode
+    ops; when the experts cannot run on its padded rows without a host read (no grouped form), the
+    block keeps the default ops and ``info["capacity_fallback"]`` says why. Returns the node
+    holding the routed output, in ``match.output``'s dtype.
     """
     info = {} if info is None else info
-    E = match.num_experts
     x, idx = env(match.x), env(match.topk_idx)
     w = env(match.topk_weights) if match.topk_weights is not None else None
     if val(idx).dim() == 1:
         idx = call(graph, "unsqueeze", (idx, 1))
         if w is not None and val(w).dim() == 1:
             w = call(graph, "unsqueeze", (w, 1))
+    e_l = match.num_experts // world_size
+    local = list(range(rank * e_l, (rank + 1) * e_l))
+    if capacity is not None:
+        why = None
+        if not isinstance(match.body, StackedExperts):
+            why = _can_group(match.body, local, val(x))
+        if why is None:
+            before, saved = set(graph.nodes), dict(info)
+            out = _emit_capacity(
+                graph, match, env, x, idx, w, group_name, world_size, rank, info, capacity
+            )
+            if isinstance(out, Node):
+                return out
+            why = out
+            for n in reversed([n for n in graph.nodes if n not in before]):
+                graph.erase_node(n)
+            info.clear()
+            info.update(saved)
+        info["capacity_fallback"] = why
+    out = _emit_default(graph, match, env, x, idx, w, group_name, world_size, rank, info)
+    return out
+
+
+def _emit_default(graph, match, env, x, idx, w, group_name, world_size, rank, info) -> Node:
+    E = match.num_experts
     d = call(graph, torch.ops.moe_ops.dispatch.default, (x, idx, E, group_name, world_size))
     recv_x, tpe, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = (
         call(graph, operator.getitem, (d, i)) for i in range(7)
@@ -461,7 +561,10 @@ def emit_routed(
             world_size,
         ),
     )
-    out = call(graph, operator.getitem, (c, 0))
+    return _finish(graph, match, env, call(graph, operator.getitem, (c, 0)))
+
+
+def _finish(graph: fx.Graph, match: MoEMatch, env: Callable[[Node], Node], out: Node) -> Node:
     want = val(match.output).dtype
     if val(out).dtype != want:
         out = call(graph, "to", (out, want))
@@ -470,8 +573,64 @@ def emit_routed(
     return out
 
 
-def rewrite_match(gm: fx.GraphModule, match: MoEMatch, group: dist.ProcessGroup | None) -> None:
-    """Replace ``match`` in ``gm`` (in place) by dispatch -> local experts -> combine."""
+def _emit_capacity(
+    graph, match, env, x, idx, w, group_name, world_size, rank, info, capacity
+) -> Node | str:
+    """dispatch_fixed -> grouped local experts on ``[C, H]`` -> combine_fixed, or why not (the
+    caller erases what was emitted)."""
+    from moe_ops._api import _transport
+
+    E = match.num_experts
+    C = capacity_rows(graph, x, idx, capacity, world_size)
+    transport = _transport(val(x), world_size)
+    d = call(
+        graph,
+        torch.ops.moe_ops.dispatch_fixed.default,
+        (x, idx, E, C, False, group_name, world_size, transport),
+    )
+    recv_x, tpe, _, pair_pos, recv_index, num_recv, splits = (
+        call(graph, operator.getitem, (d, i)) for i in range(7)
+    )
+    before = set(graph.nodes)
+    if isinstance(match.body, StackedExperts):
+        expert_out = _emit_stacked(graph, match.body, E, world_size, rank, recv_x, tpe, env)
+        why = _capacity_blocker([n for n in graph.nodes if n not in before])
+        if why is not None:
+            return why
+        info["experts"] = "stacked"
+    else:
+        e_l = E // world_size
+        local = list(range(rank * e_l, (rank + 1) * e_l))
+        expert_out = _emit_grouped(graph, match.body, local, recv_x, tpe, env, padded=True)
+        info["experts"] = "grouped_mm"
+    info["dispatch"] = f"capacity={capacity}"
+    c = call(
+        graph,
+        torch.ops.moe_ops.combine_fixed.default,
+        (
+            expert_out,
+            w,
+            pair_pos,
+            recv_index,
+            num_recv,
+            splits,
+            C,
+            group_name,
+            world_size,
+            transport,
+        ),
+    )
+    return _finish(graph, match, env, call(graph, operator.getitem, (c, 0)))
+
+
+def rewrite_match(
+    gm: fx.GraphModule,
+    match: MoEMatch,
+    group: dist.ProcessGroup | None,
+    capacity: int | str | None = None,
+) -> None:
+    """Replace ``match`` in ``gm`` (in place) by dispatch -> local experts -> combine
+    (capacity-mode ops when ``capacity`` is not None, see :func:`emit_routed`)."""
     why = check_removable(match)
     if why is not None:
         raise ValueError(f"fx_passes: cannot rewrite {match.module_path or 'block'}: {why}")
@@ -487,7 +646,16 @@ def rewrite_match(gm: fx.GraphModule, match: MoEMatch, group: dist.ProcessGroup 
     removed = set(match.remove)
     with graph.inserting_before(tail.next):
         first_new = tail.next
-        out = emit_routed(graph, match, lambda n: n, group_name, world_size, rank, match.rewritten)
+        out = emit_routed(
+            graph, match, lambda n: n, group_name, world_size, rank, match.rewritten, capacity
+        )
+    if "capacity_fallback" in match.rewritten:
+        log.warning(
+            "fx_passes: MoE block %s keeps the default (synced) dispatch, not capacity=%r: %s",
+            match.module_path or "<top>",
+            capacity,
+            match.rewritten["capacity_fallback"],
+        )
     new_nodes = set()
     n = tail.next
     while n is not first_new:
@@ -596,7 +764,13 @@ def _random_inputs(
     return out
 
 
-def _region_modules(gm: fx.GraphModule, match: MoEMatch, region: list[Node], ext: list[Node]):
+def _region_modules(
+    gm: fx.GraphModule,
+    match: MoEMatch,
+    region: list[Node],
+    ext: list[Node],
+    capacity: int | str | None = None,
+):
     g_old, g_new = fx.Graph(), fx.Graph()
     env_old = {a: g_old.placeholder(f"in{i}") for i, a in enumerate(ext)}
     env_new = {a: g_new.placeholder(f"in{i}") for i, a in enumerate(ext)}
@@ -607,18 +781,23 @@ def _region_modules(gm: fx.GraphModule, match: MoEMatch, region: list[Node], ext
         if is_param_slice(n):
             env_new[n] = g_new.node_copy(n, lambda a: env_new[a])
     g_old.output(env_old[match.output])
-    out = emit_routed(g_new, match, lambda a: env_new[a], "", 1, 0)
+    out = emit_routed(g_new, match, lambda a: env_new[a], "", 1, 0, None, capacity)
     g_new.output(out)
     return fx.GraphModule(gm, g_old), fx.GraphModule(gm, g_new)
 
 
 def verify_match(
-    gm: fx.GraphModule, match: MoEMatch, example_inputs: Sequence[Any] | None = None
+    gm: fx.GraphModule,
+    match: MoEMatch,
+    example_inputs: Sequence[Any] | None = None,
+    capacity: int | str | None = None,
 ) -> str | None:
     """Run the matched region and its W = 1 rewrite on small random inputs.
 
-    Parameters keep their real values when ``example_inputs`` holds real tensors for the graph's
-    placeholders. Returns None when both agree, else why not (the graph is left untouched).
+    With ``capacity`` not None the rewrite checked is the capacity-mode one, with ``"worst-case"``
+    capacity (an int capacity could overflow on the random routing). Parameters keep their real
+    values when ``example_inputs`` holds real tensors for the graph's placeholders. Returns None
+    when both agree, else why not (the graph is left untouched).
     """
     region = _region_nodes(match)
     ext = _region_inputs(match, region)
@@ -636,7 +815,8 @@ def verify_match(
             with contextlib.suppress(AttributeError):
                 real[a] = fx.graph_module._get_attr(gm, a.target)
     try:
-        old_mod, new_mod = _region_modules(gm, match, region, ext)
+        check_cap = None if capacity is None else "worst-case"
+        old_mod, new_mod = _region_modules(gm, match, region, ext, check_cap)
     except Exception as e:  # noqa: BLE001 - any failure to build means "not sure"
         return f"could not build the rewrite: {type(e).__name__}: {e}"
     T = val(match.x).shape[0]
@@ -712,6 +892,7 @@ def fuse_moe_routing(
     group: dist.ProcessGroup | None = None,
     example_inputs: Sequence[Any] | None = None,
     verify: bool = True,
+    capacity: int | str | None = None,
 ) -> list[MoEMatch]:
     """Rewrite every MoE block of ``gm`` (a Dynamo-level graph) into dispatch/combine, in place.
 
@@ -721,10 +902,23 @@ def fuse_moe_routing(
             ``torch.distributed`` is initialized, else a single rank.
         example_inputs: the graph's inputs; real tensors let the W = 1 check use real weights.
         verify: check each match against its rewrite on random inputs before committing it.
+        capacity: opt-in sync-free dispatch. None (default): ``moe_ops.dispatch``/``combine``,
+            whose one device -> host sync reads the row counts. ``"worst-case"`` or an int ``C``:
+            ``moe_ops.dispatch_fixed``/``combine_fixed`` (the ``capacity=`` mode of
+            :func:`moe_ops.dispatch`, ``overflow="error"``): ``recv_x`` is ``[C, H]`` with zero
+            padding rows past ``tokens_per_expert.sum()``, and no host read at all.
+            ``"worst-case"`` is ``W * T * K`` rows: nothing can overflow, results are the default
+            mode's. An int ``C`` fixes the rows (a static shape); more pairs than ``C`` for this
+            rank raise (CPU) or fire a device-side assertion (CUDA). The local experts must run as
+            ``torch._grouped_mm`` (bfloat16 ModuleList experts of linear layers and row-wise ops,
+            or stacked experts with no ``tolist``/``split`` by counts); otherwise the block keeps
+            the default ops, logged at warning level and kept in
+            ``match.rewritten["capacity_fallback"]``.
 
     Returns the rewritten blocks (family, number of experts, module path); why other candidates
     were left alone is logged at debug level and kept in ``gm.meta["moe_rejected"]``.
     """
+    check_capacity(capacity, "fx_passes.fuse_moe_routing")
     rejects: list[Rejected] = []
     done: list[MoEMatch] = []
     for mod in _family_modules():
@@ -732,11 +926,14 @@ def fuse_moe_routing(
             where = match.module_path or "<top>"
             why = check_removable(match)
             if why is None and verify and match.verify_at_w1:
-                why = verify_match(gm, match, example_inputs)
+                why = verify_match(gm, match, example_inputs, capacity)
             if why is not None:
                 rejects.append(Rejected(match.family, match.module_path, why))
                 continue
-            match.replace_with(gm, group)
+            if capacity is None:
+                match.replace_with(gm, group)
+            else:
+                match.replace_with(gm, group, capacity=capacity)
             log.info(
                 "fx_passes: rewrote MoE block %s (family %s, %d experts, %s)",
                 where,
@@ -750,7 +947,9 @@ def fuse_moe_routing(
             "fx_passes: left %s (family %s) alone: %s", r.module_path or "<top>", r.family, r.reason
         )
     for sub, sub_inputs in _subgraphs(gm, example_inputs):
-        done += fuse_moe_routing(sub, group=group, example_inputs=sub_inputs, verify=verify)
+        done += fuse_moe_routing(
+            sub, group=group, example_inputs=sub_inputs, verify=verify, capacity=capacity
+        )
         rejects += sub.meta.get("moe_rejected", [])
     gm.meta["moe_rejected"] = rejects
     return done

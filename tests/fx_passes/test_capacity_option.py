@@ -1,0 +1,147 @@
+"""The opt-in ``capacity=`` option of the rewrite and the "moe" backend: sync-free
+``moe_ops.dispatch_fixed``/``combine_fixed`` with grouped experts on the padded ``[C, H]`` rows,
+equality with eager (forward and gradients, W = 1, aot_eager), the fallback to the default ops for
+experts that cannot be grouped, and ``options={"capacity": ...}`` through ``backend="moe"``."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.testing import FileCheck
+
+import fx_passes
+from tests.fx_passes import _loop_models as L
+from tests.fx_passes import _sorted_models as S
+
+bf16 = torch.bfloat16
+_TOL = dict(atol=3e-2, rtol=3e-2)
+
+
+def _x(T=8, H=L.H, dtype=bf16, seed=3):
+    return torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _capture(model, x, capacity):
+    graphs, matches = [], []
+
+    def backend(gm, example_inputs):
+        matches.extend(
+            fx_passes.fuse_moe_routing(gm, example_inputs=example_inputs, capacity=capacity)
+        )
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    return out, L.short_code(graphs[0]), matches
+
+
+def test_worst_case_emits_capacity_ops_and_grouped_mm():
+    torch.manual_seed(0)
+    model = L.Block("onehot_where", bias=True).to(bf16)
+    x = _x()
+    out, code, matches = _capture(model, x, "worst-case")
+    [m] = matches
+    assert m.rewritten["experts"] == "grouped_mm"
+    assert m.rewritten["dispatch"] == "capacity=worst-case"
+    # T * K = 8 * 2 = 16 rows at W = 1, no host read of the counts, one grouped_mm per linear
+    (
+        FileCheck()
+        .check("moe_ops.dispatch_fixed(l_x_, idx, 4, 16, False, '', 1, 'local')")
+        .check("torch.cumsum(")
+        .check("torch._grouped_mm(")
+        .check("moe_ops.combine_fixed(")
+        .check_same(", 16, '', 1, 'local')")
+        .run(code)
+    )
+    assert code.count("torch._grouped_mm(") == 3
+    for synced in ("moe_ops.dispatch(", "moe_ops.combine(", "tolist", ".item()", "split"):
+        assert synced not in code
+    # bias rows: expert of each padded row without the counts on the host, none on padding rows
+    FileCheck().check("torch.searchsorted(").check("torch.where(").run(code)
+    torch.testing.assert_close(out, model(x), **_TOL)
+
+
+def test_int_capacity_is_passed_through_and_overflow_raises():
+    torch.manual_seed(0)
+    model = L.Block("onehot_where").to(bf16)
+    _, code, _ = _capture(model, _x(), 40)
+    FileCheck().check(", 4, 40, False, '', 1, 'local')").check(", 40, '', 1, 'local')").run(code)
+    compiled = torch.compile(
+        model, backend=fx_passes.moe_backend(inner="aot_eager", capacity=3), fullgraph=True
+    )
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="capacity"):
+        compiled(_x())
+
+
+def test_default_is_unchanged():
+    torch.manual_seed(0)
+    model = L.Block("onehot_where").to(bf16)
+    _, code_default, _ = _capture(model, _x(), None)
+    _, graphs, _, _ = L.capture(model, _x())
+    assert code_default == L.short_code(graphs[0])
+    FileCheck().check("moe_ops.dispatch(").check_not("dispatch_fixed").run(code_default)
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: L.Block("onehot_where", bias=True).to(bf16), _x()),
+        (lambda: S.TitanStyle(grouped=True).to(bf16), _x(H=S.H)),
+    ],
+    ids=["family_A_bias", "family_D_titan_grouped"],
+)
+def test_equal_to_eager_aot_eager(make, x):
+    torch.manual_seed(0)
+    model = make()
+    backend = fx_passes.moe_backend(inner="aot_eager", strict=True, capacity="worst-case")
+    L.grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True), x, **_TOL)
+    [m] = backend.matches
+    assert m.rewritten["dispatch"] == "capacity=worst-case"
+    assert "capacity_fallback" not in m.rewritten
+
+
+@pytest.mark.parametrize(
+    "make, x, why",
+    [
+        (lambda: L.Block("onehot_where"), _x(dtype=torch.float32), "dtype torch.float32"),
+        (lambda: S.TitanStyle(grouped=False), _x(H=S.H, dtype=torch.float32), "uses item"),
+    ],
+    ids=["family_A_float32", "family_D_split_loop"],
+)
+def test_ungroupable_body_falls_back_to_default_dispatch(make, x, why, caplog):
+    torch.manual_seed(0)
+    model = make()
+    with caplog.at_level(logging.WARNING, logger="fx_passes"):
+        out, code, matches = _capture(model, x, "worst-case")
+    [m] = matches
+    assert why in m.rewritten["capacity_fallback"]
+    assert "keeps the default (synced) dispatch" in caplog.text
+    FileCheck().check("moe_ops.dispatch(").check_not("dispatch_fixed").run(code)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_options_through_backend_name():
+    torch.manual_seed(0)
+    model = L.Block("onehot_where").to(bf16)
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(L.short_code(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    opts = {"inner": inner, "strict": True, "capacity": "worst-case"}
+    out = torch.compile(model, backend="moe", fullgraph=True, options=opts)(_x())
+    FileCheck().check("moe_ops.dispatch_fixed(").check("moe_ops.combine_fixed(").run(seen[0])
+    torch.testing.assert_close(out, model(_x()), **_TOL)
+
+
+def test_bad_capacity_is_rejected():
+    with pytest.raises(ValueError, match="capacity must be >= 0 rows, got -1"):
+        fx_passes.moe_backend(capacity=-1)
+    with pytest.raises(TypeError, match="capacity must be None, an int or 'worst-case'"):
+        fx_passes.moe_backend(capacity="all")
