@@ -104,6 +104,52 @@ def test_equal_to_eager_aot_eager(make, x):
     assert "capacity_fallback" not in m.rewritten
 
 
+class _NaNTailGroupedMM(torch.autograd.Function):
+    """``torch._grouped_mm`` whose output rows and input-gradient rows past the last offset are
+    NaN: what CUDA may leave there (uninitialized memory)."""
+
+    @staticmethod
+    def forward(ctx, a, b, offs):
+        ctx.save_for_backward(a, b, offs)
+        out = torch._grouped_mm(a, b, offs=offs)
+        out[offs[-1] :] = float("nan")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offs = ctx.saved_tensors
+        with torch.enable_grad():
+            a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+            ga, gb = torch.autograd.grad(torch._grouped_mm(a_, b_, offs=offs), [a_, b_], grad)
+        ga[offs[-1] :] = float("nan")
+        return ga, gb, None
+
+
+def _nan_tail_inner(gm, example_inputs):
+    for n in gm.graph.nodes:
+        if n.target is torch._grouped_mm:
+            n.target = lambda a, b, offs: _NaNTailGroupedMM.apply(a, b, offs)
+    gm.recompile()
+    return gm.forward
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: L.Block("onehot_where", bias=True).to(bf16), _x()),
+        (lambda: S.TitanStyle(grouped=True).to(bf16), _x(H=S.H)),
+    ],
+    ids=["family_A_bias", "family_D_titan_grouped"],
+)
+def test_padding_rows_are_never_read(make, x):
+    """NaN in every padding row, forward and backward, reaches no output and no gradient."""
+    torch.manual_seed(0)
+    model = make()
+    backend = fx_passes.moe_backend(inner=_nan_tail_inner, strict=True, capacity=64)
+    L.grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True), x, **_TOL)
+    assert backend.matches[0].rewritten["dispatch"] == "capacity=64"
+
+
 @pytest.mark.parametrize(
     "make, x, why",
     [
