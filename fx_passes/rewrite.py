@@ -141,7 +141,14 @@ def resolve_group(group: dist.ProcessGroup | None) -> tuple[str, int, int]:
 
 # ----------------------------------------------------------------------------- expert bodies
 _LINEAR = (torch._C._nn.linear, F.linear)
-_ROWWISE_FUNCS = {
+# Elementwise ops: each output row depends on the same input row only, so they run unchanged on
+# rows grouped by expert. Stacked-expert bodies (``_stacked``) add the structural ops they also accept.
+ROWWISE_FUNCS = {
+    torch.where,
+    torch.maximum,
+    torch.minimum,
+    torch.rsqrt,
+    torch.pow,
     F.silu,
     F.gelu,
     F.relu,
@@ -171,7 +178,9 @@ _ROWWISE_FUNCS = {
     operator.neg,
     operator.pow,
 }
-_ROWWISE_METHODS = {
+ROWWISE_METHODS = {
+    "type",
+    "rsqrt",
     "to",
     "float",
     "half",
@@ -238,9 +247,9 @@ def _grouped_plan(body: ModuleListExperts, local: Sequence[int]) -> str | None:
             continue
         if any(a in owned[0] for a in n.all_input_nodes):
             return f"{n.name}: an expert parameter used outside a linear layer"
-        if n.op == "call_function" and n.target in _ROWWISE_FUNCS:
+        if n.op == "call_function" and n.target in ROWWISE_FUNCS:
             continue
-        if n.op == "call_method" and n.target in _ROWWISE_METHODS:
+        if n.op == "call_method" and n.target in ROWWISE_METHODS:
             continue
         if _last_dim_split(n) or _row_reshape(n, ref.input):
             continue
