@@ -21,6 +21,7 @@ the whole block and the "moe" backend runs it expert-parallel over the default g
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -28,6 +29,7 @@ import time
 import tabulate
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -65,6 +67,155 @@ class LoopBlock(nn.Module):
             y = self.experts[e](x[tok]) * w[tok, slot, None]
             out.index_add_(0, tok, y)
         return out
+
+
+class _StackedExperts(nn.Module):
+    """This rank's ``E_l`` SwiGLU experts as ``[E_l, I, H]`` / ``[E_l, H, I]`` parameters."""
+
+    def __init__(self, experts: list[_Expert]):
+        super().__init__()
+        for name in ("gate", "up", "down"):
+            w = torch.stack([getattr(e, name).weight.detach() for e in experts])
+            setattr(self, name, nn.Parameter(w.clone()))
+
+    def forward(self, x_MH: torch.Tensor, counts_El: torch.Tensor, sizes: list[int]):
+        """``x_MH``: rows grouped by local expert, ``counts_El`` / ``sizes`` each; -> ``[M, H]``.
+
+        bf16: one ``torch._grouped_mm`` per linear layer; otherwise a loop over ``split`` segments.
+        """
+        if x_MH.dtype == torch.bfloat16:
+            offs_El = torch.cumsum(counts_El, 0, dtype=torch.int32)
+
+            def mm(a, w):
+                return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs_El)
+
+            return mm(F.silu(mm(x_MH, self.gate)) * mm(x_MH, self.up), self.down)
+        outs = []
+        for j, x_jH in enumerate(torch.split(x_MH, sizes)):
+            h_jI = F.silu(x_jH @ self.gate[j].T) * (x_jH @ self.up[j].T)
+            outs.append(h_jI @ self.down[j].T)
+        return torch.cat(outs)
+
+
+class TorchtitanEPBlock(nn.Module):
+    """Baseline: expert parallelism written by hand, as a user would without moe_ops.
+
+    Rank ``r`` of ``W`` holds experts ``[r * E_l, (r + 1) * E_l)`` (``E_l = E / W``) of ``full``
+    (a :class:`LoopBlock`, same router and weights), stacked as ``[E_l, ...]``. Forward on
+    ``x_TH``: router + top-k, argsort by expert, bincount, count all_to_all, ``.tolist()`` split
+    sizes (the host sync), payload all_to_all (autograd), regroup the received rows by local
+    expert, grouped experts, reverse regroup, reverse all_to_all, unpermute, weighted sum over k.
+    """
+
+    def __init__(self, full: LoopBlock, group: dist.ProcessGroup):
+        super().__init__()
+        self.group, self.top_k, self.num_experts = group, full.top_k, full.num_experts
+        self.world = dist.get_world_size(group)
+        if self.num_experts % self.world:
+            raise ValueError(f"experts: E={self.num_experts} not a multiple of W={self.world}")
+        self.e_l = self.num_experts // self.world
+        r = dist.get_rank(group)
+        self.router = full.router
+        self.experts = _StackedExperts(list(full.experts)[r * self.e_l : (r + 1) * self.e_l])
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        T, H = x_TH.shape
+        K, W, E_l = self.top_k, self.world, self.e_l
+        probs_TE = F.softmax(self.router(x_TH), dim=-1, dtype=torch.float32)
+        w_TK, idx_TK = torch.topk(probs_TE, K, dim=-1)
+        w_TK = (w_TK / w_TK.sum(-1, keepdim=True)).to(x_TH.dtype)
+        order_S = torch.argsort(idx_TK.reshape(-1), stable=True)  # S = T * K slots
+        send_SH = x_TH[order_S // K]
+        counts_E = torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts)
+        recv_counts_E = torch.empty_like(counts_E)  # [src, local expert]
+        dist.all_to_all_single(recv_counts_E, counts_E, group=self.group)
+        sizes = torch.cat([counts_E.view(W, E_l).sum(1), recv_counts_E]).tolist()
+        send_W, recv_WEl = sizes[:W], sizes[W:]
+        recv_W = [sum(recv_WEl[s * E_l : (s + 1) * E_l]) for s in range(W)]
+        recv_MH = funcol.all_to_all_single_autograd(send_SH, recv_W, send_W, self.group)
+        ids_M = torch.repeat_interleave(
+            torch.arange(E_l, device=x_TH.device).repeat(W), recv_counts_E
+        )
+        perm_M = torch.argsort(ids_M, stable=True)
+        counts_El = recv_counts_E.view(W, E_l).sum(0)
+        sizes_El = [sum(recv_WEl[j::E_l]) for j in range(E_l)]
+        y_MH = self.experts(recv_MH[perm_M], counts_El, sizes_El)[torch.argsort(perm_M)]
+        back_SH = funcol.all_to_all_single_autograd(y_MH, send_W, recv_W, self.group)
+        y_TKH = back_SH[torch.argsort(order_S)].view(T, K, H)
+        return (y_TKH * w_TK[..., None]).sum(1)
+
+
+def _expert_mib(block: nn.Module) -> float:
+    """MiB of expert weights this rank holds: storages of every ``*experts`` submodule's params.
+
+    Counts storage, so a :func:`fx_passes.shard_experts` placeholder (one element) is ~0 and a
+    stacked ``[E_l, ...]`` parameter counts once.
+    """
+    storages = {}
+    for name, mod in block.named_modules():
+        if name.rsplit(".", 1)[-1].endswith("experts"):
+            for p in mod.parameters():
+                s = p.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values()) / 2**20
+
+
+def _check_ep(group, device: torch.device, E: int, K: int) -> str:
+    """Max abs diff of :class:`TorchtitanEPBlock` vs one process running the whole LoopBlock.
+
+    Small shape (H=32, I=64, T=24 tokens per rank); every rank builds all ranks' tokens, runs the
+    reference on their concatenation and compares its own rows: the output, the input gradient,
+    its local experts' weight gradients and the router gradient (summed over ranks), for float32
+    (per-expert loop) and bf16 (``torch._grouped_mm``). The maximum over ranks.
+    """
+    H, In, T = 32, 64, 24
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    parts = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        full = LoopBlock(H, In, E, K).to(device=device, dtype=dtype)
+        ep = TorchtitanEPBlock(copy.deepcopy(full), group)
+        xs = [
+            torch.randn(T, H, generator=torch.Generator().manual_seed(100 + s)).to(device, dtype)
+            for s in range(W)
+        ]
+        x = xs[r].clone().requires_grad_(True)
+        out = ep(x)
+        out.float().square().sum().backward()
+        x_ref = torch.cat(xs).requires_grad_(True)
+        ref = full(x_ref)
+        ref.float().square().sum().backward()
+        mine = slice(r * T, (r + 1) * T)
+        local = list(full.experts)[r * ep.e_l : (r + 1) * ep.e_l]
+        g_router = ep.router.weight.grad.clone()
+        dist.all_reduce(g_router, group=group)
+        g_exp = max(
+            (getattr(ep.experts, n).grad - torch.stack([getattr(e, n).weight.grad for e in local]))
+            .abs()
+            .max()
+            .item()
+            for n in ("gate", "up", "down")
+        )
+        d = torch.tensor(
+            [
+                (out - ref[mine]).abs().max().item(),
+                (x.grad - x_ref.grad[mine]).abs().max().item(),
+                g_exp,
+                (g_router - full.router.weight.grad).abs().max().item(),
+                ref.abs().max().item(),
+            ],
+            device=device,
+        )
+        dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
+        d_out, d_gx, d_gw, d_gr, ref_max = d.tolist()
+        parts.append(
+            f"{str(dtype).removeprefix('torch.')}: out {d_out:.3g} (max |ref| {ref_max:.3g}), "
+            f"grad x {d_gx:.3g}, grad experts {d_gw:.3g}, grad router {d_gr:.3g}"
+        )
+    return (
+        f"EP check vs one process running the whole block on all {W} ranks' tokens "
+        f"(E={E} top-{K} H={H} I={In} T={T}/rank), max |diff|: " + "; ".join(parts)
+    )
 
 
 def _transformers_block(hidden, inter, num_experts, top_k):
@@ -157,6 +308,14 @@ def main() -> None:
         blocks["family A, stack=True"] = lambda: LoopBlock(Hd, In, E, K)
     if _transformers_block(8, 16, 2, 1) is not None:
         blocks["transformers grouped_mm"] = lambda: _transformers_block(Hd, In, E, K)
+    ep_name, notes = "torchtitan-style EP", []
+    if world == 1:
+        notes.append(f"{ep_name}: skipped, it needs W > 1 ranks (run under torchrun)")
+    elif E % world:
+        notes.append(f"{ep_name}: skipped, E={E} is not a multiple of W={world}")
+    else:
+        blocks[ep_name] = lambda: TorchtitanEPBlock(LoopBlock(Hd, In, E, K), group)
+        notes.append(_check_ep(group, device, E, K))
 
     rows = []
     for bname, make in blocks.items():
@@ -167,7 +326,11 @@ def main() -> None:
         x = torch.randn(T, Hd, device=device, dtype=torch.bfloat16, generator=None) * 0.5
         if bname.startswith("transformers"):
             x = x.view(1, T, Hd)
-        for mname, wrap in _modes(group).items():
+        mib = _expert_mib(base)
+        modes = _modes(group)
+        if bname == ep_name:  # the baseline's own all_to_all; no moe backend
+            modes = {m: modes[m] for m in ("eager", "torch.compile")}
+        for mname, wrap in modes.items():
             torch._dynamo.reset()
             model = wrap(base)
             xg = x.clone().requires_grad_(True)
@@ -191,13 +354,16 @@ def main() -> None:
                 t = torch.tensor([f, fb], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 f, fb = t.tolist()
-            rows.append([bname, mname, f"{f:.3f}", f"{fb:.3f}"])
+            rows.append([bname, mname, f"{f:.3f}", f"{fb:.3f}", f"{mib:.2f}"])
     if rank == 0:
         print(
             f"E={E} top-{K} H={Hd} I={In} T={T} per rank, W={world}, bf16, {device.type}, "
             f"median of {args.iters} (ms)"
         )
-        print(tabulate.tabulate(rows, headers=["block", "mode", "fwd ms", "fwd+bwd ms"]))
+        headers = ["block", "mode", "fwd ms", "fwd+bwd ms", "expert memory per GPU (MiB)"]
+        print(tabulate.tabulate(rows, headers=headers))
+        for note in notes:
+            print(note)
     if group is not None:
         dist.destroy_process_group()
 
