@@ -5,7 +5,10 @@ Blocks (bf16): a family-A block (per-expert loop over an ``nn.ModuleList`` of Sw
 stack=True)`` (each rank keeps its experts' weights as one ``[E_l, ...]`` parameter per name, so
 the rewrite's grouped GEMMs read them without a per-forward ``torch.stack``) and, when
 transformers is installed, transformers 5's Mixtral block with
-``experts_implementation="grouped_mm"``. Forward and forward + backward; a table. Modes: eager,
+``experts_implementation="grouped_mm"``. Under torchrun (W > 1) also a "torchtitan-style EP"
+baseline: expert parallelism written by hand without this package (:class:`TorchtitanEPBlock`,
+eager and ``torch.compile`` only), checked against one process running the whole block (the
+footnote). Forward and forward + backward, expert memory per GPU; a table. Modes: eager,
 ``torch.compile``, the "moe" backend, and the "moe" backend with ``capacity="worst-case"`` (the
 sync-free capacity-mode ops: the host is not held back by a read of the row counts).
 
@@ -165,7 +168,8 @@ def _check_ep(group, device: torch.device, E: int, K: int) -> str:
 
     Small shape (H=32, I=64, T=24 tokens per rank); every rank builds all ranks' tokens, runs the
     reference on their concatenation and compares its own rows: the output, the input gradient,
-    its local experts' weight gradients and the router gradient (summed over ranks), for float32
+    its local experts' weight gradients and the router gradient (summed over ranks), and the
+    output of the block under the default ``torch.compile`` (forward only), for float32
     (per-expert loop) and bf16 (``torch._grouped_mm``). The maximum over ranks.
     """
     H, In, T = 32, 64, 24
@@ -186,6 +190,9 @@ def _check_ep(group, device: torch.device, E: int, K: int) -> str:
         ref = full(x_ref)
         ref.float().square().sum().backward()
         mine = slice(r * T, (r + 1) * T)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out_compiled = torch.compile(ep)(xs[r])
         local = list(full.experts)[r * ep.e_l : (r + 1) * ep.e_l]
         g_router = ep.router.weight.grad.clone()
         dist.all_reduce(g_router, group=group)
@@ -199,6 +206,7 @@ def _check_ep(group, device: torch.device, E: int, K: int) -> str:
         d = torch.tensor(
             [
                 (out - ref[mine]).abs().max().item(),
+                (out_compiled - ref[mine]).abs().max().item(),
                 (x.grad - x_ref.grad[mine]).abs().max().item(),
                 g_exp,
                 (g_router - full.router.weight.grad).abs().max().item(),
@@ -207,9 +215,10 @@ def _check_ep(group, device: torch.device, E: int, K: int) -> str:
             device=device,
         )
         dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
-        d_out, d_gx, d_gw, d_gr, ref_max = d.tolist()
+        d_out, d_outc, d_gx, d_gw, d_gr, ref_max = d.tolist()
         parts.append(
-            f"{str(dtype).removeprefix('torch.')}: out {d_out:.3g} (max |ref| {ref_max:.3g}), "
+            f"{str(dtype).removeprefix('torch.')}: out {d_out:.3g} (torch.compile {d_outc:.3g}; "
+            f"max |ref| {ref_max:.3g}), "
             f"grad x {d_gx:.3g}, grad experts {d_gw:.3g}, grad router {d_gr:.3g}"
         )
     return (
