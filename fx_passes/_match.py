@@ -157,10 +157,6 @@ def val(node: Any) -> Any:
     return node.meta.get("example_value")
 
 
-def is_tensor_node(node: Any) -> bool:
-    return isinstance(node, Node) and isinstance(val(node), torch.Tensor)
-
-
 _PATH_PREFIX = re.compile(r"^(L\['[^']*'\]|self)\.?")
 
 
@@ -214,10 +210,6 @@ def is_param_slice(node: Any) -> bool:
         and is_param_like(node.args[0])
         and isinstance(node.args[1], int)
     )
-
-
-def node_inputs(node: Node) -> list[Node]:
-    return list(node.all_input_nodes)
 
 
 _ASSERT_TARGETS = {

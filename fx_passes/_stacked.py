@@ -121,10 +121,6 @@ def unflatten(n: Node) -> Node:
     return n
 
 
-def users_outside(nodes: Iterable[Node], inside: set[Node]) -> list[tuple[Node, Node]]:
-    return [(n, u) for n in nodes for u in n.users if u not in inside]
-
-
 def add_hangers(remove: set[Node], keep_out: Node | None = None) -> None:
     """Add to ``remove`` the nodes that only check removed values (Dynamo's runtime asserts,
     ``sym_size``, ``size()[i]``) and in-place writes into removed tensors with no users."""

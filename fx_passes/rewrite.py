@@ -142,7 +142,7 @@ def resolve_group(group: dist.ProcessGroup | None) -> tuple[str, int, int]:
 # ----------------------------------------------------------------------------- expert bodies
 _LINEAR = (torch._C._nn.linear, F.linear)
 # Elementwise ops: each output row depends on the same input row only, so they run unchanged on
-# rows grouped by expert. Stacked-expert bodies (``_stacked``) add the structural ops they also accept.
+# rows grouped by expert. Stacked-expert bodies (``_stacked``) add the structural ops they accept.
 ROWWISE_FUNCS = {
     torch.where,
     torch.maximum,

@@ -77,11 +77,6 @@ class _Launcher:
             kernel[tuple(grid) + (1,) * (3 - len(grid))](*args)
 
 
-def use_triton(t: Tensor) -> bool:
-    """Whether ``t``'s operations take the Triton path."""
-    return enabled and t.is_cuda
-
-
 def fork_stream(t: Tensor) -> torch.cuda.Stream | None:
     """A side stream (from torch's pool) that waits for the work queued so far on ``t``'s
     current stream; None on the CPU."""
