@@ -1,16 +1,18 @@
 """Persistent multi-process worlds for distributed tests.
 
-A :class:`World` of W processes is started once (gloo on 127.0.0.1 through a FileStore, or NCCL
-with one GPU per rank) and then runs many cases: ``world.run(fn, *args)`` pickles ``fn`` (a
-module-level function, sent by reference) and its arguments to every rank, runs it there, and
-returns the W return values in rank order. A case that raises on any rank fails the test with
-every failing rank's traceback; a case that does not finish within ``timeout`` seconds fails too,
-and the world is torn down (the next ``run`` through a :class:`WorldPool` starts a fresh one).
+A :class:`World` of W processes is started once (gloo on 127.0.0.1 through a FileStore, NCCL with
+one GPU per rank, or "gloo-cuda": gloo with every rank's tensors on GPU 0, which runs the CUDA code
+paths at W > 1 on a single GPU; NCCL refuses two ranks on one device) and then runs many cases:
+``world.run(fn, *args)`` pickles ``fn`` (a module-level function, sent by reference) and its
+arguments to every rank, runs it there, and returns the W return values in rank order. A case that
+raises on any rank fails the test with every failing rank's traceback; a case that does not finish
+within ``timeout`` seconds fails too, and the world is torn down (the next ``run`` through a
+:class:`WorldPool` starts a fresh one).
 
 Under ``torchrun`` the same case bodies run in the launched processes instead
-(:class:`TorchrunWorld`): each process runs the case itself, then the outcomes are gathered so
-that every rank sees every rank's result or traceback. Case bodies ask :func:`device` where their
-tensors go (``cuda:<local rank>`` under NCCL, else the CPU).
+(:class:`TorchrunWorld`): each process runs the case itself, then the outcomes are gathered so that
+every rank sees every rank's result or traceback. Case bodies ask :func:`device` where their
+tensors go (``cuda:<local rank>`` under NCCL, ``cuda:0`` in a gloo-cuda world, else the CPU).
 """
 
 from __future__ import annotations
@@ -37,8 +39,15 @@ class WorldError(AssertionError):
     """A case failed on some rank, or the world did not answer in time."""
 
 
+#: Set in the processes of a "gloo-cuda" world: every rank's tensors on this one GPU.
+_shared_gpu: torch.device | None = None
+
+
 def device() -> torch.device:
-    """Where a case's tensors live: this rank's GPU under NCCL, else the CPU."""
+    """Where a case's tensors live: this rank's GPU under NCCL, the shared GPU in a "gloo-cuda"
+    world, else the CPU."""
+    if _shared_gpu is not None:
+        return _shared_gpu
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -52,12 +61,16 @@ def _run_case(fn: Callable, args: tuple, kwargs: dict) -> tuple[bool, Any]:
 
 
 def _worker(rank: int, world_size: int, backend: str, init_file: str, tasks, results) -> None:
+    global _shared_gpu
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
+    if backend == "gloo-cuda":  # W ranks on one GPU: the CUDA code paths at W > 1 without NCCL
+        _shared_gpu = torch.device("cuda", 0)
+        torch.cuda.set_device(0)
     dist.init_process_group(
-        backend,
+        backend.removesuffix("-cuda"),
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world_size,

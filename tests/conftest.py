@@ -62,3 +62,22 @@ def nccl_world(world_pool):
         return world_pool.get(world_size, "nccl")
 
     return get
+
+
+@pytest.fixture(scope="session")
+def shared_gpu_world(world_pool):
+    """``shared_gpu_world(W)``: W processes joined by gloo, all with their tensors on GPU 0.
+
+    Runs the CUDA code paths of W > 1 (Triton kernels, side streams, pinned copies) on a machine
+    with one GPU, where NCCL cannot put two ranks; the bytes travel through gloo (host memory),
+    so this is for correctness, not speed. Skips without CUDA or under torchrun.
+    """
+
+    def get(world_size: int):
+        if under_torchrun():
+            pytest.skip("spawns its own processes: not under torchrun")
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (gloo with CUDA tensors)")
+        return world_pool.get(world_size, "gloo-cuda")
+
+    return get

@@ -540,3 +540,71 @@ def one_bad_rank_combine_nan(bad_rank: int) -> None:
         assert from_bad.any() and (~from_bad).any()
         assert out[from_bad].isnan().all() and not out[~from_bad].isnan().any()
     _next_call_works(inp, spec, r)
+
+
+# ----------------------------------------------------------------------------- chunked_moe
+def _scaled_experts(scale_El: torch.Tensor):
+    """Differentiable row-wise experts: ``row * scale[its expert] + 0.5`` (bitwise per row)."""
+
+    def experts(recv_x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        s_R = torch.repeat_interleave(
+            scale_El.to(recv_x.dtype), tokens_per_expert, output_size=recv_x.shape[0]
+        )
+        return recv_x * s_R[:, None] + 0.5
+
+    return experts
+
+
+def chunked_equal(spec: Spec, chunks: int) -> None:
+    """``moe_ops.chunked_moe`` against unchunked dispatch/experts/combine: forward and the
+    gradients of x and the weights bit for bit, the experts' parameter gradient (a sum over rows,
+    in another order) to rounding."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    scale = torch.linspace(0.5, 2.0, spec.E_l, dtype=torch.float64, device=dev)
+    results = []
+    for chunked in (False, True):
+        x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+        w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
+        s = scale.clone().requires_grad_(True)
+        experts = _scaled_experts(s)
+        if chunked:
+            out = moe_ops.chunked_moe(
+                x, inp.idxs[r].to(dev), w, inp.num_experts, experts, chunks=chunks
+            )
+        else:
+            recv_x, handle = moe_ops.dispatch(x, inp.idxs[r].to(dev), inp.num_experts)
+            out = moe_ops.combine(experts(recv_x, handle.tokens_per_expert), handle, w)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+        (out * g.to(dev, out.dtype)).sum().backward()
+        results.append((out, x.grad, None if w is None else w.grad, s.grad))
+    (out0, gx0, gw0, gs0), (out1, gx1, gw1, gs1) = results
+    assert out1.shape == out0.shape and out1.dtype == out0.dtype
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=0)
+    if gw0 is not None:
+        torch.testing.assert_close(gw1, gw0, rtol=0, atol=0)
+    torch.testing.assert_close(gs1, gs0, **_bwd_tol(spec.dtype))
+
+
+def chunked_counts(spec: Spec, chunks: int) -> dict[str, int]:
+    """Collectives and host syncs of one ``chunked_moe`` forward and its backward."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+    scale = torch.ones(spec.E_l, dtype=torch.float64, device=dev)
+    a2a = mock.patch.object(dist, "all_to_all_single", wraps=dist.all_to_all_single)
+    sync = mock.patch.object(_comm, "read_to_host", wraps=_comm.read_to_host)
+    with a2a as a2a_mock, sync as sync_mock:
+        out = moe_ops.chunked_moe(
+            x, inp.idxs[r].to(dev), None, inp.num_experts, _scaled_experts(scale), chunks=chunks
+        )
+        fwd = dict(fwd_a2a=a2a_mock.call_count, fwd_sync=sync_mock.call_count)
+        out.sum().backward()
+        bwd = dict(
+            bwd_a2a=a2a_mock.call_count - fwd["fwd_a2a"],
+            bwd_sync=sync_mock.call_count - fwd["fwd_sync"],
+        )
+    return fwd | bwd
