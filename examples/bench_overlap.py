@@ -42,7 +42,7 @@ import moe_ops
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dispatch_combine import _Meter, _routing  # noqa: E402
 
-_GPU_SHAPES = "4096,2048,5632,2,8;4096,7168,2048,8,256;16384,7168,2048,8,256"
+_GPU_SHAPES = "4096,2048,5632,2,8;4096,7168,2048,8,256;16384,7168,2048,8,64"
 _CPU_SHAPES = "256,128,256,2,8"
 
 
@@ -165,7 +165,10 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
     rows = []
     for spec in (args.shapes or (_GPU_SHAPES if use_cuda else _CPU_SHAPES)).split(";"):
         T, H, inter, K, E = (int(v) for v in spec.split(","))
-        rows += bench_shape(args, meter, dist.group.WORLD, T, H, inter, K, E)
+        shape_rows = bench_shape(args, meter, dist.group.WORLD, T, H, inter, K, E)
+        if rank == 0:  # as it goes, in case a later shape does not fit
+            print(_table(shape_rows, args.backward), flush=True)
+        rows += shape_rows
         if use_cuda:
             torch.cuda.empty_cache()
     if rank == 0:

@@ -544,13 +544,12 @@ def one_bad_rank_combine_nan(bad_rank: int) -> None:
 
 # ----------------------------------------------------------------------------- chunked_moe
 def _scaled_experts(scale_El: torch.Tensor):
-    """Differentiable row-wise experts: ``row * scale[its expert] + 0.5`` (bitwise per row)."""
+    """Differentiable row-wise experts: ``row * scale[its expert] + 0.5`` (bitwise per row),
+    computed in float64 so that the scale's gradient (a sum over rows) barely depends on order."""
 
     def experts(recv_x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        s_R = torch.repeat_interleave(
-            scale_El.to(recv_x.dtype), tokens_per_expert, output_size=recv_x.shape[0]
-        )
-        return recv_x * s_R[:, None] + 0.5
+        s_R = torch.repeat_interleave(scale_El, tokens_per_expert, output_size=recv_x.shape[0])
+        return (recv_x.double() * s_R[:, None] + 0.5).to(recv_x.dtype)
 
     return experts
 
@@ -585,7 +584,7 @@ def chunked_equal(spec: Spec, chunks: int) -> None:
     torch.testing.assert_close(gx1, gx0, rtol=0, atol=0)
     if gw0 is not None:
         torch.testing.assert_close(gw1, gw0, rtol=0, atol=0)
-    torch.testing.assert_close(gs1, gs0, **_bwd_tol(spec.dtype))
+    torch.testing.assert_close(gs1, gs0, **_bwd_tol(torch.float64))
 
 
 def chunked_counts(spec: Spec, chunks: int) -> dict[str, int]:
