@@ -10,7 +10,12 @@ baseline: expert parallelism written by hand without this package (:class:`Torch
 eager and ``torch.compile`` only), checked against one process running the whole block (the
 footnote). Forward and forward + backward, expert memory per GPU; a table. Modes: eager,
 ``torch.compile``, the "moe" backend, and the "moe" backend with ``capacity="worst-case"`` (the
-sync-free capacity-mode ops: the host is not held back by a read of the row counts).
+sync-free capacity-mode ops: the host is not held back by a read of the row counts); on GPUs also
+the last with inductor's CUDA graphs (``config_patches={"triton.cudagraphs": True}``, what
+``mode="reduce-overhead"`` turns on) and, for the transformers block, ``torch.compile(mode=
+"reduce-overhead")``. Each timed call is one step (``torch.compiler.cudagraph_mark_step_begin``);
+forward + backward starts from no gradients, as a training step after ``zero_grad`` would. A
+footnote says when inductor skipped CUDA graphs for a mode (then that row ran without them).
 
     python examples/bench_moe_layer.py                 # E=8, top-2, H=2048, I=5632, 4096 tokens
     python examples/bench_moe_layer.py --quick         # a small shape for a CPU smoke run
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import time
@@ -35,6 +41,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 import fx_passes
 
@@ -263,18 +270,31 @@ def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _modes(group):
-    def moe(m, capacity=None):
-        backend = fx_passes.moe_backend(group=group, capacity=capacity)
+def _modes(group, device: torch.device):
+    def moe(m, capacity=None, cudagraphs=False):
+        inner = "inductor"
+        if cudagraphs:
+            from torch._inductor.compile_fx import compile_fx
+
+            inner = functools.partial(compile_fx, config_patches={"triton.cudagraphs": True})
+        backend = fx_passes.moe_backend(group=group, capacity=capacity, inner=inner)
         return torch.compile(m, backend=backend, fullgraph=True)
 
-    return {
+    modes = {
         "eager": lambda m: m,
         "torch.compile": lambda m: torch.compile(m),
         "moe backend": moe,
         # sync-free dispatch_fixed/combine_fixed on W * T * K padded rows (no host read)
         "moe backend, capacity=worst-case": lambda m: moe(m, "worst-case"),
     }
+    if device.type == "cuda":  # inductor's CUDA graphs (what mode="reduce-overhead" turns on)
+        modes[_CG_COMPILE] = lambda m: torch.compile(m, mode="reduce-overhead")
+        modes[_CG_MOE] = lambda m: moe(m, "worst-case", cudagraphs=True)
+    return modes
+
+
+_CG_COMPILE = "torch.compile, CUDA graphs"
+_CG_MOE = "moe backend, capacity=worst-case, CUDA graphs"
 
 
 def main() -> None:
@@ -337,7 +357,10 @@ def main() -> None:
         if bname.startswith("transformers"):
             x = x.view(1, T, Hd)
         mib = _expert_mib(base)
-        modes = _modes(group)
+        modes = _modes(group, device)
+        if not bname.startswith("transformers"):
+            # family A under plain torch.compile has data-dependent shapes: a CUDA graph per shape
+            modes.pop(_CG_COMPILE, None)
         if bname == ep_name:  # the baseline's own all_to_all; no moe backend
             modes = {m: modes[m] for m in ("eager", "torch.compile")}
         elif bname.endswith("stack=True") and world > 1:
@@ -349,20 +372,30 @@ def main() -> None:
             xg = x.clone().requires_grad_(True)
 
             def fwd(model=model, x=x):
+                torch.compiler.cudagraph_mark_step_begin()  # one step per call (CUDA graphs)
                 with torch.no_grad():
                     model(x)
 
             def fwd_bwd(model=model, xg=xg):
+                # As a training step would: fresh gradients (CUDA-graph outputs are reused by the
+                # next replay, so they must not be accumulated into).
+                torch.compiler.cudagraph_mark_step_begin()
+                model.zero_grad(set_to_none=True)
+                xg.grad = None
                 out = model(xg)
                 out = out[0] if isinstance(out, tuple) else out
                 out.float().sum().backward()
 
+            skips = counters["inductor"]["cudagraph_skips"]
             try:
                 f = _time(fwd, args.iters, args.warmup, device)
                 fb = _time(fwd_bwd, args.iters, args.warmup, device)
             except Exception as e:  # noqa: BLE001 - report, keep benchmarking the others
                 f = fb = float("nan")
                 print(f"[{bname} / {mname}] failed: {type(e).__name__}: {str(e)[:200]}")
+            skipped = counters["inductor"]["cudagraph_skips"] - skips
+            if "CUDA graphs" in mname and skipped:
+                notes.append(f"{bname} / {mname}: inductor skipped CUDA graphs {skipped} time(s)")
             if group is not None:
                 t = torch.tensor([f, fb], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
