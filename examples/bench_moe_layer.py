@@ -11,8 +11,8 @@ eager and ``torch.compile`` only), checked against one process running the whole
 footnote). Forward and forward + backward, expert memory per GPU; a table. Modes: eager,
 ``torch.compile``, the "moe" backend, and the "moe" backend with ``capacity="worst-case"`` (the
 sync-free capacity-mode ops: the host is not held back by a read of the row counts); on GPUs also
-the last with inductor's CUDA graphs (``config_patches={"triton.cudagraphs": True}``, what
-``mode="reduce-overhead"`` turns on) and, for the transformers block, ``torch.compile(mode=
+the last with inductor's CUDA graphs (``moe_backend(capacity="worst-case",
+mode="reduce-overhead")``) and, for the transformers block, ``torch.compile(mode=
 "reduce-overhead")``. Each timed call is one step (``torch.compiler.cudagraph_mark_step_begin``);
 forward + backward starts from no gradients, as a training step after ``zero_grad`` would. A
 footnote says when inductor skipped CUDA graphs for a mode (then that row ran without them).
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 import statistics
 import time
@@ -271,13 +270,8 @@ def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
 
 
 def _modes(group, device: torch.device):
-    def moe(m, capacity=None, cudagraphs=False):
-        inner = "inductor"
-        if cudagraphs:
-            from torch._inductor.compile_fx import compile_fx
-
-            inner = functools.partial(compile_fx, config_patches={"triton.cudagraphs": True})
-        backend = fx_passes.moe_backend(group=group, capacity=capacity, inner=inner)
+    def moe(m, capacity=None, mode=None):
+        backend = fx_passes.moe_backend(group=group, capacity=capacity, mode=mode)
         return torch.compile(m, backend=backend, fullgraph=True)
 
     modes = {
@@ -289,7 +283,7 @@ def _modes(group, device: torch.device):
     }
     if device.type == "cuda":  # inductor's CUDA graphs (what mode="reduce-overhead" turns on)
         modes[_CG_COMPILE] = lambda m: torch.compile(m, mode="reduce-overhead")
-        modes[_CG_MOE] = lambda m: moe(m, "worst-case", cudagraphs=True)
+        modes[_CG_MOE] = lambda m: moe(m, "worst-case", mode="reduce-overhead")
     return modes
 
 

@@ -37,7 +37,24 @@ _HINT = (
 _warned: set[str] = set()
 
 
-def _inner_compiler(inner: str | Callable) -> Callable:
+def _inner_compiler(inner: str | Callable, mode: str | None = None) -> Callable:
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        modes = list_mode_options()
+        if mode not in modes:
+            raise ValueError(
+                f"fx_passes.moe_backend: unknown mode {mode!r}; inductor's modes are "
+                f"{sorted(modes)}"
+            )
+        if inner != "inductor":
+            raise ValueError(
+                f"fx_passes.moe_backend: mode={mode!r} sets inductor options; it needs "
+                f"inner='inductor', got inner={inner!r}"
+            )
+        from torch._inductor.compile_fx import compile_fx
+
+        return functools.partial(compile_fx, config_patches=modes[mode])
     if callable(inner):
         return inner
     if inner == "inductor":
@@ -137,6 +154,7 @@ def moe_backend(
     inner: str | Callable = "inductor",
     strict: bool = False,
     capacity: int | str | None = None,
+    mode: str | None = None,
 ) -> Callable:
     """A torch.compile backend that rewrites MoE routing into dispatch/combine, then compiles.
 
@@ -155,12 +173,23 @@ def moe_backend(
             ``[C, H]`` padded rows, with no host sync, so the host can run ahead of the GPU. A
             block whose experts cannot be grouped keeps the default ops (logged at warning
             level; ``match.rewritten["capacity_fallback"]`` says why).
+        mode: an inductor mode, as for ``torch.compile(mode=...)`` (``"reduce-overhead"``,
+            ``"max-autotune"``, ...), for ``inner="inductor"``. The CUDA graphs of
+            ``"reduce-overhead"`` need ``capacity``: the default ops read the row counts on the
+            host, and inductor skips CUDA graphs for a graph that does (a warning says so here).
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout).
     """
     check_capacity(capacity, "fx_passes.moe_backend")
-    compile_inner = _inner_compiler(inner)
+    compile_inner = _inner_compiler(inner, mode)
+    if capacity is None and mode in ("reduce-overhead", "max-autotune"):
+        log.warning(
+            "fx_passes.moe_backend(mode=%r) without capacity: the rewritten blocks read their row "
+            "counts on the host, so inductor will not use CUDA graphs for their graphs; pass "
+            "capacity='worst-case' (sync-free, same results) to have them captured",
+            mode,
+        )
     rewritten: list[MoEMatch] = []
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -186,14 +215,18 @@ def moe_backend(
 
 def moe_backend_entry(gm: fx.GraphModule, example_inputs, *, options=None, mode=None):
     """``torch.compile(model, backend="moe", options={"inner": "aot_eager", "strict": True,
-    "capacity": "worst-case"})``; the options are :func:`moe_backend`'s keywords."""
+    "capacity": "worst-case", "mode": "reduce-overhead"})``: the options are :func:`moe_backend`'s
+    keywords. ``torch.compile(..., backend="moe", mode=...)`` works too (torch.compile refuses
+    ``mode`` and ``options`` together; put the mode in the options then)."""
     opts = dict(options or {})
-    unknown = set(opts) - {"inner", "strict", "group", "capacity"}
+    unknown = set(opts) - {"inner", "strict", "group", "capacity", "mode"}
     if unknown:
         raise ValueError(
             f"backend='moe': unknown options {sorted(unknown)}; expected inner, strict, group, "
-            f"capacity"
+            f"capacity, mode"
         )
+    if mode is not None:
+        opts["mode"] = mode
     return moe_backend(**opts)(gm, example_inputs)
 
 
@@ -204,6 +237,7 @@ def compile_moe(
     inner: str | Callable = "inductor",
     strict: bool = False,
     capacity: int | str | None = None,
+    mode: str | None = None,
     **compile_kwargs: Any,
 ) -> Callable:
     """``torch.compile(model, backend=moe_backend(...))`` with Dynamo's capture of data-dependent
@@ -214,7 +248,7 @@ def compile_moe(
     """
     compiled = torch.compile(
         model,
-        backend=moe_backend(group, inner=inner, strict=strict, capacity=capacity),
+        backend=moe_backend(group, inner=inner, strict=strict, capacity=capacity, mode=mode),
         **compile_kwargs,
     )
 

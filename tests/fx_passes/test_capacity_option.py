@@ -6,6 +6,7 @@ experts that cannot be grouped, and ``options={"capacity": ...}`` through ``back
 from __future__ import annotations
 
 import logging
+from unittest import mock
 
 import pytest
 import torch
@@ -191,3 +192,84 @@ def test_bad_capacity_is_rejected():
         fx_passes.moe_backend(capacity=-1)
     with pytest.raises(TypeError, match="capacity must be None, an int or 'worst-case'"):
         fx_passes.moe_backend(capacity="all")
+
+
+def _recording_compile_fx(seen: list):
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(config_patches)
+        return gm.forward
+
+    return fake_compile_fx
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["mode kwarg", "options", "moe_backend"],
+)
+def test_mode_sets_inductor_options(how):
+    model = L.Block("onehot_where").to(bf16)
+    seen = []
+    torch._dynamo.reset()
+    with mock.patch("torch._inductor.compile_fx.compile_fx", _recording_compile_fx(seen)):
+        if how == "mode kwarg":
+            compiled = torch.compile(model, backend="moe", fullgraph=True, mode="reduce-overhead")
+        elif how == "options":
+            opts = {"mode": "reduce-overhead", "capacity": "worst-case"}
+            compiled = torch.compile(model, backend="moe", fullgraph=True, options=opts)
+        else:
+            backend = fx_passes.moe_backend(capacity="worst-case", mode="reduce-overhead")
+            compiled = torch.compile(model, backend=backend, fullgraph=True)
+        out = compiled(_x())
+    assert seen == [{"triton.cudagraphs": True}]
+    torch.testing.assert_close(out, model(_x()), **_TOL)
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="unknown mode 'fast'; inductor's modes are"):
+        fx_passes.moe_backend(mode="fast")
+    with pytest.raises(ValueError, match="needs inner='inductor', got inner='aot_eager'"):
+        fx_passes.moe_backend(mode="reduce-overhead", inner="aot_eager")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown options \\['cudagraphs'\\]"):
+        torch.compile(L.Block("onehot_where"), backend="moe", options={"cudagraphs": True})(_x())
+
+
+def test_cuda_graph_mode_without_capacity_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="fx_passes"):
+        fx_passes.moe_backend(mode="reduce-overhead")
+    assert "pass capacity='worst-case'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fx_passes"):
+        fx_passes.moe_backend(mode="reduce-overhead", capacity="worst-case")
+    assert caplog.text == ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_capture_the_rewritten_block():
+    """capacity + mode="reduce-overhead": inductor captures the rewritten block in CUDA graphs
+    (no skip), and replays give eager's forward and gradients."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = L.Block("onehot_where").to("cuda", bf16)
+    backend = fx_passes.moe_backend(strict=True, capacity="worst-case", mode="reduce-overhead")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    skips = counters["inductor"]["cudagraph_skips"]
+    for seed in range(4):  # warm-up, recording, then replays on new data
+        x = _x(T=64, seed=seed).cuda().requires_grad_(True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        torch.compiler.cudagraph_mark_step_begin()
+        model.zero_grad(set_to_none=True)
+        out = compiled(x)
+        out.float().square().sum().backward()
+        got = (out.detach().clone(), x.grad.clone(), model.router.weight.grad.clone())
+        model.zero_grad(set_to_none=True)
+        ref = model(x_ref)
+        ref.float().square().sum().backward()
+        torch.testing.assert_close(got[0], ref, **_TOL)
+        torch.testing.assert_close(got[1], x_ref.grad, **_TOL)
+        torch.testing.assert_close(got[2], model.router.weight.grad, **_TOL)
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert len(backend.matches) == 1
