@@ -1,5 +1,6 @@
-"""Does overlapping dispatch with expert compute pay? ``moe_ops.chunked_moe`` against plain
-dispatch -> experts -> combine, on a routed-experts layer (SwiGLU experts, grouped GEMMs).
+"""Does overlapping dispatch with expert compute pay? ``moe_ops._pipeline.chunked_moe`` (an
+experiment, not public API) against plain dispatch -> experts -> combine, on a routed-experts
+layer (SwiGLU experts, grouped GEMMs).
 
     torchrun --nproc-per-node 1 examples/bench_overlap.py            # GPU, W = 1
     torchrun --nproc-per-node 2 examples/bench_overlap.py            # GPU, W = 2 (NCCL)
@@ -12,7 +13,7 @@ Per shape (T tokens per rank, hidden H, expert width I, top-K of E experts, bf16
 * chunks=1: ``dispatch``, experts, ``combine`` (what ``chunked_moe(chunks=1)`` runs); chunks=n:
   ``chunked_moe(..., chunks=n)``: micro-batch i + 1 dispatched on a side stream while the experts
   of micro-batch i run (see ``moe_ops/_pipeline.py``). fwd and fwd+bwd (grads of x, the routing
-  weights and the expert weights).
+  weights and the expert weights, from no gradients as after ``zero_grad``).
 * vs 1: time of chunks=1 / time of chunks=n (> 1: overlap wins).
 * syncs: device -> host syncs per forward (``torch.cuda.set_sync_debug_mode``); a2a:
   ``all_to_all_single`` calls per forward.
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import moe_ops
+from moe_ops._pipeline import chunked_moe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dispatch_combine import _Meter, _routing  # noqa: E402
@@ -98,9 +100,11 @@ def bench_shape(args, meter: _Meter, group, T, H, inter, K, E) -> list[dict]:
 
     def layer(i, chunks):
         x, idx, w = sets[i]
-        return moe_ops.chunked_moe(x, idx, w, E, experts, group, chunks=chunks)
+        return chunked_moe(x, idx, w, E, experts, group, chunks=chunks)
 
-    def train(i, chunks):
+    def train(i, chunks):  # a training step from fresh gradients
+        experts.zero_grad(set_to_none=True)
+        sets[i][0].grad = sets[i][2].grad = None
         layer(i, chunks).sum().backward()
 
     base = {"shape": f"T={T} H={H} I={inter} top-{K}/{E} W={W}"}
@@ -203,8 +207,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 iterations")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
-    if args.chunks[0] != 1:
-        args.chunks.insert(0, 1)
+    args.chunks = [1] + [c for c in args.chunks if c != 1]
     if args.quick:
         args.iters, args.warmup = 2, 1
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

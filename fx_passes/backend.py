@@ -133,6 +133,21 @@ def _unrewritten_reasons(
     return sorted((path, why, where) for path, (why, where) in reasons.items())
 
 
+def _warn_if_graphs_cannot_be_captured(mode: str | None, capacity) -> None:
+    if capacity is not None or mode not in ("reduce-overhead", "max-autotune"):
+        return
+    key = f"mode={mode} without capacity"
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning(
+        "fx_passes.moe_backend(mode=%r) without capacity: the rewritten blocks read their row "
+        "counts on the host, so inductor will not use CUDA graphs for their graphs; pass "
+        "capacity='worst-case' (sync-free, same results) to have them captured",
+        mode,
+    )
+
+
 def _warn_once(path: str, reason: str, where: str) -> None:
     key = f"{path}|{reason}|{where}"
     if key in _warned:
@@ -183,16 +198,26 @@ def moe_backend(
     """
     check_capacity(capacity, "fx_passes.moe_backend")
     compile_inner = _inner_compiler(inner, mode)
-    if capacity is None and mode in ("reduce-overhead", "max-autotune"):
-        log.warning(
-            "fx_passes.moe_backend(mode=%r) without capacity: the rewritten blocks read their row "
-            "counts on the host, so inductor will not use CUDA graphs for their graphs; pass "
-            "capacity='worst-case' (sync-free, same results) to have them captured",
-            mode,
-        )
+    _warn_if_graphs_cannot_be_captured(mode, capacity)
     rewritten: list[MoEMatch] = []
 
-    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **compile_kwargs: Any):
+        # torch.compile(..., backend=this, mode=m) hands the mode over here.
+        call_mode = compile_kwargs.pop("mode", None)
+        if compile_kwargs:
+            raise ValueError(
+                f"fx_passes.moe_backend: torch.compile passed {sorted(compile_kwargs)} to the "
+                f"backend; give the moe backend's settings to fx_passes.moe_backend(...) instead"
+            )
+        run_inner = compile_inner
+        if call_mode is not None and call_mode != mode:
+            if mode is not None:
+                raise ValueError(
+                    f"fx_passes.moe_backend(mode={mode!r}) was compiled with torch.compile("
+                    f"mode={call_mode!r}); give the mode once"
+                )
+            run_inner = _inner_compiler(inner, call_mode)
+            _warn_if_graphs_cannot_be_captured(call_mode, capacity)
         matches = fuse_moe_routing(
             gm, group=group, example_inputs=example_inputs, capacity=capacity
         )
@@ -206,7 +231,7 @@ def moe_backend(
             )
         for path, reason, where in missed:
             _warn_once(path, reason, where)
-        return compile_inner(gm, example_inputs)
+        return run_inner(gm, example_inputs)
 
     backend.__name__ = "moe"
     backend.matches = rewritten
@@ -226,6 +251,10 @@ def moe_backend_entry(gm: fx.GraphModule, example_inputs, *, options=None, mode=
             f"capacity, mode"
         )
     if mode is not None:
+        if opts.get("mode", mode) != mode:
+            raise ValueError(
+                f"backend='moe': mode={mode!r} and options['mode']={opts['mode']!r}; give one"
+            )
         opts["mode"] = mode
     return moe_backend(**opts)(gm, example_inputs)
 

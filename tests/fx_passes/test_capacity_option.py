@@ -204,7 +204,7 @@ def _recording_compile_fx(seen: list):
 
 @pytest.mark.parametrize(
     "how",
-    ["mode kwarg", "options", "moe_backend"],
+    ["mode kwarg", "options", "moe_backend", "moe_backend + mode kwarg"],
 )
 def test_mode_sets_inductor_options(how):
     model = L.Block("onehot_where").to(bf16)
@@ -216,9 +216,12 @@ def test_mode_sets_inductor_options(how):
         elif how == "options":
             opts = {"mode": "reduce-overhead", "capacity": "worst-case"}
             compiled = torch.compile(model, backend="moe", fullgraph=True, options=opts)
-        else:
+        elif how == "moe_backend":
             backend = fx_passes.moe_backend(capacity="worst-case", mode="reduce-overhead")
             compiled = torch.compile(model, backend=backend, fullgraph=True)
+        else:
+            backend = fx_passes.moe_backend(capacity="worst-case")
+            compiled = torch.compile(model, backend=backend, fullgraph=True, mode="reduce-overhead")
         out = compiled(_x())
     assert seen == [{"triton.cudagraphs": True}]
     torch.testing.assert_close(out, model(_x()), **_TOL)
@@ -234,12 +237,28 @@ def test_bad_mode_is_rejected():
         torch.compile(L.Block("onehot_where"), backend="moe", options={"cudagraphs": True})(_x())
 
 
-def test_cuda_graph_mode_without_capacity_warns(caplog):
+def test_two_different_modes_are_rejected():
+    model = L.Block("onehot_where").to(bf16)
+    torch._dynamo.reset()
+    backend = fx_passes.moe_backend(capacity="worst-case", mode="max-autotune")
+    with pytest.raises(Exception, match="give the mode once"):
+        torch.compile(model, backend=backend, fullgraph=True, mode="reduce-overhead")(_x())
+    torch._dynamo.reset()
+    opts = {"mode": "max-autotune"}
+    with pytest.raises(ValueError, match="mode='reduce-overhead' and options\\['mode'\\]"):
+        fx_passes.backend.moe_backend_entry(None, [], options=opts, mode="reduce-overhead")
+
+
+def test_cuda_graph_mode_without_capacity_warns_once(caplog):
+    from fx_passes import backend
+
+    backend._warned.discard("mode=reduce-overhead without capacity")
     with caplog.at_level(logging.WARNING, logger="fx_passes"):
         fx_passes.moe_backend(mode="reduce-overhead")
     assert "pass capacity='worst-case'" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fx_passes"):
+        fx_passes.moe_backend(mode="reduce-overhead")  # said already
         fx_passes.moe_backend(mode="reduce-overhead", capacity="worst-case")
     assert caplog.text == ""
 
@@ -273,3 +292,8 @@ def test_cuda_graphs_capture_the_rewritten_block():
         torch.testing.assert_close(got[2], model.router.weight.grad, **_TOL)
     assert counters["inductor"]["cudagraph_skips"] == skips
     assert len(backend.matches) == 1
+    # and graphs were recorded (no skip could also mean CUDA graphs were never on)
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+    assert manager is not None and any(manager.roots.values())

@@ -1,8 +1,10 @@
-"""``moe_ops.chunked_moe``: micro-batched dispatch/experts/combine equals the unchunked one.
+"""``moe_ops._pipeline.chunked_moe`` (the overlap experiment): micro-batched dispatch/experts/
+combine equals the unchunked one, bad input raises on every rank, and on CUDA the experts wait for
+the side stream.
 
 On the CPU nothing overlaps (gloo is synchronous) but every micro-batch goes through the same ops
-and collectives as on GPUs; the CUDA stream logic runs in ``test_nccl.py`` and
-``test_shared_gpu.py``.
+and collectives as on GPUs; the CUDA stream logic runs in the ``gpu`` tests here, in
+``test_nccl.py`` and in ``test_shared_gpu.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moe_ops
+from moe_ops._pipeline import chunked_moe
 from tests.moe_ops import _cases
 from tests.moe_ops._cases import Spec
 
@@ -19,11 +21,12 @@ SPECS = {
     "k4-bf16-Hp9": Spec(T=(12, 1, 7, 0), K=4, dtype=torch.bfloat16, Hp=9, seed=2),
     "k1-1d-f64-noweights": Spec(T=(5, 9), K=1, one_d=True, dtype=torch.float64, weights=False),
     "skewed-f32": Spec(T=(16, 11), K=2, routing="skewed", seed=4),
+    "big-bf16": Spec(T=(300, 200), K=4, E_l=4, H=64, Hp=32, dtype=torch.bfloat16, seed=9),
 }
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 3, 8])
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", list(SPECS)[:4])
 def test_single_rank(name, chunks):
     _cases.chunked_equal(SPECS[name], chunks)
 
@@ -46,6 +49,18 @@ def test_counts_single_rank():
     assert got == dict(fwd_a2a=0, fwd_sync=4, bwd_a2a=0, bwd_sync=0)
 
 
+@pytest.mark.parametrize("kind", ["T_mismatch", "w_shape", "w_int"])
+def test_one_bad_rank_gloo(gloo_world, kind):
+    got = gloo_world(2).run(_cases.chunked_one_bad_rank, 1, kind)
+    assert got[0] == "PeerInputError"
+
+
+def _inputs(T=6):
+    x = torch.randn(T, 3)
+    idx = torch.tensor([[0, 1], [1, -1], [0, 0], [1, 1], [-1, -1], [0, 1]])[:T]
+    return x, idx, torch.rand(T, 2)
+
+
 @pytest.mark.parametrize(
     "chunks, err, match",
     [
@@ -55,31 +70,42 @@ def test_counts_single_rank():
     ],
 )
 def test_bad_chunks(chunks, err, match):
-    x, idx = torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64)
+    x, idx, _ = _inputs()
     with pytest.raises(err, match=match):
-        moe_ops.chunked_moe(x, idx, None, 2, lambda r, n: r, chunks=chunks)
+        chunked_moe(x, idx, None, 2, lambda r, n: r, chunks=chunks)
 
 
-def test_experts_not_callable():
-    x, idx = torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64)
+def test_bad_inputs_single_rank():
+    x, idx, w = _inputs()
+    experts = lambda r, n: r  # noqa: E731
     with pytest.raises(TypeError, match="experts must be callable"):
-        moe_ops.chunked_moe(x, idx, None, 2, "mlp")
-
-
-def test_bad_dispatch_input_raises_the_dispatch_error():
-    x, idx = torch.randn(4, 3), torch.full((4, 2), 7)
+        chunked_moe(x, idx, w, 2, "mlp")
+    with pytest.raises(ValueError, match="topk_idx has 6 rows but x has 5 tokens"):
+        chunked_moe(x[:5], idx, w, 2, experts, chunks=4)
+    with pytest.raises(ValueError, match=r"topk_weights must match topk_idx \(\[6, 2\]"):
+        chunked_moe(x, idx, w[:5], 2, experts, chunks=4)
+    with pytest.raises(TypeError, match="topk_weights must be a floating-point Tensor"):
+        chunked_moe(x, idx, w.long(), 2, experts)
     with pytest.raises(ValueError, match=r"expert ids in \[0, 2\)"):
-        moe_ops.chunked_moe(x, idx, None, 2, lambda r, n: r)
+        chunked_moe(x, idx + 5, w, 2, experts)
 
 
 def test_under_torch_compile_is_a_graph_break():
-    x = torch.randn(6, 4)
-    idx = torch.tensor([[0, 1], [1, -1], [0, 0], [1, 1], [-1, -1], [0, 1]])
-    w = torch.rand(6, 2)
+    x, idx, w = _inputs()
 
     def f(x):
-        return moe_ops.chunked_moe(torch.sin(x), idx, w, 2, lambda r, n: r * 3, chunks=2) + 1
+        return chunked_moe(torch.sin(x), idx, w, 2, lambda r, n: r * 3, chunks=2) + 1
 
     want = f(x)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(f)(x).graph_break_count >= 1
     got = torch.compile(f, backend="aot_eager")(x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("chunks", [2, 4])
+@pytest.mark.parametrize("name", ["k2-f32", "big-bf16"])
+def test_cuda_experts_wait_for_the_side_stream(name, chunks):
+    _cases.chunked_waits_for_the_side_stream(SPECS[name], chunks)
