@@ -632,7 +632,7 @@ def chunked_one_bad_rank(bad_rank: int, kind: str) -> str:
     return type(info.value).__name__
 
 
-def chunked_waits_for_the_side_stream(spec: Spec, chunks: int) -> None:
+def chunked_waits_for_the_side_stream(spec: Spec, chunks: int, dev: str | None = None) -> None:
     """CUDA: dispatch runs on a side stream, and the experts wait for it. Each dispatch result is
     rewritten on the side stream after a long GPU sleep there: if the current stream did not wait
     for the side stream, the experts would read rows that are not written yet."""
@@ -640,7 +640,7 @@ def chunked_waits_for_the_side_stream(spec: Spec, chunks: int) -> None:
 
     r, W = rank_and_world()
     inp = make_inputs(spec, W)
-    dev = device()
+    dev = device() if dev is None else torch.device(dev)
     x, idx = inp.xs[r].to(dev), inp.idxs[r].to(dev)
     w = None if inp.ws is None else inp.ws[r].to(dev)
     experts = _scaled_experts(torch.linspace(0.5, 2.0, spec.E_l, dtype=torch.float64, device=dev))

@@ -108,4 +108,4 @@ def test_under_torch_compile_is_a_graph_break():
 @pytest.mark.parametrize("chunks", [2, 4])
 @pytest.mark.parametrize("name", ["k2-f32", "big-bf16"])
 def test_cuda_experts_wait_for_the_side_stream(name, chunks):
-    _cases.chunked_waits_for_the_side_stream(SPECS[name], chunks)
+    _cases.chunked_waits_for_the_side_stream(SPECS[name], chunks, "cuda")
