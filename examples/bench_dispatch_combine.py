@@ -561,8 +561,22 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
     dist.destroy_process_group()
 
 
-def _spawned(local_rank, args, world_size, init_file):
-    run(args, local_rank, world_size, local_rank, f"file://{init_file}")
+def _spawned(local_rank, run_fn, args, world_size, init_file):
+    run_fn(args, local_rank, world_size, local_rank, f"file://{init_file}")
+
+
+def launch(run_fn, args) -> None:
+    """``run_fn(args, rank, world_size, local_rank, init_method)`` on every rank: in this process
+    under torchrun, else on ``args.world_size`` spawned gloo ranks (CPU only)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        run_fn(args, rank, world_size, int(os.environ.get("LOCAL_RANK", 0)), None)
+        return
+    if torch.cuda.is_available() and not args.cpu:
+        sys.exit("on GPUs run under torchrun: torchrun --nproc-per-node N " + sys.argv[0])
+    with tempfile.TemporaryDirectory() as d:
+        init = os.path.join(d, "init")
+        mp.spawn(_spawned, args=(run_fn, args, args.world_size, init), nprocs=args.world_size)
 
 
 def main(argv=None):
@@ -588,21 +602,7 @@ def main(argv=None):
     p.add_argument("--no-sync-free", action="store_true", help="skip the sync-free mode")
     p.add_argument("--out", help="also write the tables (markdown) and rows (.json) here")
     args = p.parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
-        run(
-            args,
-            int(os.environ["RANK"]),
-            int(os.environ["WORLD_SIZE"]),
-            int(os.environ.get("LOCAL_RANK", 0)),
-            None,
-        )
-        return
-    if torch.cuda.is_available() and not args.cpu:
-        sys.exit("on GPUs run under torchrun: torchrun --nproc-per-node N " + sys.argv[0])
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(
-            _spawned, args=(args, args.world_size, os.path.join(d, "init")), nprocs=args.world_size
-        )
+    launch(run, args)
 
 
 if __name__ == "__main__":

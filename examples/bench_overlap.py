@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from unittest import mock
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tabulate import tabulate
 
@@ -42,7 +40,7 @@ import moe_ops
 from moe_ops._pipeline import chunked_moe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dispatch_combine import _Meter, _routing  # noqa: E402
+from bench_dispatch_combine import _Meter, _routing, launch  # noqa: E402
 
 # E = 64 at H = 7168: with E = 256 the weights and their gradients (45 GB) leave too little of an
 # H100 for the activations at W = 1.
@@ -189,10 +187,6 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
     dist.destroy_process_group()
 
 
-def _spawned(local_rank, args, world_size, init_file):
-    run(args, local_rank, world_size, local_rank, f"file://{init_file}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -210,21 +204,7 @@ def main(argv=None):
     args.chunks = [1] + [c for c in args.chunks if c != 1]
     if args.quick:
         args.iters, args.warmup = 2, 1
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        run(
-            args,
-            int(os.environ["RANK"]),
-            int(os.environ["WORLD_SIZE"]),
-            int(os.environ.get("LOCAL_RANK", 0)),
-            None,
-        )
-        return
-    if torch.cuda.is_available() and not args.cpu:
-        sys.exit("on GPUs run under torchrun: torchrun --nproc-per-node N " + sys.argv[0])
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(
-            _spawned, args=(args, args.world_size, os.path.join(d, "init")), nprocs=args.world_size
-        )
+    launch(run, args)
 
 
 if __name__ == "__main__":
