@@ -297,3 +297,22 @@ def test_cuda_graphs_capture_the_rewritten_block():
 
     manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
     assert manager is not None and any(manager.roots.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_are_skipped_without_capacity():
+    """What the README and the backend's warning say: the default ops read the row counts on the
+    host, so inductor does not capture their graph (results still equal eager)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = L.Block("onehot_where").to("cuda", bf16)
+    backend = fx_passes.moe_backend(strict=True, mode="reduce-overhead")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    skips = counters["inductor"]["cudagraph_skips"]
+    x = _x(T=64).cuda()
+    torch.compiler.cudagraph_mark_step_begin()
+    torch.testing.assert_close(compiled(x), model(x), **_TOL)
+    assert counters["inductor"]["cudagraph_skips"] > skips
