@@ -141,9 +141,10 @@ def _warn_if_graphs_cannot_be_captured(mode: str | None, capacity) -> None:
         return
     _warned.add(key)
     log.warning(
-        "fx_passes.moe_backend(mode=%r) without capacity: the rewritten blocks read their row "
-        "counts on the host, so inductor will not use CUDA graphs for their graphs; pass "
-        "capacity='worst-case' (sync-free, same results) to have them captured",
+        "fx_passes.moe_backend(mode=%r) without capacity: the rewritten blocks' dispatch and "
+        "combine read their row counts on the host, so they run outside the CUDA graphs, which "
+        "capture only the parts between them; pass capacity='worst-case' (sync-free, same "
+        "results) to have whole blocks captured",
         mode,
     )
 
@@ -189,9 +190,10 @@ def moe_backend(
             block whose experts cannot be grouped keeps the default ops (logged at warning
             level; ``match.rewritten["capacity_fallback"]`` says why).
         mode: an inductor mode, as for ``torch.compile(mode=...)`` (``"reduce-overhead"``,
-            ``"max-autotune"``, ...), for ``inner="inductor"``. The CUDA graphs of
-            ``"reduce-overhead"`` need ``capacity``: the default ops read the row counts on the
-            host, and inductor skips CUDA graphs for a graph that does (a warning says so here).
+            ``"max-autotune"``, ...), for ``inner="inductor"``. For the CUDA graphs of
+            ``"reduce-overhead"`` to hold whole blocks, pass ``capacity`` too: the default ops
+            read the row counts on the host and are tagged ``cudagraph_unsafe``, so inductor runs
+            them between captured parts (a warning says so).
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout).

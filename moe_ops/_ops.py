@@ -22,7 +22,7 @@ uses ``expert_out`` itself.
 when not asked for).
 
 Host syncs: dispatch reads the counts once (``_comm.read_to_host``); combine and both backwards
-reuse the CPU split tensors and never sync.
+reuse the CPU split tensors and never sync. All three carry ``torch.Tag.cudagraph_unsafe``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ import torch
 from torch import Tensor
 
 from moe_ops import _comm, _layout
+
+# The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
+# split tensors (combine, its backward): a CUDA graph would replay the first call's sizes. Tagged
+# so that inductor's CUDA graphs (mode="reduce-overhead") leave them out of the captured parts.
+# The capacity-mode ops in ``_fixed`` are graph-safe and untagged.
+_NOT_CUDAGRAPH_SAFE = (torch.Tag.cudagraph_unsafe,)
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,7 +133,7 @@ def _num_recv_rows(send_pair_idx: Tensor, recv_perm: Tensor, world_size: int):
 
 
 # ----------------------------------------------------------------------------- dispatch
-@torch.library.custom_op("moe_ops::dispatch", mutates_args=())
+@torch.library.custom_op("moe_ops::dispatch", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)
 def dispatch_op(
     x: Tensor, topk_idx: Tensor, num_experts: int, group_name: str, world_size: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -262,7 +268,7 @@ dispatch_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup_
 
 
 # ----------------------------------------------------------------------------- combine
-@torch.library.custom_op("moe_ops::combine", mutates_args=())
+@torch.library.custom_op("moe_ops::combine", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)
 def combine_op(
     expert_out: Tensor,
     topk_weights: Tensor | None,
@@ -362,7 +368,7 @@ def _combine_backward(ctx, grad_out, _grad_returned):
 combine_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
 
 
-@torch.library.custom_op("moe_ops::_combine_backward", mutates_args=())
+@torch.library.custom_op("moe_ops::_combine_backward", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)
 def combine_backward_op(
     grad_out: Tensor,
     returned_rows: Tensor | None,

@@ -93,6 +93,16 @@ def test_opcheck_combine_backward(case, weights):
 
 
 # ----------------------------------------------------------------------------- fake tensors
+def test_cudagraph_tags():
+    """The default-mode ops size their exchanges on the host: inductor must keep them out of CUDA
+    graphs. The capacity-mode ops are graph-safe."""
+    ops = torch.ops.moe_ops
+    for op in (ops.dispatch, ops.combine, ops._combine_backward):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags, op
+    for op in (ops.dispatch_fixed, ops.combine_fixed, ops._combine_fixed_backward):
+        assert torch.Tag.cudagraph_unsafe not in op.default.tags, op
+
+
 def test_fake_tensor_mode_shapes():
     with FakeTensorMode(shape_env=ShapeEnv()) as mode:
         x, idx, w = (mode.from_tensor(t) for t in _inputs())
