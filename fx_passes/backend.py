@@ -133,20 +133,21 @@ def _unrewritten_reasons(
     return sorted((path, why, where) for path, (why, where) in reasons.items())
 
 
-def _warn_if_graphs_cannot_be_captured(mode: str | None, capacity) -> None:
-    if capacity is not None or mode not in ("reduce-overhead", "max-autotune"):
+def _check_cuda_graphs_have_capacity(mode: str | None, capacity) -> None:
+    """CUDA-graph modes need the capacity-mode ops: with the default ones (which read row counts
+    on the host and are tagged ``cudagraph_unsafe``) inductor's CUDA graphs fail at run time in
+    torch 2.11 (an AssertionError inside cudagraph_trees when it captures the parts between them;
+    a "storage data ptrs are not allocated in pool" RuntimeError before the ops were tagged)."""
+    if capacity is not None or mode is None:
         return
-    key = f"mode={mode} without capacity"
-    if key in _warned:
-        return
-    _warned.add(key)
-    log.warning(
-        "fx_passes.moe_backend(mode=%r) without capacity: the rewritten blocks' dispatch and "
-        "combine read their row counts on the host, so they run outside the CUDA graphs, which "
-        "capture only the parts between them; pass capacity='worst-case' (sync-free, same "
-        "results) to have whole blocks captured",
-        mode,
-    )
+    from torch._inductor import list_mode_options
+
+    if list_mode_options(mode).get("triton.cudagraphs"):
+        raise ValueError(
+            f"fx_passes.moe_backend: mode={mode!r} uses CUDA graphs, which need the sync-free "
+            f"ops: pass capacity='worst-case' too (same results; the default ops read row counts "
+            f"on the host and cannot be captured)"
+        )
 
 
 def _warn_once(path: str, reason: str, where: str) -> None:
@@ -190,17 +191,16 @@ def moe_backend(
             block whose experts cannot be grouped keeps the default ops (logged at warning
             level; ``match.rewritten["capacity_fallback"]`` says why).
         mode: an inductor mode, as for ``torch.compile(mode=...)`` (``"reduce-overhead"``,
-            ``"max-autotune"``, ...), for ``inner="inductor"``. For the CUDA graphs of
-            ``"reduce-overhead"`` to hold whole blocks, pass ``capacity`` too: the default ops
-            read the row counts on the host and are tagged ``cudagraph_unsafe``, so inductor runs
-            them between captured parts (a warning says so).
+            ``"max-autotune"``, ...), for ``inner="inductor"``. Modes with CUDA graphs
+            (``"reduce-overhead"``, ``"max-autotune"``) need ``capacity`` (``ValueError``
+            otherwise): the default ops read row counts on the host and cannot be captured.
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout).
     """
     check_capacity(capacity, "fx_passes.moe_backend")
     compile_inner = _inner_compiler(inner, mode)
-    _warn_if_graphs_cannot_be_captured(mode, capacity)
+    _check_cuda_graphs_have_capacity(mode, capacity)
     rewritten: list[MoEMatch] = []
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **compile_kwargs: Any):
@@ -219,7 +219,7 @@ def moe_backend(
                     f"mode={call_mode!r}); give the mode once"
                 )
             run_inner = _inner_compiler(inner, call_mode)
-            _warn_if_graphs_cannot_be_captured(call_mode, capacity)
+            _check_cuda_graphs_have_capacity(call_mode, capacity)
         matches = fuse_moe_routing(
             gm, group=group, example_inputs=example_inputs, capacity=capacity
         )

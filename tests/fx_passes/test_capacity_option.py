@@ -212,7 +212,8 @@ def test_mode_sets_inductor_options(how):
     torch._dynamo.reset()
     with mock.patch("torch._inductor.compile_fx.compile_fx", _recording_compile_fx(seen)):
         if how == "mode kwarg":
-            compiled = torch.compile(model, backend="moe", fullgraph=True, mode="reduce-overhead")
+            mode = "max-autotune-no-cudagraphs"  # no capacity: a mode without CUDA graphs
+            compiled = torch.compile(model, backend="moe", fullgraph=True, mode=mode)
         elif how == "options":
             opts = {"mode": "reduce-overhead", "capacity": "worst-case"}
             compiled = torch.compile(model, backend="moe", fullgraph=True, options=opts)
@@ -223,7 +224,10 @@ def test_mode_sets_inductor_options(how):
             backend = fx_passes.moe_backend(capacity="worst-case")
             compiled = torch.compile(model, backend=backend, fullgraph=True, mode="reduce-overhead")
         out = compiled(_x())
-    assert seen == [{"triton.cudagraphs": True}]
+    from torch._inductor import list_mode_options
+
+    want = "max-autotune-no-cudagraphs" if how == "mode kwarg" else "reduce-overhead"
+    assert seen == [list_mode_options(want)]
     torch.testing.assert_close(out, model(_x()), **_TOL)
 
 
@@ -249,18 +253,16 @@ def test_two_different_modes_are_rejected():
         fx_passes.backend.moe_backend_entry(None, [], options=opts, mode="reduce-overhead")
 
 
-def test_cuda_graph_mode_without_capacity_warns_once(caplog):
-    from fx_passes import backend
-
-    backend._warned.discard("mode=reduce-overhead without capacity")
-    with caplog.at_level(logging.WARNING, logger="fx_passes"):
-        fx_passes.moe_backend(mode="reduce-overhead")
-    assert "pass capacity='worst-case'" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fx_passes"):
-        fx_passes.moe_backend(mode="reduce-overhead")  # said already
-        fx_passes.moe_backend(mode="reduce-overhead", capacity="worst-case")
-    assert caplog.text == ""
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_need_capacity(mode):
+    msg = f"mode='{mode}' uses CUDA graphs, which need the sync-free ops: pass capacity="
+    with pytest.raises(ValueError, match=msg):
+        fx_passes.moe_backend(mode=mode)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=msg):  # through backend="moe" and torch.compile's mode
+        torch.compile(L.Block("onehot_where"), backend="moe", mode=mode)(_x(dtype=torch.float32))
+    fx_passes.moe_backend(mode="max-autotune-no-cudagraphs")  # no CUDA graphs: fine
+    fx_passes.moe_backend(mode=mode, capacity="worst-case")
 
 
 def _cuda_graph_steps(backend, steps: int = 4):
@@ -302,14 +304,4 @@ def test_cuda_graphs_capture_the_rewritten_block():
     skips = counters["inductor"]["cudagraph_skips"]
     assert _cuda_graph_steps(backend), "no CUDA graph was recorded"
     assert counters["inductor"]["cudagraph_skips"] == skips
-    assert len(backend.matches) == 1
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphs_without_capacity_leave_the_ops_out():
-    """Without capacity the default ops (tagged cudagraph_unsafe) run outside the captured parts,
-    so replays with new routing still give eager's results."""
-    backend = fx_passes.moe_backend(strict=True, mode="reduce-overhead")
-    _cuda_graph_steps(backend)
     assert len(backend.matches) == 1
