@@ -85,6 +85,17 @@ def _raise_on_every_rank(err: Exception, op, args: tuple) -> None:
     raise err
 
 
+def _fail_dispatch_on_every_rank(
+    err: Exception, device: torch.device, num_experts: int, group_name: str, world_size: int
+) -> None:
+    """Raise ``err`` here and make the peers' current dispatch raise ``PeerInputError``."""
+    stand_ins = (
+        torch.empty(0, device=device),
+        torch.empty((0, 1), dtype=torch.int64, device=device),
+    )
+    _raise_on_every_rank(err, dispatch_op, (*stand_ins, num_experts, group_name, world_size))
+
+
 def dispatch(
     x: Tensor,
     topk_idx: Tensor,
@@ -149,10 +160,9 @@ def dispatch(
     if topk_idx.dim() == 1:
         topk_idx = topk_idx.unsqueeze(1)
     if x.device != topk_idx.device:
-        dev = _real_device(x, topk_idx)
-        stand_ins = (torch.empty(0, device=dev), torch.empty((0, 1), dtype=torch.int64, device=dev))
         err = _check_dispatch(x, topk_idx, num_experts, world_size)
-        _raise_on_every_rank(err, dispatch_op, (*stand_ins, num_experts, group_name, world_size))
+        dev = _real_device(x, topk_idx)
+        _fail_dispatch_on_every_rank(err, dev, num_experts, group_name, world_size)
     if capacity is not None or overflow != "error":
         return _dispatch_fixed(x, topk_idx, num_experts, group_name, world_size, capacity, overflow)
     recv_x, tokens_per_expert, *layout = dispatch_op(

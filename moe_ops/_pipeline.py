@@ -31,13 +31,13 @@ from torch import Tensor
 
 from moe_ops._api import (
     DispatchHandle,
-    _raise_on_every_rank,
+    _fail_dispatch_on_every_rank,
     _real_device,
     _resolve,
     combine,
     dispatch,
 )
-from moe_ops._ops import _FLOAT_DTYPES, _check_dispatch, dispatch_op
+from moe_ops._ops import _FLOAT_DTYPES, _check_dispatch
 
 ExpertsFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -127,8 +127,7 @@ def chunked_moe(
             raise err
         # Through dispatch's error path, so that the peers (in their first dispatch) raise too.
         dev = _real_device(*(t for t in (x, topk_idx) if isinstance(t, Tensor)))
-        stand_ins = (torch.empty(0, device=dev), torch.empty((0, 1), dtype=torch.int64, device=dev))
-        _raise_on_every_rank(err, dispatch_op, (*stand_ins, num_experts, group_name, world_size))
+        _fail_dispatch_on_every_rank(err, dev, num_experts, group_name, world_size)
     xs = x.tensor_split(chunks)
     idxs = topk_idx.tensor_split(chunks)
     ws = [None] * chunks if topk_weights is None else topk_weights.tensor_split(chunks)
