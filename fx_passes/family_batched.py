@@ -35,7 +35,7 @@ from fx_passes._match import (
     val,
 )
 from fx_passes.family_sorted import _column, _strip_row_weight, extend_cast, removal_set
-from fx_passes.rewrite import call, grouped_offsets
+from fx_passes.rewrite import call, grouped_offsets, host_counts
 
 FAMILY = "batched"
 
@@ -234,7 +234,7 @@ def grouped_linear(graph: fx.Graph, a: Node, w: Node, tpe: Node, transposed: boo
     aligned = all(isinstance(s, int) and (s * bv.element_size()) % 16 == 0 for s in bv.shape[1:])
     if av.dtype == torch.bfloat16 and bv.dtype == torch.bfloat16 and aligned:
         return call(graph, torch._grouped_mm, (a, mat_b), {"offs": grouped_offsets(graph, tpe)})
-    sizes = call(graph, "tolist", (tpe,))
+    sizes = call(graph, "tolist", (host_counts(tpe),))
     parts = call(graph, torch.split, (a, sizes))
     outs = []
     for j in range(bv.shape[0]):

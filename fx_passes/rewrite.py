@@ -27,6 +27,7 @@ Rank ``r`` runs global experts ``r * E_l + j``. New nodes carry ``meta["example_
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import logging
@@ -323,6 +324,17 @@ def _same_shape_args(n: Node, m: Node, sn: ExpertSubgraph, sm: ExpertSubgraph, p
     return True
 
 
+def host_counts(tpe: Node) -> Node:
+    """What to read ``tokens_per_expert`` from on the host: the CPU copy that the default
+    dispatch's one sync already made (``moe_ops.dispatch`` output 7), while ``_emit_default``
+    emits the experts; else ``tpe`` itself (reading it then costs a device -> host sync)."""
+    make = tpe.meta.get(_HOST_COUNTS)
+    return tpe if make is None else make()
+
+
+_HOST_COUNTS = "moe_ops_host_counts"
+
+
 def _emit_segments(
     graph: fx.Graph,
     body: ModuleListExperts,
@@ -331,8 +343,8 @@ def _emit_segments(
     tpe: Node,
     env: Callable[[Node], Node],
 ) -> Node:
-    """Each local expert on its segment of ``recv_x`` (one host read of the row counts)."""
-    sizes = call(graph, "tolist", (tpe,))
+    """Each local expert on its segment of ``recv_x`` (sizes read from the host copy)."""
+    sizes = call(graph, "tolist", (host_counts(tpe),))
     parts = call(graph, torch.split, (recv_x, sizes))
     outs = []
     for j, e in enumerate(local):
@@ -541,6 +553,7 @@ def _emit_default(graph, match, env, x, idx, w, group_name, world_size, rank, in
     recv_x, tpe, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = (
         call(graph, operator.getitem, (d, i)) for i in range(7)
     )
+    tpe.meta[_HOST_COUNTS] = functools.cache(lambda: call(graph, operator.getitem, (d, 7)))
     e_l = E // world_size
     local = list(range(rank * e_l, (rank + 1) * e_l))
     if isinstance(match.body, StackedExperts):
@@ -570,6 +583,7 @@ def _emit_default(graph, match, env, x, idx, w, group_name, world_size, rank, in
             world_size,
         ),
     )
+    del tpe.meta[_HOST_COUNTS]  # only for this emission (nodes in meta would outlive it)
     return _finish(graph, match, env, call(graph, operator.getitem, (c, 0)))
 
 

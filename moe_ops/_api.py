@@ -17,7 +17,10 @@ class DispatchHandle:
     """What :func:`combine` (and both backwards) need from :func:`dispatch`.
 
     Meant for users: ``tokens_per_expert``, int64 ``[E_l]`` on x's device, rows of ``recv_x``
-    per local expert in order (``cumsum`` gives grouped-GEMM offsets); in capacity mode also
+    per local expert in order (``cumsum`` gives grouped-GEMM offsets); in the default mode also
+    ``tokens_per_expert_host``, the same counts on the CPU as dispatch's one sync read them
+    (``recv_x.split(handle.tokens_per_expert_host.tolist())`` costs no second sync); in capacity
+    mode (where it is None) also
     ``capacity`` (rows of ``recv_x``) and ``num_dropped``, an int64 0-d tensor on x's device:
     this rank's (token, slot) pairs that did not fit (always 0 with ``overflow="error"``). The
     other tensors describe the layout (see ``moe_ops._ops`` and ``moe_ops._fixed``); the ints
@@ -39,6 +42,7 @@ class DispatchHandle:
     recv_index: Tensor | None = None
     num_recv: Tensor | None = None
     splits: Tensor | None = None
+    tokens_per_expert_host: Tensor | None = None
 
     @property
     def num_local_experts(self) -> int:
@@ -165,7 +169,7 @@ def dispatch(
         _fail_dispatch_on_every_rank(err, dev, num_experts, group_name, world_size)
     if capacity is not None or overflow != "error":
         return _dispatch_fixed(x, topk_idx, num_experts, group_name, world_size, capacity, overflow)
-    recv_x, tokens_per_expert, *layout = dispatch_op(
+    recv_x, tokens_per_expert, *layout, tokens_per_expert_host = dispatch_op(
         x, topk_idx, num_experts, group_name, world_size
     )
     send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = layout
@@ -179,6 +183,7 @@ def dispatch(
         num_experts,
         group_name,
         world_size,
+        tokens_per_expert_host=tokens_per_expert_host,
     )
     return recv_x, handle
 

@@ -2,7 +2,7 @@
 
 Each op sits next to its fake kernel and its autograd formula. Shape letters: see ``_layout``.
 
-``dispatch(x[T, H], topk_idx[T, K], num_experts, group_name, world_size)`` returns 7 tensors:
+``dispatch(x[T, H], topk_idx[T, K], num_experts, group_name, world_size)`` returns 8 tensors:
 
     recv_x             [R, H]   rows for this rank's experts, expert-major (see moe_ops.dispatch)
     tokens_per_expert  [E_l]    int64, rows of recv_x per local expert
@@ -11,6 +11,8 @@ Each op sits next to its fake kernel and its autograd formula. Shape letters: se
     recv_perm          [R]      int64, regroup index source-major -> expert-major ([0] when W = 1)
     send_splits        [W]      int64 on the CPU, rows sent to each rank
     recv_splits        [W]      int64 on the CPU, rows received from each rank
+    tokens_per_expert_host [E_l] int64 on the CPU, ``tokens_per_expert`` as read by the one sync
+                                 (per-expert loops size their segments from it, no second sync)
 
 ``combine(expert_out[R, H'], topk_weights[T, K]?, <the handle's tensors>, group_name, world_size)``
 returns ``out[T, H']`` and ``returned_rows``: the rows that came back to this rank in send order,
@@ -136,7 +138,7 @@ def _num_recv_rows(send_pair_idx: Tensor, recv_perm: Tensor, world_size: int):
 @torch.library.custom_op("moe_ops::dispatch", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)
 def dispatch_op(
     x: Tensor, topk_idx: Tensor, num_experts: int, group_name: str, world_size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     group = _comm.resolve_group(group_name, world_size)
     err = _check_dispatch(x, topk_idx, num_experts, world_size)
     W, E = world_size, num_experts
@@ -175,6 +177,7 @@ def dispatch_op(
         if host[-1]:
             raise _bad_id_error(topk_idx, E)
         send_splits = recv_splits = [int(host[:-1].sum())]
+        tpe_host = host[:-1].clone()
     else:
         status_W = host[counts_E.shape[0] :].view(W, -1)[:, 0].tolist()
         if status_W[rank]:
@@ -182,6 +185,7 @@ def dispatch_op(
         _comm.raise_if_peer_bad(status_W, rank, "dispatch")
         send_splits = host[:E].view(W, -1).sum(1).tolist()
         recv_splits = host[E:].view(W, -1)[:, 1:].sum(1).tolist()
+        tpe_host = host[E:].view(W, -1)[:, 1:].sum(0)
 
     N = sum(send_splits)
     if kern is not None:
@@ -216,6 +220,7 @@ def dispatch_op(
         recv_perm,
         torch.tensor(send_splits, dtype=torch.int64),
         torch.tensor(recv_splits, dtype=torch.int64),
+        tpe_host,
     )
 
 
@@ -238,12 +243,13 @@ def _(x, topk_idx, num_experts, group_name, world_size):
         torch.empty(R if world_size > 1 else 0, **i64),
         torch.empty(world_size, dtype=torch.int64, device="cpu"),
         torch.empty(world_size, dtype=torch.int64, device="cpu"),
+        torch.empty(num_experts // world_size, dtype=torch.int64, device="cpu"),
     )
 
 
 def _dispatch_setup_context(ctx, inputs, output):
     _, _, _, group_name, world_size = inputs
-    _, _, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = output
+    send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = output[2:7]
     ctx.save_for_backward(send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits)
     ctx.group_name, ctx.world_size = group_name, world_size
 

@@ -144,6 +144,8 @@ def dispatch_combine_equal(spec: Spec, group_ranks: list[int] | None = None) -> 
     assert recv_x.dtype == spec.dtype and out.dtype == spec.dtype
     assert handle.tokens_per_expert.device == dev and handle.tokens_per_expert.dtype == torch.int64
     assert torch.equal(handle.tokens_per_expert.cpu(), ref_disp[r][1])
+    host = handle.tokens_per_expert_host
+    assert host.device.type == "cpu" and torch.equal(host, ref_disp[r][1])
     assert torch.equal(recv_x.detach().cpu(), ref_disp[r][0].detach())
     assert torch.equal(expert_out.detach().cpu(), ref_eo[r].detach())
     assert out.shape == (inp.xs[r].shape[0], spec.Hp)

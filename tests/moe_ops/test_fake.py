@@ -60,7 +60,7 @@ _OPCHECK_CASES = {
 
 def _raw_dispatch(x, idx):
     """recv_x and the layout tensors in the order combine takes them."""
-    recv_x, _, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = (
+    recv_x, _, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits, _ = (
         torch.ops.moe_ops.dispatch(x, idx, E, "", 1)
     )
     return recv_x, (pair_pos, send_pair_idx, recv_perm, send_splits, recv_splits)
