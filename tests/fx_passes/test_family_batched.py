@@ -95,33 +95,34 @@ getitem_12 = dispatch_default[6]
 getitem_13 = l_self_parameters_gate_up_[slice(0, 2, None)]
 getitem_14 = l_self_parameters_down_[slice(0, 2, None)]
 transpose = getitem_13.transpose(-2, -1)
-tolist = getitem_7.tolist()
+getitem_15 = dispatch_default[7]
+tolist = getitem_15.tolist()
 split = torch.functional.split(getitem_6, tolist)
-getitem_15 = split[0]
-getitem_16 = transpose[0]
-mm = torch.mm(getitem_15, getitem_16)
-getitem_17 = split[1]
-getitem_18 = transpose[1]
-mm_1 = torch.mm(getitem_17, getitem_18)
+getitem_16 = split[0]
+getitem_17 = transpose[0]
+mm = torch.mm(getitem_16, getitem_17)
+getitem_18 = split[1]
+getitem_19 = transpose[1]
+mm_1 = torch.mm(getitem_18, getitem_19)
 cat = torch.cat([mm, mm_1])
 chunk_1 = cat.chunk(2, dim = -1)
-getitem_19 = chunk_1[0]
-getitem_20 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_19)
-mul_2 = silu_1 * getitem_20
+getitem_20 = chunk_1[0]
+getitem_21 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_20)
+mul_2 = silu_1 * getitem_21
 transpose_1 = getitem_14.transpose(-2, -1)
-tolist_1 = getitem_7.tolist()
+tolist_1 = getitem_15.tolist()
 split_1 = torch.functional.split(mul_2, tolist_1)
-getitem_21 = split_1[0]
-getitem_22 = transpose_1[0]
-mm_2 = torch.mm(getitem_21, getitem_22)
-getitem_23 = split_1[1]
-getitem_24 = transpose_1[1]
-mm_3 = torch.mm(getitem_23, getitem_24)
+getitem_22 = split_1[0]
+getitem_23 = transpose_1[0]
+mm_2 = torch.mm(getitem_22, getitem_23)
+getitem_24 = split_1[1]
+getitem_25 = transpose_1[1]
+mm_3 = torch.mm(getitem_24, getitem_25)
 cat_1 = torch.cat([mm_2, mm_3])
 combine_default = torch.ops.moe_ops.combine.default(cat_1, top_w_1, <layout>, '<group>', 2)
-getitem_25 = combine_default[0]
-return (getitem_25,)""",
+getitem_26 = combine_default[0]
+return (getitem_26,)""",
     )
 
 

@@ -103,18 +103,19 @@ getitem_21 = dispatch_default[3]
 getitem_22 = dispatch_default[4]
 getitem_23 = dispatch_default[5]
 getitem_24 = dispatch_default[6]
-tolist = getitem_19.tolist()
+getitem_25 = dispatch_default[7]
+tolist = getitem_25.tolist()
 split_1 = torch.functional.split(getitem_18, tolist)
-getitem_25 = split_1[0]
-linear_5 = torch._C._nn.linear(getitem_25, experts.0.up.weight, experts.0.up.bias)
+getitem_26 = split_1[0]
+linear_5 = torch._C._nn.linear(getitem_26, experts.0.up.weight, experts.0.up.bias)
 chunk_2 = linear_5.chunk(2, dim = -1)
 a_2 = chunk_2[0]
 b_2 = chunk_2[1]
 silu_2 = torch.nn.functional.silu(a_2)
 mul_3 = silu_2 * b_2
 linear_6 = torch._C._nn.linear(mul_3, experts.0.down.weight, experts.0.down.bias)
-getitem_26 = split_1[1]
-linear_7 = torch._C._nn.linear(getitem_26, experts.1.up.weight, experts.1.up.bias)
+getitem_27 = split_1[1]
+linear_7 = torch._C._nn.linear(getitem_27, experts.1.up.weight, experts.1.up.bias)
 chunk_3 = linear_7.chunk(2, dim = -1)
 a_3 = chunk_3[0]
 b_3 = chunk_3[1]
@@ -123,8 +124,8 @@ mul_4 = silu_3 * b_3
 linear_8 = torch._C._nn.linear(mul_4, experts.1.down.weight, experts.1.down.bias)
 cat_1 = torch.cat([linear_6, linear_8])
 combine_default = torch.ops.moe_ops.combine.default(cat_1, topk_w_1, <layout>, '<group>', 2)
-getitem_27 = combine_default[0]
-return (getitem_27,)""",
+getitem_28 = combine_default[0]
+return (getitem_28,)""",
     )
 
 

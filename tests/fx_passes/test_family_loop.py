@@ -55,17 +55,18 @@ gi17 = dispatch[3]
 gi18 = dispatch[4]
 gi19 = dispatch[5]
 gi20 = dispatch[6]
-tolist = gi15.tolist()
+gi21 = dispatch[7]
+tolist = gi21.tolist()
 split = torch.functional.split(gi14, tolist)
-gi21 = split[0]
-reshape_2 = gi21.reshape(-1, 16)
+gi22 = split[0]
+reshape_2 = gi22.reshape(-1, 16)
 linear_7 = torch._C._nn.linear(reshape_2, experts.0.gate.weight, None)
 silu_2 = torch.nn.functional.silu(linear_7)
 linear_8 = torch._C._nn.linear(reshape_2, experts.0.up.weight, None)
 mul_4 = silu_2 * linear_8
 linear_9 = torch._C._nn.linear(mul_4, experts.0.down.weight, None)
-gi22 = split[1]
-reshape_3 = gi22.reshape(-1, 16)
+gi23 = split[1]
+reshape_3 = gi23.reshape(-1, 16)
 linear_10 = torch._C._nn.linear(reshape_3, experts.1.gate.weight, None)
 silu_3 = torch.nn.functional.silu(linear_10)
 linear_11 = torch._C._nn.linear(reshape_3, experts.1.up.weight, None)
@@ -73,8 +74,8 @@ mul_5 = silu_3 * linear_11
 linear_12 = torch._C._nn.linear(mul_5, experts.1.down.weight, None)
 cat = torch.cat([linear_9, linear_12])
 combine = moe_ops.combine(cat, w_2, gi17, gi16, gi18, gi19, gi20, '', 1)
-gi23 = combine[0]
-return (gi23,)""",
+gi24 = combine[0]
+return (gi24,)""",
     )
 
 
