@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from fx_passes._match import is_param_like, val
-from fx_passes.rewrite import ROWWISE_FUNCS, ROWWISE_METHODS, call
+from fx_passes.rewrite import ROWWISE_FUNCS, ROWWISE_METHODS, call, host_counts
 
 # Ops that map each row to a row (or select per-expert parameters): safe to run on any subset
 # of rows. Anything else in an expert body makes the matcher leave the block alone.
@@ -204,9 +204,30 @@ class Body:
                 return slice(lookup(a.start), lookup(a.stop), lookup(a.step))
             return a
 
+        host: dict[Node, Node] = {}
+
+        def on_host(a) -> Node | None:
+            """The CPU copy of a counts node or of ``counts[j]`` (dispatch read the counts
+            already: no second sync); None for anything else."""
+            if not isinstance(a, Node):
+                return None
+            if a in self.counts:
+                if a not in host:
+                    host[a] = call(graph, "to", (host_counts(tpe), val(a).dtype))
+                return host[a]
+            if a.target is operator.getitem and isinstance(a.args[1], int):
+                c = on_host(a.args[0])
+                return None if c is None else call(graph, operator.getitem, (c, a.args[1]))
+            return None
+
         for n in self.nodes:
             if n in env or self.branch.get(n, -1) >= e_l:
                 continue
+            if n.op == "call_method" and n.target in ("item", "tolist") and not n.kwargs:
+                h = on_host(n.args[0])
+                if h is not None:  # a host read of the counts
+                    env[n] = call(graph, n.target, (h,))
+                    continue
             if n in self.rewrite:
                 env[n] = self.rewrite[n](graph, lookup, tpe)
                 continue

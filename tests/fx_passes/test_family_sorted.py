@@ -116,33 +116,37 @@ getitem_36 = l_self_parameters_w_in_[slice(2, 4, None)]
 getitem_37 = l_self_parameters_w_out_[slice(2, 4, None)]
 to = getitem_30.to(torch.int64)
 getitem_38 = to[0]
-item_4 = getitem_38.item()
-getitem_39 = to[1]
-item_5 = getitem_39.item()
+getitem_39 = dispatch_default[7]
+to_1 = getitem_39.to(torch.int64)
+getitem_40 = to_1[0]
+item_4 = getitem_40.item()
+getitem_41 = to[1]
+getitem_42 = to_1[1]
+item_5 = getitem_42.item()
 split_2 = getitem_29.split([item_4, item_5], dim = 0)
-getitem_40 = split_2[0]
-getitem_41 = split_2[1]
-getitem_42 = getitem_36[0]
-linear_9 = torch._C._nn.linear(getitem_40, getitem_42)
-getitem_43 = getitem_36[1]
-linear_10 = torch._C._nn.linear(getitem_41, getitem_43)
+getitem_43 = split_2[0]
+getitem_44 = split_2[1]
+getitem_45 = getitem_36[0]
+linear_9 = torch._C._nn.linear(getitem_43, getitem_45)
+getitem_46 = getitem_36[1]
+linear_10 = torch._C._nn.linear(getitem_44, getitem_46)
 cat_2 = torch.cat([linear_9, linear_10], dim = 0)
 chunk_1 = cat_2.chunk(2, dim = -1)
-getitem_44 = chunk_1[0]
-getitem_45 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_44)
-mul_2 = silu_1 * getitem_45
+getitem_47 = chunk_1[0]
+getitem_48 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_47)
+mul_2 = silu_1 * getitem_48
 split_3 = mul_2.split([item_4, item_5], dim = 0)
-getitem_46 = split_3[0]
-getitem_47 = split_3[1]
-getitem_48 = getitem_37[0]
-linear_11 = torch._C._nn.linear(getitem_46, getitem_48)
-getitem_49 = getitem_37[1]
-linear_12 = torch._C._nn.linear(getitem_47, getitem_49)
+getitem_49 = split_3[0]
+getitem_50 = split_3[1]
+getitem_51 = getitem_37[0]
+linear_11 = torch._C._nn.linear(getitem_49, getitem_51)
+getitem_52 = getitem_37[1]
+linear_12 = torch._C._nn.linear(getitem_50, getitem_52)
 cat_3 = torch.cat([linear_11, linear_12], dim = 0)
 combine_default = torch.ops.moe_ops.combine.default(cat_3, softmax, <layout>, '<group>', 2)
-getitem_50 = combine_default[0]
-return (getitem_50,)""",
+getitem_53 = combine_default[0]
+return (getitem_53,)""",
     )
 
 
