@@ -101,7 +101,9 @@ class StackedExperts:
     grouped by local expert (``tokens_per_expert`` int64 ``[E_l]``; ``rewrite.grouped_offsets``
     turns it into int32 cumulative offsets), with ``local_params[i]`` the ``[E_l, ...]`` slice of
     ``params[i]``. It must set ``meta["val"]``/``meta["example_value"]`` on what it creates
-    (``rewrite.call`` does).
+    (``rewrite.call`` does). To read the counts on the host (split sizes), read
+    ``rewrite.host_counts(tokens_per_expert)``: the CPU copy dispatch's one sync already made, so
+    the block does not sync again.
     """
 
     params: list[Node]
