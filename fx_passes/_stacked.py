@@ -231,11 +231,7 @@ class Body:
             if n in self.rewrite:
                 env[n] = self.rewrite[n](graph, lookup, tpe)
                 continue
-            args, kwargs = lookup(n.args), lookup(n.kwargs)
-            if n.op == "call_method":
-                env[n] = call(graph, n.target, args, kwargs)
-            else:
-                env[n] = call(graph, n.target, args, kwargs)
+            env[n] = call(graph, n.target, lookup(n.args), lookup(n.kwargs))
         return env[self.out]
 
 

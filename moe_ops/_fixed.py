@@ -45,9 +45,8 @@ import torch
 from torch import Tensor
 
 from moe_ops import _comm, _layout
-from moe_ops._ops import _check_combine, _check_dispatch
+from moe_ops._ops import _bad_id_error, _check_combine, _check_dispatch
 
-TRANSPORTS = ("local", "padded", "nvshmem")
 transport_override: str | None = None  # tests and the benchmark force a transport here
 _I64 = torch.int64
 
@@ -214,8 +213,6 @@ def _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E):
 
 def _raise_on_cpu(flags, rank, C, drop, equal_chunks, topk_idx, E) -> None:
     """The CPU side of :func:`_check_group_flags`: reads the flags (no device involved)."""
-    from moe_ops._ops import _bad_id_error
-
     bad_W = flags["bad_W"].tolist()
     if any(bad_W):
         if flags["bad_here"] > 0:
