@@ -57,6 +57,27 @@ import torch.fx as fx
 from torch.fx import Node
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """What the stand-in of an expert parameter sharded by ``fx_passes.shard_experts`` carries
+    (``stand_in._moe_shard``): the parameter's dotted name, E, this rank's experts, the group it
+    was sharded over, and ``param``, the DTensor parameter holding the local rows of a stacked
+    ``[E, ...]`` parameter (None for a ModuleList expert that another rank owns). The pass puts
+    it in ``placeholder.meta["moe_shard"]``.
+    """
+
+    name: str
+    num_experts: int
+    local_experts: range
+    group_name: str
+    param: Any = None
+
+
+def shard_info(value: object) -> ShardInfo | None:
+    """The :class:`ShardInfo` of a sharded parameter's stand-in, None for anything else."""
+    return getattr(value, "_moe_shard", None) if isinstance(value, torch.Tensor) else None
+
+
 @dataclasses.dataclass
 class Rejected:
     """A candidate block a family looked at and left alone, and why."""

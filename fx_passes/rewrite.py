@@ -30,6 +30,7 @@ import contextlib
 import functools
 import importlib
 import io
+import itertools
 import logging
 import operator
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from fx_passes._match import (
     ModuleListExperts,
     MoEMatch,
     Rejected,
+    ShardInfo,
     StackedExperts,
     ancestors,
     check_removable,
@@ -54,6 +56,7 @@ from fx_passes._match import (
     graph_order,
     is_param_like,
     is_param_slice,
+    shard_info,
     val,
 )
 
@@ -487,7 +490,10 @@ def _emit_stacked(
     for p in body.params:
         rows = val(p).shape[0]
         q = env(p)
-        if rows == num_experts and e_l != num_experts:
+        shard = p.meta.get("moe_shard")
+        if shard is not None and world_size > 1:
+            q = _local_rows(graph, p, shard, e_l)
+        elif rows == num_experts and e_l != num_experts:
             q = call(graph, operator.getitem, (q, slice(rank * e_l, (rank + 1) * e_l)))
         elif rows != e_l:
             raise ValueError(
@@ -496,6 +502,29 @@ def _emit_stacked(
             )
         local.append(q)
     return body.emit(graph, recv_x, tpe, local)
+
+
+def _local_rows(graph: fx.Graph, p: Node, shard: ShardInfo, e_l: int) -> Node:
+    """``shard.param.to_local()``: the ``[E_l, ...]`` rows of a parameter that
+    ``shard_experts`` turned into a DTensor; ``p`` is its stand-in's placeholder."""
+    gm = graph.owning_module
+    local = tuple(range(shard.local_experts.start, shard.local_experts.stop))
+    if shard.param is None or gm is None or len(local) != e_l:
+        raise ValueError(
+            f"fx_passes: {shard.name} was sharded by shard_experts for experts {local} but this "
+            f"rewrite needs {e_l} local experts; shard and compile with the same group"
+        )
+    attr = next(f"moe_local_{i}" for i in itertools.count() if not hasattr(gm, f"moe_local_{i}"))
+    gm.register_parameter(attr, shard.param)
+    if hasattr(gm, "_param_name_to_source"):  # a Dynamo graph: AOT autograd looks it up here
+        from torch._dynamo.source import ConstantSource
+
+        gm._param_name_to_source[attr] = ConstantSource(f"moe_local_rows({shard.name})")
+    getter = graph.get_attr(attr)
+    rows = graph.call_method("to_local", (getter,))
+    fake = val(p)
+    rows.meta[_meta_key(graph)] = fake.new_empty((e_l, *fake.shape[1:]))
+    return rows
 
 
 # ----------------------------------------------------------------------------- emission
@@ -809,6 +838,10 @@ def _region_modules(
     return fx.GraphModule(gm, g_old), fx.GraphModule(gm, g_new)
 
 
+def _is_float_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+
+
 def verify_match(
     gm: fx.GraphModule,
     match: MoEMatch,
@@ -820,7 +853,8 @@ def verify_match(
     With ``capacity`` not None the rewrite checked is the capacity-mode one, with ``"worst-case"``
     capacity (an int capacity could overflow on the random routing). Parameters keep their real
     values when ``example_inputs`` holds real tensors for the graph's placeholders. Returns None
-    when both agree, else why not (the graph is left untouched).
+    when both agree, else why not (the graph is left untouched). Floating-point parameters and
+    buffers always get random values: the check never reads the values of experts.
     """
     region = _region_nodes(match)
     ext = _region_inputs(match, region)
@@ -837,6 +871,9 @@ def verify_match(
         if a.op == "get_attr":
             with contextlib.suppress(AttributeError):
                 real[a] = fx.graph_module._get_attr(gm, a.target)
+    # Floating-point weights get values of the check's own: a rank's copy of experts it does not
+    # own may be absent (a stand-in), NaN or garbage, and the rewrite must agree for any weights.
+    real = {a: v for a, v in real.items() if not _is_float_tensor(v)}
     try:
         check_cap = None if capacity is None else "worst-case"
         old_mod, new_mod = _region_modules(gm, match, region, ext, check_cap)
@@ -924,7 +961,8 @@ def fuse_moe_routing(
         group: a ``ProcessGroup`` for expert parallelism; None means the default group when
             ``torch.distributed`` is initialized, else a single rank.
         example_inputs: the graph's inputs; real tensors let the W = 1 check use real weights.
-        verify: check each match against its rewrite on random inputs before committing it.
+        verify: check each match against its rewrite on random inputs (random weights too)
+            before committing it.
         capacity: opt-in sync-free dispatch. None (default): ``moe_ops.dispatch``/``combine``,
             whose one device -> host sync reads the row counts. ``"worst-case"`` or an int ``C``:
             ``moe_ops.dispatch_fixed``/``combine_fixed`` (the ``capacity=`` mode of
@@ -942,6 +980,7 @@ def fuse_moe_routing(
     were left alone is logged at debug level and kept in ``gm.meta["moe_rejected"]``.
     """
     check_capacity(capacity, "fx_passes.fuse_moe_routing")
+    sharded = _mark_sharded(gm, example_inputs)
     rejects: list[Rejected] = []
     done: list[MoEMatch] = []
     for mod in _family_modules():
@@ -975,4 +1014,36 @@ def fuse_moe_routing(
         )
         rejects += sub.meta.get("moe_rejected", [])
     gm.meta["moe_rejected"] = rejects
+    _check_no_stand_in_read(sharded, rejects)
     return done
+
+
+def _mark_sharded(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> list[Node]:
+    """Set ``meta["moe_shard"]`` on the placeholders that hold stand-ins of sharded experts."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    reals = list(example_inputs) if example_inputs is not None else []
+    out = []
+    for i, p in enumerate(phs):
+        grapharg = p.meta.get("grapharg")
+        v = reals[i] if i < len(reals) else getattr(grapharg, "example", None)
+        info = shard_info(v)
+        if info is not None:
+            p.meta["moe_shard"] = info
+            out.append(p)
+    return out
+
+
+def _check_no_stand_in_read(sharded: list[Node], rejects: list[Rejected]) -> None:
+    """A sharded expert's stand-in read by code the pass left alone would compute on zeros."""
+    for p in sharded:
+        if p.users:
+            info = p.meta["moe_shard"]
+            why = "; ".join(f"{r.module_path or '<top>'}: {r.reason}" for r in rejects)
+            raise ValueError(
+                f"fx_passes: {info.name} is sharded by shard_experts (experts "
+                f"{info.local_experts.start}..{info.local_experts.stop - 1} of "
+                f"{info.num_experts} on this rank), but the graph still reads it after the "
+                f"pass: the MoE block that uses it was not rewritten"
+                + (f" ({why})" if why else "")
+                + ". Without the rewrite this rank has no values for other ranks' experts."
+            )
