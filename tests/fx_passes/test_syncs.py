@@ -38,7 +38,11 @@ def _syncs(fn) -> tuple[list[str], object]:
             out = fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    msgs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    msgs = [
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if "synchronizing CUDA operation" in str(w.message)
+    ]
     return msgs, out
 
 
@@ -59,3 +63,64 @@ def test_one_sync_per_block_forward(name):
     assert backend.matches[0].rewritten.get("experts") != "grouped_mm"
     assert len(syncs) == 1, syncs
     torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- W = 2, NCCL
+def _tf_block_cuda(name: str) -> torch.nn.Module:
+    """A transformers 5 MoE block (grouped_mm experts, bf16, realistic widths), E = 8, top-2."""
+    transformers = pytest.importorskip("transformers")
+    configs = {
+        "mixtral": (transformers.MixtralConfig, dict(num_local_experts=8, intermediate_size=512)),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=8, moe_intermediate_size=512)),
+        "gpt_oss": (transformers.GptOssConfig, dict(num_local_experts=8, intermediate_size=512)),
+        "deepseek_v3": (
+            transformers.DeepseekV3Config,
+            dict(n_routed_experts=8, moe_intermediate_size=512, n_group=2, topk_group=1,
+                 first_k_dense_replace=0, n_shared_experts=1),
+        ),
+    }  # fmt: skip
+    cls, kw = configs[name]
+    cfg = cls(
+        hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=64, num_experts_per_tok=2, **kw,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, experts_implementation="grouped_mm", dtype=torch.bfloat16
+    )
+    return model.model.layers[0].mlp.cuda().train()
+
+
+def _count_block_syncs(name: str) -> dict[str, list[str]]:
+    import torch.distributed as dist
+
+    block = _tf_block_cuda(name)
+    fx_passes.shard_experts(block)
+    rank = dist.get_rank()
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    x = x + rank  # each rank its own tokens
+    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+
+    def fwd():
+        out = compiled(x.clone().requires_grad_(True))
+        return out[0] if isinstance(out, tuple) else out
+
+    fwd().float().sum().backward()  # compile outside the count
+    dist.barrier()
+    fwd_syncs, out = _syncs(fwd)
+    loss = out.float().sum()
+    torch.cuda.synchronize()
+    bwd_syncs, _ = _syncs(loss.backward)
+    assert len(backend.matches) == 1
+    return {"forward": fwd_syncs, "backward": bwd_syncs}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_real_block_syncs_once_forward_never_backward_nccl(nccl_world, name):
+    """A sharded transformers 5 block at W = 2 with NCCL, training mode: the forward syncs once
+    (dispatch reads the row counts), the backward never."""
+    for counts in nccl_world(2).run(_count_block_syncs, name):
+        assert len(counts["forward"]) == 1, counts
+        assert counts["backward"] == [], counts

@@ -1,0 +1,62 @@
+"""A whole rewritten block in CUDA graphs at W = 2 with NCCL: ``moe_backend(capacity=
+"worst-case", mode="reduce-overhead")`` on a sharded transformers 5 block, replayed on new
+routing and compared with the single-device block in eager. Marked ``gpu``; needs 2 GPUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fx_passes
+
+pytestmark = pytest.mark.gpu
+
+_TOL = dict(atol=3e-2, rtol=3e-2)
+
+
+def _qwen3_block():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, experts_implementation="grouped_mm", dtype=torch.bfloat16
+    )
+    return model.model.layers[0].mlp.cuda()
+
+
+def _graph_replays_equal_eager(steps: int) -> bool:
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    rank = dist.get_rank()
+    ref_block, block = _qwen3_block(), _qwen3_block()
+    fx_passes.shard_experts(block)
+    backend = fx_passes.moe_backend(strict=True, capacity="worst-case", mode="reduce-overhead")
+    torch._dynamo.reset()
+    cudagraph_trees.reset_cudagraph_trees()
+    skips = counters["inductor"]["cudagraph_skips"]
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    for step in range(steps):  # warm-up, recording, then replays on new routing
+        gen = torch.Generator(device="cuda").manual_seed(100 * step + rank)
+        x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16, generator=gen)
+        x_ep, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(x_ep)
+        out.float().square().sum().backward()
+        got = (out.detach().clone(), x_ep.grad.clone())
+        ref = ref_block(x_ref)
+        ref.float().square().sum().backward()
+        torch.testing.assert_close(got[0], ref, **_TOL)
+        torch.testing.assert_close(got[1], x_ref.grad, **_TOL)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs"
+    assert len(backend.matches) == 1
+    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+    return manager is not None and any(manager.roots.values())
+
+
+def test_sharded_block_in_cuda_graphs_at_w2_nccl(nccl_world):
+    assert all(nccl_world(2).run(_graph_replays_equal_eager, 4)), "no CUDA graph was recorded"
