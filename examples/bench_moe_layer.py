@@ -41,6 +41,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor
 
 import fx_passes
 
@@ -157,14 +158,14 @@ class TorchtitanEPBlock(nn.Module):
 def _expert_mib(block: nn.Module) -> float:
     """MiB of expert weights this rank holds: storages of every ``*experts`` submodule's params.
 
-    Counts storage, so a :func:`fx_passes.shard_experts` placeholder (one element) is ~0 and a
-    stacked ``[E_l, ...]`` parameter counts once.
+    Counts storage, so a stacked ``[E_l, ...]`` parameter counts once and a DTensor parameter
+    of :func:`fx_passes.shard_experts` counts its local rows.
     """
     storages = {}
     for name, mod in block.named_modules():
         if name.rsplit(".", 1)[-1].endswith("experts"):
             for p in mod.parameters():
-                s = p.untyped_storage()
+                s = (p.to_local() if isinstance(p, DTensor) else p).untyped_storage()
                 storages[s.data_ptr()] = s.nbytes()
     return sum(storages.values()) / 2**20
 
@@ -331,6 +332,8 @@ def main() -> None:
         blocks["family A, stack=True"] = lambda: LoopBlock(Hd, In, E, K)
     if _transformers_block(8, 16, 2, 1) is not None:
         blocks["transformers grouped_mm"] = lambda: _transformers_block(Hd, In, E, K)
+        if world > 1:  # the same block with its stacked experts sharded (DTensor Shard(0))
+            blocks["transformers grouped_mm, sharded"] = lambda: _transformers_block(Hd, In, E, K)
     ep_name, notes = "torchtitan-style EP", []
     if world == 1:
         notes.append(f"{ep_name}: skipped, it needs W > 1 ranks (run under torchrun)")
@@ -346,6 +349,8 @@ def main() -> None:
         base = make().to(device=device, dtype=torch.bfloat16)
         if bname.endswith("stack=True"):  # the experts read slices of one [E_l, ...] parameter
             fx_passes.shard_experts(base, group, stack=True)
+        elif bname.endswith("sharded"):
+            fx_passes.shard_experts(base, group)
         torch.manual_seed(1 + rank)  # every rank routes its own tokens
         x = torch.randn(T, Hd, device=device, dtype=torch.bfloat16) * 0.5
         if bname.startswith("transformers"):
@@ -357,7 +362,7 @@ def main() -> None:
             modes.pop(_CG_COMPILE, None)
         if bname == ep_name:  # the baseline's own all_to_all; no moe backend
             modes = {m: modes[m] for m in ("eager", "torch.compile")}
-        elif bname.endswith("stack=True") and world > 1:
+        elif (bname.endswith("stack=True") or bname.endswith("sharded")) and world > 1:
             # without the moe backend a sharded block lacks the other ranks' experts
             modes = {m: w for m, w in modes.items() if m.startswith("moe backend")}
         for mname, wrap in modes.items():

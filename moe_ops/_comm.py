@@ -71,7 +71,10 @@ def exchange_counts(
     send = torch.empty(
         (world_size, 1 + counts_E.shape[0] // world_size), dtype=torch.int64, device=counts_E.device
     )
-    send[:, 0] = torch.as_tensor(bad, device=counts_E.device).to(torch.int64)
+    if isinstance(bad, Tensor):
+        send[:, 0] = bad.to(torch.int64)  # device to device
+    else:  # a host bool: a fill, not a copy from (unpinned) host memory, which would sync
+        send[:, 0].fill_(int(bad))
     send[:, 1:] = counts_E.view(world_size, -1)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
@@ -102,7 +105,8 @@ def rows_to_experts(
 
 
 def _int64_on(values: list[int], device: torch.device) -> Tensor:
-    """A small int64 tensor on ``device``; to CUDA through pinned memory, with no stream sync."""
+    """A small int64 tensor on ``device``; to CUDA through pinned memory, with no stream sync
+    (a copy from pageable host memory would synchronize: ``torch.tensor(values, device=...)``)."""
     t = torch.tensor(values, dtype=torch.int64)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
@@ -136,9 +140,12 @@ def rows_to_sources(
     R = sum(recv_splits)
     buf = rows_R.new_empty((R + W, *rows_R.shape[1:]))
     status_pos = _status_row_positions(recv_splits, device)
+    # Status rows are written with index_fill_ (a scalar kernel argument). ``buf[pos] = value``
+    # would copy the Python scalar to the device as a 0-d tensor from pageable memory: a host
+    # sync on CUDA (the one combine and dispatch's backward used to have at W > 1).
     if bad:
         buf.fill_(float("nan"))
-        buf[status_pos] = _BAD
+        buf.index_fill_(0, status_pos, _BAD)
     else:
         chunk_of_R = torch.repeat_interleave(
             torch.arange(W, device=device), _int64_on(recv_splits, device), output_size=R
@@ -149,15 +156,22 @@ def rows_to_sources(
             buf.index_copy_(0, dest_R, rows_R)
         else:
             kern.scatter_rows(rows_R, dest_R[:, None], None, R + W, out=buf)
-        buf[status_pos] = _OK
+        buf.index_fill_(0, status_pos, _OK)
     out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
     dist.all_to_all_single(
         out, buf, [n + 1 for n in send_splits], [n + 1 for n in recv_splits], group=group
     )
     if out.device.type == "cpu":
-        status = out[_status_row_positions(send_splits, device)].reshape(W, -1)[:, 0]
-        raise_if_peer_bad([0 if s == _OK else 1 for s in status.tolist()], my_rank, what)
+        _raise_on_bad_status_rows(out, send_splits, my_rank, what)
     return out
+
+
+def _raise_on_bad_status_rows(out: Tensor, send_splits: list[int], my_rank: int, what: str):
+    """CPU only: read the status rows that came back and raise if a peer flagged bad input (on
+    CUDA this read would be a host sync; the bad rank's rows are NaN there instead)."""
+    W = len(send_splits)
+    status = out[_status_row_positions(send_splits, out.device)].reshape(W, -1)[:, 0]
+    raise_if_peer_bad([0 if s == _OK else 1 for s in status.tolist()], my_rank, what)
 
 
 def expert_major_layout(counts_WEl: Tensor, recv_splits: list[int]) -> tuple[Tensor, Tensor]:

@@ -35,6 +35,13 @@ Transports (the rows' way to their experts and back):
     splits             [3, W * E_l] int64 ("nvshmem"): rows sent per (destination, expert), then
                                 received splits and offsets per (expert, source) ([0, 0] otherwise)
 
+CUDA graphs: on every transport, forward and backward, Triton or plain torch path, nothing here
+syncs with the host or copies from host memory: host ints (T, flags) enter kernels as scalar
+arguments (``torch.full``, ``fill_``, arithmetic), sizes are static (``repeat_interleave`` with
+``output_size``, no boolean-mask indexing, no ``nonzero``/``bincount``), and bad input or
+overflow is reported on CUDA by ``torch._assert_async``. Warm up once before capturing (Triton
+compiles, NCCL communicators and NVSHMEM buffers are created on first use).
+
 ``combine_fixed`` returns ``out[T, H']`` and the rows that came back (``[W * S, H']`` padded,
 ``[T * K, H']`` nvshmem, ``[0, H']`` local), which its backward needs for the weight gradient.
 """
@@ -137,13 +144,15 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, group, kern)
     dev = topk_idx_TK.device
     E_l = E // W
     valid_P, g_P, j_P, counts_E, bad, _ = _rank_in_expert(topk_idx_TK, E, kern)
+    # Host values (T, the bad-input flag) reach the device as kernel arguments (full, add), never
+    # as a tensor built from host memory: that copy would sync, and fails in CUDA-graph capture.
+    bad_1 = (bad.to(_I64) + int(bad_input)).view(1)
     if W == 1:
         counts_sde = counts_E.view(1, 1, E)
         T_W = torch.full((1,), T, dtype=_I64, device=dev)
-        bad_W = (bad + int(bad_input)).view(1)
+        bad_W = bad_1
     else:
-        row = torch.cat([counts_E, torch.tensor([T, int(bad_input)], dtype=_I64, device=dev)])
-        row[E + 1] += bad
+        row = torch.cat([counts_E, torch.full((1,), T, dtype=_I64, device=dev), bad_1])
         every = _comm.gather_rows_of_counts(row, W, group)
         counts_sde = every[:, :E].reshape(W, W, E_l)  # [source, destination, local expert]
         T_W, bad_W = every[:, E], every[:, E + 1]
@@ -259,14 +268,17 @@ def _to_experts(
     def scatter(rows: int, out: Tensor | None = None) -> Tensor:
         if kern is not None:
             return kern.scatter_rows(src_TH, pair_pos_TK, w_TK, rows, out=out)
-        buf = src_TH.new_zeros((rows + 1, H)) if out is None else out
+        # one spare row (index ``rows``) takes the unused and dropped pairs
+        buf = src_TH.new_zeros((rows + 1, H))
         vals = src_TH[:, None, :].expand(T, K, H)
         if w_TK is not None:
             adt = _layout.acc_dtype(src_TH.dtype)
             vals = (vals.to(adt) * w_TK[:, :, None].to(adt)).to(src_TH.dtype)
         dest = torch.where(pair_pos_TK >= 0, pair_pos_TK, rows).reshape(-1)
         buf.index_copy_(0, dest, vals.reshape(T * K, H))
-        return buf[:rows]
+        if out is None:
+            return buf[:rows]
+        return out.copy_(buf[:rows])
 
     if transport == "local":
         rows_CH = scatter(C)
@@ -293,8 +305,9 @@ def _to_experts(
     rows_CH = recv.clone()
     if kern is not None:
         kern.zero_tail(rows_CH, num_recv)
-    else:
-        rows_CH[torch.arange(C, device=rows_CH.device) >= num_recv] = 0
+    else:  # masked_fill_, not ``rows[mask] = 0`` (boolean-mask indexing)
+        tail = torch.arange(C, device=rows_CH.device) >= num_recv
+        rows_CH.masked_fill_(tail[:, None], 0)
     if received_splits is not None:
         received_splits.copy_(out_so)
     return rows_CH

@@ -1,4 +1,6 @@
-"""Pure routing/layout helpers: no communication, no host syncs.
+"""Pure routing/layout helpers: no communication, no host syncs (and nothing a CUDA graph cannot
+capture: no boolean-mask indexing, no ``bincount``, no ``repeat_interleave`` without
+``output_size``, no tensors built from host values).
 
 Shape letters used across the package:
 
@@ -28,8 +30,13 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     ids_P = topk_idx_TK.reshape(-1).to(torch.int64)
     valid_P = (ids_P >= 0) & (ids_P < num_experts)  # out-of-range ids are reported by the caller
     key_P = torch.where(valid_P, ids_P, num_experts)
-    order_P = torch.sort(key_P, stable=True).indices
-    counts_E = torch.bincount(ids_P[valid_P], minlength=num_experts)
+    sorted_P, order_P = torch.sort(key_P, stable=True)
+    # Counts from the sorted keys: no boolean-mask indexing and no bincount (on CUDA both read
+    # sizes back to the host), so this is sync-free and can be captured in a CUDA graph.
+    bounds = torch.searchsorted(
+        sorted_P, torch.arange(num_experts + 1, dtype=torch.int64, device=sorted_P.device)
+    )
+    counts_E = bounds[1:] - bounds[:-1]
     return order_P, counts_E
 
 

@@ -24,7 +24,11 @@ uses ``expert_out`` itself.
 when not asked for).
 
 Host syncs: dispatch reads the counts once (``_comm.read_to_host``); combine and both backwards
-reuse the CPU split tensors and never sync. All three carry ``torch.Tag.cudagraph_unsafe``.
+reuse the CPU split tensors (``send_splits``, ``recv_splits``: the exchange sizes are read from
+them on the host) and never sync: what they need on the device is either derived from device
+tensors or copied from pinned memory without a sync (``_comm._int64_on``), and constants are
+written with fills, never by assigning a Python scalar (which copies it from pageable memory).
+All three carry ``torch.Tag.cudagraph_unsafe``.
 """
 
 from __future__ import annotations
@@ -206,10 +210,10 @@ def dispatch_op(
         pair_pos = _layout.pair_positions(send_pair_idx, T * K)
     else:
         # combine gets each chunk back followed by a status row: shift by the destination rank.
+        # rows per destination from the device-resident counts (a tensor built from the host's
+        # send_splits would be a second, synchronizing host -> device copy)
         dest_N = torch.repeat_interleave(
-            torch.arange(W, device=x.device),
-            torch.tensor(send_splits, device=x.device),
-            output_size=N,
+            torch.arange(W, device=x.device), counts_E.view(W, -1).sum(1), output_size=N
         )
         pair_pos = _layout.pair_positions(send_pair_idx, T * K, dest_N)
     return (

@@ -14,6 +14,7 @@ import torch
 
 import moe_ops
 from tests.moe_ops import _cases
+from tests.moe_ops._cases import rank_and_world
 
 
 def _inputs():
@@ -119,3 +120,54 @@ def test_handle_from_other_world(gloo_world, W, forged):
 
 def test_num_experts_not_divisible_by_world(gloo_world):
     gloo_world(3).run(_cases.num_experts_not_divisible, timeout=60)
+
+
+# ----------------------------------------------------------------------------- except ValueError
+def test_peer_input_error_is_a_value_error():
+    assert issubclass(moe_ops.PeerInputError, ValueError)
+    from moe_ops import _comm
+
+    assert moe_ops.PeerInputError is _comm.PeerInputError
+
+
+def caught_as_value_error(bad_rank: int, what: str) -> str:
+    """Only ``bad_rank`` passes bad input; every rank's ``except ValueError`` catches what its
+    call raised (the bad rank's own error, ``PeerInputError`` on its peers); then the group
+    works. Returns the caught exception's type name."""
+    r, W = rank_and_world()
+    inp, spec = _cases._good(W)
+    x, idx, w, E = inp.xs[r], inp.idxs[r], inp.ws[r], inp.num_experts
+    bad = r == bad_rank
+    if what in ("dispatch", "dispatch_capacity"):
+        kwargs = dict(capacity="worst-case") if what == "dispatch_capacity" else {}
+        if bad:
+            idx = idx.clone()
+            idx[0, 0] = E + 1
+
+        def call():
+            return moe_ops.dispatch(x, idx, E, **kwargs)
+    else:
+        recv_x, handle = moe_ops.dispatch(x, idx, E)
+        eo = recv_x[1:] if bad else recv_x
+
+        def call():
+            return moe_ops.combine(eo, handle, w)
+
+    try:
+        call()
+    except ValueError as err:
+        caught = err
+    else:
+        raise AssertionError(f"rank {r}: {what} raised nothing")
+    if not bad:
+        assert isinstance(caught, moe_ops.PeerInputError), repr(caught)
+        _cases._check_message(caught, [f"rank(s) [{bad_rank}]", what.split("_")[0]])
+    _cases._next_call_works(inp, spec, r)
+    return type(caught).__name__
+
+
+@pytest.mark.parametrize("what", ["dispatch", "dispatch_capacity", "combine"])
+def test_peer_error_caught_by_except_value_error(gloo_world, what):
+    bad_rank = 1
+    names = gloo_world(2).run(caught_as_value_error, bad_rank, what, timeout=60)
+    assert names[0] == "PeerInputError" and names[bad_rank] == "ValueError", names

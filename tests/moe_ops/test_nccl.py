@@ -2,10 +2,10 @@
 
 Two ways to run them:
 
-* ``pytest tests/moe_ops/test_nccl.py -m gpu`` spawns NCCL worlds of 1 and 2 processes, one GPU
-  each (the W = 2 tests skip with fewer than 2 GPUs);
-* ``torchrun --nproc-per-node 2 -m pytest tests/moe_ops/test_nccl.py -p no:cacheprovider``
-  (or ``--nproc-per-node 1`` for the single-GPU path with NCCL initialised) runs them in the
+* ``pytest tests/moe_ops/test_nccl.py -m gpu`` spawns NCCL worlds of 1, 2 and 4 processes, one
+  GPU each (a test for W ranks skips, saying why, with fewer than W GPUs);
+* ``torchrun --nproc-per-node 4 -m pytest tests/moe_ops/test_nccl.py -p no:cacheprovider``
+  (or ``--nproc-per-node 2``, or 1 for the single-GPU path with NCCL initialised) runs them in the
   launched processes; tests written for another W skip.
 """
 
@@ -18,6 +18,8 @@ from tests.moe_ops import _cases
 from tests.moe_ops._cases import Spec
 
 pytestmark = pytest.mark.gpu
+
+WORLDS = [1, 2, 4]
 
 bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -34,19 +36,19 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("W", [1, 2])
+@pytest.mark.parametrize("W", WORLDS)
 @pytest.mark.parametrize("name", list(SPECS))
 def test_matches_reference(nccl_world, W, name):
     nccl_world(W).run(_cases.dispatch_combine_equal, SPECS[name])
 
 
-@pytest.mark.parametrize("W", [1, 2])
+@pytest.mark.parametrize("W", WORLDS)
 @pytest.mark.parametrize("name", ["k2-f32", "k2-bf16", "k1-1d-f32"])
 def test_round_trip_identity(nccl_world, W, name):
     nccl_world(W).run(_cases.round_trip, SPECS[name])
 
 
-@pytest.mark.parametrize("W", [1, 2])
+@pytest.mark.parametrize("W", WORLDS)
 def test_counts(nccl_world, W):
     want = (
         dict(dispatch_a2a=0, dispatch_sync=1, fwd_a2a=0, fwd_sync=1, bwd_a2a=0, bwd_sync=0)
@@ -57,23 +59,27 @@ def test_counts(nccl_world, W):
         assert counts == want
 
 
-@pytest.mark.parametrize("W", [1, 2])
+@pytest.mark.parametrize("W", WORLDS)
 @pytest.mark.parametrize("which", ["dispatch", "combine", "composed"])
 def test_gradcheck(nccl_world, W, which):
     for checked_rank in range(W):
         nccl_world(W).run(_cases.gradcheck_case, which, 1, checked_rank)
 
 
+@pytest.mark.parametrize("W", [2, 4])
 @pytest.mark.parametrize("kind", ["id_too_big", "float_ids", "T_mismatch", "meta_idx"])
-def test_dispatch_one_bad_rank(nccl_world, kind):
-    nccl_world(2).run(_cases.one_bad_rank_dispatch, 1, kind)
+def test_dispatch_one_bad_rank(nccl_world, W, kind):
+    names = nccl_world(W).run(_cases.one_bad_rank_dispatch, W - 1, kind)
+    assert all(name == "PeerInputError" for name in names[: W - 1]), names
 
 
+# W = 2 only: the case's inputs give every rank of a 2-rank world tokens with and without a pair
+# for the bad rank, which the case asserts (at W = 4 one rank has none).
 def test_combine_one_bad_rank_gives_nan_rows(nccl_world):
     nccl_world(2).run(_cases.one_bad_rank_combine_nan, 0)
 
 
-@pytest.mark.parametrize("W", [1, 2])
+@pytest.mark.parametrize("W", WORLDS)
 @pytest.mark.parametrize("chunks", [2, 4])
 @pytest.mark.parametrize("name", ["k2-bf16", "big-bf16"])
 def test_chunked(nccl_world, W, chunks, name):

@@ -1,0 +1,192 @@
+"""Host syncs per call, measured: one in default-mode dispatch, none in combine, none in either
+backward, none at all in capacity mode, at every W.
+
+GPU (NCCL, marked ``gpu``): syncs are counted as the warnings of
+``torch.cuda.set_sync_debug_mode("warn")`` (every device -> host read, stream/device
+synchronization and copy from pageable host memory warns), with the Triton kernels and with the
+plain torch path. Run with ``pytest tests/moe_ops/test_syncs_nccl.py -m gpu`` (spawns worlds of 1,
+2 and 4 ranks; a test skips, saying why, with fewer GPUs) or under
+``torchrun --nproc-per-node 2 -m pytest tests/moe_ops/test_syncs_nccl.py -p no:cacheprovider``
+(or 4; tests for another W skip).
+
+CPU (gloo): there is no device to sync with, so these count what would be one: reads of tensor
+values on the host (``item``, ``tolist``, ``cpu``, ``bool()``, ``int()``...) made inside the ops
+(``torch.Tensor``'s methods are wrapped, which, unlike a ``TorchFunctionMode``, also sees the
+ops' own bodies), except reads of the CPU split tensors that dispatch's one sync produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import _comm, _fixed
+from tests._dist import device, under_torchrun
+from tests.moe_ops._cases import Spec, make_inputs, rank_and_world
+
+bf16 = torch.bfloat16
+_SPEC = Spec(T=(40, 24, 33, 0), K=4, E_l=3, H=32, dtype=bf16, seed=5)
+# The capacity mode at W > 1 with C > T * K (worst case) needs the same T on every rank.
+_EQUAL_T = Spec(T=(32,), K=4, E_l=3, H=32, dtype=bf16, seed=6)
+_SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+@contextlib.contextmanager
+def _triton(on: bool):
+    if on or not torch.cuda.is_available():
+        yield
+        return
+    from moe_ops import _triton as kern
+
+    old, kern.enabled = kern.enabled, False
+    try:
+        yield
+    finally:
+        kern.enabled = old
+
+
+def _count_syncs(fn):
+    """``(number of synchronizing CUDA operations fn made, fn())``."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(_SYNC_WARNING in str(w.message) for w in caught), result
+
+
+def _capacity_kwargs(mode: str) -> dict:
+    return {} if mode == "default" else dict(capacity="worst-case")
+
+
+def _one_round(x, idx, w, g, E: int, kwargs: dict) -> dict[str, int]:
+    n_d, (recv_x, handle) = _count_syncs(lambda: moe_ops.dispatch(x, idx, E, **kwargs))
+    eo = (recv_x.detach() * 2 + 0.5).requires_grad_(True)  # elementwise: needs no sizes
+    n_c, out = _count_syncs(lambda: moe_ops.combine(eo, handle, w))
+    n_cb, (g_eo, g_w) = _count_syncs(lambda: torch.autograd.grad(out, (eo, w), g))
+    n_db, (g_x,) = _count_syncs(lambda: torch.autograd.grad(recv_x, x, g_eo))
+    assert g_x.shape == x.shape and g_w.shape == w.shape
+    return dict(dispatch=n_d, combine=n_c, combine_bwd=n_cb, dispatch_bwd=n_db)
+
+
+def count_syncs_case(spec: Spec, mode: str, triton: bool) -> dict[str, int]:
+    """Syncs of dispatch forward, combine forward, combine backward and dispatch backward."""
+    r, W = rank_and_world()
+    dev = device()
+    inp = make_inputs(spec, W)
+    kwargs = _capacity_kwargs(mode)
+    x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+    w = inp.ws[r].to(dev, copy=True).requires_grad_(True)
+    idx = inp.idxs[r].to(dev)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(r)).to(dev, spec.dtype)
+    with _triton(triton):
+        _one_round(x, idx, w, g, inp.num_experts, kwargs)  # warm-up: compiles, communicators
+        return _one_round(x, idx, w, g, inp.num_experts, kwargs)
+
+
+def _want(mode: str) -> dict[str, int]:
+    return dict(dispatch=1 if mode == "default" else 0, combine=0, combine_bwd=0, dispatch_bwd=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("mode", ["default", "capacity"])
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
+def test_syncs_nccl(nccl_world, W, mode, triton):
+    spec = _SPEC if mode == "default" else _EQUAL_T
+    got = nccl_world(W).run(count_syncs_case, spec, mode, triton)
+    assert got == [_want(mode)] * W
+
+
+# ----------------------------------------------------------------------------- CPU
+_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def _record_reads():
+    """Wraps ``torch.Tensor``'s value-reading methods; yields the list of (name, storage ptr)."""
+    seen: list[tuple[str, int]] = []
+
+    def wrap(name):
+        orig = getattr(torch.Tensor, name)
+
+        def reading(self, *args, **kwargs):
+            seen.append((name, self.untyped_storage().data_ptr()))
+            return orig(self, *args, **kwargs)
+
+        return reading
+
+    with contextlib.ExitStack() as stack:
+        for name in _READS:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, wrap(name)))
+        yield seen
+
+
+def host_reads_case(spec: Spec, mode: str) -> dict[str, int]:
+    """On gloo: host reads of tensor values in dispatch, and (excluding the handle's CPU split
+    tensors) in combine and the backwards. The CPU-only stand-ins of checks that CUDA makes on
+    the device (peers' status rows, capacity-mode flags) are patched out."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    E = inp.num_experts
+    kwargs = _capacity_kwargs(mode)
+    x = inp.xs[r].clone().requires_grad_(True)
+    w = inp.ws[r].clone().requires_grad_(True)
+    cpu_only = mock.patch.object(_comm, "_raise_on_bad_status_rows")
+    cpu_flags = mock.patch.object(_fixed, "_raise_on_cpu")
+    sync = mock.patch.object(_comm, "read_to_host", wraps=_comm.read_to_host)
+    with cpu_only, cpu_flags, sync as sync_mock:
+        with _record_reads() as seen:
+            recv_x, handle = moe_ops.dispatch(x, inp.idxs[r], E, **kwargs)
+        n_dispatch = len(seen)
+        host = {
+            t.untyped_storage().data_ptr()
+            for t in (handle.send_splits, handle.recv_splits, handle.tokens_per_expert_host)
+            if t is not None and t.numel() > 0
+        }
+        eo = (recv_x * 2).detach().requires_grad_(True)
+        with _record_reads() as seen:
+            out = moe_ops.combine(eo, handle, w)
+        combine = [n for n, ptr in seen if ptr not in host]
+        with _record_reads() as seen:
+            g_eo, g_w = torch.autograd.grad(out, (eo, w), torch.ones_like(out))
+            (g_x,) = torch.autograd.grad(recv_x, x, g_eo)
+        backward = [n for n, ptr in seen if ptr not in host]
+    assert g_x.shape == x.shape and g_w.shape == w.shape
+    return dict(
+        dispatch_reads=n_dispatch,
+        read_to_host=sync_mock.call_count,
+        combine_reads=len(combine),
+        backward_reads=len(backward),
+    )
+
+
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize("mode", ["default", "capacity"])
+def test_host_reads_gloo(gloo_world, W, mode):
+    spec = Spec(T=(9,), K=3, E_l=2, H=6, Hp=6, seed=7)
+    for got in gloo_world(W).run(host_reads_case, spec, mode):
+        if mode == "default":
+            # dispatch reads the counts it synced for (so the recorder works inside the ops)
+            assert got["read_to_host"] == 1 and got["dispatch_reads"] > 0, got
+        else:
+            assert got["read_to_host"] == 0 and got["dispatch_reads"] == 0, got
+        assert got["combine_reads"] == 0 and got["backward_reads"] == 0, got
+
+
+def test_host_reads_single_rank():
+    if under_torchrun():
+        pytest.skip("single-process test: not under torchrun")
+    spec = Spec(T=(9,), K=3, E_l=2, H=6, Hp=6, seed=7)
+    for mode in ("default", "capacity"):
+        got = host_reads_case(spec, mode)
+        assert got["combine_reads"] == 0 and got["backward_reads"] == 0, (mode, got)
+        assert got["read_to_host"] == (1 if mode == "default" else 0), (mode, got)
