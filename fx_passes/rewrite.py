@@ -479,20 +479,21 @@ def _emit_stacked(
     graph: fx.Graph,
     body: StackedExperts,
     num_experts: int,
-    world_size: int,
+    group_name: str,
     rank: int,
     recv_x: Node,
     tpe: Node,
     env: Callable[[Node], Node],
+    world_size: int,
 ) -> Node:
     e_l = num_experts // world_size
     local = []
     for p in body.params:
         rows = val(p).shape[0]
         q = env(p)
-        shard = p.meta.get("moe_shard")
-        if shard is not None and world_size > 1:
-            q = _local_rows(graph, p, shard, e_l)
+        shard = q.meta.get("moe_shard")  # absent in the check's copy: it feeds whole weights
+        if shard is not None:
+            q = _local_rows(graph, p, shard, e_l, group_name)
         elif rows == num_experts and e_l != num_experts:
             q = call(graph, operator.getitem, (q, slice(rank * e_l, (rank + 1) * e_l)))
         elif rows != e_l:
@@ -504,15 +505,17 @@ def _emit_stacked(
     return body.emit(graph, recv_x, tpe, local)
 
 
-def _local_rows(graph: fx.Graph, p: Node, shard: ShardInfo, e_l: int) -> Node:
+def _local_rows(graph: fx.Graph, p: Node, shard: ShardInfo, e_l: int, group_name: str) -> Node:
     """``shard.param.to_local()``: the ``[E_l, ...]`` rows of a parameter that
     ``shard_experts`` turned into a DTensor; ``p`` is its stand-in's placeholder."""
     gm = graph.owning_module
-    local = tuple(range(shard.local_experts.start, shard.local_experts.stop))
-    if shard.param is None or gm is None or len(local) != e_l:
+    local = shard.local_experts
+    if shard.param is None or gm is None or len(local) != e_l or shard.group_name != group_name:
         raise ValueError(
-            f"fx_passes: {shard.name} was sharded by shard_experts for experts {local} but this "
-            f"rewrite needs {e_l} local experts; shard and compile with the same group"
+            f"fx_passes: {shard.name} was sharded by shard_experts over group "
+            f"{shard.group_name!r} (experts {local.start}..{local.stop - 1} here), but the "
+            f"rewrite runs over group {group_name!r} with {e_l} local experts; pass the same "
+            f"group to shard_experts and to the backend"
         )
     attr = next(f"moe_local_{i}" for i in itertools.count() if not hasattr(gm, f"moe_local_{i}"))
     gm.register_parameter(attr, shard.param)
@@ -586,7 +589,9 @@ def _emit_default(graph, match, env, x, idx, w, group_name, world_size, rank, in
     e_l = E // world_size
     local = list(range(rank * e_l, (rank + 1) * e_l))
     if isinstance(match.body, StackedExperts):
-        expert_out = _emit_stacked(graph, match.body, E, world_size, rank, recv_x, tpe, env)
+        expert_out = _emit_stacked(
+            graph, match.body, E, group_name, rank, recv_x, tpe, env, world_size
+        )
         info["experts"] = "stacked"
     else:
         why_not = _can_group(match.body, local, val(x))
@@ -645,7 +650,9 @@ def _emit_capacity(
     )
     before = set(graph.nodes)
     if isinstance(match.body, StackedExperts):
-        expert_out = _emit_stacked(graph, match.body, E, world_size, rank, recv_x, tpe, env)
+        expert_out = _emit_stacked(
+            graph, match.body, E, group_name, rank, recv_x, tpe, env, world_size
+        )
         why = _capacity_blocker([n for n in graph.nodes if n not in before])
         if why is not None:
             return why
@@ -826,8 +833,8 @@ def _region_modules(
     g_old, g_new = fx.Graph(), fx.Graph()
     env_old = {a: g_old.placeholder(f"in{i}") for i, a in enumerate(ext)}
     env_new = {a: g_new.placeholder(f"in{i}") for i, a in enumerate(ext)}
-    for a in ext:
-        env_new[a].meta.update(a.meta)
+    for a in ext:  # the check feeds whole random weights, sharded experts' too
+        env_new[a].meta.update({k: v for k, v in a.meta.items() if k != "moe_shard"})
     for n in region:
         env_old[n] = g_old.node_copy(n, lambda a: env_old[a])
         if is_param_slice(n):

@@ -264,3 +264,13 @@ def test_unrewritten_block_reading_sharded_experts_is_an_error():
         torch._dynamo.reset()
         with pytest.raises(Exception, match="experts_w is sharded by shard_experts"):
             torch.compile(model, backend=backend, fullgraph=True)(torch.randn(3, 8))
+
+
+def test_backend_on_another_group_than_the_shards_is_an_error():
+    block = _tf_block("mixtral")
+    with HR.fake_group(rank=0, world_size=2):
+        fx_passes.shard_experts(block)
+        backend = fx_passes.moe_backend(group=dist.new_group([0]), inner="aot_eager")
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="pass the same group to shard_experts and to the"):
+            torch.compile(block, backend=backend, fullgraph=True)(torch.randn(1, 3, HIDDEN))
