@@ -96,7 +96,12 @@ def _writes(idx: Node, reach: set[Node]) -> dict[Node, list[tuple[Node, Node, st
                 found[acc] = [(c, c.args[3], "A-chain") for c in chain]
         elif n.op == "call_function" and n.target is operator.setitem:
             acc, key, value = n.args
-            if key in reach and acc not in reach and isinstance(value, Node):
+            if (
+                isinstance(key, Node)
+                and key in reach
+                and acc not in reach
+                and isinstance(value, Node)
+            ):
                 found.setdefault(acc, []).append((n, value, "C"))
     return found
 

@@ -991,7 +991,14 @@ def fuse_moe_routing(
     rejects: list[Rejected] = []
     done: list[MoEMatch] = []
     for mod in _family_modules():
-        for match in mod.find_patterns(gm, rejects):
+        try:
+            found = mod.find_patterns(gm, rejects)
+        except Exception as e:  # noqa: BLE001 - a matcher's failure must not break the compile
+            family = mod.__name__.rsplit(".", 1)[-1].removeprefix("family_")
+            log.warning("fx_passes: the %s matcher failed; its blocks stay as they are", family)
+            rejects.append(Rejected(family, "", f"the matcher failed: {type(e).__name__}: {e}"))
+            continue
+        for match in found:
             where = match.module_path or "<top>"
             why = check_removable(match)
             if why is None and verify and match.verify_at_w1:
