@@ -1,4 +1,9 @@
-"""Shared fixtures: persistent process worlds (see ``tests/_dist.py``)."""
+"""Shared fixtures: persistent process worlds (see ``tests/_dist.py``).
+
+The world fixtures are package-scoped: defined here, at the root of the ``tests`` package, they
+live until the last test of ``tests`` and its subpackages has run (pytest >= 8), so each world is
+started once per pytest run.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,16 @@ import torch.distributed as dist
 from tests._dist import WorldPool, under_torchrun
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def world_pool():
     pool = WorldPool()
     yield pool
     pool.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def gloo_world(world_pool):
-    """``gloo_world(W)``: W CPU processes joined by gloo, started on first use, kept all session."""
+    """``gloo_world(W)``: W CPU processes joined by gloo, started on first use, kept for the run."""
 
     def get(world_size: int):
         if under_torchrun():
@@ -39,7 +44,7 @@ def _no_leaked_process_group():
         pytest.fail("the test left torch.distributed initialized")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def nccl_world(world_pool):
     """``nccl_world(W)``: W ranks with one GPU each, joined by NCCL.
 
@@ -64,7 +69,7 @@ def nccl_world(world_pool):
     return get
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def shared_gpu_world(world_pool):
     """``shared_gpu_world(W)``: W processes joined by gloo, all with their tensors on GPU 0.
 

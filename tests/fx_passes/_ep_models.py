@@ -25,17 +25,17 @@ brings them back.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 from torch import nn
 
-H, INTER, E, K = 16, 32, 4, 2
+from tests.fx_passes._harness import H, stacked_param
 
-
-def _stacked(*shape):
-    return nn.Parameter(torch.randn(*shape) * shape[-1] ** -0.5)
+INTER, E, K = 32, 4, 2
 
 
 def _regroup_order(recv_counts, W: int, E_l: int, rows: int):
@@ -53,9 +53,9 @@ class TitanEP(nn.Module):
         self.E, self.E_l = num_experts, num_experts // self.W
         self.grouped, self.variant = grouped, variant
         self.gate = nn.Linear(H, num_experts, bias=False)
-        self.w1 = _stacked(self.E_l, INTER, H)
-        self.w3 = _stacked(self.E_l, INTER, H)
-        self.w2 = _stacked(self.E_l, H, INTER)
+        self.w1 = stacked_param(self.E_l, INTER, H)
+        self.w3 = stacked_param(self.E_l, INTER, H)
+        self.w2 = stacked_param(self.E_l, H, INTER)
         self.shared = nn.Sequential(nn.Linear(H, INTER), nn.SiLU(), nn.Linear(INTER, H))
 
     def _experts(self, rows, tokens_per_expert):
@@ -182,76 +182,8 @@ class ActivationA2A(nn.Module):
         return swapped * top.view(-1)[order].unsqueeze(-1)
 
 
-MODELS = {
-    "titan": lambda: TitanEP(),
-    "titan_grouped": lambda: TitanEP(grouped=True),
-    "seed": lambda: SeedEP(),
+MODELS = {  # classes and partials: sent to the ranks of a world by reference
+    "titan": TitanEP,
+    "titan_grouped": partial(TitanEP, grouped=True),
+    "seed": SeedEP,
 }
-
-
-class _CountingDist:
-    """``torch.distributed`` as ``moe_ops._comm`` sees it, counting ``all_to_all_single``
-    (patching the module itself would make Dynamo recompile the user's collectives)."""
-
-    def __init__(self):
-        self.a2a = 0
-
-    def __getattr__(self, name):
-        return getattr(dist, name)
-
-    def all_to_all_single(self, *args, **kwargs):
-        self.a2a += 1
-        return dist.all_to_all_single(*args, **kwargs)
-
-
-def ep_equal(name: str, dtype: torch.dtype, tokens: int = 6) -> dict[str, int]:
-    """On every rank of the default group: the hand-written EP block compiled with the "moe"
-    backend (aot_eager) against the same block run eagerly with its own all_to_alls (``SeedEP``'s
-    reference uses differentiable collectives), different tokens and local experts per rank;
-    output, input and parameter gradients. Returns the collectives and host syncs of the compiled
-    block's second forward and its backward."""
-    from unittest import mock
-
-    import fx_passes
-    from moe_ops import _comm
-
-    rank = dist.get_rank()
-    torch.manual_seed(rank)  # each rank its own local experts
-    model = MODELS[name]().to(dtype)
-    torch.manual_seed(0)
-    with torch.no_grad():  # the replicated parts (router, shared expert) equal on all ranks
-        for pname, p in model.named_parameters():
-            if not pname.startswith(("w1", "w2", "w3", "experts")):
-                p.copy_(torch.randn_like(p) * 0.5)
-    reference = MODELS[name]().to(dtype)  # (a process group cannot be deep-copied)
-    reference.load_state_dict(model.state_dict())
-    reference.differentiable = True
-    g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(tokens, H, generator=g).to(dtype)
-    dy = torch.randn(tokens, H, generator=g).to(dtype)
-    x_ref = x.clone().requires_grad_(True)
-    ref = reference(x_ref)
-    (ref * dy).sum().backward()
-
-    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    compiled(x.clone().requires_grad_(True))
-    model.zero_grad()
-    assert [m.family for m in backend.matches] == ["ep"], backend.matches
-    x_out = x.clone().requires_grad_(True)
-    calls = _CountingDist()
-    sync = mock.patch.object(_comm, "read_to_host", wraps=_comm.read_to_host)
-    with mock.patch.object(_comm, "dist", calls), sync as sync_mock:
-        out = compiled(x_out)
-        counts = dict(fwd_a2a=calls.a2a, fwd_sync=sync_mock.call_count)
-        (out * dy).sum().backward()
-        counts.update(bwd_a2a=calls.a2a - counts["fwd_a2a"])
-        counts.update(bwd_sync=sync_mock.call_count - counts["fwd_sync"])
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(out, ref, **tol)
-    torch.testing.assert_close(x_out.grad, x_ref.grad, **tol)
-    ref_params = dict(reference.named_parameters())
-    for pname, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[pname].grad, **tol, msg=pname)
-    return counts

@@ -1,19 +1,16 @@
 """Small MoE blocks written the way single-device model code writes them (families A and C),
-their near misses, and helpers to capture and compare them. Shape letters: T tokens, H hidden,
-I expert inner size, E experts, K top-k."""
+and their near misses. Shape letters: T tokens, H hidden, I expert inner size, E experts, K
+top-k."""
 
 from __future__ import annotations
-
-import copy
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fx_passes
+from tests.fx_passes._harness import H
 
-H, I, E, K = 16, 24, 4, 2  # noqa: E741
+I, E, K = 24, 4, 2  # noqa: E741
 
 
 class Expert(nn.Module):
@@ -185,103 +182,3 @@ class Stack(nn.Module):
         for layer in self.layers:
             x = x + layer(x)
         return x
-
-
-# ----------------------------------------------------------------------------- helpers
-def capture(model, x, group=None, run=True):
-    """Compile ``model`` (``fullgraph=True``) with a backend that runs the pass; returns
-    ``(output, graphs, matches, code_before)``. ``run=False`` skips running the rewritten graph
-    (for graphs built for a fake process group) and returns None as the output."""
-    graphs, matches, before = [], [], []
-
-    def backend(gm, example_inputs):
-        before.append(normalized_code(gm))
-        matches.extend(fx_passes.fuse_moe_routing(gm, group=group, example_inputs=example_inputs))
-        graphs.append(gm)
-        if not run:
-            return lambda *args: [torch.empty(0)]
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(model, backend=backend, fullgraph=True)(x)
-    return (out if run else None), graphs, matches, before
-
-
-_PARAM = re.compile(r"l_(?:self|s)_modules_(\w+?)_parameters_(weight|bias)_")
-
-
-def normalized_code(gm) -> str:
-    """``gm.code`` without placeholders' re-binding and ``x = None`` frees, with short parameter
-    names (``experts.0.gate.weight``)."""
-    lines = []
-    for line in gm.code.splitlines():
-        line = line.split(";  ")[0].rstrip()
-        if not line.strip() or line.startswith("def forward") or re.match(r"\s+l_\w+ = L_", line):
-            continue
-        line = _PARAM.sub(lambda m: m.group(1).replace("_modules_", ".") + "." + m.group(2), line)
-        lines.append(line.strip())
-    return "\n".join(lines)
-
-
-def short_code(gm) -> str:
-    """:func:`normalized_code` with short names for the ops (``moe_ops.dispatch``) and for
-    ``getitem_N`` (``giN``), so that lines fit the line length."""
-    lines = []
-    for line in normalized_code(gm).splitlines():
-        line = line.replace("torch.ops.moe_ops.", "moe_ops.").replace(".default(", "(")
-        line = re.sub(r"\b(dispatch|combine)_default", r"\1", line)
-        lines.append(re.sub(r"\bgetitem_(\d+)", r"gi\1", line))
-    return "\n".join(lines)
-
-
-def grads_equal(model, compile_fn, x, *, atol, rtol):
-    """Forward and gradient (input and parameters) of ``compile_fn(copy)`` vs eager ``model``."""
-    other = copy.deepcopy(model)
-    x1 = x.detach().clone().requires_grad_(True)
-    x2 = x.detach().clone().requires_grad_(True)
-    ref = model(x1)
-    out = compile_fn(other)(x2)
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-    g = torch.randn_like(ref)
-    ref_g = torch.autograd.grad(ref, [x1, *model.parameters()], g, allow_unused=True)
-    out_g = torch.autograd.grad(out, [x2, *other.parameters()], g, allow_unused=True)
-    for a, b in zip(out_g, ref_g, strict=True):
-        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
-
-
-# ----------------------------------------------------------------------------- gloo cases
-def ep_equal(variant: str, dtype: torch.dtype, layers: int = 2, tokens: int = 6) -> int:
-    """On every rank of the default group: shard a ``layers``-layer model's experts, compile it with
-    the "moe" backend (aot_eager), and check output and gradients against the unsharded model
-    run eagerly on all ranks' tokens. Returns the expert parameters this rank keeps."""
-    import torch.distributed as dist
-
-    rank, W = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = Stack(layers, variant=variant).to(dtype)
-    reference = copy.deepcopy(model)
-    x_all = torch.randn(W * tokens, H, dtype=dtype)
-    g_all = torch.randn_like(x_all)
-    mine = slice(rank * tokens, (rank + 1) * tokens)
-    (reference(x_all) * g_all).sum().backward()
-    ref_out = reference(x_all)[mine]
-
-    fx_passes.shard_experts(model)
-    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
-    torch._dynamo.reset()
-    out = torch.compile(model, backend=backend, fullgraph=True)(x_all[mine])
-    (out * g_all[mine]).sum().backward()
-    assert len(backend.matches) == layers, backend.matches
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(out, ref_out, **tol)
-    ref_params = dict(reference.named_parameters())
-    kept = 0
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".experts." in name:
-            kept += p.numel()
-        else:
-            dist.all_reduce(p.grad)
-        torch.testing.assert_close(p.grad, ref_params[name].grad, **tol, msg=name)
-    return kept

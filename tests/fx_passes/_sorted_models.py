@@ -23,17 +23,15 @@ re-implementations of their routing structure (same ops, same shapes), written f
 
 from __future__ import annotations
 
-import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-H, INTER, E, K = 16, 32, 4, 2
+from tests.fx_passes._harness import H, stacked_param
 
-
-def _stacked(*shape):
-    return nn.Parameter(torch.randn(*shape) * shape[-1] ** -0.5)
+INTER, E, K = 32, 4, 2
 
 
 class GraniteStyle(nn.Module):
@@ -41,8 +39,8 @@ class GraniteStyle(nn.Module):
         super().__init__()
         self.E, self.variant = num_experts, variant
         self.router = nn.Linear(H, num_experts, bias=False)
-        self.w_in = _stacked(num_experts, 2 * INTER, H)
-        self.w_out = _stacked(num_experts, H, INTER)
+        self.w_in = stacked_param(num_experts, 2 * INTER, H)
+        self.w_out = stacked_param(num_experts, H, INTER)
 
     def _experts(self, rows, sizes, w):
         parts = rows.split(sizes, dim=0)
@@ -78,8 +76,8 @@ class AriaStyle(nn.Module):
         super().__init__()
         self.E = num_experts
         self.router = nn.Linear(H, num_experts, bias=False)
-        self.fc1 = _stacked(num_experts, H, 2 * INTER)
-        self.fc2 = _stacked(num_experts, INTER, H)
+        self.fc1 = stacked_param(num_experts, H, 2 * INTER)
+        self.fc2 = stacked_param(num_experts, INTER, H)
         self.shared = nn.Sequential(nn.Linear(H, INTER), nn.SiLU(), nn.Linear(INTER, H))
 
     def forward(self, x):
@@ -105,9 +103,9 @@ class TitanStyle(nn.Module):
         super().__init__()
         self.E, self.grouped = num_experts, grouped
         self.gate = nn.Linear(H, num_experts, bias=False)
-        self.w1 = _stacked(num_experts, INTER, H)
-        self.w3 = _stacked(num_experts, INTER, H)
-        self.w2 = _stacked(num_experts, H, INTER)
+        self.w1 = stacked_param(num_experts, INTER, H)
+        self.w3 = stacked_param(num_experts, INTER, H)
+        self.w2 = stacked_param(num_experts, H, INTER)
         self.shared = nn.Sequential(nn.Linear(H, INTER), nn.SiLU(), nn.Linear(INTER, H))
 
     def forward(self, x):
@@ -144,8 +142,8 @@ class SentinelStyle(nn.Module):
         super().__init__()
         self.E, self.variant = num_experts, variant
         self.router = nn.Linear(H, num_experts, bias=False)
-        self.gate_up = _stacked(num_experts, 2 * INTER, H)
-        self.down = _stacked(num_experts, H, INTER)
+        self.gate_up = stacked_param(num_experts, 2 * INTER, H)
+        self.down = stacked_param(num_experts, H, INTER)
 
     def forward(self, x):
         probs = F.softmax(self.router(x).float(), dim=-1)
@@ -175,8 +173,8 @@ class BatchedStyle(nn.Module):
         self.router = nn.Linear(H, num_experts, bias=False)
         shape_up = (num_experts, H, 2 * INTER) if transposed else (num_experts, 2 * INTER, H)
         shape_down = (num_experts, INTER, H) if transposed else (num_experts, H, INTER)
-        self.gate_up = _stacked(*shape_up)
-        self.down = _stacked(*shape_down)
+        self.gate_up = stacked_param(*shape_up)
+        self.down = stacked_param(*shape_down)
         self.b_up = nn.Parameter(torch.randn(num_experts, 2 * INTER) * 0.1) if bias else None
 
     def _lin(self, a, w):
@@ -201,43 +199,12 @@ class BatchedStyle(nn.Module):
         return y.view(x.shape[0], K, H).sum(dim=1).to(x.dtype)
 
 
-MODELS = {
-    "granite": lambda: GraniteStyle(),
-    "aria": lambda: AriaStyle(),
-    "titan_loop": lambda: TitanStyle(),
-    "titan_grouped": lambda: TitanStyle(grouped=True),
-    "sentinel": lambda: SentinelStyle(),
-    "batched": lambda: BatchedStyle(),
-    "batched_bias_t": lambda: BatchedStyle(bias=True, transposed=True),
+MODELS = {  # classes and partials: sent to the ranks of a world by reference
+    "granite": GraniteStyle,
+    "aria": AriaStyle,
+    "titan_loop": TitanStyle,
+    "titan_grouped": partial(TitanStyle, grouped=True),
+    "sentinel": SentinelStyle,
+    "batched": BatchedStyle,
+    "batched_bias_t": partial(BatchedStyle, bias=True, transposed=True),
 }
-
-
-def ep_equal(name: str, dtype: torch.dtype, tokens: int = 6) -> None:
-    """On every rank of the default group: compile one block with the "moe" backend
-    (aot_eager) and check its output and gradients against the block run eagerly on all
-    ranks' tokens. Stacked expert weights stay whole on each rank; the rewrite slices them,
-    so their gradients are summed over ranks before comparing."""
-    import torch.distributed as dist
-
-    import fx_passes
-
-    rank, W = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = MODELS[name]().to(dtype)
-    reference = copy.deepcopy(model)
-    x_all = torch.randn(W * tokens, H, dtype=dtype)
-    g_all = torch.randn_like(x_all)
-    mine = slice(rank * tokens, (rank + 1) * tokens)
-    ref = reference(x_all)
-    (ref * g_all).sum().backward()
-    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
-    torch._dynamo.reset()
-    out = torch.compile(model, backend=backend, fullgraph=True)(x_all[mine])
-    (out * g_all[mine]).sum().backward()
-    assert len(backend.matches) == 1, backend.matches
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(out, ref[mine], **tol)
-    ref_params = dict(reference.named_parameters())
-    for pname, p in model.named_parameters():
-        dist.all_reduce(p.grad)
-        torch.testing.assert_close(p.grad, ref_params[pname].grad, **tol, msg=pname)

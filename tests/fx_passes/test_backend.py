@@ -14,10 +14,7 @@ from torch import nn
 import fx_passes
 from fx_passes import backend as backend_mod
 from tests.fx_passes import _loop_models as M
-
-
-def _x(T=8):
-    return torch.randn(T, M.H, generator=torch.Generator().manual_seed(3))
+from tests.fx_passes._harness import fake_group, grads_equal, make_x
 
 
 def test_entry_point_is_registered():
@@ -31,12 +28,12 @@ def test_backend_by_name_rewrites_and_matches_eager(caplog):
     model = M.Block("onehot_where")
     torch._dynamo.reset()
     with caplog.at_level(logging.INFO, logger="fx_passes"):
-        M.grads_equal(
+        grads_equal(
             model,
             lambda m: torch.compile(
                 m, backend="moe", fullgraph=True, options={"inner": "aot_eager", "strict": True}
             ),
-            _x(),
+            make_x(seed=3),
             atol=1e-5,
             rtol=1e-4,
         )
@@ -46,7 +43,7 @@ def test_backend_by_name_rewrites_and_matches_eager(caplog):
 def test_entry_point_rejects_unknown_options():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown options"):
-        torch.compile(M.Block(), backend="moe", options={"bogus": 1})(_x())
+        torch.compile(M.Block(), backend="moe", options={"bogus": 1})(make_x(seed=3))
 
 
 def test_inner_callable_receives_rewritten_graph():
@@ -58,7 +55,7 @@ def test_inner_callable_receives_rewritten_graph():
 
     torch._dynamo.reset()
     torch.compile(M.Block("mask_loop"), backend=fx_passes.moe_backend(inner=inner), fullgraph=True)(
-        _x()
+        make_x(seed=3)
     )
     assert torch.ops.moe_ops.dispatch.default in seen[0]
     assert torch.ops.moe_ops.combine.default in seen[0]
@@ -74,7 +71,7 @@ def test_unrewritable_block_warns_once_and_stays_correct(caplog):
     torch._dynamo.reset()
     with caplog.at_level(logging.WARNING, logger="fx_passes"):
         for _ in range(3):
-            x = _x()
+            x = make_x(seed=3)
             torch.testing.assert_close(compiled(x), model(x))
     warnings = [r for r in caplog.records if "was not rewritten" in r.getMessage()]
     assert len(warnings) == 1
@@ -87,7 +84,7 @@ def test_strict_raises_when_nothing_was_rewritten():
         M.ExpertHitLoop(), backend=fx_passes.moe_backend(inner="aot_eager", strict=True)
     )
     with pytest.raises(Exception, match=r"strict=True\): MoE block .* was not rewritten"):
-        compiled(_x())
+        compiled(make_x(seed=3))
 
 
 def test_compile_moe_captures_without_fullgraph():
@@ -96,7 +93,7 @@ def test_compile_moe_captures_without_fullgraph():
     model = M.Stack(variant="eq_nonzero")
     torch._dynamo.reset()
     run = fx_passes.compile_moe(model, inner="aot_eager", strict=True)
-    x = _x()
+    x = make_x(seed=3)
     torch.testing.assert_close(run(x), model(x))
 
 
@@ -113,7 +110,7 @@ def test_explain_prints_found_and_not_found_blocks():
     torch.manual_seed(0)
     torch._dynamo.reset()
     buf = io.StringIO()
-    rows = fx_passes.explain(Two(), _x(), file=buf)
+    rows = fx_passes.explain(Two(), make_x(seed=3), file=buf)
     by_block = {r["block"]: r for r in rows}
     assert by_block["good"]["rewritten"] == "yes" and by_block["good"]["family"] == "C"
     assert by_block["bad"]["rewritten"] == "no"
@@ -122,14 +119,9 @@ def test_explain_prints_found_and_not_found_blocks():
 
 
 def test_shard_experts_keeps_only_local_weights():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    torch.distributed.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
-    try:
+    with fake_group(rank=1, world_size=4):
         model = M.Stack(num_experts=8)
         info = fx_passes.shard_experts(model)
-    finally:
-        torch.distributed.destroy_process_group()
     assert [(s.path, s.num_experts, s.local_experts) for s in info] == [
         ("layers.0.experts", 8, range(2, 4)),
         ("layers.1.experts", 8, range(2, 4)),
@@ -142,14 +134,11 @@ def test_shard_experts_keeps_only_local_weights():
 
 
 def test_shard_experts_rejects_uneven_split():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=3)
-    try:
-        with pytest.raises(ValueError, match="4 experts, not a multiple of the group size 3"):
-            fx_passes.shard_experts(M.Block())
-    finally:
-        torch.distributed.destroy_process_group()
+    with (
+        fake_group(rank=0, world_size=3),
+        pytest.raises(ValueError, match="4 experts, not a multiple of the group size 3"),
+    ):
+        fx_passes.shard_experts(M.Block())
 
 
 def test_quickstart_example_runs_expert_parallel():

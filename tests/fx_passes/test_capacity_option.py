@@ -6,6 +6,7 @@ experts that cannot be grouped, and ``options={"capacity": ...}`` through ``back
 from __future__ import annotations
 
 import logging
+from functools import partial
 from unittest import mock
 
 import pytest
@@ -15,28 +16,16 @@ from torch.testing import FileCheck
 import fx_passes
 from tests.fx_passes import _loop_models as L
 from tests.fx_passes import _sorted_models as S
+from tests.fx_passes._harness import capture, grads_equal, make_x, short_code
 
 bf16 = torch.bfloat16
 _TOL = dict(atol=3e-2, rtol=3e-2)
-
-
-def _x(T=8, H=L.H, dtype=bf16, seed=3):
-    return torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(dtype)
+_x = partial(make_x, dtype=bf16, seed=3)  # this module's tokens: bf16, seed 3
 
 
 def _capture(model, x, capacity):
-    graphs, matches = [], []
-
-    def backend(gm, example_inputs):
-        matches.extend(
-            fx_passes.fuse_moe_routing(gm, example_inputs=example_inputs, capacity=capacity)
-        )
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(model, backend=backend, fullgraph=True)(x)
-    return out, L.short_code(graphs[0]), matches
+    out, graphs, matches, _ = capture(model, x, capacity=capacity)
+    return out, short_code(graphs[0]), matches
 
 
 def test_worst_case_emits_capacity_ops_and_grouped_mm():
@@ -82,8 +71,8 @@ def test_default_is_unchanged():
     torch.manual_seed(0)
     model = L.Block("onehot_where").to(bf16)
     _, code_default, _ = _capture(model, _x(), None)
-    _, graphs, _, _ = L.capture(model, _x())
-    assert code_default == L.short_code(graphs[0])
+    _, graphs, _, _ = capture(model, _x())
+    assert code_default == short_code(graphs[0])
     FileCheck().check("moe_ops.dispatch(").check_not("dispatch_fixed").run(code_default)
 
 
@@ -91,7 +80,7 @@ def test_default_is_unchanged():
     "make, x",
     [
         (lambda: L.Block("onehot_where", bias=True).to(bf16), _x()),
-        (lambda: S.TitanStyle(grouped=True).to(bf16), _x(H=S.H)),
+        (lambda: S.TitanStyle(grouped=True).to(bf16), _x()),
     ],
     ids=["family_A_bias", "family_D_titan_grouped"],
 )
@@ -99,7 +88,7 @@ def test_equal_to_eager_aot_eager(make, x):
     torch.manual_seed(0)
     model = make()
     backend = fx_passes.moe_backend(inner="aot_eager", strict=True, capacity="worst-case")
-    L.grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True), x, **_TOL)
+    grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True), x, **_TOL)
     [m] = backend.matches
     assert m.rewritten["dispatch"] == "capacity=worst-case"
     assert "capacity_fallback" not in m.rewritten
@@ -138,7 +127,7 @@ def _nan_tail_inner(gm, example_inputs):
     "make, x",
     [
         (lambda: L.Block("onehot_where", bias=True).to(bf16), _x()),
-        (lambda: S.TitanStyle(grouped=True).to(bf16), _x(H=S.H)),
+        (lambda: S.TitanStyle(grouped=True).to(bf16), _x()),
     ],
     ids=["family_A_bias", "family_D_titan_grouped"],
 )
@@ -147,7 +136,7 @@ def test_padding_rows_are_never_read(make, x):
     torch.manual_seed(0)
     model = make()
     backend = fx_passes.moe_backend(inner=_nan_tail_inner, strict=True, capacity=64)
-    L.grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True), x, **_TOL)
+    grads_equal(model, lambda m: torch.compile(m, backend=backend, fullgraph=True), x, **_TOL)
     assert backend.matches[0].rewritten["dispatch"] == "capacity=64"
 
 
@@ -155,7 +144,7 @@ def test_padding_rows_are_never_read(make, x):
     "make, x, why",
     [
         (lambda: L.Block("onehot_where"), _x(dtype=torch.float32), "dtype torch.float32"),
-        (lambda: S.TitanStyle(grouped=False), _x(H=S.H, dtype=torch.float32), "uses item"),
+        (lambda: S.TitanStyle(grouped=False), _x(dtype=torch.float32), "uses item"),
     ],
     ids=["family_A_float32", "family_D_split_loop"],
 )
@@ -177,7 +166,7 @@ def test_options_through_backend_name():
     seen = []
 
     def inner(gm, example_inputs):
-        seen.append(L.short_code(gm))
+        seen.append(short_code(gm))
         return gm.forward
 
     torch._dynamo.reset()

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from expecttest import assert_expected_inline
 
 import fx_passes
-from tests.fx_passes import _loop_models as L
 from tests.fx_passes import _sorted_models as M
-from tests.fx_passes.test_family_sorted import code_of
+from tests.fx_passes._harness import (
+    capture,
+    code_of,
+    ep_equal,
+    fake_group,
+    grads_equal,
+    make_x,
+    normalized_code,
+    tolerance,
+)
 
 bf16, f32 = torch.bfloat16, torch.float32
-
-
-def _x(T=8, dtype=f32, seed=1):
-    return torch.randn(T, M.H, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def test_graph_bf16_grouped_mm_with_bias():
     torch.manual_seed(0)
     model = M.BatchedStyle(bias=True, transposed=True).to(bf16)
-    _, graphs, matches, _ = L.capture(model, _x(dtype=bf16))
+    _, graphs, matches, _ = capture(model, make_x(dtype=bf16))
     assert [m.family for m in matches] == ["batched"]
     assert_expected_inline(
         code_of(graphs[0]),
@@ -63,16 +66,10 @@ return (getitem_17,)""",
 
 
 def test_graph_fp32_segments_rank0_of_2_fake_process_group():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
+    with fake_group(rank=0, world_size=2) as group:
         torch.manual_seed(0)
-        _, graphs, matches, _ = L.capture(M.BatchedStyle(), _x(), group=dist.group.WORLD, run=False)
-        name = dist.group.WORLD.group_name
-        code = code_of(graphs[0]).replace(f"'{name}'", "'<group>'")
-    finally:
-        dist.destroy_process_group()
+        _, graphs, matches, _ = capture(M.BatchedStyle(), make_x(), group=group, run=False)
+        code = code_of(graphs[0]).replace(f"'{group.group_name}'", "'<group>'")
     assert matches[0].rewritten["rank"] == 0
     assert_expected_inline(
         code,
@@ -128,11 +125,11 @@ return (getitem_26,)""",
 
 def test_near_miss_weights_not_gathered_by_routing_ids(caplog):
     model = M.BatchedStyle(ids="shifted")
-    x = _x()
+    x = make_x()
     with caplog.at_level("DEBUG", logger="fx_passes"):
-        out, graphs, matches, before = L.capture(model, x)
+        out, graphs, matches, before = capture(model, x)
     assert matches == []
-    assert L.normalized_code(graphs[0]) == before[0]
+    assert normalized_code(graphs[0]) == before[0]
     assert "family batched" in caplog.text
     torch.testing.assert_close(out, model(x))
 
@@ -145,11 +142,11 @@ def test_near_miss_weights_not_gathered_by_routing_ids(caplog):
 def test_equal_to_eager_aot_eager(kwargs, dtype):
     torch.manual_seed(0)
     model = M.BatchedStyle(**kwargs).to(dtype)
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=3e-2, rtol=3e-2)
+    tol = tolerance(dtype)
     backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
     compile_fn = lambda m: torch.compile(m, backend=backend, fullgraph=True)
-    L.grads_equal(model, compile_fn, _x(dtype=dtype), **tol)
+    grads_equal(model, compile_fn, make_x(dtype=dtype), **tol)
 
 
 def test_expert_parallel_gloo(gloo_world):
-    gloo_world(2).run(M.ep_equal, "batched_bias_t", f32)
+    gloo_world(2).run(ep_equal, M.MODELS["batched_bias_t"], f32)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from expecttest import assert_expected_inline
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from tests.fx_passes import _ep_models as M
-from tests.fx_passes import _loop_models as L
-from tests.fx_passes.test_family_sorted import code_of
+from tests.fx_passes._harness import (
+    capture,
+    code_of,
+    ep_equal_hand_written,
+    fake_group,
+    make_x,
+    normalized_code,
+)
 
 bf16, f32 = torch.bfloat16, torch.float32
 
@@ -19,17 +23,12 @@ bf16, f32 = torch.bfloat16, torch.float32
 def _capture_fake(make, rank, dtype=f32, W=2):
     """Capture ``make()`` on rank ``rank`` of a fake process group of ``W``; the pass runs, the
     rewritten graph does not. Returns ``(code after, matches, unchanged, rejects)``."""
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=W)
-    try:
+    with fake_group(rank, W) as group:
         torch.manual_seed(0)
         model = make().to(dtype)
-        x = torch.randn(8, M.H, generator=torch.Generator().manual_seed(1)).to(dtype)
-        _, graphs, matches, before = L.capture(model, x, run=False)
-        name = dist.group.WORLD.group_name
-        code = code_of(graphs[0]).replace(f"'{name}'", "'<group>'")
-    finally:
-        dist.destroy_process_group()
-    unchanged = L.normalized_code(graphs[0]) == before[0]
+        _, graphs, matches, before = capture(model, make_x(dtype=dtype), run=False)
+        code = code_of(graphs[0]).replace(f"'{group.group_name}'", "'<group>'")
+    unchanged = normalized_code(graphs[0]) == before[0]
     return code, matches, unchanged, graphs[0].meta["moe_rejected"]
 
 
@@ -153,5 +152,5 @@ def test_near_miss_left_unchanged(make, reason):
 def test_expert_parallel_gloo(gloo_world, name, dtype):
     """Output and gradients equal the eager block's; the compiled block runs 3 all_to_alls and
     1 host sync forward, 2 all_to_alls backward (the user's code: 3 and 2 syncs forward)."""
-    for counts in gloo_world(2).run(M.ep_equal, name, dtype):
+    for counts in gloo_world(2).run(ep_equal_hand_written, M.MODELS[name], dtype):
         assert counts == dict(fwd_a2a=3, fwd_sync=1, bwd_a2a=2, bwd_sync=0)

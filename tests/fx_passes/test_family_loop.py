@@ -7,9 +7,10 @@ and expert parallelism on gloo worlds of 2 and 4 ranks.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from expecttest import assert_expected_inline
@@ -17,24 +18,25 @@ from torch import nn
 
 import fx_passes
 from tests.fx_passes import _loop_models as M
+from tests.fx_passes._harness import (
+    capture,
+    ep_equal,
+    fake_group,
+    grads_equal,
+    make_x,
+    normalized_code,
+    rewritten,
+    short_code,
+    tolerance,
+)
 
 bf16, f32 = torch.bfloat16, torch.float32
-
-
-def _x(T=8, dtype=f32, seed=1):
-    return torch.randn(T, M.H, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _rewritten(model, x, **kwargs):
-    out, graphs, matches, _ = M.capture(model, x, **kwargs)
-    assert len(matches) == 1, matches
-    return out, M.short_code(graphs[0]), matches[0]
 
 
 # ----------------------------------------------------------------------------- graph shape
 def test_graph_family_a_fp32_segments():
     torch.manual_seed(0)
-    out, code, match = _rewritten(M.Block("onehot_where", num_experts=2), _x())
+    out, code, match = rewritten(M.Block("onehot_where", num_experts=2), make_x())
     assert match.summary()["experts"] == "segments"
     assert_expected_inline(
         code,
@@ -81,7 +83,7 @@ return (gi24,)""",
 
 def test_graph_family_a_bf16_grouped_mm():
     torch.manual_seed(0)
-    out, code, match = _rewritten(M.Block("eq_nonzero", num_experts=2).to(bf16), _x(dtype=bf16))
+    out, code, match = rewritten(M.Block("eq_nonzero", num_experts=2).to(bf16), make_x(dtype=bf16))
     assert match.summary()["experts"] == "grouped_mm"
     assert_expected_inline(
         code,
@@ -122,7 +124,7 @@ return (gi21,)""",
 
 def test_graph_family_c_bf16_grouped_mm():
     torch.manual_seed(0)
-    out, code, match = _rewritten(M.Block("mask_loop", num_experts=2).to(bf16), _x(dtype=bf16))
+    out, code, match = rewritten(M.Block("mask_loop", num_experts=2).to(bf16), make_x(dtype=bf16))
     assert (match.family, match.num_experts) == ("C", 2)
     assert_expected_inline(
         code,
@@ -163,18 +165,12 @@ return (gi25,)""",
 
 def test_graph_rank1_of_2_fake_process_group():
     """At W = 2, rank 1 keeps experts 2 and 3 only; dispatch/combine name the group."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
-    try:
+    with fake_group(rank=1, world_size=2) as group:
         torch.manual_seed(0)
-        _, graphs, matches, _ = M.capture(
-            M.Block("onehot_where").to(bf16), _x(dtype=bf16), group=dist.group.WORLD, run=False
+        _, graphs, matches, _ = capture(
+            M.Block("onehot_where").to(bf16), make_x(dtype=bf16), group=group, run=False
         )
-        name = dist.group.WORLD.group_name
-        code = M.short_code(graphs[0]).replace(f"'{name}'", "'<group>'")
-    finally:
-        dist.destroy_process_group()
+        code = short_code(graphs[0]).replace(f"'{group.group_name}'", "'<group>'")
     assert matches[0].rewritten["world_size"] == 2 and matches[0].rewritten["rank"] == 1
     assert "experts.0." not in code and "experts.1." not in code
     assert_expected_inline(
@@ -217,18 +213,13 @@ return (gi33,)""",
 
 @pytest.mark.parametrize("W", [2, 4])
 def test_local_experts_under_fake_process_group(W):
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     for rank in (0, W - 1):
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=W)
-        try:
+        with fake_group(rank, W) as group:
             torch.manual_seed(0)
-            _, graphs, matches, _ = M.capture(
-                M.Block("mask_loop", num_experts=8), _x(), group=dist.group.WORLD, run=False
+            _, graphs, matches, _ = capture(
+                M.Block("mask_loop", num_experts=8), make_x(), group=group, run=False
             )
-        finally:
-            dist.destroy_process_group()
-        code = M.short_code(graphs[0])
+        code = short_code(graphs[0])
         used = {e for e in range(8) if f"experts.{e}.gate.weight" in code}
         e_l = 8 // W
         assert used == set(range(rank * e_l, (rank + 1) * e_l))
@@ -247,11 +238,11 @@ def test_local_experts_under_fake_process_group(W):
     ids=["mask-not-routing", "body-not-per-expert", "weights-on-input", "topk-over-tokens"],
 )
 def test_near_miss_left_unchanged(model, reason, caplog):
-    x = _x()
+    x = make_x()
     with caplog.at_level("DEBUG", logger="fx_passes"):
-        out, graphs, matches, before = M.capture(model, x)
+        out, graphs, matches, before = capture(model, x)
     assert matches == []
-    assert M.normalized_code(graphs[0]) == before[0]
+    assert normalized_code(graphs[0]) == before[0]
     assert reason in caplog.text
     torch.testing.assert_close(out, model(x))
 
@@ -262,17 +253,17 @@ def test_topk_without_expert_loop_is_not_touched():
             w, idx = torch.topk(x.sum(-1), 3)
             return x[idx] * w[:, None]
 
-    x = _x()
-    _, graphs, matches, before = M.capture(TopTokens(), x)
-    assert matches == [] and M.normalized_code(graphs[0]) == before[0]
+    x = make_x()
+    _, graphs, matches, before = capture(TopTokens(), x)
+    assert matches == [] and normalized_code(graphs[0]) == before[0]
 
 
 def test_routing_mask_shared_with_aux_loss_stays():
     torch.manual_seed(0)
     model = M.WithAuxLoss()
-    x = _x()
-    (out, aux), graphs, matches, _ = M.capture(model, x)
-    code = M.short_code(graphs[0])
+    x = make_x()
+    (out, aux), graphs, matches, _ = capture(model, x)
+    code = short_code(graphs[0])
     assert len(matches) == 1 and "one_hot" in code and "index_add_" not in code
     ref_out, ref_aux = model(x)
     torch.testing.assert_close(out, ref_out)
@@ -301,10 +292,13 @@ def test_equal_to_eager_aot_eager(name, dtype):
     backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
     # bf16: the eager block rounds each expert's weighted output to bf16 before adding it up,
     # combine adds in float32; gradients summed over tokens differ by a few bf16 ulps.
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=5e-2, rtol=5e-2)
+    tol = tolerance(dtype, 5e-2)
     torch._dynamo.reset()
-    M.grads_equal(
-        model, lambda m: torch.compile(m, backend=backend, fullgraph=True), _x(dtype=dtype), **tol
+    grads_equal(
+        model,
+        lambda m: torch.compile(m, backend=backend, fullgraph=True),
+        make_x(dtype=dtype),
+        **tol,
     )
     assert len(backend.matches) == 1
 
@@ -314,10 +308,13 @@ def test_equal_to_eager_inductor(dtype):
     torch.manual_seed(0)
     model = M.Stack(1, variant="onehot_where").to(dtype)
     backend = fx_passes.moe_backend(inner="inductor", strict=True)
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=3e-2, rtol=3e-2)
+    tol = tolerance(dtype)
     torch._dynamo.reset()
-    M.grads_equal(
-        model, lambda m: torch.compile(m, backend=backend, fullgraph=True), _x(dtype=dtype), **tol
+    grads_equal(
+        model,
+        lambda m: torch.compile(m, backend=backend, fullgraph=True),
+        make_x(dtype=dtype),
+        **tol,
     )
     assert [m.module_path for m in backend.matches] == ["layers.0"]
 
@@ -334,10 +331,10 @@ def test_block_under_checkpoint():
     torch.manual_seed(0)
     backend = fx_passes.moe_backend(inner="aot_eager")
     torch._dynamo.reset()
-    M.grads_equal(
+    grads_equal(
         Outer(),
         lambda m: torch.compile(m, backend=backend, fullgraph=True),
-        _x(),
+        make_x(),
         atol=1e-5,
         rtol=1e-4,
     )
@@ -347,10 +344,12 @@ def test_block_under_checkpoint():
 # ----------------------------------------------------------------------------- gloo worlds
 @pytest.mark.parametrize("W, layers", [(2, 2), (4, 1)])
 def test_expert_parallel_gloo(gloo_world, W, layers):
-    kept = gloo_world(W).run(M.ep_equal, "onehot_where", f32, layers)
+    make = partial(M.Stack, layers, variant="onehot_where")
+    kept = gloo_world(W).run(ep_equal, make, f32, blocks=layers, shard="experts", low=2e-2)
     full = layers * M.E * 3 * M.H * M.I
     assert kept == [full // W] * W
 
 
 def test_expert_parallel_gloo_family_c_bf16(gloo_world):
-    gloo_world(2).run(M.ep_equal, "mask_loop", bf16, 1)
+    make = partial(M.Stack, 1, variant="mask_loop")
+    gloo_world(2).run(ep_equal, make, bf16, shard="experts", low=2e-2)

@@ -6,41 +6,31 @@ The 4.x-style blocks (GraniteMoE/JetMoE, Aria, torchtitan) are our re-implementa
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-import torch.distributed as dist
 from expecttest import assert_expected_inline
 
 import fx_passes
-from tests.fx_passes import _loop_models as L
 from tests.fx_passes import _sorted_models as M
+from tests.fx_passes._harness import (
+    capture,
+    code_of,
+    ep_equal,
+    fake_group,
+    grads_equal,
+    make_x,
+    normalized_code,
+    rewritten,
+    tolerance,
+)
 
 bf16, f32 = torch.bfloat16, torch.float32
 
 
-_COMBINE = re.compile(r"combine\.default\((\w+), (\w+), [\w, ]+, ('[^']*'), (\d+)\)")
-
-
-def code_of(gm) -> str:
-    """Normalized graph code with combine's five layout tensors shown as ``<layout>``."""
-    return _COMBINE.sub(r"combine.default(\1, \2, <layout>, \3, \4)", L.normalized_code(gm))
-
-
-def _x(T=8, dtype=f32, seed=1):
-    return torch.randn(T, M.H, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _rewritten(model, x, **kwargs):
-    out, graphs, matches, _ = L.capture(model, x, **kwargs)
-    assert [m.family for m in matches] == ["sorted"], matches
-    return out, code_of(graphs[0]), matches[0]
-
-
 def test_graph_titan_grouped_mm_bf16():
     torch.manual_seed(0)
-    _, code, match = _rewritten(M.TitanStyle(grouped=True).to(bf16), _x(dtype=bf16))
+    model = M.TitanStyle(grouped=True).to(bf16)
+    _, code, match = rewritten(model, make_x(dtype=bf16), family="sorted", code=code_of)
     assert match.base is not None  # scatter_add onto the shared expert's output
     assert_expected_inline(
         code,
@@ -84,16 +74,10 @@ return (add_1,)""",
 
 def test_graph_granite_split_loop_rank1_of_2_fake_process_group():
     """At W = 2 rank 1 runs two branches of the per-expert loop on W[2:4]."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
-    try:
+    with fake_group(rank=1, world_size=2) as group:
         torch.manual_seed(0)
-        _, graphs, matches, _ = L.capture(M.GraniteStyle(), _x(), group=dist.group.WORLD, run=False)
-        name = dist.group.WORLD.group_name
-        code = code_of(graphs[0]).replace(f"'{name}'", "'<group>'")
-    finally:
-        dist.destroy_process_group()
+        _, graphs, matches, _ = capture(M.GraniteStyle(), make_x(), group=group, run=False)
+        code = code_of(graphs[0]).replace(f"'{group.group_name}'", "'<group>'")
     assert matches[0].rewritten["world_size"] == 2 and matches[0].rewritten["rank"] == 1
     assert_expected_inline(
         code,
@@ -161,11 +145,11 @@ return (getitem_53,)""",
     ids=["sort-without-inverse", "weights-on-input", "body-mixes-rows", "mask-of-real-experts"],
 )
 def test_near_miss_left_unchanged(model, reason, caplog):
-    x = _x(dtype=next(model.parameters()).dtype)
+    x = make_x(dtype=next(model.parameters()).dtype)
     with caplog.at_level("DEBUG", logger="fx_passes"):
-        out, graphs, matches, before = L.capture(model, x)
+        out, graphs, matches, before = capture(model, x)
     assert matches == []
-    assert L.normalized_code(graphs[0]) == before[0]
+    assert normalized_code(graphs[0]) == before[0]
     assert reason in caplog.text
     torch.testing.assert_close(out, model(x))
 
@@ -177,9 +161,9 @@ def test_sort_that_is_not_routing_is_not_touched():
             order = torch.argsort(ids)
             return x[order] * 2
 
-    x = _x()
-    out, graphs, matches, before = L.capture(SortRows(), x)
-    assert matches == [] and L.normalized_code(graphs[0]) == before[0]
+    x = make_x()
+    out, graphs, matches, before = capture(SortRows(), x)
+    assert matches == [] and normalized_code(graphs[0]) == before[0]
 
 
 @pytest.mark.parametrize(
@@ -195,10 +179,13 @@ def test_sort_that_is_not_routing_is_not_touched():
 def test_equal_to_eager_aot_eager(name, dtype):
     torch.manual_seed(0)
     model = M.MODELS[name]().to(dtype)
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=3e-2, rtol=3e-2)
+    tol = tolerance(dtype)
     backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
-    L.grads_equal(
-        model, lambda m: torch.compile(m, backend=backend, fullgraph=True), _x(dtype=dtype), **tol
+    grads_equal(
+        model,
+        lambda m: torch.compile(m, backend=backend, fullgraph=True),
+        make_x(dtype=dtype),
+        **tol,
     )
 
 
@@ -206,10 +193,10 @@ def test_equal_to_eager_inductor():
     torch.manual_seed(0)
     model = M.GraniteStyle()
     backend = fx_passes.moe_backend(inner="inductor", strict=True)
-    L.grads_equal(
+    grads_equal(
         model,
         lambda m: torch.compile(m, backend=backend, fullgraph=True),
-        _x(),
+        make_x(),
         atol=1e-5,
         rtol=1e-4,
     )
@@ -219,4 +206,4 @@ def test_equal_to_eager_inductor():
     "name, dtype", [("granite", f32), ("titan_grouped", bf16), ("sentinel", bf16)]
 )
 def test_expert_parallel_gloo(gloo_world, name, dtype):
-    gloo_world(2).run(M.ep_equal, name, dtype)
+    gloo_world(2).run(ep_equal, M.MODELS[name], dtype)

@@ -44,14 +44,10 @@ def _tf_block(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> n
     return block
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _run(block, x):
     backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
     torch._dynamo.reset()
-    return _first(torch.compile(block, backend=backend, fullgraph=True)(x)), backend.matches
+    return HR.first(torch.compile(block, backend=backend, fullgraph=True)(x)), backend.matches
 
 
 def _local_rows(p: torch.Tensor) -> torch.Tensor:
@@ -65,7 +61,7 @@ def _ep_sharded_equal(name: str, dtype: torch.dtype) -> dict:
     shards = fx_passes.shard_experts(block)
     x = torch.randn(3, 5, HIDDEN, generator=torch.Generator().manual_seed(10 + rank)).to(dtype)
     x_ref, x_ep = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ref = _first(ref_block(x_ref))
+    ref = HR.first(ref_block(x_ref))
     out, matches = _run(block, x_ep)
     tol = HR.tolerance(dtype)
     torch.testing.assert_close(out, ref, **tol)
@@ -120,7 +116,7 @@ def _nan_in_other_experts(kind: str) -> float:
         x = HR.make_x(T=8, seed=rank)
     out, matches = _run(block, x)
     assert len(matches) == 1
-    ref = _first(ref_block(x))
+    ref = HR.first(ref_block(x))
     torch.testing.assert_close(out, ref, **HR.tolerance(torch.float32))
     return float(out.abs().sum())
 
@@ -155,7 +151,7 @@ def _load_sharded(kind: str, path: str) -> list:
             torch.testing.assert_close(v, want[key])
     x = _inputs(kind, rank)
     out, _ = _run(block, x)
-    torch.testing.assert_close(out, _first(trained(x)), **HR.tolerance(torch.float32))
+    torch.testing.assert_close(out, HR.first(trained(x)), **HR.tolerance(torch.float32))
     return sorted(block.state_dict())
 
 

@@ -8,20 +8,24 @@ weights at every forward.
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
 from expecttest import assert_expected_inline
 
 import fx_passes
 from tests.fx_passes import _loop_models as M
+from tests.fx_passes._harness import (
+    capture,
+    ep_equal,
+    fake_group,
+    make_x,
+    short_code,
+    tolerance,
+)
 
 bf16, f32 = torch.bfloat16, torch.float32
-
-
-def _x(T=8, dtype=f32, seed=1):
-    return torch.randn(T, M.H, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def _stacked(model):
@@ -41,7 +45,7 @@ def test_stacked_model_is_the_same_function_with_the_same_gradients():
         for p in ("gate", "up", "down")
         for w in ("weight", "bias")
     ]
-    x1, x2 = _x(dtype=bf16).requires_grad_(True), _x(dtype=bf16).requires_grad_(True)
+    x1, x2 = make_x(dtype=bf16).requires_grad_(True), make_x(dtype=bf16).requires_grad_(True)
     out1, out2 = model(x1), other(x2)
     assert torch.equal(out1, out2)
     g = torch.randn_like(out1)
@@ -69,10 +73,10 @@ def test_graph_grouped_mm_reads_the_stacked_parameter():
     """No ``torch.stack`` and no per-expert slices are left: one view of each parameter."""
     torch.manual_seed(0)
     model = _stacked(M.Block("onehot_where").to(bf16))
-    _, graphs, matches, _ = M.capture(model, _x(dtype=bf16))
+    _, graphs, matches, _ = capture(model, make_x(dtype=bf16))
     assert matches[0].rewritten["experts"] == "grouped_mm"
     assert_expected_inline(
-        M.short_code(graphs[0]),
+        short_code(graphs[0]),
         """\
 logits = torch._C._nn.linear(l_x_, router.weight, None)
 probs = torch.nn.functional.softmax(logits, dim = -1, dtype = torch.float32)
@@ -108,23 +112,18 @@ return (gi45,)""",
 
 def test_graph_rank1_of_2_reads_only_its_stacked_experts():
     """At W = 2, rank 1 stacks experts 2 and 3 ([2, ...]); the others are placeholders."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
-    try:
+    with fake_group(rank=1, world_size=2) as group:
         torch.manual_seed(0)
         model = M.Block("onehot_where").to(bf16)
         fx_passes.shard_experts(model, stack=True)
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "stacked" in n}
-        _, graphs, matches, _ = M.capture(model, _x(dtype=bf16), group=dist.group.WORLD, run=False)
-    finally:
-        dist.destroy_process_group()
+        _, graphs, matches, _ = capture(model, make_x(dtype=bf16), group=group, run=False)
     assert shapes == {
         "experts.stacked_gate_weight": (2, M.I, M.H),
         "experts.stacked_up_weight": (2, M.I, M.H),
         "experts.stacked_down_weight": (2, M.H, M.I),
     }
-    code = M.short_code(graphs[0])
+    code = short_code(graphs[0])
     assert matches[0].rewritten["rank"] == 1 and "torch.stack" not in code
     assert code.count("_grouped_mm(") == 3 and "experts.0." not in code
     assert "l_self_modules_experts_parameters_stacked_gate_weight_.transpose(-2, -1)" in code
@@ -138,13 +137,13 @@ def test_compiled_stacked_equal_to_eager(dtype):
     other = _stacked(model)
     backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
     torch._dynamo.reset()
-    x = _x(dtype=dtype)
+    x = make_x(dtype=dtype)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ref = model(x1)
     out = torch.compile(other, backend=backend, fullgraph=True)(x2)
     want = "grouped_mm" if dtype == bf16 else "segments"
     assert [m.rewritten["experts"] for m in backend.matches] == [want]
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=3e-2, rtol=3e-2)
+    tol = tolerance(dtype)
     torch.testing.assert_close(out, ref, **tol)
     g = torch.randn_like(ref)
     (ref * g).sum().backward()
@@ -156,37 +155,8 @@ def test_compiled_stacked_equal_to_eager(dtype):
             torch.testing.assert_close(stacked.grad[e], p.grad, **tol, msg=f"{e} {name}")
 
 
-def ep_stacked_equal(dtype: torch.dtype, tokens: int = 6) -> None:
+def test_expert_parallel_gloo_stacked(gloo_world):
     """On every rank: shard and stack the experts, compile with the "moe" backend (aot_eager),
     compare output and gradients with the unsharded model run eagerly on all ranks' tokens."""
-    rank, W = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = M.Stack(1, num_experts=4).to(dtype)
-    reference = copy.deepcopy(model)
-    x_all = torch.randn(W * tokens, M.H, dtype=dtype)
-    g_all = torch.randn_like(x_all)
-    mine = slice(rank * tokens, (rank + 1) * tokens)
-    ref = reference(x_all)
-    (ref * g_all).sum().backward()
-    info = fx_passes.shard_experts(model, stack=True)
-    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
-    torch._dynamo.reset()
-    out = torch.compile(model, backend=backend, fullgraph=True)(x_all[mine])
-    (out * g_all[mine]).sum().backward()
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == f32 else dict(atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(out, ref[mine], **tol)
-    local = info[0].local_experts
-    experts = reference.layers[0].experts
-    for name, _ in experts[0].named_parameters():
-        stacked = model.get_parameter(f"layers.0.experts.stacked_{name.replace('.', '_')}")
-        assert stacked.shape[0] == len(local)
-        for j, e in enumerate(local):
-            want = experts[e].get_parameter(name).grad
-            torch.testing.assert_close(stacked.grad[j], want, **tol, msg=f"{e} {name}")
-    router = model.layers[0].router.weight.grad
-    dist.all_reduce(router)
-    torch.testing.assert_close(router, reference.layers[0].router.weight.grad, **tol)
-
-
-def test_expert_parallel_gloo_stacked(gloo_world):
-    gloo_world(2).run(ep_stacked_equal, bf16)
+    make = partial(M.Stack, 1, num_experts=4)
+    gloo_world(2).run(ep_equal, make, bf16, shard="stacked")

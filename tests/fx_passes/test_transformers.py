@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fx_passes
-from tests.fx_passes import _loop_models as L
+from tests.fx_passes._harness import capture, first, normalized_code, tolerance
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,10 +52,6 @@ def _block(name: str, impl: str, dtype: torch.dtype):
     return model.model.layers[0].get_submodule(sub)
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 @pytest.mark.parametrize(
     "name, impl, dtype",
     [
@@ -76,13 +72,13 @@ def test_block_rewritten_and_equal(name, impl, dtype):
     block = _block(name, impl, dtype)
     x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ref = _first(block(x1))
+    ref = first(block(x1))
     backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
     torch._dynamo.reset()
-    out = _first(torch.compile(block, backend=backend, fullgraph=True)(x2))
+    out = first(torch.compile(block, backend=backend, fullgraph=True)(x2))
     family = "sorted" if impl == "grouped_mm" else "batched"
     assert [m.family for m in backend.matches] == [family]
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    tol = tolerance(dtype)
     torch.testing.assert_close(out, ref, **tol)
     g = torch.randn_like(ref)
     params = [p for p in block.parameters() if p.requires_grad]
@@ -98,8 +94,8 @@ def test_block_rewritten_and_equal(name, impl, dtype):
 def test_grouped_mm_graph_names_the_ops():
     """fp32 keeps transformers' grouped_mm_fallback on the local experts; no sort is left."""
     block = _block("mixtral", "grouped_mm", torch.float32)
-    _, graphs, matches, _ = L.capture(block, torch.randn(2, 5, HIDDEN))
-    code = L.normalized_code(graphs[0])
+    _, graphs, matches, _ = capture(block, torch.randn(2, 5, HIDDEN))
+    code = normalized_code(graphs[0])
     assert len(matches) == 1
     assert "torch.sort" not in code and "histc" not in code
     assert code.count("moe_ops.dispatch") == 1 and code.count("moe_ops.combine") == 1

@@ -8,7 +8,9 @@ check raises on the rank that saw it. Shape letters as in ``moe_ops._layout``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from unittest import mock
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import moe_ops
-from moe_ops import _comm
+from moe_ops import _comm, _fixed
 from moe_ops._layout import acc_dtype
 from moe_ops._pipeline import chunked_moe
 from moe_ops.reference import reference_combine, reference_dispatch
@@ -661,3 +663,138 @@ def chunked_waits_for_the_side_stream(spec: Spec, chunks: int, dev: str | None =
     assert len(streams) == chunks
     assert all(s != torch.cuda.current_stream(dev) for s in streams)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- capacity mode
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t[:, None] if t.dim() == 1 else t
+
+
+def _dropped_ids(idxs: list[torch.Tensor], E: int, capacity: int) -> list[torch.Tensor]:
+    """Every rank's topk_idx with the pairs that do not fit set to -1, written from the contract:
+    receiver d takes its pairs by local expert, then source rank, token, slot; positions >= C
+    do not fit."""
+    W = len(idxs)
+    E_l = E // W
+    out = [_as_2d(i).clone() for i in idxs]
+    for d in range(W):
+        pos = 0
+        for e in range(d * E_l, (d + 1) * E_l):
+            for s, idx in enumerate(idxs):
+                for t, k in torch.nonzero(_as_2d(idx) == e).tolist():
+                    if pos >= capacity:
+                        out[s][t, k] = -1
+                    pos += 1
+    return [o.view(i.shape) for o, i in zip(out, idxs, strict=True)]
+
+
+def _padded_expert_fn(recv_x, tokens_per_expert, Hp):
+    """``expert_fn`` over all C rows: the padding rows form one more group (never read back)."""
+    pad = (recv_x.shape[0] - tokens_per_expert.sum()).view(1)
+    return expert_fn(recv_x, torch.cat([tokens_per_expert, pad]), Hp)
+
+
+def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -> int:
+    """Capacity-mode dispatch + experts + combine + backward against the reference (with the
+    dropped pairs removed). Returns this rank's ``num_dropped``."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    E = inp.num_experts
+    T = inp.xs[r].shape[0]
+    K = spec.K
+    C = W * T * K if capacity == "worst-case" else capacity
+    kept_idxs = _dropped_ids(inp.idxs, E, C)
+    want_dropped = int(((_as_2d(inp.idxs[r]) >= 0) & (_as_2d(kept_idxs[r]) < 0)).sum())
+
+    x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+    w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
+    overflow = "drop" if drop else "error"
+    with forced_transport(transport):
+        recv_x, handle = moe_ops.dispatch(
+            x, inp.idxs[r].to(dev), E, capacity=capacity, overflow=overflow
+        )
+        expert_out = _padded_expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
+        out = moe_ops.combine(expert_out, handle, w)
+
+    ref_xs = [t.clone().requires_grad_(True) for t in inp.xs]
+    ref_ws = None if inp.ws is None else [t.clone().requires_grad_(True) for t in inp.ws]
+    ref_disp = reference_dispatch(ref_xs, kept_idxs, E)
+    ref_eo = [expert_fn(rx, tpe, spec.Hp) for rx, tpe in ref_disp]
+    ref_out = reference_combine(ref_eo, kept_idxs, E, ref_ws)
+
+    R = ref_disp[r][0].shape[0]
+    assert recv_x.shape == (C, spec.H) and handle.capacity == C
+    assert handle.num_dropped.device == dev and int(handle.num_dropped) == want_dropped
+    assert torch.equal(handle.tokens_per_expert.cpu(), ref_disp[r][1])
+    assert torch.equal(recv_x[:R].detach().cpu(), ref_disp[r][0].detach())
+    assert not recv_x[R:].any()
+    assert out.shape == (T, spec.Hp)
+    assert torch.equal(out.detach().cpu(), ref_out[r].detach())
+
+    g = torch.Generator().manual_seed(spec.seed + 17)
+    grads_out = [
+        torch.randn(o.shape, generator=g, dtype=torch.float64).to(spec.dtype) for o in ref_out
+    ]
+    with forced_transport(transport):
+        out.backward(grads_out[r].to(dev))
+    live = [(o, go) for o, go in zip(ref_out, grads_out, strict=True) if o.requires_grad]
+    if live:
+        torch.autograd.backward([o for o, _ in live], [go for _, go in live])
+    ref_gx = ref_xs[r].grad if ref_xs[r].grad is not None else torch.zeros_like(ref_xs[r])
+    torch.testing.assert_close(x.grad.cpu(), ref_gx, **_bwd_tol(spec.dtype))
+    if w is not None:
+        ref_gw = ref_ws[r].grad if ref_ws[r].grad is not None else torch.zeros_like(ref_ws[r])
+        torch.testing.assert_close(w.grad.cpu(), ref_gw, **_bwd_tol(spec.dtype))
+    return want_dropped
+
+
+@contextlib.contextmanager
+def forced_transport(transport: str | None):
+    """Capacity mode's W > 1 transport forced to ``transport`` (None: chosen as usual)."""
+    old = _fixed.transport_override
+    _fixed.transport_override = transport
+    try:
+        yield
+    finally:
+        _fixed.transport_override = old
+
+
+def exact_capacity(spec: Spec, W: int) -> int:
+    """The largest number of rows any rank receives: the smallest capacity that drops nothing."""
+    inp = make_inputs(spec, W)
+    return max(rx.shape[0] for rx, _ in reference_dispatch(inp.xs, inp.idxs, inp.num_experts))
+
+
+# ----------------------------------------------------------------------------- CUDA settings
+@contextlib.contextmanager
+def triton_kernels(on: bool):
+    """With ``on=False`` the Triton kernels are off (the plain torch path runs on CUDA); nothing
+    changes with ``on=True`` or without CUDA."""
+    if on or not torch.cuda.is_available():
+        yield
+        return
+    from moe_ops import _triton as kern
+
+    old, kern.enabled = kern.enabled, False
+    try:
+        yield
+    finally:
+        kern.enabled = old
+
+
+_SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def cuda_syncs(fn) -> tuple[object, list[str]]:
+    """``(fn(), where it synchronized)``: the synchronizing CUDA operations ``fn`` made, as
+    ``"file:line"`` of the warnings of ``torch.cuda.set_sync_debug_mode("warn")``."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, [f"{w.filename}:{w.lineno}" for w in caught if _SYNC_WARNING in str(w.message)]

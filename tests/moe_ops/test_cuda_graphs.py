@@ -33,10 +33,17 @@ import pytest
 import torch
 
 import moe_ops
-from moe_ops import _comm, _fixed
+from moe_ops import _comm
 from moe_ops.reference import reference_combine, reference_dispatch
 from tests._dist import device
-from tests.moe_ops._cases import Spec, _bwd_tol, make_inputs, rank_and_world
+from tests.moe_ops._cases import (
+    Spec,
+    _bwd_tol,
+    forced_transport,
+    make_inputs,
+    rank_and_world,
+    triton_kernels,
+)
 
 f32, bf16 = torch.float32, torch.bfloat16
 
@@ -57,21 +64,10 @@ class GraphSpec:
 
 
 @contextlib.contextmanager
-def _settings(transport: str, triton: bool):
+def _settings(transport: str | None, triton: bool):
     """Force the capacity-mode transport, and turn the Triton kernels off if asked."""
-    old_transport = _fixed.transport_override
-    _fixed.transport_override = transport
-    kern = None
-    if not triton and torch.cuda.is_available():
-        from moe_ops import _triton as kern
-
-        old_enabled, kern.enabled = kern.enabled, False
-    try:
+    with forced_transport(transport), triton_kernels(triton):
         yield
-    finally:
-        _fixed.transport_override = old_transport
-        if kern is not None:
-            kern.enabled = old_enabled
 
 
 def _scales(W: int, E_l: int, H: int, dtype: torch.dtype) -> torch.Tensor:

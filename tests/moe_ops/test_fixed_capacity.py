@@ -11,7 +11,6 @@ GPU tests are marked ``gpu`` and skip without CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from unittest import mock
 
@@ -20,9 +19,8 @@ import torch
 
 import moe_ops
 from moe_ops import _comm, _fixed
-from moe_ops.reference import reference_combine, reference_dispatch
-from tests._dist import device
-from tests.moe_ops._cases import Spec, _bwd_tol, expert_fn, make_inputs, rank_and_world
+from moe_ops.reference import reference_dispatch
+from tests.moe_ops._cases import Spec, exact_capacity, fixed_case, make_inputs, rank_and_world
 
 f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
 
@@ -37,110 +35,13 @@ SPECS = {
 }
 
 
-def _as_2d(t: torch.Tensor) -> torch.Tensor:
-    return t[:, None] if t.dim() == 1 else t
-
-
-def _dropped_ids(idxs: list[torch.Tensor], E: int, capacity: int) -> list[torch.Tensor]:
-    """Every rank's topk_idx with the pairs that do not fit set to -1, written from the contract:
-    receiver d takes its pairs by local expert, then source rank, token, slot; positions >= C
-    do not fit."""
-    W = len(idxs)
-    E_l = E // W
-    out = [_as_2d(i).clone() for i in idxs]
-    for d in range(W):
-        pos = 0
-        for e in range(d * E_l, (d + 1) * E_l):
-            for s, idx in enumerate(idxs):
-                for t, k in torch.nonzero(_as_2d(idx) == e).tolist():
-                    if pos >= capacity:
-                        out[s][t, k] = -1
-                    pos += 1
-    return [o.view(i.shape) for o, i in zip(out, idxs, strict=True)]
-
-
-def _padded_expert_fn(recv_x, tokens_per_expert, Hp):
-    """``expert_fn`` over all C rows: the padding rows form one more group (never read back)."""
-    pad = (recv_x.shape[0] - tokens_per_expert.sum()).view(1)
-    return expert_fn(recv_x, torch.cat([tokens_per_expert, pad]), Hp)
-
-
-def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -> int:
-    """Capacity-mode dispatch + experts + combine + backward against the reference (with the
-    dropped pairs removed). Returns this rank's ``num_dropped``."""
-    r, W = rank_and_world()
-    inp = make_inputs(spec, W)
-    dev = device()
-    E = inp.num_experts
-    T = inp.xs[r].shape[0]
-    K = spec.K
-    C = W * T * K if capacity == "worst-case" else capacity
-    kept_idxs = _dropped_ids(inp.idxs, E, C)
-    want_dropped = int(((_as_2d(inp.idxs[r]) >= 0) & (_as_2d(kept_idxs[r]) < 0)).sum())
-
-    x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
-    w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
-    overflow = "drop" if drop else "error"
-    with _forced(transport):
-        recv_x, handle = moe_ops.dispatch(
-            x, inp.idxs[r].to(dev), E, capacity=capacity, overflow=overflow
-        )
-        expert_out = _padded_expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
-        out = moe_ops.combine(expert_out, handle, w)
-
-    ref_xs = [t.clone().requires_grad_(True) for t in inp.xs]
-    ref_ws = None if inp.ws is None else [t.clone().requires_grad_(True) for t in inp.ws]
-    ref_disp = reference_dispatch(ref_xs, kept_idxs, E)
-    ref_eo = [expert_fn(rx, tpe, spec.Hp) for rx, tpe in ref_disp]
-    ref_out = reference_combine(ref_eo, kept_idxs, E, ref_ws)
-
-    R = ref_disp[r][0].shape[0]
-    assert recv_x.shape == (C, spec.H) and handle.capacity == C
-    assert handle.num_dropped.device == dev and int(handle.num_dropped) == want_dropped
-    assert torch.equal(handle.tokens_per_expert.cpu(), ref_disp[r][1])
-    assert torch.equal(recv_x[:R].detach().cpu(), ref_disp[r][0].detach())
-    assert not recv_x[R:].any()
-    assert out.shape == (T, spec.Hp)
-    assert torch.equal(out.detach().cpu(), ref_out[r].detach())
-
-    g = torch.Generator().manual_seed(spec.seed + 17)
-    grads_out = [torch.randn(o.shape, generator=g, dtype=f64).to(spec.dtype) for o in ref_out]
-    with _forced(transport):
-        out.backward(grads_out[r].to(dev))
-    live = [(o, go) for o, go in zip(ref_out, grads_out, strict=True) if o.requires_grad]
-    if live:
-        torch.autograd.backward([o for o, _ in live], [go for _, go in live])
-    ref_gx = ref_xs[r].grad if ref_xs[r].grad is not None else torch.zeros_like(ref_xs[r])
-    torch.testing.assert_close(x.grad.cpu(), ref_gx, **_bwd_tol(spec.dtype))
-    if w is not None:
-        ref_gw = ref_ws[r].grad if ref_ws[r].grad is not None else torch.zeros_like(ref_ws[r])
-        torch.testing.assert_close(w.grad.cpu(), ref_gw, **_bwd_tol(spec.dtype))
-    return want_dropped
-
-
-@contextlib.contextmanager
-def _forced(transport: str | None):
-    old = _fixed.transport_override
-    _fixed.transport_override = transport
-    try:
-        yield
-    finally:
-        _fixed.transport_override = old
-
-
-def _exact_capacity(spec: Spec, W: int) -> int:
-    """The largest number of rows any rank receives: the smallest capacity that drops nothing."""
-    inp = make_inputs(spec, W)
-    return max(rx.shape[0] for rx, _ in reference_dispatch(inp.xs, inp.idxs, inp.num_experts))
-
-
 # ----------------------------------------------------------------------------- no overflow
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("cap", ["worst-case", "exact", "exact+3"])
 def test_matches_reference_single_rank(name, cap):
     spec = SPECS[name]
-    capacity = {"worst-case": "worst-case", "exact": _exact_capacity(spec, 1)}.get(cap)
-    capacity = capacity if capacity is not None else _exact_capacity(spec, 1) + 3
+    capacity = {"worst-case": "worst-case", "exact": exact_capacity(spec, 1)}.get(cap)
+    capacity = capacity if capacity is not None else exact_capacity(spec, 1) + 3
     assert fixed_case(spec, capacity, drop=False) == 0
 
 
@@ -148,14 +49,14 @@ def test_matches_reference_single_rank(name, cap):
 @pytest.mark.parametrize("name", ["k2-f32", "k4-f64-Hp7", "to_rank0-bf16", "skewed-El3-noweights"])
 def test_matches_reference_gloo(gloo_world, W, name):
     spec = SPECS[name]
-    for capacity in ("worst-case", _exact_capacity(spec, W)):
+    for capacity in ("worst-case", exact_capacity(spec, W)):
         assert gloo_world(W).run(fixed_case, spec, capacity, False) == [0] * W
 
 
 def test_uneven_tokens_gloo(gloo_world):
     """Ranks with different T work when the capacity is at most T * K everywhere."""
     spec = Spec(T=(9, 4), K=2, seed=6)
-    capacity = min(_exact_capacity(spec, 2), 8)
+    capacity = min(exact_capacity(spec, 2), 8)
     gloo_world(2).run(fixed_case, spec, capacity, True)
 
 
@@ -416,8 +317,8 @@ def test_cuda_matches_reference(name, drop):
     """The Triton path of the capacity mode against the reference (W = 1)."""
     spec = SPECS[name]
     cuda = torch.device("cuda", torch.cuda.current_device())
-    with mock.patch("tests.moe_ops.test_fixed_capacity.device", lambda: cuda):
-        cap = _exact_capacity(spec, 1) - (3 if drop else 0)
+    with mock.patch("tests.moe_ops._cases.device", lambda: cuda):
+        cap = exact_capacity(spec, 1) - (3 if drop else 0)
         fixed_case(spec, max(cap, 0), drop)
 
 
@@ -508,6 +409,6 @@ def test_nccl_transports(nccl_world, W, transport, drop):
             "symm_mem.rendezvous raised 'Expected global_ranks.size() > 1 to be true'"
         )
     spec = Spec(T=(300,), K=4, E_l=4, H=64, Hp=32, dtype=bf16, seed=9)
-    capacity = _exact_capacity(spec, W) - (20 if drop else 0)
+    capacity = exact_capacity(spec, W) - (20 if drop else 0)
     dropped = nccl_world(W).run(fixed_case, spec, capacity, drop, transport)
     assert (sum(dropped) >= 20) if drop else dropped == [0] * W

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from tests.moe_ops import _cases
-from tests.moe_ops._cases import Spec
-from tests.moe_ops.test_fixed_capacity import _exact_capacity, fixed_case
+from tests.moe_ops._cases import Spec, exact_capacity, fixed_case
 
 pytestmark = pytest.mark.gpu
 
@@ -80,6 +79,6 @@ def test_chunked_one_bad_rank(shared_gpu_world, kind):
 @pytest.mark.parametrize("drop", [False, True])
 def test_capacity_padded_transport(shared_gpu_world, drop):
     spec = Spec(T=(300,), K=4, E_l=4, H=64, Hp=32, dtype=bf16, seed=9)
-    capacity = _exact_capacity(spec, 2) - (20 if drop else 0)
+    capacity = exact_capacity(spec, 2) - (20 if drop else 0)
     dropped = shared_gpu_world(2).run(fixed_case, spec, capacity, drop, "padded")
     assert (sum(dropped) >= 20) if drop else dropped == [0, 0]

@@ -18,7 +18,6 @@ ops' own bodies), except reads of the CPU split tensors that dispatch's one sync
 from __future__ import annotations
 
 import contextlib
-import warnings
 from unittest import mock
 
 import pytest
@@ -27,40 +26,12 @@ import torch
 import moe_ops
 from moe_ops import _comm, _fixed
 from tests._dist import device, under_torchrun
-from tests.moe_ops._cases import Spec, make_inputs, rank_and_world
+from tests.moe_ops._cases import Spec, cuda_syncs, make_inputs, rank_and_world, triton_kernels
 
 bf16 = torch.bfloat16
 _SPEC = Spec(T=(40, 24, 33, 0), K=4, E_l=3, H=32, dtype=bf16, seed=5)
 # The capacity mode at W > 1 with C > T * K (worst case) needs the same T on every rank.
 _EQUAL_T = Spec(T=(32,), K=4, E_l=3, H=32, dtype=bf16, seed=6)
-_SYNC_WARNING = "called a synchronizing CUDA operation"
-
-
-@contextlib.contextmanager
-def _triton(on: bool):
-    if on or not torch.cuda.is_available():
-        yield
-        return
-    from moe_ops import _triton as kern
-
-    old, kern.enabled = kern.enabled, False
-    try:
-        yield
-    finally:
-        kern.enabled = old
-
-
-def _count_syncs(fn):
-    """``(number of synchronizing CUDA operations fn made, fn())``."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            result = fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(_SYNC_WARNING in str(w.message) for w in caught), result
 
 
 def _capacity_kwargs(mode: str) -> dict:
@@ -68,13 +39,13 @@ def _capacity_kwargs(mode: str) -> dict:
 
 
 def _one_round(x, idx, w, g, E: int, kwargs: dict) -> dict[str, int]:
-    n_d, (recv_x, handle) = _count_syncs(lambda: moe_ops.dispatch(x, idx, E, **kwargs))
+    (recv_x, handle), s_d = cuda_syncs(lambda: moe_ops.dispatch(x, idx, E, **kwargs))
     eo = (recv_x.detach() * 2 + 0.5).requires_grad_(True)  # elementwise: needs no sizes
-    n_c, out = _count_syncs(lambda: moe_ops.combine(eo, handle, w))
-    n_cb, (g_eo, g_w) = _count_syncs(lambda: torch.autograd.grad(out, (eo, w), g))
-    n_db, (g_x,) = _count_syncs(lambda: torch.autograd.grad(recv_x, x, g_eo))
+    out, s_c = cuda_syncs(lambda: moe_ops.combine(eo, handle, w))
+    (g_eo, g_w), s_cb = cuda_syncs(lambda: torch.autograd.grad(out, (eo, w), g))
+    (g_x,), s_db = cuda_syncs(lambda: torch.autograd.grad(recv_x, x, g_eo))
     assert g_x.shape == x.shape and g_w.shape == w.shape
-    return dict(dispatch=n_d, combine=n_c, combine_bwd=n_cb, dispatch_bwd=n_db)
+    return dict(dispatch=len(s_d), combine=len(s_c), combine_bwd=len(s_cb), dispatch_bwd=len(s_db))
 
 
 def count_syncs_case(spec: Spec, mode: str, triton: bool) -> dict[str, int]:
@@ -87,7 +58,7 @@ def count_syncs_case(spec: Spec, mode: str, triton: bool) -> dict[str, int]:
     w = inp.ws[r].to(dev, copy=True).requires_grad_(True)
     idx = inp.idxs[r].to(dev)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(r)).to(dev, spec.dtype)
-    with _triton(triton):
+    with triton_kernels(triton):
         _one_round(x, idx, w, g, inp.num_experts, kwargs)  # warm-up: compiles, communicators
         return _one_round(x, idx, w, g, inp.num_experts, kwargs)
 

@@ -7,13 +7,12 @@ backward, all float dtypes, ``-1`` slots, T = 0, K = 1. Skipped without CUDA.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 import moe_ops
 from moe_ops import _layout
+from tests.moe_ops._cases import cuda_syncs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -145,28 +144,15 @@ def test_ops_cuda_equal_cpu(dtype, T, K, E, H):
     torch.testing.assert_close(gpu[-1], cpu[-1], rtol=tol, atol=tol)
 
 
-def _syncs(fn):
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            result = fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [c for c in caught if "called a synchronizing CUDA operation" in str(c.message)]
-    return result, [f"{c.filename}:{c.lineno}" for c in syncs]
-
-
 def test_one_host_sync_per_dispatch_none_after():
     T, K, E, H = 512, 4, 16, 256
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.rand(T, K, device="cuda", requires_grad=True)
     idx = _routing(T, K, E, seed=9).cuda()
     moe_ops.combine(*moe_ops.dispatch(x, idx, E), w).sum().backward()  # compile the kernels
-    (recv, h), n_dispatch = _syncs(lambda: moe_ops.dispatch(x, idx, E))
-    out, n_combine = _syncs(lambda: moe_ops.combine(recv * 3, h, w))
-    _, n_backward = _syncs(lambda: out.backward(torch.randn_like(out)))
+    (recv, h), n_dispatch = cuda_syncs(lambda: moe_ops.dispatch(x, idx, E))
+    out, n_combine = cuda_syncs(lambda: moe_ops.combine(recv * 3, h, w))
+    _, n_backward = cuda_syncs(lambda: out.backward(torch.randn_like(out)))
     assert (len(n_dispatch), n_combine, n_backward) == (1, [], []), (
         n_dispatch,
         n_combine,
