@@ -20,7 +20,6 @@ import torch.distributed as dist
 import moe_ops
 from moe_ops import _comm, _fixed
 from moe_ops._layout import acc_dtype
-from moe_ops._pipeline import chunked_moe
 from moe_ops.reference import reference_combine, reference_dispatch
 from tests._dist import device
 
@@ -545,124 +544,6 @@ def one_bad_rank_combine_nan(bad_rank: int) -> None:
         assert from_bad.any() and (~from_bad).any()
         assert out[from_bad].isnan().all() and not out[~from_bad].isnan().any()
     _next_call_works(inp, spec, r)
-
-
-# ----------------------------------------------------------------------------- chunked_moe
-def _scaled_experts(scale_El: torch.Tensor):
-    """Differentiable row-wise experts: ``row * scale[its expert] + 0.5`` (bitwise per row),
-    computed in float64 so that the scale's gradient (a sum over rows) barely depends on order."""
-
-    def experts(recv_x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        s_R = torch.repeat_interleave(scale_El, tokens_per_expert, output_size=recv_x.shape[0])
-        return (recv_x.double() * s_R[:, None] + 0.5).to(recv_x.dtype)
-
-    return experts
-
-
-def chunked_equal(spec: Spec, chunks: int) -> None:
-    """``chunked_moe`` against unchunked dispatch/experts/combine: forward and the
-    gradients of x and the weights bit for bit, the experts' parameter gradient (a sum over rows,
-    in another order) to rounding."""
-    r, W = rank_and_world()
-    inp = make_inputs(spec, W)
-    dev = device()
-    scale = torch.linspace(0.5, 2.0, spec.E_l, dtype=torch.float64, device=dev)
-    results = []
-    for chunked in (False, True):
-        x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
-        w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
-        s = scale.clone().requires_grad_(True)
-        experts = _scaled_experts(s)
-        if chunked:
-            out = chunked_moe(x, inp.idxs[r].to(dev), w, inp.num_experts, experts, chunks=chunks)
-        else:
-            recv_x, handle = moe_ops.dispatch(x, inp.idxs[r].to(dev), inp.num_experts)
-            out = moe_ops.combine(experts(recv_x, handle.tokens_per_expert), handle, w)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
-        (out * g.to(dev, out.dtype)).sum().backward()
-        results.append((out, x.grad, None if w is None else w.grad, s.grad))
-    (out0, gx0, gw0, gs0), (out1, gx1, gw1, gs1) = results
-    assert out1.shape == out0.shape and out1.dtype == out0.dtype
-    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
-    torch.testing.assert_close(gx1, gx0, rtol=0, atol=0)
-    if gw0 is not None:
-        torch.testing.assert_close(gw1, gw0, rtol=0, atol=0)
-    torch.testing.assert_close(gs1, gs0, **_bwd_tol(torch.float64))
-
-
-def chunked_counts(spec: Spec, chunks: int) -> dict[str, int]:
-    """Collectives and host syncs of one ``chunked_moe`` forward and its backward."""
-    r, W = rank_and_world()
-    inp = make_inputs(spec, W)
-    dev = device()
-    x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
-    scale = torch.ones(spec.E_l, dtype=torch.float64, device=dev)
-    a2a = mock.patch.object(dist, "all_to_all_single", wraps=dist.all_to_all_single)
-    sync = mock.patch.object(_comm, "read_to_host", wraps=_comm.read_to_host)
-    with a2a as a2a_mock, sync as sync_mock:
-        out = chunked_moe(
-            x, inp.idxs[r].to(dev), None, inp.num_experts, _scaled_experts(scale), chunks=chunks
-        )
-        fwd = dict(fwd_a2a=a2a_mock.call_count, fwd_sync=sync_mock.call_count)
-        out.sum().backward()
-        bwd = dict(
-            bwd_a2a=a2a_mock.call_count - fwd["fwd_a2a"],
-            bwd_sync=sync_mock.call_count - fwd["fwd_sync"],
-        )
-    return fwd | bwd
-
-
-def chunked_one_bad_rank(bad_rank: int, kind: str) -> str:
-    """One rank passes bad input to ``chunked_moe``: every rank raises before any row moves, then
-    the group works."""
-    r, W = rank_and_world()
-    inp, spec = _good(W, seed=6)
-    dev = device()
-    x, idx, w = inp.xs[r].to(dev), inp.idxs[r].to(dev), inp.ws[r].to(dev)
-    if r == bad_rank:
-        if kind == "T_mismatch":
-            x, exc_type, frags = x[1:], ValueError, ["topk_idx has", f"x has {x.shape[0] - 1}"]
-        elif kind == "w_shape":
-            w, exc_type, frags = w[:, :1], ValueError, ["topk_weights must match topk_idx"]
-        else:
-            w, exc_type, frags = w.long(), TypeError, ["topk_weights must be a floating-point"]
-    else:
-        exc_type, frags = moe_ops.PeerInputError, [f"rank(s) [{bad_rank}]", "dispatch"]
-    scale = torch.ones(spec.E_l, dtype=torch.float64, device=dev)
-    with pytest.raises(exc_type) as info:
-        chunked_moe(x, idx, w, inp.num_experts, _scaled_experts(scale), chunks=3)
-    _check_message(info.value, frags)
-    _next_call_works(inp, spec, r)
-    return type(info.value).__name__
-
-
-def chunked_waits_for_the_side_stream(spec: Spec, chunks: int, dev: str | None = None) -> None:
-    """CUDA: dispatch runs on a side stream, and the experts wait for it. Each dispatch result is
-    rewritten on the side stream after a long GPU sleep there: if the current stream did not wait
-    for the side stream, the experts would read rows that are not written yet."""
-    from moe_ops import _pipeline
-
-    r, W = rank_and_world()
-    inp = make_inputs(spec, W)
-    dev = device() if dev is None else torch.device(dev)
-    x, idx = inp.xs[r].to(dev), inp.idxs[r].to(dev)
-    w = None if inp.ws is None else inp.ws[r].to(dev)
-    experts = _scaled_experts(torch.linspace(0.5, 2.0, spec.E_l, dtype=torch.float64, device=dev))
-    streams = []
-
-    def slow_dispatch(*args, **kwargs):
-        streams.append(torch.cuda.current_stream(dev))
-        recv_x, handle = moe_ops.dispatch(*args, **kwargs)
-        torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time on this stream
-        return recv_x * 1, handle  # written only after the sleep
-
-    recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
-    want = moe_ops.combine(experts(recv_x, handle.tokens_per_expert), handle, w)
-    with mock.patch.object(_pipeline, "dispatch", slow_dispatch):
-        got = chunked_moe(x, idx, w, inp.num_experts, experts, chunks=chunks)
-    assert len(streams) == chunks
-    assert all(s != torch.cuda.current_stream(dev) for s in streams)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- capacity mode

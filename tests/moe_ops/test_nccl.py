@@ -77,10 +77,3 @@ def test_dispatch_one_bad_rank(nccl_world, W, kind):
 # for the bad rank, which the case asserts (at W = 4 one rank has none).
 def test_combine_one_bad_rank_gives_nan_rows(nccl_world):
     nccl_world(2).run(_cases.one_bad_rank_combine_nan, 0)
-
-
-@pytest.mark.parametrize("W", WORLDS)
-@pytest.mark.parametrize("chunks", [2, 4])
-@pytest.mark.parametrize("name", ["k2-bf16", "big-bf16"])
-def test_chunked(nccl_world, W, chunks, name):
-    nccl_world(W).run(_cases.chunked_equal, SPECS[name], chunks)

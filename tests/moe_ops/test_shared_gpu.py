@@ -2,9 +2,9 @@
 
 NCCL refuses two ranks on one device, so on a one-GPU machine these are the only runs of the
 W > 1 CUDA paths with real kernels (Triton layout and row kernels, the regroup gather, the
-combine-send scatter, pinned host -> device copies, the counts read on a side stream, the
-dispatch stream of ``moe_ops._pipeline.chunked_moe``). The bytes travel through gloo's host
-buffers, so nothing here says anything about speed. Marked ``gpu``; skips without CUDA.
+combine-send scatter, pinned host -> device copies, the counts read on a side stream). The
+bytes travel through gloo's host buffers, so nothing here says anything about speed. Marked
+``gpu``; skips without CUDA.
 """
 
 from __future__ import annotations
@@ -58,22 +58,6 @@ def test_dispatch_one_bad_rank(shared_gpu_world, kind):
 
 def test_combine_one_bad_rank_gives_nan_rows(shared_gpu_world):
     shared_gpu_world(2).run(_cases.one_bad_rank_combine_nan, 0)
-
-
-@pytest.mark.parametrize("W,chunks", [(2, 2), (2, 4), (3, 3)])
-@pytest.mark.parametrize("name", ["k2-f32", "k4-bf16-Hp9", "big-bf16"])
-def test_chunked(shared_gpu_world, W, chunks, name):
-    shared_gpu_world(W).run(_cases.chunked_equal, SPECS[name], chunks)
-
-
-@pytest.mark.parametrize("name", ["k2-f32", "big-bf16"])
-def test_chunked_waits_for_the_side_stream(shared_gpu_world, name):
-    shared_gpu_world(2).run(_cases.chunked_waits_for_the_side_stream, SPECS[name], 2)
-
-
-@pytest.mark.parametrize("kind", ["T_mismatch", "w_shape"])
-def test_chunked_one_bad_rank(shared_gpu_world, kind):
-    assert shared_gpu_world(2).run(_cases.chunked_one_bad_rank, 0, kind)[1] == "PeerInputError"
 
 
 @pytest.mark.parametrize("drop", [False, True])
