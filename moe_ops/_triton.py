@@ -54,8 +54,8 @@ class _Launcher:
     Triton binds and specializes every argument in Python on every launch (tens of microseconds
     on the hosts of the H100 / H200 machines measured, more than our small kernels run). After
     the first launch of a specialization we keep its compiled kernel under the same features
-    Triton specializes on (``_spec``) and launch it directly. Arguments: every kernel parameter, in order (constexprs
-    too); ``options`` are Triton's launch options (``num_warps``...).
+    Triton specializes on (``_spec``) and launch it directly. Arguments: every kernel parameter,
+    in order (constexprs too); ``options`` are Triton's launch options (``num_warps``...).
     """
 
     def __init__(self, fn):
