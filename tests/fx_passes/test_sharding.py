@@ -23,8 +23,10 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 HIDDEN = 32
 
 
-def _tf_block(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A transformers 5 MoE block (``experts_implementation="grouped_mm"``), E = 4, top-2."""
+def _tf_block(
+    name: str, dtype: torch.dtype = torch.float32, seed: int = 0, num_experts: int = 4
+) -> nn.Module:
+    """A transformers 5 MoE block (``experts_implementation="grouped_mm"``), top-2."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -33,7 +35,10 @@ def _tf_block(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> n
         "gpt_oss": (GptOssMLP, transformers.GptOssConfig),
     }[name]
     cfg = cfg_cls(
-        hidden_size=HIDDEN, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2
+        hidden_size=HIDDEN,
+        intermediate_size=48,
+        num_local_experts=num_experts,
+        num_experts_per_tok=2,
     )
     cfg._experts_implementation = "grouped_mm"
     torch.manual_seed(seed)
@@ -155,6 +160,25 @@ def _load_sharded(kind: str, path: str) -> list:
     return sorted(block.state_dict())
 
 
+def _load_other_expert_count(path: str) -> str:
+    """A model with 8 experts loading a checkpoint of 4: every rank raises, nothing is loaded."""
+    import torch.distributed.checkpoint as dcp
+
+    block = _tf_block("mixtral", num_experts=8)
+    fx_passes.shard_experts(block)
+    before = {
+        k: v.to_local().clone() for k, v in block.state_dict().items() if isinstance(v, DTensor)
+    }
+    with pytest.raises(dcp.api.CheckpointException) as err:  # every rank's planner failed
+        dcp.load(block.state_dict(), checkpoint_id=path)
+    assert sorted(err.value.failures) == [0, 1]
+    assert all("Size mismatch" in str(f) for f in err.value.failures.values())
+    for k, v in block.state_dict().items():
+        if isinstance(v, DTensor):
+            assert torch.equal(v.to_local(), before[k])
+    return type(err.value).__name__
+
+
 def _build(kind: str, seed: int) -> nn.Module:
     if kind == "stacked":
         return _tf_block("mixtral", seed=seed)
@@ -206,6 +230,12 @@ def test_checkpoint_saved_at_2_loads_at_4_and_1(gloo_world, tmp_path, kind):
     unsharded.load_state_dict(state)
     for key, v in _build(kind, seed=1).state_dict().items():
         torch.testing.assert_close(unsharded.state_dict()[key], v)
+
+
+def test_checkpoint_of_another_expert_count_fails_on_every_rank(gloo_world, tmp_path):
+    path = str(tmp_path / "ckpt")
+    gloo_world(2).run(_save_sharded, "stacked", path)
+    assert len(gloo_world(2).run(_load_other_expert_count, path)) == 2
 
 
 def test_module_list_experts_of_other_ranks_leave_memory_and_state_dict():
