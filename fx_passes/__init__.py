@@ -15,6 +15,7 @@ Design (see ``_match`` for what a family matcher must fill in):
 
 from fx_passes._match import MoEMatch, Rejected
 from fx_passes.backend import compile_moe, explain, moe_backend
+from fx_passes.pretrained import load_pretrained_sharded
 from fx_passes.rewrite import fuse_moe_routing
 from fx_passes.sharding import ShardedExperts, shard_experts
 
@@ -25,6 +26,7 @@ __all__ = [
     "compile_moe",
     "explain",
     "fuse_moe_routing",
+    "load_pretrained_sharded",
     "moe_backend",
     "shard_experts",
 ]

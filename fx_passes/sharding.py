@@ -21,8 +21,10 @@ unsharded shape and dtype that holds one element of memory (a zero-stride tensor
 carries :class:`ShardInfo`, so the pass (``fx_passes.fuse_moe_routing``) knows which block reads
 it: the rewritten block reads the local rows (``DTensor.to_local()``) instead, and a graph that
 still reads a stand-in after the pass is an error, never a silent result computed on zeros.
-Outside ``torch.compile`` reading a sharded attribute raises: the model can only run
-expert-parallel through the ``"moe"`` backend.
+Outside ``torch.compile`` a sharded stacked attribute reads as its DTensor parameter (so
+``torch.distributed.checkpoint.state_dict`` helpers work), which a plain forward rejects (it mixes
+DTensor and Tensor), and an expert another rank owns raises: the model runs expert-parallel only
+through the ``"moe"`` backend.
 
 With ``stack=True`` (ModuleList experts) the local experts' parameters also move into one
 ``[E_l, ...]`` parameter per name, registered on the ModuleList (``experts.stacked_gate_weight``),
@@ -85,6 +87,8 @@ class _ShardedAttrs:
             owner, attr, j = rest
             return getattr(owner, attr)[j]
         if not torch.compiler.is_compiling():
+            if leaf in self._parameters:  # stacked: the DTensor parameter itself (state dict
+                return self._parameters[leaf]  # helpers read it so; a forward rejects DTensor)
             info = rest[0]._moe_shard
             raise RuntimeError(
                 f"{info.name} is sharded over the expert-parallel group by "
@@ -103,12 +107,31 @@ class _ShardedAttrs:
             old = rest[0]
             info = old._moe_shard
             if leaf in self._parameters:  # stacked: the DTensor moved, view its new rows
+                _mesh_on_local_device(self._parameters[leaf])
                 info = dataclasses.replace(info, param=self._parameters[leaf])
                 attrs[leaf] = ("stub", _stacked_stand_in(old.shape, info))
             else:
                 like = fn(torch.zeros((), dtype=old.dtype, device=old.device))
                 attrs[leaf] = ("stub", _stand_in(old.shape, like, info))
         return out
+
+
+def _mesh_on_local_device(param: nn.Parameter) -> None:
+    """After ``Module.to`` / ``to_empty`` a DTensor parameter holds its rows on the new device, but
+    its mesh keeps the old device type (``"meta"`` for a model sharded on the meta device, ``"cpu"``
+    for one sharded on the CPU and then moved to a GPU): put it, in place, on a mesh of its rows'
+    device type."""
+    from torch.distributed.tensor import DTensor
+
+    rows = param.to_local()
+    if param.device_mesh.device_type == rows.device.type:
+        return
+    mesh = _mesh(param.device_mesh.get_group(), rows.device.type)
+    moved = DTensor.from_local(
+        rows.detach(), mesh, param.placements, run_check=False, shape=param.shape,
+        stride=param.stride(),
+    )  # fmt: skip
+    torch.utils.swap_tensors(param, nn.Parameter(moved, requires_grad=param.requires_grad))
 
 
 _READER_CLASSES: dict[tuple[type, str], type] = {}
