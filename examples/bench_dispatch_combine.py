@@ -517,19 +517,8 @@ def _tables(rows):
 
 # ----------------------------------------------------------------------------- driver
 def run(args, rank: int, world_size: int, local_rank: int, init_method: str | None):
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(args.threads)
-    kw = dict(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    if init_method:
-        kw["init_method"] = init_method
-    if use_cuda:
-        kw["device_id"] = device
-    dist.init_process_group(**kw)
+    device = init_rank(args, rank, world_size, local_rank, init_method)
+    use_cuda = device.type == "cuda"
     group = dist.group.WORLD
     meter = _Meter(device, group, args.iters, args.warmup)
     shapes = args.shapes or (
@@ -548,7 +537,7 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
     if rank == 0:
         dev = torch.cuda.get_device_name(device) if use_cuda else "CPU"
         head = (
-            f"# moe_ops dispatch/combine on {dev}, W={world_size} ({kw['backend']}), "
+            f"# moe_ops dispatch/combine on {dev}, W={world_size} ({dist.get_backend()}), "
             f"torch {torch.__version__}, median of {args.iters}"
         )
         text = "\n\n".join([head, *_tables(rows)]) + "\n"
@@ -563,6 +552,25 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
 
 def _spawned(local_rank, run_fn, args, world_size, init_file):
     run_fn(args, local_rank, world_size, local_rank, f"file://{init_file}")
+
+
+def init_rank(args, rank: int, world_size: int, local_rank: int, init_method: str | None):
+    """Join the default process group (NCCL on this rank's GPU, else gloo with ``args.threads``
+    CPU threads; ``args.cpu`` forces gloo) and return this rank's device."""
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(args.threads)
+    kw = dict(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    if init_method:
+        kw["init_method"] = init_method
+    if use_cuda:
+        kw["device_id"] = device
+    dist.init_process_group(**kw)
+    return device
 
 
 def launch(run_fn, args) -> None:

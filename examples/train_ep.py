@@ -61,7 +61,7 @@ from torch.multiprocessing.spawn import ProcessException
 import fx_passes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dispatch_combine import launch  # noqa: E402
+from bench_dispatch_combine import init_rank, launch  # noqa: E402
 
 _MiB = 2**20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -299,19 +299,7 @@ def load_checkpoint(path: str, model, opt) -> int:
 
 # ----------------------------------------------------------------------------- one rank
 def run(args, rank: int, world_size: int, local_rank: int, init_method: str | None) -> None:
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(args.threads)
-    kw = dict(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    if init_method:
-        kw["init_method"] = init_method
-    if use_cuda:
-        kw["device_id"] = device
-    dist.init_process_group(**kw)
+    device = init_rank(args, rank, world_size, local_rank, init_method)
     try:
         ok = _train(args, rank, world_size, device)
     finally:

@@ -7,14 +7,13 @@ of reading the device counts again. Marked ``gpu``; skips without CUDA.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 import fx_passes
 from tests.fx_passes import _loop_models as L
 from tests.fx_passes import _sorted_models as S
+from tests.moe_ops._cases import cuda_syncs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,23 +28,6 @@ MODELS = {
 }
 
 
-def _syncs(fn) -> tuple[list[str], object]:
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    msgs = [
-        f"{w.filename}:{w.lineno}: {w.message}"
-        for w in caught
-        if "synchronizing CUDA operation" in str(w.message)
-    ]
-    return msgs, out
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_one_sync_per_block_forward(name):
     torch.manual_seed(0)
@@ -58,7 +40,7 @@ def test_one_sync_per_block_forward(name):
     ):
         compiled = torch.compile(model, backend=backend, fullgraph=True)
         compiled(x)  # compile outside the count
-        syncs, got = _syncs(lambda: compiled(x))
+        got, syncs = cuda_syncs(lambda: compiled(x))
     assert len(backend.matches) == 1
     assert backend.matches[0].rewritten.get("experts") != "grouped_mm"
     assert len(syncs) == 1, syncs
@@ -109,10 +91,10 @@ def _count_block_syncs(name: str) -> dict[str, list[str]]:
 
     fwd().float().sum().backward()  # compile outside the count
     dist.barrier()
-    fwd_syncs, out = _syncs(fwd)
+    out, fwd_syncs = cuda_syncs(fwd)
     loss = out.float().sum()
     torch.cuda.synchronize()
-    bwd_syncs, _ = _syncs(loss.backward)
+    _, bwd_syncs = cuda_syncs(loss.backward)
     assert len(backend.matches) == 1
     return {"forward": fwd_syncs, "backward": bwd_syncs}
 
