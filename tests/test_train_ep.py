@@ -4,11 +4,11 @@ the single-device model, checkpointed after step 2 and resumed on 1 rank.
 Two runs of the example's command line (``--inner eager``: the backend's rewrite without
 AOT autograd's tracing time, so both runs take well under a minute on 2 CPU cores):
 
-1. W = 2: steps 1..3 with ``--check`` (losses and gradient norms of the single-device model, trained
+1. W = 2: steps 1..4 with ``--check`` (losses and gradient norms of the single-device model, trained
    on rank 0 on the whole global batch), saved after step 2.
-2. W = 1: resumed from that checkpoint, step 3 with ``--check``; its loss equals the uninterrupted
-   W = 2 run's step 3 (the resumed curve continues the first), and so does the single-device
-   model's.
+2. W = 1: resumed from that checkpoint, steps 3..4 with ``--check``: its losses equal the
+   uninterrupted W = 2 run's (the resumed curve continues the first) and the single-device
+   model's. Step 4's loss also depends on AdamW's restored state (step 3's update).
 """
 
 from __future__ import annotations
@@ -59,10 +59,17 @@ def _run(tmp_path: Path, name: str, *argv: str) -> tuple[dict, str]:
 @pytest.mark.skipif(under_torchrun(), reason="starts its own gloo ranks; not under torchrun")
 def test_train_ep_w2_matches_single_device_and_resumes_at_w1(tmp_path):
     ckpt = tmp_path / "ckpt"
+    # A copy of the example as the corpus (its default), so that an edit of the example between
+    # the two runs cannot change the data; the resumed run reads the path from the checkpoint.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(EXAMPLE.read_bytes())
     a, log_a = _run(
-        tmp_path, "w2", "--world-size", "2", "--steps", "3", "--save", str(ckpt), "--save-step", "2"
+        tmp_path,
+        "w2",
+        *("--world-size", "2", "--steps", "4", "--corpus", str(corpus)),
+        *("--save", str(ckpt), "--save-step", "2"),
     )
-    assert a["world_size"] == 2 and a["steps"] == [1, 2, 3]
+    assert a["world_size"] == 2 and a["steps"] == [1, 2, 3, 4]
     assert a["check"] is True, log_a
     assert "PASSED" in log_a and "tok/s" in log_a
     ref = a["single_device"]
@@ -78,11 +85,12 @@ def test_train_ep_w2_matches_single_device_and_resumes_at_w1(tmp_path):
     assert r0["param_mib"] - r0["expert_mib"] == pytest.approx(ref["param_mib"] - ref["expert_mib"])
     assert (ckpt / "train_ep.json").is_file() and (ckpt / ".metadata").is_file()
 
-    b, log_b = _run(tmp_path, "w1", "--world-size", "1", "--steps", "3", "--resume", str(ckpt))
+    b, log_b = _run(tmp_path, "w1", "--world-size", "1", "--steps", "4", "--resume", str(ckpt))
     assert "resumed from" in log_b and "after step 2" in log_b
-    assert b["world_size"] == 1 and b["steps"] == [3]
+    assert b["world_size"] == 1 and b["steps"] == [3, 4]
     assert b["check"] is True, log_b
     # The resumed run continues the uninterrupted W = 2 run's curve.
-    assert b["losses"]["3"] == pytest.approx(a["losses"]["3"], rel=1e-5), (log_a, log_b)
-    assert b["grad_norms"]["3"] == pytest.approx(a["grad_norms"]["3"], rel=1e-4)
+    for step in ("3", "4"):
+        assert b["losses"][step] == pytest.approx(a["losses"][step], rel=1e-5), (log_a, log_b)
+        assert b["grad_norms"][step] == pytest.approx(a["grad_norms"][step], rel=1e-4)
     assert b["ranks"][0]["expert_mib"] == pytest.approx(ref["expert_mib"])
