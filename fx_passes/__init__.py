@@ -10,7 +10,8 @@ Design (see ``_match`` for what a family matcher must fill in):
   inputs at W = 1 and then replaces it with dispatch -> local experts -> combine.
 * ``backend`` holds the torch.compile backend (``moe_backend``, the ``"moe"`` entry point),
   ``compile_moe`` (compiles with Dynamo's data-dependent capture flags set) and ``explain``.
-* ``sharding.shard_experts`` keeps only a rank's experts' weights.
+* ``sharding.shard_experts`` keeps only a rank's experts' weights (DTensor ``Shard(0)`` for
+  stacked experts); ``pretrained.load_pretrained_sharded`` loads a transformers checkpoint so.
 """
 
 from fx_passes._match import MoEMatch, Rejected
