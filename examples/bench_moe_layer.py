@@ -8,7 +8,9 @@ transformers is installed, transformers 5's Mixtral block with
 ``experts_implementation="grouped_mm"``. Under torchrun (W > 1) also a "torchtitan-style EP"
 baseline: expert parallelism written by hand without this package (:class:`TorchtitanEPBlock`,
 eager and ``torch.compile`` only), checked against one process running the whole block (the
-footnote). Forward and forward + backward, expert memory per GPU; a table. Modes: eager,
+footnote), and transformers' own expert parallelism (5.21 or later: its Mixtral block's
+``base_model_ep_plan`` applied with ``apply_expert_parallelism``, ``AllToAllEP``). Forward and
+forward + backward, expert memory per GPU; a table. Modes: eager,
 ``torch.compile``, the "moe" backend, and the "moe" backend with ``capacity="worst-case"`` (the
 sync-free capacity-mode ops: the host is not held back by a read of the row counts); on GPUs also
 the last with inductor's CUDA graphs (``moe_backend(capacity="worst-case",
@@ -250,6 +252,41 @@ def _transformers_block(hidden, inter, num_experts, top_k):
     return model.model.layers[0].mlp
 
 
+def _transformers_ep_missing() -> str | None:
+    """Why transformers' own all-to-all expert parallelism can't run here, or None."""
+    import transformers
+
+    try:
+        from transformers.distributed.expert_parallel import AllToAllEP  # noqa: F401
+    except ImportError:
+        return f"transformers {transformers.__version__} has no all-to-all EP (5.21 or later)"
+    return None
+
+
+def _transformers_ep_block(hidden, inter, num_experts, top_k, device):
+    """transformers' own expert parallelism on its grouped_mm Mixtral block, over the default group.
+
+    The block's ``base_model_ep_plan`` entries, applied by ``transformers.distributed.
+    expert_parallel.apply_expert_parallelism`` (what ``from_pretrained(distributed_config=
+    DistributedConfig(ep_size=W, ...))`` calls for each layer): the stacked experts become
+    ``Shard(0)`` DTensors over an EP mesh of the group, and the experts' forward goes through
+    ``AllToAllEP`` (a count all-to-all, one ``.tolist()``, the rows' all-to-all, the results'
+    all-to-all). A TP mesh of size 1: every rank holds its own tokens, as here.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed.expert_parallel import apply_expert_parallelism
+
+    block = _transformers_block(hidden, inter, num_experts, top_k).to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(), 1), mesh_dim_names=("ep", "tp"))
+    plan = {
+        "experts.gate_up_proj": "grouped_gemm",
+        "experts.down_proj": "grouped_gemm",
+        "experts": "ep_dispatch_experts",
+    }
+    apply_expert_parallelism(block, mesh["ep"], mesh["tp"], plan, ep_implementation="all_to_all")
+    return block
+
+
 def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
     """Median milliseconds of ``fn()``; CUDA events on a GPU, wall clock on the CPU."""
     for _ in range(warmup):
@@ -335,6 +372,13 @@ def main() -> None:
         if world > 1:  # the same block with its stacked experts sharded (DTensor Shard(0))
             blocks["transformers grouped_mm, sharded"] = lambda: _transformers_block(Hd, In, E, K)
     ep_name, notes = "torchtitan-style EP", []
+    tf_ep_name = "transformers EP (all-to-all)"
+    if world > 1 and _transformers_block(8, 16, 2, 1) is not None:
+        missing = _transformers_ep_missing()
+        if missing:
+            notes.append(f"{tf_ep_name}: skipped, {missing}")
+        else:
+            blocks[tf_ep_name] = lambda: _transformers_ep_block(Hd, In, E, K, device)
     if world == 1:
         notes.append(f"{ep_name}: skipped, it needs W > 1 ranks (run under torchrun)")
     elif E % world:
@@ -360,7 +404,7 @@ def main() -> None:
         if not bname.startswith("transformers"):
             # family A under plain torch.compile has data-dependent shapes: a CUDA graph per shape
             modes.pop(_CG_COMPILE, None)
-        if bname == ep_name:  # the baseline's own all_to_all; no moe backend
+        if bname in (ep_name, tf_ep_name):  # the baselines' own all_to_all; no moe backend
             modes = {m: modes[m] for m in ("eager", "torch.compile")}
         elif (bname.endswith("stack=True") or bname.endswith("sharded")) and world > 1:
             # without the moe backend a sharded block lacks the other ranks' experts

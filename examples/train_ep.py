@@ -37,6 +37,12 @@ optimizer settings). The state comes from ``torch.distributed.checkpoint.state_d
 DTensors, so each rank writes its own rows. ``--resume DIR`` loads it on any W that divides the
 experts and the batch (its settings replace the command line's) and trains on to step ``--steps``.
 
+``--ep transformers`` trains the same model under transformers' own expert parallelism
+instead (5.21 or later, with ``accelerate``): ``from_pretrained(distributed_config=
+DistributedConfig(ep_size=W, fsdp_size=W))`` and ``torch.compile(model)`` with the inner compiler,
+the same data, optimizer and step; for a comparison of memory and tokens/s (``--check`` checks its
+losses too).
+
 At the end rank 0 prints, per rank, expert and total parameter MiB, AdamW state MiB and the peak
 memory (CUDA: ``torch.cuda.max_memory_allocated`` over the training steps; CPU: the process's peak
 RSS, compile included), and tokens/s.
@@ -51,6 +57,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 
@@ -124,6 +131,41 @@ def build_model(s: Settings, device: torch.device) -> torch.nn.Module:
     return model.to(device=device, dtype=_DTYPES[s.dtype]).train()
 
 
+def load_transformers_ep(s: Settings, device: torch.device, W: int) -> torch.nn.Module:
+    """The same model under transformers' own parallelism (5.21 or later), for comparison.
+
+    Rank 0 writes the single-device model with ``save_pretrained``; every rank loads it with
+    ``from_pretrained(distributed_config=DistributedConfig(ep_size=W, fsdp_size=W))``, the
+    configuration transformers documents for expert parallelism with each rank on its own batch:
+    experts split E/W over the ranks (``AllToAllEP``: a count all-to-all, a ``.tolist()`` and two
+    row all-to-alls per layer), the other weights sharded by FSDP2, which also averages their
+    gradients and the experts' over the ranks. Needs ``accelerate``.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    path = [tempfile.mkdtemp(prefix="train_ep_tf_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    if dist.get_rank() == 0:
+        build_model(s, torch.device("cpu")).save_pretrained(path[0])
+    dist.barrier()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path[0],
+            distributed_config=DistributedConfig(ep_size=W, fsdp_size=W),
+            experts_implementation="grouped_mm",
+            dtype=_DTYPES[s.dtype],
+        )
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(path[0], ignore_errors=True)
+    return model.to(device).train()
+
+
 def load_corpus(path: str) -> torch.Tensor:
     with open(path, "rb") as f:
         data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
@@ -172,9 +214,9 @@ def clip_grads(model: torch.nn.Module, clip: float, group=None) -> torch.Tensor:
     No host sync: the scale stays on the device."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     sq = [_local(g).float().pow(2).sum() for g in grads]
-    rep = torch.stack([q for q, g in zip(sq, grads, strict=True) if not isinstance(g, DTensor)])
+    rep = [q for q, g in zip(sq, grads, strict=True) if not isinstance(g, DTensor)]
     sharded = [q for q, g in zip(sq, grads, strict=True) if isinstance(g, DTensor)]
-    total = rep.sum()
+    total = torch.stack(rep).sum() if rep else sq[0].new_zeros(())
     if sharded:
         part = torch.stack(sharded).sum()
         dist.all_reduce(part, group=group)
@@ -286,15 +328,32 @@ def save_checkpoint(path: str, model, opt, step: int, s: Settings) -> None:
     dcp.save(_state(model, opt, step), checkpoint_id=path)
     if dist.get_rank() == 0:
         with open(os.path.join(path, _META), "w") as f:
-            json.dump(dataclasses.asdict(s) | {"step": step}, f, indent=1)
+            meta = dataclasses.asdict(s) | {"step": step, "corpus_sha256": corpus_digest(s.corpus)}
+            json.dump(meta, f, indent=1)
     dist.barrier()
 
 
 def read_settings(path: str) -> Settings:
+    """The settings a checkpoint was saved with; its corpus must still hold the same bytes (by
+    default the corpus is this file, which may have changed since)."""
     with open(os.path.join(path, _META)) as f:
         meta = json.load(f)
     meta.pop("step")
-    return Settings(**meta)
+    digest = meta.pop("corpus_sha256")
+    s = Settings(**meta)
+    if corpus_digest(s.corpus) != digest:
+        raise SystemExit(
+            f"the corpus {s.corpus} changed since the checkpoint in {path} was saved (SHA-256 "
+            f"{digest[:12]}...): a resumed run would train on other data"
+        )
+    return s
+
+
+def corpus_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def load_checkpoint(path: str, model, opt) -> int:
@@ -352,22 +411,29 @@ def _train(args, rank: int, W: int, device: torch.device) -> bool:
             ref = train_single_device(s, corpus, args.steps, ref_inner, device)
         dist.barrier()
 
-    model = build_model(s, device)
-    shards = fx_passes.shard_experts(model)
+    theirs = args.ep == "transformers"
+    if theirs:
+        model = load_transformers_ep(s, device, W)
+        compiled = torch.compile(model, backend=inner)  # its EP breaks the graph in every layer
+        _say(rank, f"transformers' own EP: DistributedConfig(ep_size={W}, fsdp_size={W})")
+    else:
+        model = build_model(s, device)
+        shards = fx_passes.shard_experts(model)
     opt = make_optimizer(model, s)
     start = load_checkpoint(args.resume, model, opt) if args.resume else 0
     if args.resume:
         _say(rank, f"resumed from {args.resume} after step {start}")
     if start >= args.steps:
         raise SystemExit(f"the checkpoint is at step {start}; ask for --steps > {start}")
-    backend = fx_passes.moe_backend(inner=inner)
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    e_l = s.experts // W
-    _say(
-        rank,
-        f"sharded {len(shards)} expert modules: rank r holds experts {e_l}*r..{e_l}*r+{e_l - 1} "
-        f"of each layer",
-    )
+    if not theirs:
+        backend = fx_passes.moe_backend(inner=inner)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        e_l = s.experts // W
+        _say(
+            rank,
+            f"sharded {len(shards)} expert modules: rank r holds experts "
+            f"{e_l}*r..{e_l}*r+{e_l - 1} of each layer",
+        )
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -381,8 +447,11 @@ def _train(args, rank: int, W: int, device: torch.device) -> bool:
         t0 = time.perf_counter()
         x = global_batch(corpus, s, step)[rank * b : (rank + 1) * b].to(device)
         loss = compiled(input_ids=x, labels=x).loss
-        (loss / W).backward()
-        all_reduce_replicated_grads(model)
+        if theirs:
+            loss.backward()  # FSDP2 averages the gradients over the ranks
+        else:
+            (loss / W).backward()
+            all_reduce_replicated_grads(model)
         norm = clip_grads(model, s.clip)
         set_lr(opt, s, step)
         opt.step()
@@ -416,11 +485,12 @@ def _train(args, rank: int, W: int, device: torch.device) -> bool:
         param_mib=param_mib(model),
         optim_mib=optim_mib(opt),
         peak_mib=peak_mib(device),
-        tokens_per_s=tokens * len(timed) / sum(times[k] for k in timed),
+        tokens_per_s=tokens / statistics.median(times[k] for k in timed),
+        step_ms=[times[k] * 1e3 for k in sorted(times)],
     )
     everyone = [None] * W
     dist.all_gather_object(everyone, mine)
-    ok = _replicas_agree(model, rank) if args.check else True
+    ok = _replicas_agree(model, rank) if args.check and not theirs else True
     result = dict(world_size=W, steps=sorted(losses), losses=losses, grad_norms=norms)
     result.update(ranks=everyone, settings=dataclasses.asdict(s), check=None)
     if rank == 0:
@@ -437,7 +507,8 @@ def _train(args, rank: int, W: int, device: torch.device) -> bool:
 
 
 def _timed_steps(times: dict) -> list[int]:
-    """The steps that tokens/s averages: all but the first two (compilation, warm-up) if any."""
+    """The steps whose median time gives tokens/s: all but the first two (compilation, warm-up),
+    if there are more."""
     steps = sorted(times)
     return steps[2:] or steps
 
@@ -450,14 +521,14 @@ def _print_table(everyone, ref, tokens, timed, n_steps, device, W) -> None:
     table = [[m[k] for k in keys] for m in everyone]
     if ref is not None:
         rt = _timed_steps(ref["times"])
-        ref["tokens_per_s"] = tokens * len(rt) / sum(ref["times"][k] for k in rt)
+        ref["tokens_per_s"] = tokens / statistics.median(ref["times"][k] for k in rt)
         row = ["1 device, all experts", everyone[0]["device"]]
         row += [ref[k] for k in keys[2:5]]
         row += [ref["peak_mib"] if cuda else None, ref["tokens_per_s"]]
         table.append(row)
     print(
         f"\nmemory and speed, W={W}: parameters and AdamW state held by each rank; tokens/s = "
-        f"global batch tokens / step time, mean over steps {timed[0]}..{timed[-1]}"
+        f"global batch tokens / median step time over steps {timed[0]}..{timed[-1]}"
         + (" (the first two compile and warm up)" if len(timed) < n_steps else "")
     )
     print(tabulate(table, head, floatfmt=".1f", tablefmt="github", missingval="n/a"), flush=True)
@@ -520,6 +591,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--ref-inner", help="the --check model's compiler (default: --inner; eager: no compile)"
     )
+    p.add_argument(
+        "--ep",
+        choices=("moe", "transformers"),
+        default="moe",
+        help="moe: shard_experts + the moe backend; transformers: its own EP + FSDP2 (5.21+)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")
     p.add_argument("--out", metavar="FILE", help="also write the losses, memory, check as JSON")
@@ -541,6 +618,8 @@ def parse_args(argv=None):
     if args.corpus:
         base["corpus"] = os.path.abspath(args.corpus)
     args.settings = Settings(**base)
+    if args.ep == "transformers" and (args.save or args.resume):
+        p.error("--save / --resume are for --ep moe (transformers saves with save_pretrained)")
     if args.save and args.resume and os.path.abspath(args.save) == os.path.abspath(args.resume):
         p.error("--save and --resume must be different directories")
     return args

@@ -37,7 +37,7 @@ _TORCHRUN_ENV = (
 )
 
 
-def _run(tmp_path: Path, name: str, *argv: str) -> tuple[dict, str]:
+def _run(tmp_path: Path, name: str, *argv: str, rc: int = 0) -> tuple[dict | None, str]:
     out = tmp_path / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -52,8 +52,8 @@ def _run(tmp_path: Path, name: str, *argv: str) -> tuple[dict, str]:
         timeout=600,
     )
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd + list(argv))} exited {proc.returncode}:\n{log}"
-    return json.loads(out.read_text()), log
+    assert proc.returncode == rc, f"{' '.join(cmd + list(argv))} exited {proc.returncode}:\n{log}"
+    return (json.loads(out.read_text()) if rc == 0 else None), log
 
 
 @pytest.mark.skipif(under_torchrun(), reason="starts its own gloo ranks; not under torchrun")
@@ -94,3 +94,8 @@ def test_train_ep_w2_matches_single_device_and_resumes_at_w1(tmp_path):
         assert b["losses"][step] == pytest.approx(a["losses"][step], rel=1e-5), (log_a, log_b)
         assert b["grad_norms"][step] == pytest.approx(a["grad_norms"][step], rel=1e-4)
     assert b["ranks"][0]["expert_mib"] == pytest.approx(ref["expert_mib"])
+
+    # A corpus that changed since the save is refused before anything trains.
+    corpus.write_bytes(b"other bytes " * 64)
+    _, log_c = _run(tmp_path, "c", "--world-size", "1", "--steps", "4", "--resume", str(ckpt), rc=1)
+    assert "changed since the checkpoint" in log_c, log_c
