@@ -22,6 +22,8 @@ footnote says when inductor skipped CUDA graphs for a mode (then that row ran wi
     python examples/bench_moe_layer.py                 # E=8, top-2, H=2048, I=5632, 4096 tokens
     python examples/bench_moe_layer.py --quick         # a small shape for a CPU smoke run
     torchrun --nproc-per-node 2 examples/bench_moe_layer.py   # W ranks, each with its tokens
+    torchrun --nproc-per-node 2 examples/bench_moe_layer.py --experts 128 --top-k 8 --inter 768
+    ... --blocks "transformers,torchtitan" --modes "torch.compile,moe backend"   # a subset
 
 On CUDA: CUDA events, warm-up, median of ``--iters`` (>= 10). Under torchrun every rank holds
 the whole block and the "moe" backend runs it expert-parallel over the default group; the table
@@ -343,6 +345,12 @@ def main() -> None:
     p.add_argument(
         "--no-stacked", action="store_true", help="skip the shard_experts(stack=True) block"
     )
+    p.add_argument(
+        "--blocks", help="comma-separated substrings: run only the blocks whose names hold one"
+    )
+    p.add_argument(
+        "--modes", help="comma-separated substrings: run only the modes whose names hold one"
+    )
     args = p.parse_args()
     if args.quick:
         args.experts, args.hidden, args.inter, args.tokens = 4, 64, 128, 256
@@ -387,6 +395,10 @@ def main() -> None:
         blocks[ep_name] = lambda: TorchtitanEPBlock(LoopBlock(Hd, In, E, K), group)
         notes.append(_check_ep(group, device, E, K))
 
+    def wanted(name: str, spec: str | None) -> bool:
+        return spec is None or any(part.strip() in name for part in spec.split(","))
+
+    blocks = {b: make for b, make in blocks.items() if wanted(b, args.blocks)}
     rows = []
     for bname, make in blocks.items():
         torch.manual_seed(0)
@@ -409,6 +421,7 @@ def main() -> None:
         elif (bname.endswith("stack=True") or bname.endswith("sharded")) and world > 1:
             # without the moe backend a sharded block lacks the other ranks' experts
             modes = {m: w for m, w in modes.items() if m.startswith("moe backend")}
+        modes = {m: w for m, w in modes.items() if wanted(m, args.modes)}
         for mname, wrap in modes.items():
             torch._dynamo.reset()
             model = wrap(base)
