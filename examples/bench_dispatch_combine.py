@@ -44,7 +44,6 @@ barrier; on CPU with ``time.perf_counter``. At W > 1 each run's time is the slow
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -182,17 +181,6 @@ class _Meter:
         return sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
-@contextlib.contextmanager
-def _triton_off():
-    from moe_ops import _triton
-
-    _triton.enabled = False
-    try:
-        yield
-    finally:
-        _triton.enabled = True
-
-
 def _floors(meter: _Meter, group, send_splits, recv_splits, like, gen) -> tuple[float, float]:
     """Times of a device copy of the payload and of a bare all-to-all of it (same splits)."""
     H, S = like.shape[1], len(send_splits)
@@ -224,8 +212,8 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
         handles.append(h)
         eos.append(torch.randn(recv.shape, device=device, generator=gen).to(dtype))
         del recv
-    send_splits = [h.send_splits.tolist() for h in handles]
-    recv_splits = [h.recv_splits.tolist() for h in handles]
+    send_splits = [h.layout.send_splits.tolist() for h in handles]
+    recv_splits = [h.layout.recv_splits.tolist() for h in handles]
     N = sum(send_splits[0])
     payload = N * H * xs[0].element_size()
 
@@ -276,7 +264,7 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     if not args.no_seed:
         row["seed_d+c_ms"] = meter.time_ms(seed_dc, S)
     if meter.cuda and not args.no_torch_path:
-        with _triton_off():
+        with moe_ops.use_kernels("torch"):
             row["torch_path_d+c_ms"] = meter.time_ms(ours_dc, S)
 
     row["peak_d+c_MiB"] = meter.peak_extra_mib(lambda: ours_dc(0))

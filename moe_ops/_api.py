@@ -1,4 +1,9 @@
-"""The Python API: :func:`dispatch`, :func:`combine` and :class:`DispatchHandle`."""
+"""The Python API: :func:`dispatch`, :func:`combine` and :class:`DispatchHandle`.
+
+Both modes enter here: the inputs are validated once, the mode is picked (default, or capacity
+when ``capacity`` is given), and the raw ops' outputs are wrapped in a :class:`DispatchHandle`
+that remembers which mode's combine to run.
+"""
 
 from __future__ import annotations
 
@@ -8,54 +13,51 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops import _fixed
-from moe_ops._ops import _check_combine, _check_dispatch, combine_op, dispatch_op
+from moe_ops import _capacity_ops, _ops
+from moe_ops._checks import check_combine, check_dispatch
 
 
 @dataclasses.dataclass(frozen=True)
 class DispatchHandle:
     """What :func:`combine` (and both backwards) need from :func:`dispatch`.
 
-    Meant for users: ``tokens_per_expert``, int64 ``[E_l]`` on x's device, rows of ``recv_x``
-    per local expert in order (``cumsum`` gives grouped-GEMM offsets); in the default mode also
-    ``tokens_per_expert_host``, the same counts on the CPU as dispatch's one sync read them
-    (``recv_x.split(handle.tokens_per_expert_host.tolist())`` costs no second sync); in capacity
-    mode (where it is None) also
-    ``capacity`` (rows of ``recv_x``) and ``num_dropped``, an int64 0-d tensor on x's device:
-    this rank's (token, slot) pairs that did not fit (always 0 with ``overflow="error"``). The
-    other tensors describe the layout (see ``moe_ops._ops`` and ``moe_ops._fixed``); the ints
-    name the group the rows went through.
+    For users:
+
+    * ``tokens_per_expert``: int64 ``[E_l]`` on x's device, rows of ``recv_x`` per local expert
+      in order (``cumsum`` gives grouped-GEMM offsets).
+    * ``tokens_per_expert_host`` (default mode; None in capacity mode): the same counts on the
+      CPU as dispatch's one sync read them (``recv_x.split(handle.tokens_per_expert_host.tolist())``
+      costs no second sync).
+    * ``capacity`` (capacity mode; None in the default mode): C, the rows of ``recv_x``.
+    * ``num_dropped`` (capacity mode): int64 0-d tensor on x's device, this rank's (token, slot)
+      pairs that did not fit (always 0 with ``overflow="error"``).
+    * ``num_experts``, ``group_name``, ``world_size``: the call's E and group.
+
+    ``layout`` holds the tensors the mode's combine op takes after ``topk_weights``, in its order
+    (``moe_ops._ops.Layout`` or ``moe_ops._capacity_ops.Layout``); ``transport`` is the capacity
+    mode's transport.
     """
 
     tokens_per_expert: Tensor
-    send_pair_idx: Tensor
-    pair_pos: Tensor
-    recv_perm: Tensor
-    send_splits: Tensor
-    recv_splits: Tensor
+    layout: _ops.Layout | _capacity_ops.Layout
     num_experts: int
     group_name: str
     world_size: int
+    tokens_per_expert_host: Tensor | None = None
     capacity: int | None = None
     num_dropped: Tensor | None = None
-    transport: str = ""
-    recv_index: Tensor | None = None
-    num_recv: Tensor | None = None
-    splits: Tensor | None = None
-    tokens_per_expert_host: Tensor | None = None
+    transport: str | None = None
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.world_size
 
-    def _layout(self) -> tuple[Tensor, ...]:
-        return (
-            self.pair_pos,
-            self.send_pair_idx,
-            self.recv_perm,
-            self.send_splits,
-            self.recv_splits,
-        )
+    def _combine_op_and_args(self) -> tuple:
+        """The mode's combine op and its arguments after ``topk_weights``."""
+        if self.capacity is None:
+            return _ops.combine_op, (*self.layout, self.group_name, self.world_size)
+        static = (self.capacity, self.group_name, self.world_size, self.transport)
+        return _capacity_ops.combine_fixed_op, (*self.layout, *static)
 
 
 def _resolve(group: dist.ProcessGroup | None) -> tuple[str, int]:
@@ -97,7 +99,7 @@ def _fail_dispatch_on_every_rank(
         torch.empty(0, device=device),
         torch.empty((0, 1), dtype=torch.int64, device=device),
     )
-    _raise_on_every_rank(err, dispatch_op, (*stand_ins, num_experts, group_name, world_size))
+    _raise_on_every_rank(err, _ops.dispatch_op, (*stand_ins, num_experts, group_name, world_size))
 
 
 def dispatch(
@@ -108,6 +110,7 @@ def dispatch(
     *,
     capacity: int | str | None = None,
     overflow: str = "error",
+    transport: str | None = None,
 ) -> tuple[Tensor, DispatchHandle]:
     """Send every (token, slot) pair's row of ``x`` to the rank that owns its expert.
 
@@ -127,9 +130,7 @@ def dispatch(
             come here; at W = 1 that is T * K). At W > 1 every rank must pass the same T
             (symmetric buffers), unless C <= T * K on every rank with the padded transport.
             Rows reach their owners through one fixed-size ``all_to_all_single`` with
-            ``min(C, T * K)`` rows per peer (gloo or NCCL); an experimental NVSHMEM transport
-            (``torch.ops.symm_mem.all_to_all_vdev_2d``, device-side split sizes) is opt-in, see
-            ``moe_ops._fixed``.
+            ``min(C, T * K)`` rows per peer (gloo or NCCL); see ``transport``.
         overflow: capacity mode only: what happens to pairs that do not fit in C rows (the
             receiver's rows past C in its expert-major order). ``"error"``: on the CPU every rank
             raises ``ValueError`` naming the rows each rank would need; on CUDA a device-side
@@ -138,6 +139,11 @@ def dispatch(
             ``"drop"``: those pairs are not sent, add 0 in combine, get no gradient, and
             ``handle.num_dropped`` counts them on the sending rank. Bad expert ids are reported
             the same way as overflow errors, on CUDA by a device-side assertion.
+        transport: capacity mode only: how rows move. None picks ``"local"`` at W = 1 and
+            ``"padded"`` (the fixed-size ``all_to_all_single``) at W > 1. ``"nvshmem"`` is an
+            experimental transport on CUDA with NVSHMEM (``torch.ops.symm_mem.all_to_all_vdev_2d``,
+            device-side split sizes, every rank passes the same T; see
+            ``moe_ops._capacity_ops``). At W > 1 every rank must pass the same transport.
 
     Returns:
         ``recv_x``: ``[R, H]``, one row per (token, slot) pair from any rank routed to one of this
@@ -146,7 +152,8 @@ def dispatch(
 
     Differentiable w.r.t. ``x``. Syncs the device with the host once (the row counts), none in
     capacity mode. Bad input on any rank raises ``ValueError``/``TypeError`` on every rank before
-    any row moves (capacity mode on CUDA: see ``overflow``).
+    any row moves (capacity mode on CUDA: see ``overflow``). The kernels follow the device (fused
+    Triton ones for CUDA tensors when Triton is installed; see :func:`moe_ops.use_kernels`).
     """
     group_name, world_size = _resolve(group)
     if not isinstance(num_experts, int) or isinstance(num_experts, bool):
@@ -164,45 +171,53 @@ def dispatch(
     if topk_idx.dim() == 1:
         topk_idx = topk_idx.unsqueeze(1)
     if x.device != topk_idx.device:
-        err = _check_dispatch(x, topk_idx, num_experts, world_size)
+        err = check_dispatch(x, topk_idx, num_experts, world_size)
         dev = _real_device(x, topk_idx)
         _fail_dispatch_on_every_rank(err, dev, num_experts, group_name, world_size)
-    if capacity is not None or overflow != "error":
-        return _dispatch_fixed(x, topk_idx, num_experts, group_name, world_size, capacity, overflow)
-    recv_x, tokens_per_expert, *layout, tokens_per_expert_host = dispatch_op(
-        x, topk_idx, num_experts, group_name, world_size
-    )
-    send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = layout
+    if capacity is not None or overflow != "error" or transport is not None:
+        args = (x, topk_idx, num_experts, group_name, world_size)
+        return _dispatch_capacity(*args, capacity, overflow, transport)
+    out = _ops.DispatchOutputs(*_ops.dispatch_op(x, topk_idx, num_experts, group_name, world_size))
     handle = DispatchHandle(
-        tokens_per_expert,
-        send_pair_idx,
-        pair_pos,
-        recv_perm,
-        send_splits,
-        recv_splits,
+        out.tokens_per_expert,
+        out.layout(),
         num_experts,
         group_name,
         world_size,
-        tokens_per_expert_host=tokens_per_expert_host,
+        tokens_per_expert_host=out.tokens_per_expert_host,
     )
-    return recv_x, handle
+    return out.recv_x, handle
 
 
-def _transport(x: Tensor, world_size: int) -> str:
-    if _fixed.transport_override is not None:
-        return _fixed.transport_override
-    if world_size == 1:
-        return "local"
-    # The NVSHMEM transport passes its tests at W = 2 but has not been timed against the padded
-    # one, so it is opt-in: set ``moe_ops._fixed.transport_override = "nvshmem"``.
-    return "padded"
+def _transport(
+    x: Tensor, world_size: int, transport: str | None = None, group_name: str = ""
+) -> str:
+    """The capacity mode's transport: ``transport`` if given (checked), else ``"local"`` at
+    W = 1 and ``"padded"`` at W > 1. At W = 1 the other transports need a (one-rank) group."""
+    if transport is None:
+        return "local" if world_size == 1 else "padded"
+    if world_size > 1:
+        allowed, where = ("padded", "nvshmem"), f"{world_size} ranks"
+    elif group_name:
+        allowed, where = _capacity_ops.TRANSPORTS, "a one-rank group"
+    else:
+        allowed, where = ("local",), "no process group"
+    if transport not in allowed:
+        raise ValueError(
+            f"moe_ops.dispatch: transport must be None or one of {allowed} with {where}, "
+            f"got {transport!r}"
+        )
+    return transport
 
 
-def _dispatch_fixed(x, topk_idx, num_experts, group_name, world_size, capacity, overflow):
+def _dispatch_capacity(
+    x, topk_idx, num_experts, group_name, world_size, capacity, overflow, transport
+):
     if overflow not in ("error", "drop"):
         raise ValueError(f"moe_ops.dispatch: overflow must be 'error' or 'drop', got {overflow!r}")
     if capacity is None:
-        raise ValueError("moe_ops.dispatch: overflow is a capacity-mode option; pass capacity too")
+        option = "transport" if transport is not None else "overflow"
+        raise ValueError(f"moe_ops.dispatch: {option} is a capacity-mode option; pass capacity too")
     K = topk_idx.shape[1] if topk_idx.dim() == 2 else 1
     if capacity == "worst-case":
         capacity = world_size * x.shape[0] * K
@@ -212,50 +227,24 @@ def _dispatch_fixed(x, topk_idx, num_experts, group_name, world_size, capacity, 
         )
     elif isinstance(capacity, int) and capacity < 0:
         raise ValueError(f"moe_ops.dispatch: capacity must be >= 0 rows, got {capacity}")
-    transport = _transport(x, world_size)
-    recv_x, tpe, num_dropped, pair_pos, recv_index, num_recv, splits = _fixed.dispatch_fixed_op(
-        x, topk_idx, num_experts, capacity, overflow == "drop", group_name, world_size, transport
+    transport = _transport(x, world_size, transport, group_name)
+    drop = overflow == "drop"
+    out = _capacity_ops.DispatchOutputs(
+        *_capacity_ops.dispatch_fixed_op(
+            x, topk_idx, num_experts, capacity, drop, group_name, world_size, transport
+        )
     )
-    empty = pair_pos.new_empty(0)
     handle = DispatchHandle(
-        tpe,
-        empty,
-        pair_pos,
-        empty,
-        empty,
-        empty,
+        out.tokens_per_expert,
+        out.layout(),
         num_experts,
         group_name,
         world_size,
         capacity=capacity,
-        num_dropped=num_dropped,
+        num_dropped=out.num_dropped,
         transport=transport,
-        recv_index=recv_index,
-        num_recv=num_recv,
-        splits=splits,
     )
-    return recv_x, handle
-
-
-def _combine_fixed(expert_out, handle, topk_weights):
-    if expert_out.device != handle.pair_pos.device:
-        raise ValueError(
-            f"moe_ops.combine: expert_out is on {expert_out.device} but dispatch ran on "
-            f"{handle.pair_pos.device}; expected the same device"
-        )
-    out, _ = _fixed.combine_fixed_op(
-        expert_out,
-        topk_weights,
-        handle.pair_pos,
-        handle.recv_index,
-        handle.num_recv,
-        handle.splits,
-        handle.capacity,
-        handle.group_name,
-        handle.world_size,
-        handle.transport,
-    )
-    return out
+    return out.recv_x, handle
 
 
 def combine(
@@ -278,7 +267,8 @@ def combine(
         ``[T, H']`` in ``expert_out``'s dtype, ``out[t] = sum_k w[t, k] * expert_out[row(t, k)]``
         (``-1`` slots add 0), accumulated in float32 for half types, in slot order.
 
-    Differentiable w.r.t. ``expert_out`` and ``topk_weights``. No host sync.
+    Differentiable w.r.t. ``expert_out`` and ``topk_weights``. No host sync. Runs the capacity
+    mode's ops when ``handle`` comes from the capacity mode.
     """
     if not isinstance(handle, DispatchHandle):
         raise TypeError(
@@ -293,23 +283,26 @@ def combine(
                 f"({handle.world_size} ranks) but combine runs on group {group_name!r} "
                 f"({world_size} ranks); pass the group that dispatch used"
             )
-    if topk_weights is not None and topk_weights.dim() == 1 and handle.pair_pos.shape[1] == 1:
+    pair_pos = handle.layout.pair_pos
+    if topk_weights is not None and topk_weights.dim() == 1 and pair_pos.shape[1] == 1:
         topk_weights = topk_weights.unsqueeze(1)
+    op, args = handle._combine_op_and_args()
     if handle.capacity is not None:
-        return _combine_fixed(expert_out, handle, topk_weights)
-    layout = handle._layout()
-    pair_pos = handle.pair_pos
-    if expert_out.device != pair_pos.device or (
+        if expert_out.device != pair_pos.device:
+            raise ValueError(
+                f"moe_ops.combine: expert_out is on {expert_out.device} but dispatch ran on "
+                f"{pair_pos.device}; expected the same device"
+            )
+    elif expert_out.device != pair_pos.device or (
         topk_weights is not None and topk_weights.device != pair_pos.device
     ):
-        R = handle.recv_perm.shape[0] if handle.world_size > 1 else handle.send_pair_idx.shape[0]
-        err = _check_combine(expert_out, topk_weights, pair_pos, R)
+        lay = handle.layout
+        R = _ops.num_recv_rows(lay.send_pair_idx, lay.recv_perm, handle.world_size)
+        err = check_combine(expert_out, topk_weights, pair_pos, R)
         stand_ins = (
             torch.empty(expert_out.shape, dtype=expert_out.dtype, device=pair_pos.device),
             torch.empty((0, 0), device=pair_pos.device),  # never [T, K]: flags this rank as bad
         )
-        _raise_on_every_rank(
-            err, combine_op, (*stand_ins, *layout, handle.group_name, handle.world_size)
-        )
-    out, _ = combine_op(expert_out, topk_weights, *layout, handle.group_name, handle.world_size)
+        _raise_on_every_rank(err, op, (*stand_ins, *args))
+    out, _ = op(expert_out, topk_weights, *args)
     return out

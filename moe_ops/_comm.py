@@ -6,27 +6,30 @@ Only this module talks to ``torch.distributed``. Every collective is an ``all_to
 * :func:`exchange_counts`: ``[W, 1 + E_l]`` int64 per rank, a status flag then the counts per
   local expert. Its shape depends only on E and W, so a rank whose input is bad still takes part
   (flag set, counts zero) and every rank learns of it from the same call.
-* :func:`rows_to_experts`: rows in send order -> rows in expert-major order on their owners
-  (dispatch forward, combine backward).
+* :func:`rows_to_experts`: rows in send order -> the rows received, source-major (dispatch
+  forward, combine backward; the caller regroups them by expert).
 * :func:`rows_to_sources`: the way back (combine forward, dispatch backward). Each chunk carries
   one extra status row so that a rank whose combine input is bad can still complete the exchange
   with the right sizes and tell its peers (no hang, no broken connection, and on CPU every rank
   raises; on GPU reading the flag would cost a host sync, so the bad rank's rows are NaN instead).
+  Both directions have the spare row after each chunk (``moe_ops._layout``), so a pair's row is
+  the same in both.
 
-:func:`read_to_host` is the single device -> host sync of a dispatch.
+:func:`read_to_host` is the single device -> host sync of a dispatch (:func:`fork_stream` lets the
+send-buffer fill run while it waits).
 
-Capacity mode (``moe_ops._fixed``, no host sync): :func:`gather_rows_of_counts` (every rank's
+Capacity mode (``moe_ops._capacity_ops``, no host sync): :func:`gather_rows_of_counts` (every rank's
 counts per expert), :func:`exchange_equal_chunks` (the padded transport), and
 :func:`nvshmem_to_experts` / :func:`nvshmem_to_sources` (device-side split sizes, NVSHMEM).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-from moe_ops._layout import expert_major_perm, triton_kernels
 
 _OK, _BAD = 0, 1
 
@@ -48,6 +51,21 @@ def resolve_group(group_name: str, world_size: int) -> dist.ProcessGroup | None:
             f"with world_size={world_size}; pass the group that dispatch used"
         )
     return group
+
+
+def fork_stream(t: Tensor) -> torch.cuda.Stream | None:
+    """A side stream (from torch's pool) that waits for the work queued so far on ``t``'s
+    current stream; None on the CPU."""
+    if not t.is_cuda:
+        return None
+    side = _side_stream(t.device.index)
+    side.wait_stream(torch.cuda.current_stream(t.device))
+    return side
+
+
+@functools.cache
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device_index)
 
 
 def read_to_host(t: Tensor, stream: torch.cuda.Stream | None = None) -> Tensor:
@@ -90,76 +108,63 @@ def raise_if_peer_bad(status_W: list[int], my_rank: int, what: str) -> None:
         )
 
 
+def _with_spare_row(splits: list[int]) -> list[int]:
+    return [n + 1 for n in splits]
+
+
 def rows_to_experts(
-    rows_N: Tensor,
-    send_splits: list[int],
-    recv_splits: list[int],
-    recv_perm_R: Tensor,
-    group: dist.ProcessGroup,
+    rows_M: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
 ) -> Tensor:
-    """Payload exchange towards the experts; returns rows in expert-major order ``[R, ...]``."""
-    recv_RH = rows_N.new_empty((sum(recv_splits), *rows_N.shape[1:]))
-    dist.all_to_all_single(recv_RH, rows_N.contiguous(), recv_splits, send_splits, group=group)
-    kern = triton_kernels(recv_RH)
-    return recv_RH[recv_perm_R] if kern is None else kern.gather_rows(recv_RH, recv_perm_R)
+    """Payload exchange towards the experts.
 
-
-def _int64_on(values: list[int], device: torch.device) -> Tensor:
-    """A small int64 tensor on ``device``; to CUDA through pinned memory, with no stream sync
-    (a copy from pageable host memory would synchronize: ``torch.tensor(values, device=...)``)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def _status_row_positions(splits: list[int], device: torch.device) -> Tensor:
-    pos, end = [], 0
-    for n in splits:
-        end += n + 1
-        pos.append(end - 1)
-    return _int64_on(pos, device)
+    ``rows_M``: this rank's rows in send order with one spare row after each destination's chunk
+    (``M >= N + W``; rows past ``N + W`` are not sent). Returns the rows received, source-major,
+    with one (unwritten) spare row after each source's chunk: ``[R + W, ...]``.
+    """
+    W = len(send_splits)
+    recv = rows_M.new_empty((sum(recv_splits) + W, *rows_M.shape[1:]))
+    send = rows_M[: sum(send_splits) + W]
+    dist.all_to_all_single(
+        recv, send, _with_spare_row(recv_splits), _with_spare_row(send_splits), group=group
+    )
+    return recv
 
 
 def rows_to_sources(
     rows_R: Tensor,
     send_splits: list[int],
     recv_splits: list[int],
-    recv_perm_R: Tensor,
+    recv_rows: Tensor,
     bad: bool,
     my_rank: int,
     group: dist.ProcessGroup,
     what: str,
+    kern,
 ) -> Tensor:
     """Payload exchange back to the sources.
 
-    ``rows_R`` is in expert-major order, as the experts produced it. Returns the rows this rank
-    sent, back in send order, with one status row after each destination's chunk:
-    ``[N + W, ...]``, so chunk ``d`` starts at row ``sum(send_splits[:d]) + d``.
+    ``rows_R`` is in expert-major order, as the experts produced it; ``recv_rows`` (int64
+    ``[R + W]``, ``moe_ops._layout.expert_major_rows``) gives each one's row in the source-major
+    buffer, then the status rows. Returns the rows this rank sent, back in send order, with one
+    status row after each destination's chunk: ``[N + W, ...]``, so chunk ``d`` starts at row
+    ``sum(send_splits[:d]) + d``.
     """
     W = len(send_splits)
-    device = rows_R.device
     R = sum(recv_splits)
     buf = rows_R.new_empty((R + W, *rows_R.shape[1:]))
-    status_pos = _status_row_positions(recv_splits, device)
+    status_W = recv_rows[R:]
     # Status rows are written with index_fill_ (a scalar kernel argument). ``buf[pos] = value``
     # would copy the Python scalar to the device as a 0-d tensor from pageable memory: a host
-    # sync on CUDA (the one combine and dispatch's backward used to have at W > 1).
+    # sync on CUDA.
     if bad:
         buf.fill_(float("nan"))
-        buf.index_fill_(0, status_pos, _BAD)
+        buf.index_fill_(0, status_W, _BAD)
     else:
-        chunk_of_R = torch.repeat_interleave(
-            torch.arange(W, device=device), _int64_on(recv_splits, device), output_size=R
-        )
-        dest_R = recv_perm_R + chunk_of_R[recv_perm_R]
-        kern = triton_kernels(rows_R)
-        if kern is None:
-            buf.index_copy_(0, dest_R, rows_R)
-        else:
-            kern.scatter_rows(rows_R, dest_R[:, None], None, R + W, out=buf)
-        buf.index_fill_(0, status_pos, _OK)
+        kern.place_rows(rows_R, recv_rows[:R], buf)
+        buf.index_fill_(0, status_W, _OK)
     out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
     dist.all_to_all_single(
-        out, buf, [n + 1 for n in send_splits], [n + 1 for n in recv_splits], group=group
+        out, buf, _with_spare_row(send_splits), _with_spare_row(recv_splits), group=group
     )
     if out.device.type == "cpu":
         _raise_on_bad_status_rows(out, send_splits, my_rank, what)
@@ -169,14 +174,9 @@ def rows_to_sources(
 def _raise_on_bad_status_rows(out: Tensor, send_splits: list[int], my_rank: int, what: str):
     """CPU only: read the status rows that came back and raise if a peer flagged bad input (on
     CUDA this read would be a host sync; the bad rank's rows are NaN there instead)."""
-    W = len(send_splits)
-    status = out[_status_row_positions(send_splits, out.device)].reshape(W, -1)[:, 0]
+    ends = torch.tensor(_with_spare_row(send_splits), dtype=torch.int64).cumsum(0) - 1
+    status = out[ends, 0]
     raise_if_peer_bad([0 if s == _OK else 1 for s in status.tolist()], my_rank, what)
-
-
-def expert_major_layout(counts_WEl: Tensor, recv_splits: list[int]) -> tuple[Tensor, Tensor]:
-    """``tokens_per_expert`` ``[E_l]`` and the regroup permutation ``[R]`` from received counts."""
-    return counts_WEl.sum(0), expert_major_perm(counts_WEl, sum(recv_splits))
 
 
 # ----------------------------------------------------------------------------- capacity mode

@@ -8,7 +8,6 @@ check raises on the rank that saw it. Shape letters as in ``moe_ops._layout``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from unittest import mock
@@ -18,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import moe_ops
-from moe_ops import _comm, _fixed
+from moe_ops import _comm
 from moe_ops._layout import acc_dtype
 from moe_ops.reference import reference_combine, reference_dispatch
 from tests._dist import device
@@ -310,7 +309,7 @@ def largest_intermediates(spec: Spec) -> dict:
     return dict(
         big=big,
         calls=len(rec.seen),
-        N=int(handle.send_splits.sum()),
+        N=int(handle.layout.send_splits.sum()),
         R=recv_x.shape[0],
         TK=idx.numel(),
         H=spec.H,
@@ -591,12 +590,12 @@ def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -
     x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
     w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
     overflow = "drop" if drop else "error"
-    with forced_transport(transport):
-        recv_x, handle = moe_ops.dispatch(
-            x, inp.idxs[r].to(dev), E, capacity=capacity, overflow=overflow
-        )
-        expert_out = _padded_expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
-        out = moe_ops.combine(expert_out, handle, w)
+    recv_x, handle = moe_ops.dispatch(
+        x, inp.idxs[r].to(dev), E, capacity=capacity, overflow=overflow, transport=transport
+    )
+    assert handle.transport == (transport or ("local" if W == 1 else "padded"))
+    expert_out = _padded_expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
+    out = moe_ops.combine(expert_out, handle, w)
 
     ref_xs = [t.clone().requires_grad_(True) for t in inp.xs]
     ref_ws = None if inp.ws is None else [t.clone().requires_grad_(True) for t in inp.ws]
@@ -617,8 +616,7 @@ def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -
     grads_out = [
         torch.randn(o.shape, generator=g, dtype=torch.float64).to(spec.dtype) for o in ref_out
     ]
-    with forced_transport(transport):
-        out.backward(grads_out[r].to(dev))
+    out.backward(grads_out[r].to(dev))
     live = [(o, go) for o, go in zip(ref_out, grads_out, strict=True) if o.requires_grad]
     if live:
         torch.autograd.backward([o for o, _ in live], [go for _, go in live])
@@ -630,17 +628,6 @@ def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -
     return want_dropped
 
 
-@contextlib.contextmanager
-def forced_transport(transport: str | None):
-    """Capacity mode's W > 1 transport forced to ``transport`` (None: chosen as usual)."""
-    old = _fixed.transport_override
-    _fixed.transport_override = transport
-    try:
-        yield
-    finally:
-        _fixed.transport_override = old
-
-
 def exact_capacity(spec: Spec, W: int) -> int:
     """The largest number of rows any rank receives: the smallest capacity that drops nothing."""
     inp = make_inputs(spec, W)
@@ -648,20 +635,10 @@ def exact_capacity(spec: Spec, W: int) -> int:
 
 
 # ----------------------------------------------------------------------------- CUDA settings
-@contextlib.contextmanager
 def triton_kernels(on: bool):
-    """With ``on=False`` the Triton kernels are off (the plain torch path runs on CUDA); nothing
-    changes with ``on=True`` or without CUDA."""
-    if on or not torch.cuda.is_available():
-        yield
-        return
-    from moe_ops import _triton as kern
-
-    old, kern.enabled = kern.enabled, False
-    try:
-        yield
-    finally:
-        kern.enabled = old
+    """A test's ``triton`` parameter as a kernel choice: with ``on=False`` the plain torch kernels
+    run on CUDA too; nothing changes with ``on=True`` or without CUDA."""
+    return moe_ops.use_kernels("auto" if on else "torch")
 
 
 _SYNC_WARNING = "called a synchronizing CUDA operation"

@@ -26,7 +26,6 @@ On the CPU the same case body runs on a gloo world with the graph replaced by an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -39,7 +38,6 @@ from tests._dist import device
 from tests.moe_ops._cases import (
     Spec,
     _bwd_tol,
-    forced_transport,
     make_inputs,
     rank_and_world,
     triton_kernels,
@@ -61,13 +59,6 @@ class GraphSpec:
     backward: bool = True
     seeds: tuple[int, ...] = (11, 12, 13)  # one replay per seed, new routing each time
     capture_seed: int = 10
-
-
-@contextlib.contextmanager
-def _settings(transport: str | None, triton: bool):
-    """Force the capacity-mode transport, and turn the Triton kernels off if asked."""
-    with forced_transport(transport), triton_kernels(triton):
-        yield
 
 
 def _scales(W: int, E_l: int, H: int, dtype: torch.dtype) -> torch.Tensor:
@@ -153,11 +144,11 @@ def graph_case(gs: GraphSpec) -> list[int]:
     r, W = rank_and_world()
     dev = device()
     E = gs.E_l * W
-    kwargs = _capacity_args(gs)
+    kwargs = dict(_capacity_args(gs), transport=gs.transport)
     scales = _scales(W, gs.E_l, gs.H, gs.dtype)
     scale = scales[r].to(dev)
     worst = gs.capacity == "worst-case"
-    with _settings(gs.transport, gs.triton):
+    with triton_kernels(gs.triton):
         inp, grads = _inputs(gs, W, gs.capture_seed)
         x_s = inp.xs[r].to(dev, copy=True).requires_grad_(gs.backward)
         idx_s = inp.idxs[r].to(dev, copy=True)
@@ -204,7 +195,7 @@ def graph_case(gs: GraphSpec) -> list[int]:
             assert int(nd_g) == 0
             x_d = inp.xs[r].to(dev, copy=True).requires_grad_(gs.backward)
             w_d = inp.ws[r].to(dev, copy=True).requires_grad_(gs.backward)
-            with _settings(None, gs.triton):
+            with triton_kernels(gs.triton):
                 out_d, recv_d, h_d = _layer(x_d, inp.idxs[r].to(dev), w_d, E, scale, {})
             R = recv_d.shape[0]
             assert torch.equal(out_g, out_d.detach().cpu()), f"replay {seed}: != default mode"
@@ -219,7 +210,7 @@ def graph_case(gs: GraphSpec) -> list[int]:
             assert torch.equal(tpe_g, ref_disp[r][1])
             assert torch.equal(out_g, ref_out[r].detach()), f"replay {seed}: != reference"
             if gs.backward:
-                with _settings(None, gs.triton):
+                with triton_kernels(gs.triton):
                     gx_d, gw_d = torch.autograd.grad(out_d, (x_d, w_d), grads[r].to(dev))
                 tol = _bwd_tol(gs.dtype)
                 torch.testing.assert_close(got[4], gx_d.cpu(), **tol)

@@ -282,4 +282,4 @@ def test_fake_cuda_tensors_need_no_gpu():
         out = moe_ops.combine(recv_x, handle, torch.ones((T, K), device="cuda"))
     assert recv_x.device.type == "cuda" and handle.tokens_per_expert.device.type == "cuda"
     assert out.device.type == "cuda" and tuple(out.shape) == (T, H)
-    assert handle.send_splits.device.type == "cpu"  # split sizes live on the host
+    assert handle.layout.send_splits.device.type == "cpu"  # split sizes live on the host

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import moe_ops
-from moe_ops import _comm, _fixed
+from moe_ops import _capacity_ops, _comm
 from moe_ops.reference import reference_dispatch
 from tests.moe_ops._cases import Spec, exact_capacity, fixed_case, make_inputs, rank_and_world
 
@@ -175,14 +175,14 @@ class _HostReads(torch.overrides.TorchFunctionMode):
 def count_host_reads(spec: Spec, capacity, overflow: str) -> dict[str, int]:
     """Reads of device values to the host in capacity-mode dispatch + combine + backward.
 
-    ``_fixed._raise_on_cpu`` is replaced by a no-op: it is the CPU stand-in of the CUDA path's
-    device-side assertions (on the CPU there is no device to sync with)."""
+    ``_capacity_ops._raise_on_cpu`` is replaced by a no-op: it is the CPU stand-in of the CUDA
+    path's device-side assertions (on the CPU there is no device to sync with)."""
     r, W = rank_and_world()
     inp = make_inputs(spec, W)
     x = inp.xs[r].clone().requires_grad_(True)
     w = inp.ws[r].clone().requires_grad_(True)
     sync = mock.patch.object(_comm, "read_to_host", wraps=_comm.read_to_host)
-    cpu_checks = mock.patch.object(_fixed, "_raise_on_cpu")
+    cpu_checks = mock.patch.object(_capacity_ops, "_raise_on_cpu")
     reads = _HostReads()
     with sync as sync_mock, cpu_checks as checks_mock, reads:
         recv_x, handle = moe_ops.dispatch(

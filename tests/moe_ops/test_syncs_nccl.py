@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import moe_ops
-from moe_ops import _comm, _fixed
+from moe_ops import _capacity_ops, _comm
 from tests._dist import device, under_torchrun
 from tests.moe_ops._cases import Spec, cuda_syncs, make_inputs, rank_and_world, triton_kernels
 
@@ -112,7 +112,7 @@ def host_reads_case(spec: Spec, mode: str) -> dict[str, int]:
     x = inp.xs[r].clone().requires_grad_(True)
     w = inp.ws[r].clone().requires_grad_(True)
     cpu_only = mock.patch.object(_comm, "_raise_on_bad_status_rows")
-    cpu_flags = mock.patch.object(_fixed, "_raise_on_cpu")
+    cpu_flags = mock.patch.object(_capacity_ops, "_raise_on_cpu")
     sync = mock.patch.object(_comm, "read_to_host", wraps=_comm.read_to_host)
     with cpu_only, cpu_flags, sync as sync_mock:
         with _record_reads() as seen:
@@ -120,7 +120,11 @@ def host_reads_case(spec: Spec, mode: str) -> dict[str, int]:
         n_dispatch = len(seen)
         host = {
             t.untyped_storage().data_ptr()
-            for t in (handle.send_splits, handle.recv_splits, handle.tokens_per_expert_host)
+            for t in (
+                getattr(handle.layout, "send_splits", None),  # default mode only
+                getattr(handle.layout, "recv_splits", None),
+                handle.tokens_per_expert_host,
+            )
             if t is not None and t.numel() > 0
         }
         eo = (recv_x * 2).detach().requires_grad_(True)

@@ -1,6 +1,6 @@
-"""The CUDA path's Triton kernels against the CPU path (plain torch ops), on a GPU.
+"""The Triton kernel set against the plain torch set (``moe_ops._kernels``), on a GPU.
 
-Every kernel must give bit for bit what the CPU path gives for the same inputs (the weight
+Every Triton kernel must give bit for bit what its torch counterpart gives on the CPU (the weight
 gradient's dot products only up to summation order), for the ops as a whole too: forward and
 backward, all float dtypes, ``-1`` slots, T = 0, K = 1. Skipped without CUDA.
 """
@@ -12,6 +12,7 @@ import torch
 
 import moe_ops
 from moe_ops import _layout
+from moe_ops._kernels import torch_kernels as ref_k
 from tests.moe_ops._cases import cuda_syncs
 
 pytestmark = [
@@ -30,9 +31,9 @@ def _routing(T, K, E, seed, unused=0.15):
 
 
 def _kernels():
-    from moe_ops import _triton
+    from moe_ops._kernels import triton_kernels
 
-    return _triton
+    return triton_kernels
 
 
 @pytest.mark.parametrize(
@@ -51,14 +52,13 @@ def _kernels():
 def test_send_layout_matches_torch(T, K, E, W):
     idx = _routing(T, K, E, seed=T)
     lay = _kernels().send_layout(idx.cuda(), E, W)
-    order, counts = _layout.send_layout(idx, E)
-    N = int(counts.sum())
-    assert torch.equal(lay.counts_bad.cpu(), torch.cat([counts, torch.zeros(1, dtype=torch.int64)]))
-    assert torch.equal(lay.send_pair_idx[:N].cpu(), order[:N])
-    assert torch.equal(lay.send_pos.cpu(), _layout.pair_positions(order[:N], T * K).view(T, K))
-    dest = torch.div(idx.reshape(-1)[order[:N]], E // W, rounding_mode="floor")
-    shifted = _layout.pair_positions(order[:N], T * K, dest).view(T, K)
-    assert torch.equal(lay.pair_pos.cpu(), shifted)
+    ref = ref_k.send_layout(idx, E, W)
+    N = int(ref.counts_bad[:E].sum())
+    assert torch.equal(lay.counts_bad.cpu(), ref.counts_bad)
+    assert int(ref.counts_bad[E]) == 0
+    assert torch.equal(lay.send_pair_idx[:N].cpu(), ref.send_pair_idx[:N])
+    assert torch.equal(lay.send_pos.cpu(), ref.send_pos)
+    assert torch.equal(lay.pair_pos.cpu(), ref.pair_pos)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
@@ -70,6 +70,7 @@ def test_send_layout_counts_bad_ids(dtype):
         idx[7, 0] = -3
     lay = _kernels().send_layout(idx.to(dtype).cuda(), 8, 1)
     assert int(lay.counts_bad[8]) == (2 if dtype == torch.uint8 else 3)
+    assert torch.equal(lay.counts_bad.cpu(), ref_k.send_layout(idx.to(dtype), 8, 1).counts_bad)
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
@@ -77,10 +78,9 @@ def test_row_kernels_match_torch(dtype):
     k = _kernels()
     T, K, E, H = 700, 4, 16, 1000
     idx = _routing(T, K, E, seed=2)
-    order, counts = _layout.send_layout(idx, E)
-    N = int(counts.sum())
-    send_idx = order[:N]
-    pos = _layout.pair_positions(send_idx, T * K).view(T, K)
+    lay = ref_k.send_layout(idx, E, 1)
+    N = int(lay.counts_bad[:E].sum())
+    send_idx, pos = lay.send_pair_idx[:N], lay.send_pos
     x = torch.randn(T, H).to(dtype)
     w = torch.rand(T, K, dtype=torch.float32)
     adt = _layout.acc_dtype(dtype)
@@ -93,6 +93,13 @@ def test_row_kernels_match_torch(dtype):
     assert torch.equal(k.gather_rows(xc, (send_idx // K).cuda()).cpu(), ref)
     w_N = w.reshape(-1)[send_idx].cuda()
     assert torch.equal(k.gather_rows(xc, (send_idx // K).cuda(), w_N).cpu(), ref_w)
+    assert torch.equal(ref_k.scatter_rows(x, pos, None, N), ref)
+    assert torch.equal(ref_k.scatter_rows(x, pos, w, N), ref_w)
+    perm = torch.randperm(N)
+    placed = k.place_rows(ref.cuda(), perm.cuda(), torch.empty_like(ref, device="cuda"))
+    assert torch.equal(placed.cpu(), ref_k.place_rows(ref, perm, torch.empty_like(ref)))
+    n = torch.tensor([N // 3], device="cuda")
+    assert torch.equal(k.zero_tail(xc.clone(), n).cpu(), ref_k.zero_tail(x.clone(), n.cpu()))
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
@@ -100,16 +107,16 @@ def test_combine_and_slot_dot_match_torch(dtype):
     k = _kernels()
     T, K, E, H = 600, 8, 32, 1536
     idx = _routing(T, K, E, seed=3)
-    order, counts = _layout.send_layout(idx, E)
-    N = int(counts.sum())
-    pos = _layout.pair_positions(order[:N], T * K).view(T, K)
+    lay = ref_k.send_layout(idx, E, 1)
+    N = int(lay.counts_bad[:E].sum())
+    pos = lay.send_pos
     rows = torch.randn(N, H).to(dtype)
     grad = torch.randn(T, H).to(dtype)
     for w in (None, torch.rand(T, K).to(dtype), torch.rand(T, K, dtype=torch.float64)):
-        ref = _layout.weighted_slot_sum(rows, pos, w, dtype)
+        ref = ref_k.combine_rows(rows, pos, w, dtype)
         got = k.combine_rows(rows.cuda(), pos.cuda(), None if w is None else w.cuda(), dtype)
         assert torch.equal(got.cpu(), ref)
-    ref_d = _layout.slot_dot(grad, rows, pos, torch.float32)
+    ref_d = ref_k.slot_dot(grad, rows, pos, torch.float32)
     got_d = k.slot_dot(grad.cuda(), rows.cuda(), pos.cuda(), torch.float32).cpu()
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(got_d, ref_d, rtol=tol, atol=tol * H**0.5)
@@ -122,7 +129,8 @@ def _round_trip(device, x, idx, w, E, gout):
     expert_out = recv * 2 - 1
     out = moe_ops.combine(expert_out, h, w)
     out.backward(gout.to(device))
-    return [t.detach().cpu() for t in (recv, h.tokens_per_expert, h.pair_pos, out, x.grad, w.grad)]
+    tensors = (recv, h.tokens_per_expert, h.layout.pair_pos, out, x.grad, w.grad)
+    return [t.detach().cpu() for t in tensors]
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
@@ -181,8 +189,8 @@ def test_repeated_launches_reuse_the_compiled_kernels_correctly():
     T, K, E, H = 900, 4, 32, 768
     for trial in range(3):  # the first launch compiles; the later ones launch the cached kernel
         idx = _routing(T, K, E, seed=100 + trial)
-        order, counts = _layout.send_layout(idx, E)
-        N = int(counts.sum())
+        order = ref_k.send_layout(idx, E, 1).send_pair_idx
+        N = int((idx >= 0).sum())
         lay = k.send_layout(idx.cuda(), E, 1)
         assert torch.equal(lay.send_pair_idx[:N].cpu(), order[:N])
         x = torch.randn(T, H, dtype=torch.bfloat16)
@@ -191,5 +199,5 @@ def test_repeated_launches_reuse_the_compiled_kernels_correctly():
         assert torch.equal(rows.cpu(), x[order[:N] // K])
         out = k.combine_rows(rows, lay.send_pos, w.cuda(), torch.bfloat16)
         pos = lay.send_pos.cpu()
-        assert torch.equal(out.cpu(), _layout.weighted_slot_sum(rows.cpu(), pos, w, torch.bfloat16))
+        assert torch.equal(out.cpu(), ref_k.combine_rows(rows.cpu(), pos, w, torch.bfloat16))
     assert k._launch_scatter.compiled and k._launch_combine.compiled and k._launch_place.compiled

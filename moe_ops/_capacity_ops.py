@@ -3,8 +3,8 @@
 Ops ``moe_ops::dispatch_fixed``, ``moe_ops::combine_fixed`` and
 ``moe_ops::_combine_fixed_backward``. Every output shape depends only on the input shapes, W and
 the capacity C (rows this rank can receive), so the fake kernels return no unbacked sizes and a
-layer can be captured in a CUDA graph. Shape letters: see ``_layout``; ``S`` below is the rows
-per peer of the padded transport.
+layer can be captured in a CUDA graph. Shape letters: see ``moe_ops._layout``; ``S`` below is the
+rows per peer of the padded transport.
 
 Which pairs are kept: the receiver lays its rows out expert-major (local expert, then source
 rank, then token, then slot), as in the default mode; rows at positions ``>= C`` of that order
@@ -22,18 +22,8 @@ Transports (the rows' way to their experts and back):
   received expert-major) and ``all_to_all_vdev_2d_offset`` for the way back, through persistent
   symmetric-memory buffers (CUDA, NVSHMEM; every rank must pass the same T).
 
-``dispatch_fixed`` returns 7 tensors:
-
-    recv_x             [C, H]   rows for this rank's experts, expert-major; rows >= R are zero
-    tokens_per_expert  [E_l]    int64, kept rows per local expert (sum R <= C)
-    num_dropped        []       int64, this rank's (token, slot) pairs that did not fit
-    pair_pos           [T, K]   int64, row of each pair in the buffer combine gets back, -1 if
-                                unused or dropped
-    recv_index         [C]      int64 ("padded"): row of the received buffer for each row of
-                                recv_x ([0] otherwise)
-    num_recv           [1]      int64, R
-    splits             [3, W * E_l] int64 ("nvshmem"): rows sent per (destination, expert), then
-                                received splits and offsets per (expert, source) ([0, 0] otherwise)
+What the ops return, in order: :class:`DispatchOutputs` and :class:`Layout` (what combine
+takes); their autograd is the shared one (``moe_ops._autograd``).
 
 CUDA graphs: on every transport, forward and backward, Triton or plain torch path, nothing here
 syncs with the host or copies from host memory: host ints (T, flags) enter kernels as scalar
@@ -42,29 +32,68 @@ arguments (``torch.full``, ``fill_``, arithmetic), sizes are static (``repeat_in
 overflow is reported on CUDA by ``torch._assert_async``. Warm up once before capturing (Triton
 compiles, NCCL communicators and NVSHMEM buffers are created on first use).
 
-``combine_fixed`` returns ``out[T, H']`` and the rows that came back (``[W * S, H']`` padded,
+``combine_fixed(expert_out[C, H'], topk_weights?, *Layout, capacity, group_name, world_size,
+transport)`` returns ``out[T, H']`` and the rows that came back (``[W * S, H']`` padded,
 ``[T * K, H']`` nvshmem, ``[0, H']`` local), which its backward needs for the weight gradient.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from moe_ops import _comm, _layout
-from moe_ops._ops import _bad_id_error, _check_combine, _check_dispatch
+from moe_ops import _autograd, _comm, _kernels
+from moe_ops._checks import bad_id_error, check_combine, check_dispatch
+from moe_ops._layout import chunk_rows, excl_cumsum
 
-transport_override: str | None = None  # tests and the benchmark force a transport here
 _I64 = torch.int64
+TRANSPORTS = ("local", "padded", "nvshmem")
 
 
-def chunk_rows(capacity: int, T: int, K: int) -> int:
-    """S, rows per peer of the padded transport: no peer can keep more than C of one rank's rows,
-    and no rank sends more than T * K."""
-    return min(capacity, T * K)
+class Layout(NamedTuple):
+    """What combine_fixed (and both backwards) take from dispatch_fixed, in combine's order.
+
+    pair_pos     [T, K]        int64, row of each pair in the buffer combine gets back, -1 if
+                               unused or dropped
+    recv_index   [C]           int64 ("padded"): row of the received buffer for each row of
+                               recv_x ([0] otherwise)
+    num_recv     [1]           int64, R
+    splits       [3, W * E_l]  int64 ("nvshmem"): rows sent per (destination, expert), then
+                               received splits and offsets per (expert, source) ([0, 0] otherwise)
+    """
+
+    pair_pos: Tensor
+    recv_index: Tensor
+    num_recv: Tensor
+    splits: Tensor
 
 
-def _back_rows(transport: str, capacity: int, T: int, K: int, W: int) -> int:
+class DispatchOutputs(NamedTuple):
+    """What ``dispatch_fixed(x[T, H], topk_idx[T, K], num_experts, capacity, drop, group_name,
+    world_size, transport)`` returns.
+
+    recv_x             [C, H]  rows for this rank's experts, expert-major; rows >= R are zero
+    tokens_per_expert  [E_l]   int64, kept rows per local expert (sum R <= C)
+    num_dropped        []      int64, this rank's (token, slot) pairs that did not fit
+    pair_pos, recv_index, num_recv, splits: see :class:`Layout`
+    """
+
+    recv_x: Tensor
+    tokens_per_expert: Tensor
+    num_dropped: Tensor
+    pair_pos: Tensor
+    recv_index: Tensor
+    num_recv: Tensor
+    splits: Tensor
+
+    def layout(self) -> Layout:
+        return Layout(self.pair_pos, self.recv_index, self.num_recv, self.splits)
+
+
+def back_rows(transport: str, capacity: int, T: int, K: int, W: int) -> int:
+    """Rows that come back to a rank in combine_fixed (its ``returned_rows``)."""
     if transport == "padded":
         return W * chunk_rows(capacity, T, K)
     if transport == "nvshmem":
@@ -73,7 +102,9 @@ def _back_rows(transport: str, capacity: int, T: int, K: int, W: int) -> int:
 
 
 def _group(group_name: str, world_size: int, transport: str):
-    if transport == "nvshmem" and world_size == 1 and group_name:
+    """The process group the rows go through; a one-rank group too, when a transport other than
+    ``"local"`` was asked for at W = 1."""
+    if transport != "local" and world_size == 1 and group_name:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         return _resolve_process_group(group_name)
@@ -84,36 +115,20 @@ def _group(group_name: str, world_size: int, transport: str):
 def _rank_in_expert(topk_idx_TK: Tensor, E: int, kern):
     """Valid mask ``[P]``, expert id ``[P]`` (0 where invalid), rank of each valid pair among the
     pairs of its expert in pair order ``[P]``, counts ``[E]`` and the bad-id count (0-d)."""
-    P = topk_idx_TK.numel()
     ids_P = topk_idx_TK.reshape(-1).to(_I64)
-    if kern is not None:
-        lay = kern.send_layout(topk_idx_TK, E, 1)
-        counts_E, bad = lay.counts_bad[:E], lay.counts_bad[E]
-        pos_P = lay.send_pos.reshape(-1)
-        valid_P = pos_P >= 0
-    else:
-        order_P, counts_E = _layout.send_layout(topk_idx_TK, E)
-        valid_P = (ids_P >= 0) & (ids_P < E)
-        inv_P = torch.empty_like(order_P).index_copy_(
-            0, order_P, torch.arange(P, device=order_P.device)
-        )
-        pos_P = torch.where(valid_P, inv_P, -1)
-        bad = ((ids_P < -1) | (ids_P >= E)).sum()
+    lay = kern.send_layout(topk_idx_TK, E, 1)
+    counts_E, bad = lay.counts_bad[:E], lay.counts_bad[E]
+    pos_P = lay.send_pos.reshape(-1)
+    valid_P = pos_P >= 0
     g_P = torch.where(valid_P, ids_P, 0)
-    start_E = torch.cumsum(counts_E, 0) - counts_E
-    return valid_P, g_P, pos_P - start_E[g_P], counts_E, bad, pos_P
+    return valid_P, g_P, pos_P - excl_cumsum(counts_E, 0)[g_P], counts_E, bad
 
 
 def _layout_local(topk_idx_TK, E, C, kern):
     """W = 1 (few ops: their host time is on the critical path): the send order is the
     expert-major receive order, so a pair fits iff its send row is < C."""
-    T, K = topk_idx_TK.shape
-    if kern is not None:
-        lay = kern.send_layout(topk_idx_TK, E, 1)
-        counts_E, bad, pos_TK = lay.counts_bad[:E], lay.counts_bad[E], lay.send_pos
-    else:
-        *_, counts_E, bad, pos_P = _rank_in_expert(topk_idx_TK, E, None)
-        pos_TK = pos_P.view(T, K)
+    lay = kern.send_layout(topk_idx_TK, E, 1)
+    counts_E, bad, pos_TK = lay.counts_bad[:E], lay.counts_bad[E], lay.send_pos
     pair_pos = torch.where(pos_TK < C, pos_TK, -1)
     kept_end = torch.cumsum(counts_E, 0).clamp(max=C)
     tokens_per_expert = torch.diff(kept_end, prepend=kept_end.new_zeros(1))
@@ -134,16 +149,12 @@ def _layout_local(topk_idx_TK, E, C, kern):
     return out, flags
 
 
-def _excl_cumsum(t: Tensor, dim: int) -> Tensor:
-    return torch.cumsum(t, dim) - t
-
-
 def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, group, kern):
     """Everything dispatch_fixed returns but the rows, plus the group-wide flags."""
     T, K = topk_idx_TK.shape
     dev = topk_idx_TK.device
     E_l = E // W
-    valid_P, g_P, j_P, counts_E, bad, _ = _rank_in_expert(topk_idx_TK, E, kern)
+    valid_P, g_P, j_P, counts_E, bad = _rank_in_expert(topk_idx_TK, E, kern)
     # Host values (T, the bad-input flag) reach the device as kernel arguments (full, add), never
     # as a tensor built from host memory: that copy would sync, and fails in CUDA-graph capture.
     bad_1 = (bad.to(_I64) + int(bad_input)).view(1)
@@ -157,16 +168,16 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, group, kern)
         counts_sde = every[:, :E].reshape(W, W, E_l)  # [source, destination, local expert]
         T_W, bad_W = every[:, E], every[:, E + 1]
     # receiver-side expert-major offset of chunk (source, expert), then what fits
-    before_e = _excl_cumsum(counts_sde.sum(0), 1)  # [destination, expert]
-    off_sde = before_e[None] + _excl_cumsum(counts_sde, 0)
+    before_e = excl_cumsum(counts_sde.sum(0), 1)  # [destination, expert]
+    off_sde = before_e[None] + excl_cumsum(counts_sde, 0)
     kept_sde = (C - off_sde).clamp(min=0).minimum(counts_sde)
     kept_de = kept_sde[rank]
     keep_P = valid_P & (j_P < kept_de.reshape(E)[g_P])
     if transport == "padded":
         S = chunk_rows(C, T, K)
-        base_de = _excl_cumsum(kept_de, 1) + torch.arange(W, device=dev)[:, None] * S
+        base_de = excl_cumsum(kept_de, 1) + torch.arange(W, device=dev)[:, None] * S
     else:
-        base_de = _excl_cumsum(kept_de.reshape(E), 0)
+        base_de = excl_cumsum(kept_de.reshape(E), 0)
     pair_pos = torch.where(keep_P, base_de.reshape(E)[g_P] + j_P, -1).view(T, K)
     num_dropped = (counts_sde[rank] - kept_de).sum()
     kept_se = kept_sde[:, rank]  # what reaches me: [source, expert]
@@ -176,9 +187,9 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, group, kern)
     splits = torch.zeros((0, 0), dtype=_I64, device=dev)
     if transport == "padded":
         S = chunk_rows(C, T, K)
-        base_se = _excl_cumsum(kept_se, 1) + torch.arange(W, device=dev)[:, None] * S
+        base_se = excl_cumsum(kept_se, 1) + torch.arange(W, device=dev)[:, None] * S
         kc = kept_se.t().reshape(-1)  # chunks in expert-major order (expert, source)
-        shift = base_se.t().reshape(-1) - _excl_cumsum(kc, 0)
+        shift = base_se.t().reshape(-1) - excl_cumsum(kc, 0)
         pad = (C - num_recv).clamp(min=0)
         reps = torch.cat([kc, pad])
         shift_C = torch.repeat_interleave(torch.cat([shift, pad * 0]), reps, output_size=C)
@@ -225,7 +236,7 @@ def _raise_on_cpu(flags, rank, C, drop, equal_chunks, topk_idx, E) -> None:
     bad_W = flags["bad_W"].tolist()
     if any(bad_W):
         if flags["bad_here"] > 0:
-            raise _bad_id_error(topk_idx, E)
+            raise bad_id_error(topk_idx, E)
         _comm.raise_if_peer_bad([int(b > 0) for b in bad_W], rank, "dispatch")
     S_W = [] if equal_chunks else flags["S_W"].tolist()
     if len(set(S_W)) > 1:
@@ -243,6 +254,7 @@ def _raise_on_cpu(flags, rank, C, drop, equal_chunks, topk_idx, E) -> None:
 
 # ----------------------------------------------------------------------------- row movement
 def _to_experts(
+    kern,
     src_TH,
     pair_pos_TK,
     w_TK,
@@ -262,76 +274,41 @@ def _to_experts(
     With the nvshmem transport the received splits and offsets are written to ``received_splits``
     (``[2, W * E_l]``) when given."""
     T, K = pair_pos_TK.shape
-    H = src_TH.shape[1]
-    kern = _layout.triton_kernels(src_TH)
-
-    def scatter(rows: int, out: Tensor | None = None) -> Tensor:
-        if kern is not None:
-            return kern.scatter_rows(src_TH, pair_pos_TK, w_TK, rows, out=out)
-        # one spare row (index ``rows``) takes the unused and dropped pairs
-        buf = src_TH.new_zeros((rows + 1, H))
-        vals = src_TH[:, None, :].expand(T, K, H)
-        if w_TK is not None:
-            adt = _layout.acc_dtype(src_TH.dtype)
-            vals = (vals.to(adt) * w_TK[:, :, None].to(adt)).to(src_TH.dtype)
-        dest = torch.where(pair_pos_TK >= 0, pair_pos_TK, rows).reshape(-1)
-        buf.index_copy_(0, dest, vals.reshape(T * K, H))
-        if out is None:
-            return buf[:rows]
-        return out.copy_(buf[:rows])
-
     if transport == "local":
-        rows_CH = scatter(C)
-        if kern is not None:
-            kern.zero_tail(rows_CH, num_recv)
-        return rows_CH
+        return kern.zero_tail(kern.scatter_rows(src_TH, pair_pos_TK, w_TK, C), num_recv)
     if transport == "padded":
-        recv = _comm.exchange_equal_chunks(scatter(W * chunk_rows(C, T, K)), group)
-        if kern is not None:
-            return kern.zero_tail(kern.gather_rows(recv, recv_index), num_recv)
-        live = (torch.arange(C, device=recv.device) < num_recv)[:, None]
-        return torch.where(live, recv[recv_index], 0)
+        send = kern.scatter_rows(src_TH, pair_pos_TK, w_TK, W * chunk_rows(C, T, K))
+        recv = _comm.exchange_equal_chunks(send, group)
+        del send  # its memory can serve the gathered rows
+        return kern.zero_tail(kern.gather_rows(recv, recv_index), num_recv)
     recv, out_so = _comm.nvshmem_to_experts(
-        lambda buf: scatter(T * K, out=buf),
+        lambda buf: kern.scatter_rows(src_TH, pair_pos_TK, w_TK, T * K, out=buf),
         T * K,
         C,
-        H,
+        src_TH.shape[1],
         src_TH.dtype,
         src_TH.device,
         splits[0],
         group_name,
         tag,
     )
-    rows_CH = recv.clone()
-    if kern is not None:
-        kern.zero_tail(rows_CH, num_recv)
-    else:  # masked_fill_, not ``rows[mask] = 0`` (boolean-mask indexing)
-        tail = torch.arange(C, device=rows_CH.device) >= num_recv
-        rows_CH.masked_fill_(tail[:, None], 0)
+    rows_CH = kern.zero_tail(recv.clone(), num_recv)
     if received_splits is not None:
         received_splits.copy_(out_so)
     return rows_CH
 
 
 def _to_sources(
-    rows_CH, recv_index, num_recv, splits, T, K, C, W, transport, group, group_name, tag
+    kern, rows_CH, recv_index, num_recv, splits, T, K, C, W, transport, group, group_name, tag
 ):
     """The way back: ``[C, H']`` expert-major -> the rows in this rank's send order."""
     if transport == "local":
         return rows_CH
-    H = rows_CH.shape[1]
     if transport == "padded":
-        M = W * chunk_rows(C, T, K)
         live = torch.arange(C, device=rows_CH.device) < num_recv
         dest_C = torch.where(live, recv_index, -1)
-        kern = _layout.triton_kernels(rows_CH)
-        if kern is not None:
-            buf = kern.scatter_rows(rows_CH, dest_C[:, None], None, M)
-        else:
-            buf = rows_CH.new_zeros((M + 1, H))
-            buf.index_copy_(0, torch.where(live, recv_index, M), rows_CH)
-            buf = buf[:M]
-        return _comm.exchange_equal_chunks(buf, group)
+        send = kern.scatter_rows(rows_CH, dest_C[:, None], None, W * chunk_rows(C, T, K))
+        return _comm.exchange_equal_chunks(send, group)
     return _comm.nvshmem_to_sources(rows_CH, T * K, splits[1:], group_name, tag).clone()
 
 
@@ -349,13 +326,13 @@ def dispatch_fixed_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     group = _group(group_name, world_size, transport)
     W, E, C = world_size, num_experts, capacity
-    err = _check_dispatch(x, topk_idx, E, W)
+    err = check_dispatch(x, topk_idx, E, W)
     if err is not None and W == 1:
         raise err
     rank = group.rank() if group is not None else 0
     if err is not None:  # still take part in the count exchange, flagged bad, so peers know
         topk_idx = torch.full((0, 1), -1, dtype=_I64, device=x.device)
-    kern = _layout.triton_kernels(x) if err is None else None
+    kern = _kernels.for_device(x.device)
     if transport == "local":
         lay, flags = _layout_local(topk_idx, E, C, kern)
     else:
@@ -367,6 +344,7 @@ def dispatch_fixed_op(
         _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
     tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits = lay
     recv_x = _to_experts(
+        kern,
         x,
         pair_pos,
         None,
@@ -383,41 +361,28 @@ def dispatch_fixed_op(
     )
     if transport == "local":  # after the row scatter is queued: its host time hides this
         _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
-    return recv_x, tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits
+    return DispatchOutputs(
+        recv_x, tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits
+    )
 
 
 @dispatch_fixed_op.register_fake
 def _(x, topk_idx, num_experts, capacity, drop, group_name, world_size, transport):
-    err = _check_dispatch(x, topk_idx, num_experts, world_size)
+    err = check_dispatch(x, topk_idx, num_experts, world_size)
     if err is not None:
         raise err
     T, K = topk_idx.shape
     E, W, C = num_experts, world_size, capacity
     i64 = dict(dtype=_I64, device=x.device)
-    return (
-        x.new_empty((C, x.shape[1])),
-        torch.empty(E // W, **i64),
-        torch.empty((), **i64),
-        torch.empty((T, K), **i64),
-        torch.empty(C if transport == "padded" else 0, **i64),
-        torch.empty(1, **i64),
-        torch.empty((3, E) if transport == "nvshmem" else (0, 0), **i64),
+    return DispatchOutputs(
+        recv_x=x.new_empty((C, x.shape[1])),
+        tokens_per_expert=torch.empty(E // W, **i64),
+        num_dropped=torch.empty((), **i64),
+        pair_pos=torch.empty((T, K), **i64),
+        recv_index=torch.empty(C if transport == "padded" else 0, **i64),
+        num_recv=torch.empty(1, **i64),
+        splits=torch.empty((3, E) if transport == "nvshmem" else (0, 0), **i64),
     )
-
-
-def _dispatch_setup_context(ctx, inputs, output):
-    _, topk_idx, _, capacity, _, group_name, world_size, transport = inputs
-    _, _, _, pair_pos, recv_index, num_recv, splits = output
-    ctx.save_for_backward(pair_pos, recv_index, num_recv, splits)
-    ctx.args = (capacity, group_name, world_size, transport)
-
-
-def _dispatch_backward(ctx, grad_recv_x, *_):
-    grad_x, _ = combine_fixed_op(grad_recv_x, None, *ctx.saved_tensors, *ctx.args)
-    return grad_x, None, None, None, None, None, None, None
-
-
-dispatch_fixed_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup_context)
 
 
 # ----------------------------------------------------------------------------- combine
@@ -434,12 +399,14 @@ def combine_fixed_op(
     world_size: int,
     transport: str,
 ) -> tuple[Tensor, Tensor]:
-    err = _check_combine(expert_out, topk_weights, pair_pos, capacity)
+    err = check_combine(expert_out, topk_weights, pair_pos, capacity)
     if err is not None:
         raise err
     group = _group(group_name, world_size, transport)
+    kern = _kernels.for_device(expert_out.device)
     T, K = pair_pos.shape
     rows = _to_sources(
+        kern,
         expert_out,
         recv_index,
         num_recv,
@@ -453,54 +420,19 @@ def combine_fixed_op(
         group_name,
         "combine",
     )
-    returned = expert_out.new_empty((0, expert_out.shape[1])) if transport == "local" else rows
-    kern = _layout.triton_kernels(rows)
-    if kern is not None:
-        out = kern.combine_rows(rows, pair_pos, topk_weights, expert_out.dtype)
-    else:
-        out = _layout.weighted_slot_sum(rows, pair_pos, topk_weights, expert_out.dtype)
-    return out, returned
+    local = transport == "local"
+    return _autograd.combine_tail(kern, rows, expert_out, pair_pos, topk_weights, local)
 
 
 @combine_fixed_op.register_fake
-def _(
-    expert_out,
-    topk_weights,
-    pair_pos,
-    recv_index,
-    num_recv,
-    splits,
-    capacity,
-    group_name,
-    world_size,
-    transport,
-):
-    err = _check_combine(expert_out, topk_weights, pair_pos, capacity)
+def _(expert_out, topk_weights, *layout_static):
+    lay, (capacity, _, world_size, transport) = Layout(*layout_static[:4]), layout_static[4:]
+    err = check_combine(expert_out, topk_weights, lay.pair_pos, capacity)
     if err is not None:
         raise err
-    T, K = pair_pos.shape
-    M = _back_rows(transport, capacity, T, K, world_size)
-    H = expert_out.shape[1]
-    return expert_out.new_empty((T, H)), expert_out.new_empty((M, H))
-
-
-def _combine_setup_context(ctx, inputs, output):
-    expert_out, topk_weights, *layout, capacity, group_name, world_size, transport = inputs
-    returned = expert_out if transport == "local" else output[1]
-    ctx.save_for_backward(returned, topk_weights, *layout)
-    ctx.args = (capacity, group_name, world_size, transport)
-
-
-def _combine_backward(ctx, grad_out, _grad_returned):
-    returned, topk_weights, *layout = ctx.saved_tensors
-    want_w = topk_weights is not None and ctx.needs_input_grad[1]
-    grad_eo, grad_w = combine_fixed_backward_op(
-        grad_out, returned if want_w else None, topk_weights, *layout, *ctx.args
-    )
-    return (grad_eo, grad_w if want_w else None) + (None,) * 8
-
-
-combine_fixed_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
+    T, K = lay.pair_pos.shape
+    M = back_rows(transport, capacity, T, K, world_size)
+    return _autograd.fake_combine(expert_out, lay.pair_pos, M)
 
 
 @torch.library.custom_op("moe_ops::_combine_fixed_backward", mutates_args=())
@@ -520,7 +452,9 @@ def combine_fixed_backward_op(
     """Gradients of combine_fixed: ``[C, H']`` for expert_out (zero past R) and ``[T, K]`` for
     the weights when ``returned_rows`` is given (``[0, 0]`` otherwise)."""
     group = _group(group_name, world_size, transport)
+    kern = _kernels.for_device(grad_out.device)
     grad_eo = _to_experts(
+        kern,
         grad_out,
         pair_pos,
         topk_weights,
@@ -534,31 +468,27 @@ def combine_fixed_backward_op(
         group_name,
         "combine_bwd",
     )
-    if returned_rows is None:
-        grad_w = grad_out.new_empty((0, 0))
-    else:
-        kern = _layout.triton_kernels(grad_out)
-        grad_w = (kern or _layout).slot_dot(grad_out, returned_rows, pair_pos, topk_weights.dtype)
+    grad_w = _autograd.weight_grad(kern, grad_out, returned_rows, pair_pos, topk_weights)
     return grad_eo, grad_w
 
 
 @combine_fixed_backward_op.register_fake
-def _(
-    grad_out,
-    returned_rows,
-    topk_weights,
-    pair_pos,
-    recv_index,
-    num_recv,
-    splits,
-    capacity,
-    group_name,
-    world_size,
-    transport,
-):
-    grad_w_shape = (0, 0) if returned_rows is None else tuple(pair_pos.shape)
-    grad_w_dtype = grad_out.dtype if topk_weights is None else topk_weights.dtype
-    return (
-        grad_out.new_empty((capacity, grad_out.shape[1])),
-        grad_out.new_empty(grad_w_shape, dtype=grad_w_dtype),
+def _(grad_out, returned_rows, topk_weights, *layout_static):
+    lay, capacity = Layout(*layout_static[:4]), layout_static[4]
+    return _autograd.fake_combine_backward(
+        grad_out, returned_rows, topk_weights, lay.pair_pos, capacity
     )
+
+
+_autograd.register(
+    dispatch_fixed_op,
+    _autograd.Mode(
+        combine=combine_fixed_op,
+        combine_backward=combine_fixed_backward_op,
+        num_layout=len(Layout._fields),
+        dispatch_layout=lambda output: DispatchOutputs(*output).layout(),
+        # capacity, group_name, world_size, transport (not drop: combine needs none)
+        dispatch_static=lambda inputs: (inputs[3], *inputs[5:]),
+        rows_stay=lambda static: static[-1] == "local",
+    ),
+)

@@ -1,37 +1,37 @@
-"""Fused Triton kernels for the CUDA path of dispatch and combine.
+"""The row kernels fused in Triton: the CUDA path of dispatch and combine.
 
-Imported only when a tensor is on a CUDA device; the CPU path keeps plain torch ops
-(``moe_ops._layout``). Every function here computes exactly what its torch counterpart computes
-(same order of rows, same rounding), so the two paths agree bit for bit, except :func:`slot_dot`,
-whose dot products are summed in a different (but fixed) order.
+Same functions and signatures as ``moe_ops._kernels.torch_kernels``; each computes exactly what
+its torch counterpart computes (same order of rows, same rounding), so the two sets agree bit for
+bit, except :func:`slot_dot`, whose dot products are summed in a different (but fixed) order.
+Imported only when a tensor is on a CUDA device (``moe_ops._kernels.for_device``).
 
 Shape letters: see ``moe_ops._layout``. A pair ``p = t * K + k`` is one (token, slot).
 
 * :func:`send_layout`: counts per expert, the bad-id count and every pair's row in the send
   buffer (a stable counting sort by expert in two small kernels, no sort, no torch glue).
 * :func:`scatter_rows`: ``dst[pos[m, k]] = src[m] * w[m, k]``: reads each source row once and
-  writes it to its K rows of the send buffer (dispatch; combine's backward at W = 1).
+  writes it to its K rows of the send buffer (dispatch, combine's backward); :func:`place_rows`
+  is the same with K = 1 into a given buffer.
 * :func:`gather_rows`: ``dst[i] = src[idx[i]] * w[i]``: the receive-side regroup by local expert.
 * :func:`combine_rows`: ``out[t] = sum_k w[t, k] * rows[pos[t, k]]`` in slot order, accumulated in
   float32 for half types (float64 for float64), weights applied in the same pass, no ``[T * K, H]``
   temporary. Compiled with floating-point contraction off so that it rounds like the CPU path.
 * :func:`slot_dot`: ``g[t, k] = <grad[t], rows[pos[t, k]]>``: combine's weight gradient.
+* :func:`zero_tail`: ``dst[n:] = 0`` with ``n`` on the device (capacity mode).
 
 None of them syncs with the host.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-enabled = True  # the benchmark turns this off to time the plain torch path on the GPU
+from moe_ops._layout import SendLayout
 
 _SB = 128  # pairs ranked at a time by the layout kernel
 
@@ -75,21 +75,6 @@ class _Launcher:
                 self.compiled[key] = kernel
         else:
             kernel[tuple(grid) + (1,) * (3 - len(grid))](*args)
-
-
-def fork_stream(t: Tensor) -> torch.cuda.Stream | None:
-    """A side stream (from torch's pool) that waits for the work queued so far on ``t``'s
-    current stream; None on the CPU."""
-    if not t.is_cuda:
-        return None
-    side = _side_stream(t.device.index)
-    side.wait_stream(torch.cuda.current_stream(t.device))
-    return side
-
-
-@functools.cache
-def _side_stream(device_index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=device_index)
 
 
 def _acc_tl(dtype: torch.dtype):
@@ -195,24 +180,8 @@ def _place_kernel(
 _launch_place = _Launcher(_place_kernel)
 
 
-class SendLayout(NamedTuple):
-    """What :func:`send_layout` returns.
-
-    send_pos:       int64 ``[T, K]``, row of each pair in the send buffer, -1 for unused slots
-    pair_pos:       int64 ``[T, K]``, row of each pair in the buffer combine gets back: at W > 1
-                    ``send_pos`` plus the destination rank (status rows); ``send_pos`` at W = 1
-    send_pair_idx:  int64 ``[P]``, pair index of every send row; only the first N are meaningful
-    counts_bad:     int64 ``[E + 1]``, valid pairs per global expert, then the number of bad ids
-    """
-
-    send_pos: Tensor
-    pair_pos: Tensor
-    send_pair_idx: Tensor
-    counts_bad: Tensor
-
-
 def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendLayout:
-    """Stable counting sort of the pairs by global expert; the order of ``_layout.send_layout``.
+    """Stable counting sort of the pairs by global expert; see :class:`~moe_ops._layout.SendLayout`.
 
     Two kernels: per-block expert histograms, then every block scans the histograms it needs
     and places its pairs. About 128 blocks whatever the size, so neither kernel is a long chain.
@@ -325,6 +294,11 @@ def scatter_rows(
     return dst
 
 
+def place_rows(src_MH: Tensor, dest_M: Tensor, out: Tensor) -> Tensor:
+    """``out[dest[m]] = src[m]`` for a ``dest_M`` of distinct valid rows; returns ``out``."""
+    return scatter_rows(src_MH, dest_M[:, None], None, out.shape[0], out=out)
+
+
 @triton.jit
 def _gather_rows_kernel(
     src_ptr,
@@ -426,7 +400,7 @@ _launch_combine = _Launcher(_combine_kernel)
 def combine_rows(
     rows_MH: Tensor, pair_pos_TK: Tensor, topk_weights_TK: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
-    """``out[t] = sum_k w[t, k] * rows[pair_pos[t, k]]``: ``_layout.weighted_slot_sum``."""
+    """``out[t] = sum_k w[t, k] * rows[pair_pos[t, k]]``, as ``torch_kernels.combine_rows``."""
     T, K = pair_pos_TK.shape
     H = rows_MH.shape[1]
     out = torch.empty((T, H), dtype=out_dtype, device=rows_MH.device)
@@ -492,7 +466,8 @@ _launch_slot_dot = _Launcher(_slot_dot_kernel)
 def slot_dot(
     grad_TH: Tensor, rows_MH: Tensor, pair_pos_TK: Tensor, out_dtype: torch.dtype
 ) -> Tensor:
-    """``g[t, k] = <grad[t], rows[pair_pos[t, k]]>`` (0 for -1 slots): ``_layout.slot_dot``."""
+    """``g[t, k] = <grad[t], rows[pair_pos[t, k]]>`` (0 for -1 slots), as
+    ``torch_kernels.slot_dot`` (summed in another order)."""
     T, K = pair_pos_TK.shape
     H = grad_TH.shape[1]
     out = torch.empty((T, K), dtype=out_dtype, device=grad_TH.device)

@@ -1,0 +1,135 @@
+"""What the default mode (``moe_ops._ops``) and the capacity mode (``moe_ops._capacity_ops``)
+share: the autograd formulas, the combine tail and the weight gradient.
+
+Both modes have three ops of the same shape: ``dispatch``, ``combine`` and combine's backward.
+Their combine takes ``(expert_out, topk_weights, *layout, *static)`` and returns
+``(out, returned_rows)``; their combine backward takes ``(grad_out, returned_rows or None,
+topk_weights, *layout, *static)`` and returns ``(grad_expert_out, grad_topk_weights)``. ``layout``
+is the mode's tuple of tensors that dispatch computed (its first is ``pair_pos``), ``static`` the
+mode's ints and strings (group, world size, ...). A :class:`Mode` says how to find them, and
+:func:`register` gives both ops their autograd:
+
+* dispatch's backward is the mode's combine without weights;
+* combine's backward is the mode's combine-backward op. It needs the rows that came back to this
+  rank (``returned_rows``) for the weight gradient, or ``expert_out`` itself when no row moved.
+
+Each backward runs with the kernel choice (``moe_ops.use_kernels``) its forward ran with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from moe_ops import _kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """How one mode's ops fit the shared formulas.
+
+    combine, combine_backward: the mode's ops (see the module docstring).
+    num_layout: how many layout tensors combine takes after ``topk_weights``.
+    dispatch_layout: dispatch's outputs -> the layout tensors, in combine's order.
+    dispatch_static: dispatch's inputs -> combine's trailing non-tensor arguments.
+    rows_stay: combine's trailing arguments -> True when no row leaves this rank.
+    """
+
+    combine: Any
+    combine_backward: Any
+    num_layout: int
+    dispatch_layout: Callable[[tuple], tuple]
+    dispatch_static: Callable[[tuple], tuple]
+    rows_stay: Callable[[tuple], bool]
+
+
+def register(dispatch_op: Any, mode: Mode) -> None:
+    """Register the autograd formulas of ``dispatch_op`` and ``mode.combine``."""
+
+    def dispatch_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*mode.dispatch_layout(output))
+        ctx.static = mode.dispatch_static(inputs)
+        ctx.num_inputs = len(inputs)
+        ctx.kernels = _kernels.current()
+
+    def dispatch_backward(ctx, grad_recv_x, *_):
+        with _kernels.use_kernels(ctx.kernels):
+            grad_x, _ = mode.combine(grad_recv_x, None, *ctx.saved_tensors, *ctx.static)
+        return (grad_x,) + (None,) * (ctx.num_inputs - 1)
+
+    def combine_setup_context(ctx, inputs, output):
+        expert_out, topk_weights = inputs[:2]
+        layout, static = inputs[2 : 2 + mode.num_layout], inputs[2 + mode.num_layout :]
+        returned = expert_out if mode.rows_stay(static) else output[1]
+        ctx.save_for_backward(returned, topk_weights, *layout)
+        ctx.static = static
+        ctx.kernels = _kernels.current()
+
+    def combine_backward(ctx, grad_out, _grad_returned):
+        returned, topk_weights, *layout = ctx.saved_tensors
+        want_w = topk_weights is not None and ctx.needs_input_grad[1]
+        with _kernels.use_kernels(ctx.kernels):
+            grad_expert_out, grad_w = mode.combine_backward(
+                grad_out, returned if want_w else None, topk_weights, *layout, *ctx.static
+            )
+        rest = (None,) * (len(layout) + len(ctx.static))
+        return (grad_expert_out, grad_w if want_w else None) + rest
+
+    dispatch_op.register_autograd(dispatch_backward, setup_context=dispatch_setup_context)
+    mode.combine.register_autograd(combine_backward, setup_context=combine_setup_context)
+
+
+def combine_tail(
+    kern,
+    rows_M: Tensor,
+    expert_out: Tensor,
+    pair_pos_TK: Tensor,
+    topk_weights: Tensor | None,
+    rows_stay: bool,
+) -> tuple[Tensor, Tensor]:
+    """combine's outputs from the rows back on this rank: ``out[T, H']``, the weighted sum over
+    slots, and ``returned_rows`` (the rows themselves; ``[0, H']`` when ``rows_M`` is
+    ``expert_out``, which the backward then saves instead)."""
+    out = kern.combine_rows(rows_M, pair_pos_TK, topk_weights, expert_out.dtype)
+    returned = expert_out.new_empty((0, expert_out.shape[1])) if rows_stay else rows_M
+    return out, returned
+
+
+def weight_grad(
+    kern,
+    grad_out: Tensor,
+    returned_rows: Tensor | None,
+    pair_pos_TK: Tensor,
+    topk_weights: Tensor | None,
+) -> Tensor:
+    """``grad_topk_weights[t, k] = <grad_out[t], row(t, k)>``; ``[0, 0]`` when not asked for
+    (``returned_rows`` None)."""
+    if returned_rows is None:
+        return grad_out.new_empty((0, 0))
+    return kern.slot_dot(grad_out, returned_rows, pair_pos_TK, topk_weights.dtype)
+
+
+def fake_combine(expert_out: Tensor, pair_pos_TK: Tensor, back_rows) -> tuple[Tensor, Tensor]:
+    """combine's fake outputs: ``out[T, H']`` and ``returned_rows[back_rows, H']``."""
+    H = expert_out.shape[1]
+    return expert_out.new_empty((pair_pos_TK.shape[0], H)), expert_out.new_empty((back_rows, H))
+
+
+def fake_combine_backward(
+    grad_out: Tensor,
+    returned_rows: Tensor | None,
+    topk_weights: Tensor | None,
+    pair_pos_TK: Tensor,
+    rows,
+) -> tuple[Tensor, Tensor]:
+    """combine backward's fake outputs: ``grad_expert_out[rows, H']`` and the weight gradient
+    (``[T, K]``, or ``[0, 0]`` without ``returned_rows``)."""
+    grad_w_shape = (0, 0) if returned_rows is None else tuple(pair_pos_TK.shape)
+    grad_w_dtype = grad_out.dtype if topk_weights is None else topk_weights.dtype
+    return (
+        grad_out.new_empty((rows, grad_out.shape[1])),
+        grad_out.new_empty(grad_w_shape, dtype=grad_w_dtype),
+    )

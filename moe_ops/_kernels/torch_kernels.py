@@ -1,0 +1,119 @@
+"""The row kernels in plain torch ops: the CPU path, and the CUDA path under
+``use_kernels("torch")``.
+
+Same functions and signatures as ``moe_ops._kernels.triton_kernels``, same results bit for bit
+(except ``slot_dot``, whose sums run in another fixed order there). Nothing here syncs with the
+host or indexes with a boolean mask, so the capacity mode stays capturable in a CUDA graph.
+Shape letters: see ``moe_ops._layout``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_ops._layout import SendLayout, acc_dtype
+
+
+def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendLayout:
+    """Stable sort of the pairs by global expert; see :class:`~moe_ops._layout.SendLayout`."""
+    T, K = topk_idx_TK.shape
+    E, P = num_experts, T * K
+    dev = topk_idx_TK.device
+    ids_P = topk_idx_TK.reshape(-1).to(torch.int64)
+    valid_P = (ids_P >= 0) & (ids_P < E)
+    key_P = torch.where(valid_P, ids_P, E)  # unused and out-of-range slots sort last
+    sorted_P, order_P = torch.sort(key_P, stable=True)
+    # Counts from the sorted keys: no boolean-mask indexing and no bincount (on CUDA both read
+    # sizes back to the host).
+    bounds = torch.searchsorted(sorted_P, torch.arange(E + 1, dtype=torch.int64, device=dev))
+    counts_E = bounds[1:] - bounds[:-1]
+    bad = ((ids_P < -1) | (ids_P >= E)).sum().view(1)
+    row_P = torch.empty_like(order_P).index_copy_(0, order_P, torch.arange(P, device=dev))
+    send_pos = torch.where(valid_P, row_P, -1).view(T, K)
+    if world_size > 1:
+        pair_pos = torch.where(valid_P, row_P + ids_P // (E // world_size), -1).view(T, K)
+    else:
+        pair_pos = send_pos
+    return SendLayout(send_pos, pair_pos, order_P, torch.cat([counts_E, bad]))
+
+
+def scatter_rows(
+    src_MH: Tensor, pos_MK: Tensor, w_MK: Tensor | None, num_rows: int, out: Tensor | None = None
+) -> Tensor:
+    """``dst[pos[m, k]] = src[m]`` (times ``w[m, k]`` in the accumulation dtype, then cast back).
+
+    ``pos_MK`` int64 ``[M, K]`` (-1: skip). Returns ``dst`` ``[num_rows, H]`` in src's dtype
+    (``out`` if given); rows no pair points at hold whatever was there.
+    """
+    H = src_MH.shape[1]
+    adt = acc_dtype(src_MH.dtype)
+    buf = src_MH.new_empty((num_rows + 1, H))  # the spare last row takes the -1 slots
+    for k in range(pos_MK.shape[1]):
+        rows = src_MH
+        if w_MK is not None:
+            rows = (src_MH.to(adt) * w_MK[:, k, None].to(adt)).to(src_MH.dtype)
+        pos_M = pos_MK[:, k]
+        buf.index_copy_(0, torch.where(pos_M >= 0, pos_M, num_rows), rows)
+    if out is None:
+        return buf[:num_rows]
+    return out.copy_(buf[:num_rows])
+
+
+def place_rows(src_MH: Tensor, dest_M: Tensor, out: Tensor) -> Tensor:
+    """``out[dest[m]] = src[m]`` for a ``dest_M`` of distinct valid rows; returns ``out``."""
+    return out.index_copy_(0, dest_M, src_MH)
+
+
+def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Tensor:
+    """``dst[i] = src[idx[i]]`` (times ``w[i]``, in the accumulation dtype): ``[M, H]``."""
+    rows = src_SH[idx_M]
+    if w_M is None:
+        return rows
+    adt = acc_dtype(src_SH.dtype)
+    return (rows.to(adt) * w_M[:, None].to(adt)).to(src_SH.dtype)
+
+
+def combine_rows(
+    rows_MH: Tensor, pair_pos_TK: Tensor, topk_weights_TK: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``out[t] = sum_k w[t, k] * rows[pair_pos[t, k]]`` summed in slot order, ``-1`` slots add 0.
+
+    Accumulates in ``acc_dtype``, so the result is bitwise reproducible and equal to the
+    reference oracle's.
+    """
+    T, K = pair_pos_TK.shape
+    adt = acc_dtype(out_dtype)
+    acc_TH = torch.zeros((T, rows_MH.shape[1]), dtype=adt, device=rows_MH.device)
+    if rows_MH.shape[0] == 0:
+        return acc_TH.to(out_dtype)
+    for k in range(K):
+        pos_T = pair_pos_TK[:, k]
+        contrib_TH = rows_MH[pos_T.clamp(min=0)].to(adt)
+        if topk_weights_TK is not None:
+            contrib_TH = contrib_TH * topk_weights_TK[:, k, None].to(adt)
+        acc_TH += torch.where(pos_T[:, None] >= 0, contrib_TH, 0)
+    return acc_TH.to(out_dtype)
+
+
+def slot_dot(
+    grad_TH: Tensor, rows_MH: Tensor, pair_pos_TK: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """``g[t, k] = <grad[t], rows[pair_pos[t, k]]>``, 0 for ``-1`` slots (weight gradient)."""
+    T, K = pair_pos_TK.shape
+    adt = acc_dtype(grad_TH.dtype)
+    if rows_MH.shape[0] == 0:
+        return torch.zeros((T, K), dtype=out_dtype, device=grad_TH.device)
+    g_TH = grad_TH.to(adt)
+    cols = []
+    for k in range(K):
+        pos_T = pair_pos_TK[:, k]
+        dot_T = (rows_MH[pos_T.clamp(min=0)].to(adt) * g_TH).sum(-1)
+        cols.append(torch.where(pos_T >= 0, dot_T, 0))
+    return torch.stack(cols, 1).to(out_dtype)
+
+
+def zero_tail(dst_MH: Tensor, n: Tensor) -> Tensor:
+    """``dst[n:] = 0`` in place, with ``n`` an int64 tensor on the device (no host sync)."""
+    tail_M = torch.arange(dst_MH.shape[0], device=dst_MH.device) >= n.reshape(1)
+    return dst_MH.masked_fill_(tail_M[:, None], 0)  # a fill, not boolean-mask indexing
