@@ -346,10 +346,10 @@ def main() -> None:
         "--no-stacked", action="store_true", help="skip the shard_experts(stack=True) block"
     )
     p.add_argument(
-        "--blocks", help="comma-separated substrings: run only the blocks whose names hold one"
+        "--blocks", help="comma-separated: only the blocks whose names hold one (=NAME: exactly)"
     )
     p.add_argument(
-        "--modes", help="comma-separated substrings: run only the modes whose names hold one"
+        "--modes", help="comma-separated: only the modes whose names hold one (=NAME: exactly)"
     )
     args = p.parse_args()
     if args.quick:
@@ -396,7 +396,12 @@ def main() -> None:
         notes.append(_check_ep(group, device, E, K))
 
     def wanted(name: str, spec: str | None) -> bool:
-        return spec is None or any(part.strip() in name for part in spec.split(","))
+        """Does a comma-separated ``spec`` select ``name``: a part selects the names that hold
+        it, or, written ``=part``, the one name equal to it."""
+        if spec is None:
+            return True
+        parts = [part.strip() for part in spec.split(",")]
+        return any(name == p[1:] if p.startswith("=") else p in name for p in parts)
 
     blocks = {b: make for b, make in blocks.items() if wanted(b, args.blocks)}
     rows = []
