@@ -10,7 +10,10 @@ at warning level, under the ``fx_passes`` logger.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import inspect
 import logging
 import operator
 from collections.abc import Callable, Sequence
@@ -19,9 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from torch._dynamo.utils import counters
 
-from fx_passes._match import MoEMatch, Rejected, descendants, module_path
-from fx_passes.rewrite import check_capacity, fuse_moe_routing
+from fx_passes.emit import check_capacity
+from fx_passes.fuse import fuse_moe_routing
+from fx_passes.graph import descendants, module_path, topk_nodes
+from fx_passes.match import MoEMatch, Rejected
 
 log = logging.getLogger("fx_passes")
 
@@ -70,9 +76,7 @@ def _routing_candidates(gm: fx.GraphModule) -> list[fx.Node]:
     """``topk`` nodes whose indices look like expert routing (feed a one-hot, compare, mask,
     or gather), or leave the graph (Dynamo broke the block)."""
     out = []
-    for n in gm.graph.nodes:
-        if n.target not in (torch.topk, "topk"):
-            continue
+    for n in topk_nodes(gm.graph):
         reach = descendants(n)
         if any(
             u.op == "output"
@@ -112,7 +116,8 @@ def _unrewritten_reasons(
     done = {m.module_path for m in matches}
     reasons: dict[str, tuple[str, str]] = {}
     lines = {module_path(n): _code_line(n) for n in _routing_candidates(gm)}
-    for r in rejects:
+    # a failure of the pass wins, then the semantic family's reason (what the block computes)
+    for r in sorted(rejects, key=lambda r: (r.error is None, r.family != "semantic")):
         if r.module_path not in done:
             where = lines.get(r.module_path, "")
             reasons.setdefault(r.module_path, (f"family {r.family}: {r.reason}", where))
@@ -148,6 +153,55 @@ def _check_cuda_graphs_have_capacity(mode: str | None, capacity) -> None:
             f"ops: pass capacity='worst-case' too (same results; the default ops read row counts "
             f"on the host and cannot be captured)"
         )
+
+
+# (what the reason says, what to change), first hit wins; the hint above is the default.
+_SUGGESTIONS = (
+    (
+        "failed: ",
+        "this is a failure of the pass itself, not of the model: please report it with "
+        "the traceback logged under the fx_passes logger; strict=True raises it",
+    ),
+    (
+        "not a multiple of the group size",
+        "use an expert-parallel group whose size divides the number of experts",
+    ),
+    (
+        "capacity",
+        "the block drops tokens past an expert's capacity in an order moe_ops' "
+        "capacity mode does not reproduce: keep it as it is, or route without a capacity "
+        "(every token reaches its experts) to have it rewritten",
+    ),
+    (
+        "differs from the block",
+        "the block does not compute sum_k w[t, k] * expert_{idx[t, k]}"
+        "(x[t]) for its router's top-k (ids, weights): check that nothing but the routing weights "
+        "scales the expert outputs and that the weights are not applied to the expert input",
+    ),
+    (
+        "row by row",
+        "the expert computation holds an op that mixes rows: keep the experts to "
+        "row-wise ops (linear layers, activations, elementwise math) and do the rest outside",
+    ),
+    (
+        "row-wise",
+        "the expert computation holds an op that mixes rows: keep the experts to "
+        "row-wise ops (linear layers, activations, elementwise math) and do the rest outside",
+    ),
+    (
+        "per-token value",
+        "the block reads a per-token tensor besides x, the top-k ids and "
+        "weights: compute it outside the MoE block or from x inside the experts",
+    ),
+)
+
+
+def suggestion(reason: str) -> str:
+    """What a user can change so that a block left alone for ``reason`` gets rewritten."""
+    for key, advice in _SUGGESTIONS:
+        if key in reason:
+            return advice
+    return _HINT
 
 
 def _warn_once(path: str, reason: str, where: str) -> None:
@@ -196,12 +250,16 @@ def moe_backend(
             otherwise): the default ops read row counts on the host and cannot be captured.
 
     The returned backend's ``matches`` attribute lists every block it rewrote
-    (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout).
+    (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout),
+    its ``missed`` attribute every MoE-looking block it left alone, as ``(module path, reason,
+    code line)``. A failure of the pass on one block leaves that block alone (reported like any
+    other reason) unless ``strict``, which raises a ``RuntimeError`` naming the block.
     """
     check_capacity(capacity, "fx_passes.moe_backend")
     compile_inner = _inner_compiler(inner, mode)
     _check_cuda_graphs_have_capacity(mode, capacity)
     rewritten: list[MoEMatch] = []
+    blocks_missed: list[tuple[str, str, str]] = []
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **compile_kwargs: Any):
         # torch.compile(..., backend=this, mode=m) hands the mode over here.
@@ -221,7 +279,7 @@ def moe_backend(
             run_inner = _inner_compiler(inner, call_mode)
             _check_cuda_graphs_have_capacity(call_mode, capacity)
         matches = fuse_moe_routing(
-            gm, group=group, example_inputs=example_inputs, capacity=capacity
+            gm, group=group, example_inputs=example_inputs, capacity=capacity, strict=strict
         )
         rewritten.extend(matches)
         missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
@@ -233,10 +291,12 @@ def moe_backend(
             )
         for path, reason, where in missed:
             _warn_once(path, reason, where)
+        blocks_missed.extend(missed)
         return run_inner(gm, example_inputs)
 
     backend.__name__ = "moe"
     backend.matches = rewritten
+    backend.missed = blocks_missed
     return backend
 
 
@@ -275,21 +335,102 @@ def compile_moe(
     ops turned on for every call, for code that cannot use ``fullgraph=True``.
 
     Returns a callable that runs the compiled model under ``torch._dynamo.config.patch(
-    capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)``.
+    capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)``. What Dynamo does not
+    give the pass is reported like a block left alone (a warning; ``RuntimeError`` with
+    ``strict``): a frame Dynamo skipped (a graph break inside a loop makes it run the whole frame
+    eagerly) in a model that has expert-like modules, and a compile that fails only because of
+    the capture flags (a data-dependent value Dynamo cannot guard on, e.g. ``bincount(...)
+    .tolist()`` without ``torch._check`` on its length): the model is then compiled without them.
     """
-    compiled = torch.compile(
-        model,
-        backend=moe_backend(group, inner=inner, strict=strict, capacity=capacity, mode=mode),
-        **compile_kwargs,
-    )
+    backend = moe_backend(group, inner=inner, strict=strict, capacity=capacity, mode=mode)
+    compiled = torch.compile(model, backend=backend, **compile_kwargs)
+    fallback: list[Callable] = []
 
     @functools.wraps(getattr(model, "forward", model))
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(**_CAPTURE_FLAGS):
-            return compiled(*args, **kwargs)
+        if fallback:
+            return fallback[0](*args, **kwargs)
+        before = collections.Counter(counters["unimplemented"])
+        try:
+            with torch._dynamo.config.patch(**_CAPTURE_FLAGS):
+                out = compiled(*args, **kwargs)
+        except Exception as e:
+            why = _data_dependent(e)
+            if why is None:
+                raise
+            _not_seen(model, why, strict, backend)
+            torch._dynamo.reset()
+            fallback.append(torch.compile(model, backend=backend, **compile_kwargs))
+            return fallback[0](*args, **kwargs)
+        skipped = _skipped_frames(before)
+        if skipped and not backend.matches and _looks_like_moe(model):
+            _not_seen(model, skipped, strict, backend)
+        return out
 
     run.compiled = compiled
+    run.backend = backend
     return run
+
+
+def _data_dependent(e: BaseException) -> str | None:
+    """What Dynamo could not capture when ``e`` is its failure on a data-dependent value."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, GuardOnDataDependentSymNode):
+            first = str(e).strip().splitlines()[0]
+            return (
+                f"Dynamo cannot compile it with data-dependent capture on ({first}); it was "
+                f"compiled without the capture, so no graph holds a whole MoE block. Bound the "
+                f"data-dependent value where it is read (torch._check(counts.shape[0] == E) "
+                f"before counts.tolist(), say)"
+            )
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _skipped_frames(before: collections.Counter) -> str | None:
+    """Why Dynamo skipped a frame since ``before`` (a copy of its ``unimplemented`` counters)."""
+    now = counters["unimplemented"]
+    new = [k for k in now if now[k] > before.get(k, 0) and "Skipping the frame" in k]
+    if not new:
+        return None
+    heads = [ln.strip() for ln in new[0].splitlines() if ln.strip() and ln[0] != " "]
+    breaks = "; ".join(h for h in heads if not h.startswith(("***", "For more", "Developer")))
+    return (
+        f"Dynamo skipped a frame and ran it eagerly ({breaks}), so the pass never saw its MoE "
+        f"routing"
+    )
+
+
+def _looks_like_moe(model: Any) -> bool:
+    """A module with submodules or parameters named like experts (``experts.3``), or whose
+    modules' ``forward`` picks the top-k (``topk``) of something."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    if any("expert" in n.lower() for n in names):
+        return True
+    for cls in {type(m) for m in model.modules()}:
+        with contextlib.suppress(OSError, TypeError):
+            if "topk(" in inspect.getsource(cls.forward):
+                return True
+    return False
+
+
+def _not_seen(model: Any, reason: str, strict: bool, backend: Callable) -> None:
+    """Report a model whose MoE blocks Dynamo did not hand to the pass (and list it among the
+    backend's ``missed`` blocks)."""
+    path = f"<{type(model).__name__}>"
+    backend.missed.append((path, reason, ""))
+    if strict:
+        raise RuntimeError(
+            f"fx_passes.compile_moe(strict=True): MoE block {path} was not rewritten: "
+            f"{reason}. {_HINT}"
+        )
+    _warn_once(path, reason, "")
 
 
 def explain(
@@ -299,42 +440,44 @@ def explain(
     fullgraph: bool = False,
     file=None,
 ) -> list[dict[str, Any]]:
-    """Compile ``model`` on ``inputs`` (with the capture flags on), print a table of the MoE blocks
-    found and not found with reasons, and return its rows. Runs the graphs uncompiled."""
+    """Compile ``model`` on ``inputs`` as :func:`compile_moe` does, print a table of the MoE
+    blocks found: rewritten ones with their expert layout, every block left alone (frames Dynamo
+    skipped included) with its reason and a suggested change. Returns the rows (dicts with keys
+    ``block``, ``family``, ``experts``, ``rewritten``, ``detail``, ``suggestion``). Runs the
+    graphs uncompiled."""
     from tabulate import tabulate
 
+    run = compile_moe(
+        model, group=group, inner=lambda gm, example_inputs: gm.forward, fullgraph=fullgraph
+    )
+    run(*inputs)
+    backend = run.backend
     rows: list[dict[str, Any]] = []
-
-    def record(gm: fx.GraphModule, example_inputs):
-        matches = fuse_moe_routing(gm, group=group, example_inputs=example_inputs)
-        for m in matches:
-            detail = m.rewritten.get("experts", "")
-            if "why_not_grouped" in m.rewritten:
-                detail += f" ({m.rewritten['why_not_grouped']})"
-            rows.append(
-                {
-                    "block": m.module_path or "<top>",
-                    "family": m.family,
-                    "experts": m.num_experts,
-                    "rewritten": "yes",
-                    "detail": detail,
-                }
-            )
-        missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
-        for path, reason, _ in missed:
-            rows.append(
-                {
-                    "block": path or "<top>",
-                    "family": "",
-                    "experts": "",
-                    "rewritten": "no",
-                    "detail": reason,
-                }
-            )
-        return gm.forward
-
-    with torch._dynamo.config.patch(**_CAPTURE_FLAGS):
-        torch.compile(model, backend=record, fullgraph=fullgraph)(*inputs)
+    for m in backend.matches:
+        detail = m.rewritten.get("experts", "")
+        if "why_not_grouped" in m.rewritten:
+            detail += f" ({m.rewritten['why_not_grouped']})"
+        rows.append(
+            {
+                "block": m.module_path or "<top>",
+                "family": m.family,
+                "experts": m.num_experts,
+                "rewritten": "yes",
+                "detail": detail,
+                "suggestion": "",
+            }
+        )
+    for path, reason, where in backend.missed:
+        rows.append(
+            {
+                "block": path or "<top>",
+                "family": "",
+                "experts": "",
+                "rewritten": "no",
+                "detail": reason + (f" ({where})" if where else ""),
+                "suggestion": suggestion(reason),
+            }
+        )
     table = tabulate(rows, headers="keys") if rows else "no MoE routing found"
     print(table, file=file)
     return rows

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fx_passes.rewrite import resolve_group
+from fx_passes.group import resolve_group
 from fx_passes.sharding import shard_experts
 
 _INDEX = "model.safetensors.index.json"

@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fx_passes._match import ShardInfo, shard_info
-from fx_passes.rewrite import resolve_group
+from fx_passes.group import resolve_group
+from fx_passes.match import ShardInfo, shard_info
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,21 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx import Node
 
-from fx_passes._match import is_param_like, val
-from fx_passes.rewrite import ROWWISE_FUNCS, ROWWISE_METHODS, call, host_counts
+from fx_passes.experts import host_counts
+from fx_passes.graph import (
+    ASSERTISH,
+    ROWWISE_FUNCS,
+    ROWWISE_METHODS,
+    arg,
+    call,
+    grouped_mm_fallback_op,
+    is_call,
+    is_cast,
+    is_method,
+    is_param_like,
+    target_name,
+    val,
+)
 
 # Ops that map each row to a row (or select per-expert parameters): safe to run on any subset
 # of rows. Anything else in an expert body makes the matcher leave the block alone.
@@ -44,81 +57,9 @@ _ROW_FUNCS = ROWWISE_FUNCS | {
     operator.getitem,
     torch.sym_sum,
 }
+
+
 _ROW_METHODS = ROWWISE_METHODS | {"chunk", "split", "add_", "mul_", "clamp_", "mean", "sum"}
-_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "long", "int", "type_as", "type"}
-_ASSERTISH = {
-    torch.ops.aten._assert_scalar.default,
-    torch.ops.aten.sym_size.int,
-    torch.ops.aten.sym_storage_offset.default,
-    torch._check,
-    torch._check_is_size,
-    operator.ge,
-    operator.le,
-    operator.gt,
-    operator.lt,
-    operator.eq,
-    operator.ne,
-    operator.or_,
-    operator.and_,
-    operator.getitem,
-    torch.sym_sum,
-    operator.add,
-}
-
-
-def grouped_mm_fallback_op():
-    """transformers' ``grouped_mm_fallback`` custom op, when transformers registered it."""
-    ns = getattr(torch.ops, "transformers", None)
-    return getattr(ns, "grouped_mm_fallback", None) if ns is not None else None
-
-
-def target_name(n: Node) -> str:
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-
-
-def is_method(n: Node, *names: str) -> bool:
-    return n.op == "call_method" and n.target in names
-
-
-def is_call(n: Node, *targets) -> bool:
-    return n.op == "call_function" and any(n.target is t for t in targets)
-
-
-def arg(n: Node, i: int, name: str, default=None):
-    """Positional argument ``i`` (counting ``self`` for methods) or keyword ``name``."""
-    if len(n.args) > i:
-        return n.args[i]
-    return n.kwargs.get(name, default)
-
-
-def is_cast(n: Node) -> bool:
-    if is_method(n, *_CAST_METHODS):
-        return True
-    return is_call(n, torch.ops.prims.convert_element_type.default)
-
-
-def strip_casts(n: Node) -> Node:
-    while isinstance(n, Node) and is_cast(n):
-        n = n.args[0]
-    return n
-
-
-def is_flatten(n: Node) -> bool:
-    """``t.view(-1)``, ``t.reshape(-1)``, ``t.flatten()``, ``torch.flatten(t)`` (1-D result)."""
-    v = val(n)
-    if not isinstance(v, torch.Tensor) or v.dim() != 1:
-        return False
-    return bool(
-        is_method(n, "view", "reshape", "flatten", "contiguous")
-        or is_call(n, torch.flatten, torch.reshape)
-    )
-
-
-def unflatten(n: Node) -> Node:
-    """Walk back through flattening views (and casts) to the tensor they flatten."""
-    while isinstance(n, Node) and (is_flatten(n) or is_cast(n)):
-        n = n.args[0]
-    return n
 
 
 def add_hangers(remove: set[Node], keep_out: Node | None = None) -> None:
@@ -139,7 +80,7 @@ def add_hangers(remove: set[Node], keep_out: Node | None = None) -> None:
 def _dead_end(u: Node, remove: set[Node], depth: int = 0) -> bool:
     if depth > 8 or u.op != "call_function" and not is_method(u, "size", "item", "dim"):
         return False
-    if u.op == "call_function" and u.target not in _ASSERTISH:
+    if u.op == "call_function" and u.target not in ASSERTISH:
         return False
     if isinstance(val(u), torch.Tensor):
         return False

@@ -1,176 +1,27 @@
-"""What a routing-family matcher hands to the rewrite: :class:`MoEMatch` and its expert bodies.
+"""Graph helpers shared by the matchers, the check and the emission: one copy of each.
 
-How a family plugs in
----------------------
-A family module (``family_loop``, ``family_sorted``, ...) defines::
-
-    def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]
-
-listed in ``rewrite._FAMILY_MODULES``. It looks at the Dynamo-level graph (torch-level calls:
-``torch.topk``, ``torch.where``, ``Tensor.index_add_``, ``torch._C._nn.linear``) and, for each MoE
-block it is sure about, returns one :class:`MoEMatch`; for each candidate it is not sure about it
-appends a :class:`Rejected` with the reason (logged at debug level, shown by ``explain``). It must
-not mutate the graph: ``rewrite.fuse_moe_routing`` checks every match against its rewrite on small
-random inputs at W = 1 and only then calls ``match.replace_with(gm, group)``.
-
-A match names, in the original graph:
-
-* ``x``: the ``[T, H]`` rows the experts read (the node the per-expert gathers index into).
-* ``topk_idx``: ``[T, K]`` (or ``[T]``) integer global expert ids.
-* ``topk_weights``: ``[T, K]`` floating weights applied to each slot's expert output, or None when
-  the code applies none. The rewrite applies them in ``combine``; the matcher must leave the
-  multiplication out of the expert body (weights applied to the expert *input* are not
-  expressible: reject such blocks).
-* ``output``: the node whose value is the routed sum ``[T, H']``; its uses after ``last_write``
-  (or all its uses when ``last_write`` is None) are replaced by the rewrite's result.
-  ``base`` is what that sum was accumulated onto (a shared expert's output, say), or None for
-  zeros; the rewrite emits ``base + combine(...)`` then.
-* ``remove``: every node the rewrite deletes (the in-place ``index_add_``/``setitem`` writes
-  included: the rewrite removes nodes deliberately, never with ``eliminate_dead_code``). Each
-  user of a removed node must itself be removed, or be a use of ``output`` after ``last_write``.
-* ``body``: the expert computation, one of
-
-  - :class:`ModuleListExperts`: one :class:`ExpertSubgraph` per expert (ModuleList experts):
-    the rows the expert reads, its output before any routing weight, and the nodes between. When
-    all experts have the same structure of linear layers and row-wise ops the rewrite stacks the
-    local experts' weights and emits ``torch._grouped_mm`` (bf16), else it runs each local expert
-    on its segment of ``torch.split(recv_x, tokens_per_expert.tolist())``.
-  - :class:`StackedExperts`: parameters ``[E, ...]`` indexed by expert plus an ``emit`` callback
-    that builds the expert computation over rows grouped by local expert; the rewrite hands it the
-    parameters sliced to this rank's experts (or as they are when already ``[E/W, ...]``).
-
-Shape letters: T tokens, H hidden (H' expert output), K top-k, E experts, W ranks, E_l = E / W
-local experts, R rows received by this rank.
+Reading a graph: example values (:func:`val`), module paths, traversals (``ancestors``,
+``descendants``, ``nodes_between``), node predicates (``is_call``, ``is_method``, ``is_cast``,
+...), the op tables (row-wise ops, runtime asserts) and the one top-k finder
+(:func:`topk_nodes`). Writing one: :func:`call` inserts a node with its example value.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 import re
-import typing
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch.fx import Node
 
-
-@dataclasses.dataclass(frozen=True)
-class ShardInfo:
-    """What the stand-in of an expert parameter sharded by ``fx_passes.shard_experts`` carries
-    (``stand_in._moe_shard``): the parameter's dotted name, E, this rank's experts, the group it
-    was sharded over, and ``param``, the DTensor parameter holding the local rows of a stacked
-    ``[E, ...]`` parameter (None for a ModuleList expert that another rank owns). The pass puts
-    it in ``placeholder.meta["moe_shard"]``.
-    """
-
-    name: str
-    num_experts: int
-    local_experts: range
-    group_name: str
-    param: Any = None
+if TYPE_CHECKING:
+    from fx_passes.match import MoEMatch
 
 
-def shard_info(value: object) -> ShardInfo | None:
-    """The :class:`ShardInfo` of a sharded parameter's stand-in, None for anything else."""
-    return getattr(value, "_moe_shard", None) if isinstance(value, torch.Tensor) else None
-
-
-@dataclasses.dataclass
-class Rejected:
-    """A candidate block a family looked at and left alone, and why."""
-
-    family: str
-    module_path: str
-    reason: str
-
-
-@dataclasses.dataclass
-class ExpertSubgraph:
-    """One expert of a ModuleList, as it appears in the original graph.
-
-    ``input`` is the ``[n_e, H]`` node of rows routed to this expert (e.g. ``x[token_idx]``),
-    ``output`` the ``[n_e, H']`` expert result before any routing weight, ``nodes`` every node on
-    a path from ``input`` to ``output`` (``input`` excluded, ``output`` included) in graph order.
-    Anything else those nodes read (parameters, constants) is captured as-is.
-    """
-
-    expert: int
-    input: Node
-    output: Node
-    nodes: list[Node]
-
-
-@dataclasses.dataclass
-class ModuleListExperts:
-    """Per-expert subgraphs; ``experts[e]`` is global expert ``e``."""
-
-    experts: list[ExpertSubgraph]
-
-
-EmitFn = Callable[[fx.Graph, Node, Node, list[Node]], Node]
-
-
-@dataclasses.dataclass
-class StackedExperts:
-    """Experts as stacked parameters ``[E, ...]`` (or ``[E/W, ...]`` when already sharded).
-
-    ``emit(graph, recv_x_RH, tokens_per_expert_El, local_params) -> expert_out_RH'`` inserts (at
-    the graph's current insertion point) the expert computation over ``recv_x`` whose rows are
-    grouped by local expert (``tokens_per_expert`` int64 ``[E_l]``; ``rewrite.grouped_offsets``
-    turns it into int32 cumulative offsets), with ``local_params[i]`` the ``[E_l, ...]`` slice of
-    ``params[i]``. It must set ``meta["val"]``/``meta["example_value"]`` on what it creates
-    (``rewrite.call`` does). To read the counts on the host (split sizes), read
-    ``rewrite.host_counts(tokens_per_expert)``: the CPU copy dispatch's one sync already made, so
-    the block does not sync again.
-    """
-
-    params: list[Node]
-    emit: EmitFn
-
-
-@dataclasses.dataclass
-class MoEMatch:
-    """One MoE block a family is sure about (see the module docstring for each field)."""
-
-    family: str
-    module_path: str
-    num_experts: int
-    x: Node
-    topk_idx: Node
-    topk_weights: Node | None
-    output: Node
-    remove: list[Node]
-    body: ModuleListExperts | StackedExperts
-    base: Node | None = None
-    last_write: Node | None = None
-    rewritten: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    # Whether the rewrite checks the block against its W = 1 rewrite on random inputs first. A
-    # block holding the user's own collectives (family E) cannot run alone, so it relies on its
-    # exact structural match instead.
-    verify_at_w1: typing.ClassVar[bool] = True
-
-    def replace_with(self, gm: fx.GraphModule, group=None, *, capacity=None) -> None:
-        """Rewrite this block of ``gm`` into dispatch -> local experts -> combine (the
-        capacity-mode ops when ``capacity`` is not None, see ``fuse_moe_routing``)."""
-        from fx_passes.rewrite import rewrite_match
-
-        rewrite_match(gm, self, group, capacity)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "module": self.module_path,
-            "num_experts": self.num_experts,
-            "body": "ModuleList" if isinstance(self.body, ModuleListExperts) else "stacked",
-            **self.rewritten,
-        }
-
-
-# ----------------------------------------------------------------------------- graph helpers
 def val(node: Any) -> Any:
     """The example value of a node (fake tensor / SymInt), or ``node`` itself if not a Node."""
     if not isinstance(node, Node):
@@ -235,7 +86,7 @@ def is_param_slice(node: Any) -> bool:
     )
 
 
-_ASSERT_TARGETS = {
+ASSERT_TARGETS = {
     torch.ops.aten._assert_scalar.default,
     torch.ops.aten.sym_size.int,
     torch.ops.aten.sym_constrain_range_for_size.default,
@@ -253,6 +104,26 @@ _ASSERT_TARGETS = {
 }
 
 
+ASSERTISH = {
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_storage_offset.default,
+    torch._check,
+    torch._check_is_size,
+    operator.ge,
+    operator.le,
+    operator.gt,
+    operator.lt,
+    operator.eq,
+    operator.ne,
+    operator.or_,
+    operator.and_,
+    operator.getitem,
+    torch.sym_sum,
+    operator.add,
+}
+
+
 def assert_only_users(node: Node) -> list[Node]:
     """Nodes hanging off ``node`` that only feed runtime shape assertions.
 
@@ -266,7 +137,7 @@ def assert_only_users(node: Node) -> list[Node]:
         if n not in memo:
             memo[n] = False
             ok = n.op == "call_function" and (
-                n.target in _ASSERT_TARGETS or n.target is operator.getitem
+                n.target in ASSERT_TARGETS or n.target is operator.getitem
             )
             memo[n] = ok and all(only_asserts(u) for u in n.users)
         return memo[n]
@@ -400,3 +271,214 @@ def check_removable(match: MoEMatch) -> str | None:
                 continue
             return f"{n.name} is used by {u.name} outside the matched block"
     return None
+
+
+def meta_key(graph: fx.Graph) -> str:
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            return "val" if "val" in n.meta else "example_value"
+    return "example_value"
+
+
+def _fake_mode_of(args: Any):
+    """The fake mode of the first fake tensor in ``args`` (the one that made the graph's meta)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    modes = []
+    fx.node.map_aggregate(
+        args, lambda a: modes.append(a.fake_mode) if isinstance(a, FakeTensor) else a
+    )
+    return modes[0] if modes else None
+
+
+def set_val(node: Node) -> None:
+    """Compute ``node``'s example value from its inputs' in their fake mode (if they have one)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), val)
+    mode = _fake_mode_of((args, kwargs))
+    if mode is None:  # e.g. torch.arange: take the mode of the graph's inputs
+        mode = _fake_mode_of([val(n) for n in node.graph.nodes if n.op == "placeholder"])
+    if mode is None:
+        return
+    with mode:
+        if node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            out = node.target(*args, **kwargs)
+    if mode.shape_env is not None:
+        from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
+
+        bindings = compute_unbacked_bindings(mode.shape_env, out)
+        if bindings:
+            node.meta["unbacked_bindings"] = bindings
+    node.meta[meta_key(node.graph)] = out
+
+
+def call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
+    """Insert ``target(*args, **kwargs)`` (a method if ``target`` is a str) with its meta value."""
+    if isinstance(target, str):
+        node = graph.call_method(target, args, kwargs or {})
+    else:
+        node = graph.call_function(target, args, kwargs or {})
+    set_val(node)
+    return node
+
+
+LINEAR = (torch._C._nn.linear, F.linear)
+
+
+# Elementwise ops: each output row depends on the same input row only, so they run unchanged on
+# rows grouped by expert. Stacked-expert bodies (``families._body``) add the structural ops they
+# accept.
+ROWWISE_FUNCS = {
+    torch.where,
+    torch.maximum,
+    torch.minimum,
+    torch.rsqrt,
+    torch.pow,
+    F.silu,
+    F.gelu,
+    F.relu,
+    F.sigmoid,
+    F.tanh,
+    F.softplus,
+    F.elu,
+    F.leaky_relu,
+    F.mish,
+    torch.sigmoid,
+    torch.tanh,
+    torch.relu,
+    torch.exp,
+    torch.square,
+    torch.clamp,
+    torch.clip,
+    torch.mul,
+    torch.add,
+    torch.sub,
+    torch.div,
+    torch.neg,
+    torch.erf,
+    operator.mul,
+    operator.add,
+    operator.sub,
+    operator.truediv,
+    operator.neg,
+    operator.pow,
+}
+
+
+ROWWISE_METHODS = {
+    "type",
+    "rsqrt",
+    "to",
+    "float",
+    "half",
+    "bfloat16",
+    "type_as",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "mul",
+    "add",
+    "sub",
+    "div",
+    "clamp",
+    "pow",
+    "neg",
+    "exp",
+    "contiguous",
+    "square",
+}
+
+
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "long", "int", "type_as", "type"}
+
+
+def grouped_mm_fallback_op():
+    """transformers' ``grouped_mm_fallback`` custom op, when transformers registered it."""
+    ns = getattr(torch.ops, "transformers", None)
+    return getattr(ns, "grouped_mm_fallback", None) if ns is not None else None
+
+
+def target_name(n: Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def is_method(n: Node, *names: str) -> bool:
+    return n.op == "call_method" and n.target in names
+
+
+def is_call(n: Node, *targets) -> bool:
+    return n.op == "call_function" and any(n.target is t for t in targets)
+
+
+def arg(n: Node, i: int, name: str, default=None):
+    """Positional argument ``i`` (counting ``self`` for methods) or keyword ``name``."""
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+def is_cast(n: Node) -> bool:
+    if is_method(n, *_CAST_METHODS):
+        return True
+    return is_call(n, torch.ops.prims.convert_element_type.default)
+
+
+def strip_casts(n: Node) -> Node:
+    while isinstance(n, Node) and is_cast(n):
+        n = n.args[0]
+    return n
+
+
+def is_flatten(n: Node) -> bool:
+    """``t.view(-1)``, ``t.reshape(-1)``, ``t.flatten()``, ``torch.flatten(t)`` (1-D result)."""
+    v = val(n)
+    if not isinstance(v, torch.Tensor) or v.dim() != 1:
+        return False
+    return bool(
+        is_method(n, "view", "reshape", "flatten", "contiguous")
+        or is_call(n, torch.flatten, torch.reshape)
+    )
+
+
+def unflatten(n: Node) -> Node:
+    """Walk back through flattening views (and casts) to the tensor they flatten."""
+    while isinstance(n, Node) and (is_flatten(n) or is_cast(n)):
+        n = n.args[0]
+    return n
+
+
+def is_topk(n: Node) -> bool:
+    """``torch.topk(...)`` / ``t.topk(...)``."""
+    return n.op in ("call_function", "call_method") and n.target in (torch.topk, "topk")
+
+
+def topk_nodes(graph: fx.Graph) -> list[Node]:
+    """Every ``topk`` call of ``graph``: the routers' candidates."""
+    return [n for n in graph.nodes if is_topk(n)]
+
+
+def topk_indices(graph: fx.Graph) -> list[Node]:
+    """``topk(...)[1]`` nodes: the top-k ids of every ``topk`` call of ``graph``."""
+    return [
+        u
+        for n in topk_nodes(graph)
+        for u in n.users
+        if u.target is operator.getitem and u.args[1] == 1
+    ]
+
+
+def router_ids(graph: fx.Graph) -> list[Node]:
+    """The expert ids of every router of ``graph``: ``topk(...)[1]`` (``[T, K]``), and for
+    top-1 routers ``argmax(scores, -1)`` or ``max(scores, -1)[1]`` (``[T]``)."""
+    out = topk_indices(graph)
+    for n in graph.nodes:
+        if n.op in ("call_function", "call_method") and n.target in (torch.argmax, "argmax"):
+            out.append(n)
+        elif n.target is operator.getitem and n.args[1] == 1:
+            src = n.args[0]
+            dim = len(src.args) > 1 or "dim" in src.kwargs if isinstance(src, Node) else False
+            if dim and src.target in (torch.max, "max"):
+                out.append(n)
+    order = graph_order(graph)
+    return sorted(out, key=order.get)

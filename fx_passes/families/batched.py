@@ -23,37 +23,42 @@ import torch
 import torch.fx as fx
 from torch.fx import Node
 
-from fx_passes import _stacked as S
-from fx_passes._match import (
+from fx_passes.experts import grouped_linear
+from fx_passes.families import _body as gbody
+from fx_passes.families import _walks as walks
+from fx_passes.families._guard import each_candidate
+from fx_passes.graph import (
+    arg,
+    common_prefix_path,
+    graph_order,
+    is_call,
+    is_cast,
+    is_method,
+    is_param_like,
+    module_path,
+    strip_casts,
+    unflatten,
+    val,
+)
+from fx_passes.match import (
     MoEMatch,
     Rejected,
     StackedExperts,
-    common_prefix_path,
-    graph_order,
-    is_param_like,
-    module_path,
-    val,
 )
-from fx_passes.family_sorted import _column, _strip_row_weight, extend_cast, removal_set
-from fx_passes.rewrite import call, grouped_offsets, host_counts
 
 FAMILY = "batched"
 
 
 def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]:
     """One :class:`MoEMatch` per batched-gather MoE block of ``gm`` (module docstring)."""
-    matches: list[MoEMatch] = []
-    for node in list(gm.graph.nodes):
-        if not (S.is_method(node, "repeat_interleave") or S.is_call(node, torch.repeat_interleave)):
-            continue
-        if not (isinstance(S.arg(node, 1, "repeats"), int) and S.arg(node, 2, "dim") == 0):
-            continue
-        got = _match(node)
-        if isinstance(got, str):
-            rejects.append(Rejected(FAMILY, module_path(node), got))
-        elif got is not None:
-            matches.append(got)
-    return matches
+    reps = [
+        n
+        for n in gm.graph.nodes
+        if (is_method(n, "repeat_interleave") or is_call(n, torch.repeat_interleave))
+        and isinstance(arg(n, 1, "repeats"), int)
+        and arg(n, 2, "dim") == 0
+    ]
+    return each_candidate(FAMILY, reps, lambda r: _match(r), rejects)
 
 
 def _gathered_weight(n: Node) -> tuple[Node, Node] | None:
@@ -68,15 +73,15 @@ def _batched_linear(sq: Node) -> tuple[Node, Node, Node, bool, list[Node]] | Non
 
     Returns ``(a, W, ids, transposed, [unsqueeze, bmm, W[ids]])``.
     """
-    if not S.is_method(sq, "squeeze"):
+    if not is_method(sq, "squeeze"):
         return None
     mm = sq.args[0]
-    if not (S.is_call(mm, torch.bmm) or S.is_method(mm, "bmm")) or len(mm.users) != 1:
+    if not (is_call(mm, torch.bmm) or is_method(mm, "bmm")) or len(mm.users) != 1:
         return None
     lhs, rhs = mm.args[0], mm.args[1]
     for wsel, vec, transposed, axis in ((lhs, rhs, False, -1), (rhs, lhs, True, 1)):
         got = _gathered_weight(wsel)
-        if got is None or not S.is_method(vec, "unsqueeze") or len(vec.users) != 1:
+        if got is None or not is_method(vec, "unsqueeze") or len(vec.users) != 1:
             continue
         if vec.args[1] not in (axis, 2 if axis == -1 else 1) or sq.args[1:] not in (
             (axis,),
@@ -106,9 +111,9 @@ def _match(rep: Node) -> MoEMatch | str | None:
     sums = [
         n
         for n in fwd
-        if S.is_method(n, "sum")
-        and S.arg(n, 1, "dim") in (1, -2)
-        and S.is_method(n.args[0], "view", "reshape")
+        if is_method(n, "sum")
+        and arg(n, 1, "dim") in (1, -2)
+        and is_method(n.args[0], "view", "reshape")
         and tuple(val(n.args[0]).shape[:2]) == (T, K)
     ]
     if len(sums) != 1:
@@ -119,22 +124,22 @@ def _match(rep: Node) -> MoEMatch | str | None:
     # weights: y * w_flat.unsqueeze(-1), w_flat = topk_weights.reshape(-1)
     w_flat = None
     n = z
-    while S.is_cast(n):
+    while is_cast(n):
         n = n.args[0]
-    if S.is_call(n, operator.mul, torch.mul) or S.is_method(n, "mul"):
+    if is_call(n, operator.mul, torch.mul) or is_method(n, "mul"):
         for a in n.args[:2]:
-            col = _column(a) if isinstance(a, Node) else None
-            if col is not None and S.unflatten(col) is not col:
-                w_flat = S.strip_casts(col)
-    y, applied = _strip_row_weight(z, w_flat, seen)
-    topk_weights = S.unflatten(w_flat) if applied else None
+            col = walks.column(a) if isinstance(a, Node) else None
+            if col is not None and unflatten(col) is not col:
+                w_flat = strip_casts(col)
+    y, applied = walks.strip_row_weight(z, w_flat, seen)
+    topk_weights = unflatten(w_flat) if applied else None
     if topk_weights is not None:
         seen += [w_flat] if w_flat is not topk_weights else []
         if val(topk_weights).dim() != 2 or tuple(val(topk_weights).shape) != (T, K):
             return "the slot weights are not a [T, K] tensor"
 
-    output = extend_cast(output, seen)
-    body_nodes = S.body_region(rep, y)
+    output = walks.extend_cast(output, seen)
+    body_nodes = gbody.body_region(rep, y)
     if not body_nodes:
         return None
     linears = {}
@@ -147,7 +152,7 @@ def _match(rep: Node) -> MoEMatch | str | None:
             continue
         a, W, wids, transposed, parts = got
         if ids is None:
-            ids, topk_idx = wids, S.unflatten(wids)
+            ids, topk_idx = wids, unflatten(wids)
         if wids is not ids:
             return f"{n.name}: weights gathered by different ids"
         E = E if E is not None else val(W).shape[0]
@@ -164,7 +169,7 @@ def _match(rep: Node) -> MoEMatch | str | None:
     for n in body_nodes:
         if n in linears:
             continue
-        why = S.check_row_op(n)
+        why = gbody.check_row_op(n)
         if why is not None:
             return why
         if n.target is operator.getitem and isinstance(val(n.args[0]), torch.Tensor):
@@ -173,9 +178,9 @@ def _match(rep: Node) -> MoEMatch | str | None:
                 return f"{n.name}: indexing {idx!r} may mix rows"
 
     def leaf_kind(a: Node) -> str | None:
-        return "row_ids" if S.strip_casts(a) is ids else None
+        return "row_ids" if strip_casts(a) is ids else None
 
-    sup = S.collect_support(body_nodes, rep, leaf_kind, replaced=linears)
+    sup = gbody.collect_support(body_nodes, rep, leaf_kind, replaced=linears)
     if isinstance(sup, str):
         return sup
     support, _, row_ids, params = sup
@@ -188,12 +193,12 @@ def _match(rep: Node) -> MoEMatch | str | None:
     rewrite = {
         sq: _grouped_linear_emitter(a, W, transposed) for sq, (a, W, transposed) in linears.items()
     }
-    body = S.Body(rep, y, nodes, [], row_ids, params, {}, E, rewrite)
+    body = gbody.Body(rep, y, nodes, [], row_ids, params, {}, E, rewrite)
 
-    known = set(seen) | set(nodes) | skip | {ids, *_chain(ids, topk_idx)}
+    known = set(seen) | set(nodes) | skip | {ids, *walks.input_chain(ids, topk_idx)}
     if topk_weights is not None:
-        known |= {w_flat, *_chain(w_flat, topk_weights)}
-    remove = removal_set(output, None, None, x, topk_idx, topk_weights, known)
+        known |= {w_flat, *walks.input_chain(w_flat, topk_weights)}
+    remove = walks.removal_set(output, None, None, x, topk_idx, topk_weights, known)
     if isinstance(remove, str):
         return remove
     return MoEMatch(
@@ -209,36 +214,8 @@ def _match(rep: Node) -> MoEMatch | str | None:
     )
 
 
-def _chain(top: Node, bottom: Node) -> list[Node]:
-    out = []
-    while top is not bottom and isinstance(top, Node):
-        out.append(top)
-        top = top.args[0]
-    return out
-
-
 def _grouped_linear_emitter(a: Node, W: Node, transposed: bool):
     def emit(graph: fx.Graph, lookup, tpe: Node) -> Node:
         return grouped_linear(graph, lookup(a), lookup(W), tpe, transposed)
 
     return emit
-
-
-def grouped_linear(graph: fx.Graph, a: Node, w: Node, tpe: Node, transposed: bool) -> Node:
-    """``a[R, in]`` rows grouped by local expert times ``w[E_l, out, in]`` (``[E_l, in, out]``
-    when ``transposed``): ``torch._grouped_mm`` for bfloat16 with 16-byte aligned rows, else one
-    ``mm`` per local expert on ``split(a, tpe.tolist())``."""
-    mat_b = w if transposed else call(graph, "transpose", (w, -2, -1))
-    bv = val(mat_b)
-    av = val(a)
-    aligned = all(isinstance(s, int) and (s * bv.element_size()) % 16 == 0 for s in bv.shape[1:])
-    if av.dtype == torch.bfloat16 and bv.dtype == torch.bfloat16 and aligned:
-        return call(graph, torch._grouped_mm, (a, mat_b), {"offs": grouped_offsets(graph, tpe)})
-    sizes = call(graph, "tolist", (host_counts(tpe),))
-    parts = call(graph, torch.split, (a, sizes))
-    outs = []
-    for j in range(bv.shape[0]):
-        part = call(graph, operator.getitem, (parts, j))
-        wj = call(graph, operator.getitem, (mat_b, j))
-        outs.append(call(graph, torch.mm, (part, wj)))
-    return outs[0] if len(outs) == 1 else call(graph, torch.cat, (outs,))

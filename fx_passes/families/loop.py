@@ -20,7 +20,7 @@ The matcher anchors on ``torch.topk``'s indices, finds the writes into one accum
 index depends on them, and walks back from each written value: an optional cast, a
 multiplication by a ``[T, K]`` weight tensor indexed by routing values, the expert's output, and
 the rows ``x[...]`` it read. What the indices mean is not derived here: the W = 1 check in
-``rewrite.verify_match`` runs the block against its rewrite and catches a misreading.
+``verify.verify_match`` runs the block against its rewrite and catches a misreading.
 """
 
 from __future__ import annotations
@@ -32,11 +32,8 @@ import torch
 import torch.fx as fx
 from torch.fx import Node
 
-from fx_passes._match import (
-    ExpertSubgraph,
-    ModuleListExperts,
-    MoEMatch,
-    Rejected,
+from fx_passes.families._guard import each_candidate
+from fx_passes.graph import (
     ancestors,
     assert_only_users,
     descendants,
@@ -46,22 +43,18 @@ from fx_passes._match import (
     module_stack_paths,
     nodes_between,
     prune_removal,
+    topk_indices,
     val,
+)
+from fx_passes.match import (
+    ExpertSubgraph,
+    ModuleListExperts,
+    MoEMatch,
+    Rejected,
 )
 
 _ZEROS = {torch.zeros, torch.zeros_like, "new_zeros", "zero_"}
 _CASTS = {"to", "type_as", "float", "half", "bfloat16", "type"}
-
-
-def _topk_indices(graph: fx.Graph) -> list[Node]:
-    """``torch.topk(...)[1]`` / ``t.topk(...)[1]`` nodes: routing candidates."""
-    out = []
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 1:
-            src = n.args[0]
-            if isinstance(src, Node) and src.target in (torch.topk, "topk"):
-                out.append(n)
-    return out
 
 
 def _is_index_add(n: Node) -> bool:
@@ -339,11 +332,10 @@ def _reject(rejects: list[Rejected], family: str, path: str, reason: str) -> Non
 
 def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]:
     """Family A and C blocks of ``gm`` (the graph is not modified)."""
-    matches = []
-    for idx in _topk_indices(gm.graph):
+    blocks = []
+    for idx in topk_indices(gm.graph):
         reach = descendants(idx) | {idx}
-        for acc, writes in _writes(idx, reach).items():
-            m = _match_block(idx, acc, writes, reach, rejects)
-            if m is not None:
-                matches.append(m)
-    return matches
+        blocks += [(idx, acc, writes, reach) for acc, writes in _writes(idx, reach).items()]
+    return each_candidate(
+        "loop", blocks, lambda b: _match_block(*b, rejects), rejects, where=lambda b: b[1]
+    )

@@ -27,11 +27,11 @@ loop, ``torch._grouped_mm``) or a ``ModuleList`` of ``E_l`` experts on ``split``
 Being sure: every piece above is matched exactly (the same group in the three exchanges, the
 way back with the forward split sizes swapped, the counts of the block's own ids, the regroup
 keyed by local expert), and anything else left alone, with the reason. The W = 1 random check of
-``rewrite.verify_match`` does not apply here: the region holds the user's collectives over a
+``verify.verify_match`` does not apply here: the region holds the user's collectives over a
 W-rank group and bakes W, the rank and the local parameters into the graph, so it cannot run by
 itself in one process (at compile time it would issue real collectives, and a rank that decided
-differently would hang its peers). ``EPMatch.verify_at_w1`` is False; the structural match is
-the check.
+differently would hang its peers). Its matches have ``verify_at_w1`` False; the structural match
+is the check.
 
 Shape letters: T tokens, H hidden, K top-k, E experts, W ranks, E_l = E / W, P = T * K pairs,
 R rows received by this rank.
@@ -43,56 +43,44 @@ import dataclasses
 import operator
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from torch.fx import Node
 
-from fx_passes import _stacked as S
-from fx_passes import family_sorted as D
-from fx_passes._match import (
+from fx_passes.families import _body as gbody
+from fx_passes.families import _walks as walks
+from fx_passes.families._guard import each_candidate
+from fx_passes.graph import (
+    arg,
+    common_prefix_path,
+    graph_order,
+    is_call,
+    is_method,
+    is_param_like,
+    module_path,
+    nodes_between,
+    strip_casts,
+    target_name,
+    unflatten,
+    val,
+)
+from fx_passes.group import group_by_name
+from fx_passes.match import (
     ExpertSubgraph,
     ModuleListExperts,
     MoEMatch,
     Rejected,
     StackedExperts,
-    common_prefix_path,
-    graph_order,
-    is_param_like,
-    module_path,
-    nodes_between,
-    val,
 )
 
 FAMILY = "ep"
 
 
-@dataclasses.dataclass
-class EPMatch(MoEMatch):
-    """A family-E match: rewritten over the group the user's own collectives use."""
-
-    ep_group: dist.ProcessGroup | None = None
-    verify_at_w1 = False  # see the module docstring
-
-    def replace_with(self, gm: fx.GraphModule, group=None, *, capacity=None) -> None:
-        from fx_passes.rewrite import rewrite_match
-
-        rewrite_match(gm, self, self.ep_group, capacity)
-
-
 def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]:
-    """One :class:`EPMatch` per hand-written EP block of ``gm`` (see the module docstring)."""
+    """One :class:`MoEMatch` per hand-written EP block of ``gm`` (see the module docstring)."""
     if not any(_is_a2a(n) for n in gm.graph.nodes):
         return []
-    matches: list[MoEMatch] = []
-    for node in list(gm.graph.nodes):
-        if not D._is_sort(node):
-            continue
-        got = _match_ep(node)
-        if isinstance(got, str):
-            rejects.append(Rejected(FAMILY, module_path(node), got))
-        elif got is not None:
-            matches.append(got)
-    return matches
+    sorts = [n for n in gm.graph.nodes if walks.is_sort(n)]
+    return each_candidate(FAMILY, sorts, lambda s: _match_ep(s), rejects)
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -121,7 +109,7 @@ _BUFFERS = (torch.empty, torch.empty_like, torch.zeros, torch.zeros_like)
 
 
 def _is_buffer(n: Node) -> bool:
-    return S.is_call(n, *_BUFFERS) or S.is_method(n, "new_empty", "new_zeros")
+    return is_call(n, *_BUFFERS) or is_method(n, "new_empty", "new_zeros")
 
 
 @dataclasses.dataclass
@@ -139,7 +127,7 @@ class _Exchange:
 
 def _exchange(a2a: Node) -> _Exchange | str:
     """Follow an ``all_to_all_single`` through its waits (and a ``copy_`` into a buffer)."""
-    src, out_splits, in_splits, group_name = (S.arg(a2a, i, k) for i, k in enumerate(_A2A_ARGS))
+    src, out_splits, in_splits, group_name = (arg(a2a, i, k) for i, k in enumerate(_A2A_ARGS))
     nodes = [a2a]
     n = a2a
     while len(n.users) == 1:
@@ -156,7 +144,7 @@ def _exchange(a2a: Node) -> _Exchange | str:
     if n is a2a:
         return f"{a2a.name}: the all_to_all's result is not waited for"
     users = list(n.users)
-    if len(users) == 1 and S.is_method(users[0], "copy_") and users[0].args[1] is n:
+    if len(users) == 1 and is_method(users[0], "copy_") and users[0].args[1] is n:
         copy, buf = users[0], users[0].args[0]
         order = graph_order(a2a.graph)
         if not _is_buffer(buf):
@@ -209,7 +197,7 @@ def _exchange_into(received: Node) -> _Exchange | None:
     """The exchange whose received rows ``received`` is, or None."""
     n = received
     if _is_buffer(n):
-        copies = [u for u in n.users if S.is_method(u, "copy_") and u.args[0] is n]
+        copies = [u for u in n.users if is_method(u, "copy_") and u.args[0] is n]
         if len(copies) != 1 or not isinstance(copies[0].args[1], Node):
             return None
         n = copies[0].args[1]
@@ -232,7 +220,7 @@ def _split_source(splits, W: int) -> tuple[Node, list[Node]] | str:
         return f"split sizes {splits!r} are not one per rank ({W})"
     sums, nodes = None, []
     for i, it in enumerate(splits):
-        if not (isinstance(it, Node) and S.is_method(it, "item")):
+        if not (isinstance(it, Node) and is_method(it, "item")):
             return f"split size {i} is not read from a tensor of per-rank counts"
         g = it.args[0]
         if not (g.target is operator.getitem and g.args[1] == i):
@@ -249,12 +237,12 @@ def _split_source(splits, W: int) -> tuple[Node, list[Node]] | str:
 
 def _per_rank_sum(n: Node, W: int, dim: int) -> Node | None:
     """``c.view(W, E_l).sum(dim)`` (or ``reshape``, ``-1`` for E_l) -> ``c``."""
-    if not (S.is_method(n, "sum") and S.arg(n, 1, "dim") in (dim, dim - 2)):
+    if not (is_method(n, "sum") and arg(n, 1, "dim") in (dim, dim - 2)):
         return None
-    if S.arg(n, 2, "keepdim", False):
+    if arg(n, 2, "keepdim", False):
         return None
     v = n.args[0]
-    if not (S.is_method(v, "view", "reshape") and len(v.args) == 3 and v.args[1] == W):
+    if not (is_method(v, "view", "reshape") and len(v.args) == 3 and v.args[1] == W):
         return None
     c = v.args[0]
     cv = val(c)
@@ -267,15 +255,15 @@ def _per_rank_sum(n: Node, W: int, dim: int) -> Node | None:
 def _is_local_ids(n: Node, W: int, E_l: int) -> bool:
     """``arange(E_l).repeat(W)`` / ``.tile(W)``, or ``arange(E) % E_l``: the local expert of
     each (source rank, local expert) block of received rows."""
-    if S.is_method(n, "repeat", "tile") and tuple(n.args[1:]) in ((W,), ((W,),)):
+    if is_method(n, "repeat", "tile") and tuple(n.args[1:]) in ((W,), ((W,),)):
         return _is_arange(n.args[0], E_l)
-    if S.is_call(n, operator.mod, torch.remainder) or S.is_method(n, "remainder"):
+    if is_call(n, operator.mod, torch.remainder) or is_method(n, "remainder"):
         return _is_arange(n.args[0], E_l * W) and n.args[1] == E_l
     return False
 
 
 def _is_arange(n: Node, stop: int) -> bool:
-    if not S.is_call(n, torch.arange):
+    if not is_call(n, torch.arange):
         return False
     return tuple(n.args) in ((stop,), (0, stop), (0, stop, 1))
 
@@ -284,34 +272,34 @@ def _regroup(recv: Node, recv_counts: Node, W: int, E_l: int, filled_by: list[No
     """``recv[argsort(repeat_interleave(local_ids, recv_counts))]`` -> ``(rows, regroup,
     nodes)``: the received rows grouped by local expert (any order inside a group: the way back
     undoes it)."""
-    readers = [u for u in recv.users if u not in filled_by and not D._hanger(u)]
+    readers = [u for u in recv.users if u not in filled_by and not walks.hanger(u)]
     if len(readers) != 1:
         return f"the received rows are read by {len(readers)} nodes, not one regroup by expert"
     g = readers[0]
     if g.target is operator.getitem and isinstance(g.args[1], Node):
         regroup = g.args[1]
-    elif S.is_method(g, "index_select") and g.args[1] == 0 and isinstance(g.args[2], Node):
+    elif is_method(g, "index_select") and g.args[1] == 0 and isinstance(g.args[2], Node):
         regroup = g.args[2]
     else:
-        return f"the received rows go to {g.name} ({S.target_name(g)}), not a regroup by expert"
+        return f"the received rows go to {g.name} ({target_name(g)}), not a regroup by expert"
     nodes = [g, regroup]
     sorter = regroup
     if regroup.target is operator.getitem and regroup.args[1] == 1:
         sorter = regroup.args[0]
         nodes.append(sorter)
-        if not (S.is_method(sorter, "sort") or S.is_call(sorter, torch.sort)):
+        if not (is_method(sorter, "sort") or is_call(sorter, torch.sort)):
             return f"{regroup.name} is not a sort of the received rows' experts"
-    elif not (S.is_method(regroup, "argsort") or S.is_call(regroup, torch.argsort)):
+    elif not (is_method(regroup, "argsort") or is_call(regroup, torch.argsort)):
         return f"the received rows are reordered by {regroup.name}, not by expert"
     key = sorter.args[0]
-    if S.arg(sorter, 1, "dim", -1) not in (0, -1) or S.arg(sorter, 2, "descending", False):
+    if arg(sorter, 1, "dim", -1) not in (0, -1) or arg(sorter, 2, "descending", False):
         return "the regroup sort is descending or along another dim"
-    if not S.is_call(key, torch.repeat_interleave) or len(key.args) < 2:
+    if not is_call(key, torch.repeat_interleave) or len(key.args) < 2:
         return f"{key.name} is not the local expert of each received row"
     ids, reps = key.args[0], key.args[1]
-    if S.unflatten(reps) is not recv_counts or not _is_local_ids(ids, W, E_l):
+    if unflatten(reps) is not recv_counts or not _is_local_ids(ids, W, E_l):
         return f"{key.name} does not give each received row its local expert"
-    nodes += [key, ids, *D._chain(reps, recv_counts), ids.args[0]]
+    nodes += [key, ids, *walks.input_chain(reps, recv_counts), ids.args[0]]
     return g, regroup, nodes
 
 
@@ -323,7 +311,7 @@ def _unregroup(y: Node, regroup: Node):
         if len(writes) != 1 or writes[0].args[0] is not y or writes[0].args[1] is not regroup:
             return f"{y.name} is not filled as buf[regroup] = rows"
         return writes[0].args[2], [y, writes[0]]
-    if S.is_method(y, "index_copy_", "index_copy") and y.args[1] == 0 and y.args[2] is regroup:
+    if is_method(y, "index_copy_", "index_copy") and y.args[1] == 0 and y.args[2] is regroup:
         if not _is_buffer(y.args[0]) or len(y.args[0].users) != 1:
             return f"{y.name} copies into a tensor that is not a fresh buffer"
         return y.args[3], [y, y.args[0]]
@@ -337,21 +325,21 @@ def _sorted_rows(s: Node):
     Returns ``(walk, topk_idx, K, perm, tok, w_sorted, back, x, rows)``, why not, or None when
     ``s`` is no sort of top-k ids."""
     ids_flat = s.args[0] if s.args else s.kwargs.get("input")
-    if not (isinstance(ids_flat, Node) and D._is_int_tensor(ids_flat)):
+    if not (isinstance(ids_flat, Node) and walks.is_int_tensor(ids_flat)):
         return None
-    topk_idx = S.unflatten(ids_flat)
+    topk_idx = unflatten(ids_flat)
     tv = val(topk_idx)
-    if val(ids_flat).dim() != 1 or not D._is_int_tensor(topk_idx) or tv.dim() not in (1, 2):
+    if val(ids_flat).dim() != 1 or not walks.is_int_tensor(topk_idx) or tv.dim() not in (1, 2):
         return None
-    if S.arg(s, 1, "dim", -1) not in (0, -1) or S.arg(s, 2, "descending", False):
+    if arg(s, 1, "dim", -1) not in (0, -1) or arg(s, 2, "descending", False):
         return "the sort is descending or not along the ids"
     K = 1 if tv.dim() == 1 else tv.shape[1]
     if not isinstance(K, int):
         return "the number of slots per token is symbolic"
-    w = D._Walk(s)
+    w = walks.Walk(s)
     w.topk_idx = topk_idx
-    w.seen += D._chain(ids_flat, topk_idx)
-    if D._is_sort(s) and (S.is_call(s, torch.argsort) or S.is_method(s, "argsort")):
+    w.seen += walks.input_chain(ids_flat, topk_idx)
+    if walks.is_sort(s) and (is_call(s, torch.argsort) or is_method(s, "argsort")):
         perm = s
     else:
         perm = None
@@ -367,18 +355,18 @@ def _sorted_rows(s: Node):
     tok = perm if K == 1 else None
     w_sorted, back = None, []
     for u in perm.users:
-        if K > 1 and D._is_floordiv_by(u, perm, K):
+        if K > 1 and walks.is_floordiv_by(u, perm, K):
             tok = u
-        elif u.target is operator.getitem and u.args[1] is perm and D._is_float_tensor(u):
+        elif u.target is operator.getitem and u.args[1] is perm and walks.is_float_tensor(u):
             w_sorted = u
         elif (
-            S.is_method(u, "index_copy_", "index_copy") and u.args[1] == 0 and u.args[2] is perm
+            is_method(u, "index_copy_", "index_copy") and u.args[1] == 0 and u.args[2] is perm
         ) or (u.target is operator.setitem and u.args[1] is perm):
             back.append(u)
-        elif S.is_call(u, torch.empty_like, torch.zeros_like) and u.args[0] is perm:
+        elif is_call(u, torch.empty_like, torch.zeros_like) and u.args[0] is perm:
             continue
         elif K != 1:
-            return f"the sort's permutation is also used by {u.name} ({S.target_name(u)})"
+            return f"the sort's permutation is also used by {u.name} ({target_name(u)})"
     if tok is None:
         return "no token index perm // K follows the sort"
     w.seen.append(tok)
@@ -386,11 +374,11 @@ def _sorted_rows(s: Node):
     for u in list(tok.users):
         if u in back:
             continue
-        got = D._tok_uses(u, tok, w)
+        got = walks.tok_uses(u, tok, w)
         if got is None:
             if K == 1 and (u is w_sorted or u.target is operator.setitem):
                 continue
-            return f"the token index is used by {u.name} ({S.target_name(u)})"
+            return f"the token index is used by {u.name} ({target_name(u)})"
         for kind, node, src in got:
             if kind == "back":
                 back.append(node)
@@ -423,18 +411,18 @@ def _match_ep(s: Node) -> MoEMatch | str | None:
     topk_weights = None
     tv = val(topk_idx)
     if w_sorted is not None:
-        topk_weights = S.unflatten(w_sorted.args[0])
-        w.seen += [w_sorted, *D._chain(w_sorted.args[0], topk_weights)]
+        topk_weights = unflatten(w_sorted.args[0])
+        w.seen += [w_sorted, *walks.input_chain(w_sorted.args[0], topk_weights)]
         if tuple(val(topk_weights).shape) != tuple(tv.shape):
             return "the sorted weights do not come from a [T, K] tensor like the ids"
     if len(back) != 1:
         return f"expected one way back to the tokens, found {len(back)}"
-    got = D._way_back(back[0], perm, tok, w_sorted, topk_weights, T=tv.shape[0], K=K, walk=w)
+    got = walks.way_back(back[0], perm, tok, w_sorted, topk_weights, T=tv.shape[0], K=K, walk=w)
     if isinstance(got, str):
         return got
     returned, output, base, last_write, topk_weights = got
     if last_write is None:
-        output = D.extend_cast(output, w.seen)
+        output = walks.extend_cast(output, w.seen)
 
     # The way back: the reverse exchange, with the forward split sizes swapped.
     rev = _exchange_into(returned)
@@ -449,7 +437,7 @@ def _match_ep(s: Node) -> MoEMatch | str | None:
         return "the way back does not swap the forward split sizes"
 
     # The group, the split sizes and the count exchange.
-    pg = _group(fwd.group_name)
+    pg = group_by_name(fwd.group_name)
     if isinstance(pg, str):
         return pg
     W = pg.size()
@@ -458,7 +446,7 @@ def _match_ep(s: Node) -> MoEMatch | str | None:
     if isinstance(send, str) or isinstance(recv, str):
         return f"send/receive sizes: {send if isinstance(send, str) else recv}"
     (counts, send_nodes), (recv_counts, recv_nodes) = send, recv
-    E = w.counts_experts(S.strip_casts(counts))
+    E = w.counts_experts(strip_casts(counts))
     if E is None:
         return f"the send sizes are not summed from counts of the routed ids ({counts.name})"
     w.set_experts(E)
@@ -489,10 +477,10 @@ def _match_ep(s: Node) -> MoEMatch | str | None:
         return got
     body, nodes = got
     known = set(w.seen) | w.counts_chain | set(nodes)
-    remove = D.removal_set(output, last_write, base, x, topk_idx, topk_weights, known)
+    remove = walks.removal_set(output, last_write, base, x, topk_idx, topk_weights, known)
     if isinstance(remove, str):
         return remove
-    return EPMatch(
+    return MoEMatch(
         family=FAMILY,
         module_path=common_prefix_path([module_path(topk_idx), module_path(s), module_path(out_g)]),
         num_experts=E,
@@ -504,17 +492,9 @@ def _match_ep(s: Node) -> MoEMatch | str | None:
         body=body,
         base=base,
         last_write=last_write,
-        ep_group=pg,
+        verify_at_w1=False,
+        own_group=pg,
     )
-
-
-def _group(name: str) -> dist.ProcessGroup | str:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    try:
-        return _resolve_process_group(name)
-    except Exception as e:  # noqa: BLE001 - an unknown name means "not sure"
-        return f"the all_to_all's group {name!r} is unknown here ({e})"
 
 
 # ----------------------------------------------------------------------------- expert bodies
@@ -524,30 +504,30 @@ def _body(rows: Node, out: Node, recv_counts: Node, W: int, E_l: int, rank: int,
     outside this rank's experts). Returns ``(body, nodes it covers)`` or why not."""
 
     def tokens_per_expert(n: Node) -> bool:
-        return _per_rank_sum(S.strip_casts(n), W, dim=0) is recv_counts
+        return _per_rank_sum(strip_casts(n), W, dim=0) is recv_counts
 
-    region = S.body_region(rows, out)
+    region = gbody.body_region(rows, out)
     if not region:
         return "the expert output does not depend on the grouped rows"
     for n in region:
-        why = D._check_body_node(n)
+        why = walks.check_body_node(n)
         if why is not None:
             return why
-    sup = S.collect_support(region, rows, lambda n: "counts" if tokens_per_expert(n) else None)
+    sup = gbody.collect_support(region, rows, lambda n: "counts" if tokens_per_expert(n) else None)
     if isinstance(sup, str):
         return sup
     support, counts, row_ids, params = sup
     nodes = sorted(set(support) | set(region), key=graph_order(rows.graph).get)
-    covered = [*nodes, *counts, *(a for c in counts for a in D._chain(c, recv_counts))]
+    covered = [*nodes, *counts, *(a for c in counts for a in walks.input_chain(c, recv_counts))]
     stacked = [p for p in params if _used_stacked(p, set(nodes))]
     if params and len(stacked) == len(params):
         for p in params:
             if val(p).dim() == 0 or val(p).shape[0] != E_l:
                 return f"{p.name} is not stacked over the {E_l} local experts"
-        tags = S.branch_tags(nodes, rows, params, counts, E_l)
+        tags = gbody.branch_tags(nodes, rows, params, counts, E_l)
         if isinstance(tags, str):
             return tags
-        b = S.Body(rows, out, nodes, counts, row_ids, params, tags, E_l)
+        b = gbody.Body(rows, out, nodes, counts, row_ids, params, tags, E_l)
         return StackedExperts(params, b.emit), covered
     if stacked:
         return f"{stacked[0].name} is a stacked parameter beside per-expert modules"
@@ -565,7 +545,7 @@ def _used_stacked(p: Node, region: set[Node]) -> bool:
             continue
         if u.target is operator.getitem and isinstance(u.args[1], int):
             continue
-        if S.is_method(u, "transpose", "permute", "contiguous") or S.is_call(
+        if is_method(u, "transpose", "permute", "contiguous") or is_call(
             u, torch.transpose, torch._grouped_mm
         ):
             continue
@@ -577,18 +557,18 @@ def _module_list(rows: Node, out: Node, counts: list[Node], E_l: int):
     """``torch.cat([expert_j(part_j) for j])`` over ``rows.split(tokens_per_expert.tolist())``:
     one :class:`ExpertSubgraph` per local expert, each reading only its own segment and
     parameters."""
-    if not (S.is_call(out, torch.cat) and S.arg(out, 1, "dim", 0) == 0):
+    if not (is_call(out, torch.cat) and arg(out, 1, "dim", 0) == 0):
         return "the local experts' outputs are not concatenated along rows"
     outs = out.args[0]
-    splits = [u for u in rows.users if S.is_method(u, "split") or S.is_call(u, torch.split)]
+    splits = [u for u in rows.users if is_method(u, "split") or is_call(u, torch.split)]
     if len(outs) != E_l or len(splits) != 1 or len(rows.users) != 1:
         return f"the grouped rows are not split into {E_l} expert segments"
     sp = splits[0]
-    sizes = S.arg(sp, 1, "split_size_or_sections", sp.kwargs.get("split_size"))
-    if S.arg(sp, 2, "dim", 0) != 0 or not isinstance(sizes, (list, tuple)) or len(sizes) != E_l:
+    sizes = arg(sp, 1, "split_size_or_sections", sp.kwargs.get("split_size"))
+    if arg(sp, 2, "dim", 0) != 0 or not isinstance(sizes, (list, tuple)) or len(sizes) != E_l:
         return "the grouped rows are not split by per-expert row counts"
     for j, it in enumerate(sizes):
-        g = it.args[0] if isinstance(it, Node) and S.is_method(it, "item") else None
+        g = it.args[0] if isinstance(it, Node) and is_method(it, "item") else None
         if not (g is not None and g.target is operator.getitem and g.args[1] == j):
             return f"split size {j} is not the row count of local expert {j}"
         if g.args[0] not in counts:
