@@ -33,11 +33,16 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
 def _region_nodes(match: MoEMatch) -> list[Node]:
     """What the check runs of the original block: the removed nodes, plus the routing values
     they read that stay in the graph for other users (a one-hot mask that also feeds an
-    auxiliary loss, say), so that those follow the random ``topk_idx`` too."""
+    auxiliary loss, say), so that those follow the random ``topk_idx`` too, and the values they
+    read that derive from the rows ``x`` alone, so that those follow the random rows."""
     removed = set(match.remove)
     boundary = ancestors([a for a in (match.x, match.topk_weights, match.base) if a is not None])
     routed = descendants(match.topk_idx)
-    keep = ancestors(match.remove, within=(routed | removed) - boundary)
+    # values the block derives from the rows alone (x repeated per slot, x.expand(T, K, H)) are
+    # recomputed from the random rows; the router's path to the ids and weights is not
+    router = ancestors([a for a in (match.topk_idx, match.topk_weights) if a is not None])
+    from_x = descendants(match.x) - router - {match.output}
+    keep = ancestors(match.remove, within=(routed | removed | from_x) - boundary)
     region = removed | keep
     # experts' slices P[j] of a stacked parameter run with the block: the check feeds P
     region |= {a for n in region for a in n.all_input_nodes if is_param_slice(a)}

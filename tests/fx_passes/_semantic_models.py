@@ -102,6 +102,30 @@ class Routed(nn.Module):
             out.index_add_(0, tok, expert(x[tok]) * w[tok, None])
         return out
 
+    def _expand_per_slot(self, x, probs):
+        """Softmax over the top-k logits; the rows expanded per slot (``[T, K, H]``), a boolean
+        ``[T, K]`` mask per expert, an einsum over the slots."""
+        v, ids = self.router(x).topk(K, dim=-1)
+        w = v.softmax(-1)
+        y = x.new_zeros(x.shape[0], K, x.shape[1])
+        xk = x.unsqueeze(1).expand(-1, K, -1)
+        for e, expert in enumerate(self._experts()):
+            hit = ids == e
+            y[hit] = expert(xk[hit])
+        return torch.einsum("tk,tkh->th", w, y)
+
+    def _repeat_flat_bmm(self, x, probs):
+        """Every row repeated K times (``repeat_interleave``), flat ids, ``nonzero`` per expert,
+        a ``bmm`` of the weights with the ``[T, K, H]`` outputs."""
+        w, ids = probs.topk(K, dim=-1)
+        flat = ids.reshape(-1)
+        xr = x.repeat_interleave(K, dim=0)
+        y = torch.empty_like(xr)
+        for e, expert in enumerate(self._experts()):
+            sel = (flat == e).nonzero().squeeze(-1)
+            y[sel] = expert(xr[sel])
+        return torch.bmm(w.unsqueeze(1), y.view(-1, K, x.shape[1])).squeeze(1)
+
     # ------------------------------------------------------------------ near misses
     def _weights_on_input(self, x, probs):
         """The routing weight scales the expert's *input*: not expressible by combine."""

@@ -18,7 +18,16 @@ import fx_passes
 from tests.fx_passes import _semantic_models as M
 from tests.fx_passes._harness import capture, ep_equal, grads_equal, make_x, tolerance
 
-REWRITTEN = ["nonzero_index_put", "scatter_add", "onehot_einsum", "masked_sum", "argmax_top1"]
+REWRITTEN = [
+    "nonzero_index_put",
+    "scatter_add",
+    "onehot_einsum",
+    "masked_sum",
+    "argmax_top1",
+    # rows derived from x alone (expanded or repeated per slot) before the experts read them
+    "expand_per_slot",
+    "repeat_flat_bmm",
+]
 
 
 def _compile(model):
