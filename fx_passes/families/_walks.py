@@ -462,3 +462,25 @@ def _depends_on(n: Node, srcs: set[Node]) -> bool:
         seen.add(m)
         stack.extend(m.all_input_nodes)
     return False
+
+
+def weights_and_way_back(back: list[Node], perm, tok, w_sorted, topk_ids: Node, K, walk: Walk):
+    """The routing weights (``w_sorted``'s ``[T, K]`` source, or None) and the one way back from
+    the expert output to the tokens (:func:`way_back`), as ``(returned, output, base,
+    last_write, topk_weights)``; or why not."""
+    ids = val(topk_ids)
+    topk_weights = None
+    if w_sorted is not None:
+        topk_weights = unflatten(w_sorted.args[0])
+        walk.seen += [w_sorted, *input_chain(w_sorted.args[0], topk_weights)]
+        if tuple(val(topk_weights).shape) != tuple(ids.shape):
+            return "the sorted weights do not come from a [T, K] tensor like the ids"
+    if len(back) != 1:
+        return f"expected one way back to the tokens, found {len(back)}"
+    got = way_back(back[0], perm, tok, w_sorted, topk_weights, T=ids.shape[0], K=K, walk=walk)
+    if isinstance(got, str):
+        return got
+    returned, output, base, last_write, topk_weights = got
+    if last_write is None:
+        output = extend_cast(output, walk.seen)
+    return returned, output, base, last_write, topk_weights

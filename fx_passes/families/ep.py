@@ -408,21 +408,10 @@ def _match_ep(s: Node) -> MoEMatch | str | None:
         return fwd
     w.seen += fwd.nodes
 
-    topk_weights = None
-    tv = val(topk_idx)
-    if w_sorted is not None:
-        topk_weights = unflatten(w_sorted.args[0])
-        w.seen += [w_sorted, *walks.input_chain(w_sorted.args[0], topk_weights)]
-        if tuple(val(topk_weights).shape) != tuple(tv.shape):
-            return "the sorted weights do not come from a [T, K] tensor like the ids"
-    if len(back) != 1:
-        return f"expected one way back to the tokens, found {len(back)}"
-    got = walks.way_back(back[0], perm, tok, w_sorted, topk_weights, T=tv.shape[0], K=K, walk=w)
+    got = walks.weights_and_way_back(back, perm, tok, w_sorted, topk_idx, K, w)
     if isinstance(got, str):
         return got
     returned, output, base, last_write, topk_weights = got
-    if last_write is None:
-        output = walks.extend_cast(output, w.seen)
 
     # The way back: the reverse exchange, with the forward split sizes swapped.
     rev = _exchange_into(returned)

@@ -146,22 +146,11 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
         return "no gather of token rows by the sorted order"
     w.seen.append(x_sorted)
 
-    # Sorted weights [P] -> topk_weights [T, K].
-    topk_weights = None
-    if w_sorted is not None:
-        topk_weights = unflatten(w_sorted.args[0])
-        w.seen += [w_sorted, *walks.input_chain(w_sorted.args[0], topk_weights)]
-        if tuple(val(topk_weights).shape) != tuple(tv.shape):
-            return "the sorted weights do not come from a [T, K] tensor like the ids"
-
-    if len(back) != 1:
-        return f"expected one way back to the tokens, found {len(back)}"
-    got = walks.way_back(back[0], perm, tok, w_sorted, topk_weights, T=tv.shape[0], K=K, walk=w)
+    # Sorted weights [P] -> topk_weights [T, K], and the way back from y to the tokens.
+    got = walks.weights_and_way_back(back, perm, tok, w_sorted, topk_idx, K, w)
     if isinstance(got, str):
         return got
     y, output, base, last_write, topk_weights = got
-    if last_write is None:
-        output = walks.extend_cast(output, w.seen)
 
     # The expert body between the sorted rows and y.
     body_nodes = gbody.body_region(x_sorted, y)
