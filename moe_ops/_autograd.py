@@ -51,11 +51,14 @@ def register(dispatch_op: Any, mode: Mode) -> None:
 
     def dispatch_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*mode.dispatch_layout(output))
+        ctx.set_materialize_grads(False)
         ctx.static = mode.dispatch_static(inputs)
         ctx.num_inputs = len(inputs)
         ctx.kernels = _kernels.current()
 
     def dispatch_backward(ctx, grad_recv_x, *_):
+        if grad_recv_x is None:  # recv_x took no part in the loss
+            return (None,) * ctx.num_inputs
         with _kernels.use_kernels(ctx.kernels):
             grad_x, _ = mode.combine(grad_recv_x, None, *ctx.saved_tensors, *ctx.static)
         return (grad_x,) + (None,) * (ctx.num_inputs - 1)
@@ -65,11 +68,18 @@ def register(dispatch_op: Any, mode: Mode) -> None:
         layout, static = inputs[2 : 2 + mode.num_layout], inputs[2 + mode.num_layout :]
         returned = expert_out if mode.rows_stay(static) else output[1]
         ctx.save_for_backward(returned, topk_weights, *layout)
+        # ``returned_rows`` never gets a gradient: without these, autograd (eager, or the
+        # compiled backward's tangents) would fill a zero gradient as large as the payload for it
+        # on every backward.
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         ctx.static = static
         ctx.kernels = _kernels.current()
 
     def combine_backward(ctx, grad_out, _grad_returned):
         returned, topk_weights, *layout = ctx.saved_tensors
+        if grad_out is None:  # out took no part in the loss
+            return (None,) * (2 + len(layout) + len(ctx.static))
         want_w = topk_weights is not None and ctx.needs_input_grad[1]
         with _kernels.use_kernels(ctx.kernels):
             grad_expert_out, grad_w = mode.combine_backward(

@@ -316,6 +316,29 @@ def largest_intermediates(spec: Spec) -> dict:
     )
 
 
+_ZERO_FILLS = ("aten.zeros", "aten.zeros_like", "aten.new_zeros", "aten.zero_", "aten.fill_")
+
+
+def zero_fills(spec: Spec) -> dict:
+    """Zero-filled tensors (op, numel) made during dispatch, combine and their backward on this
+    rank, with the payload's size ``N * H``: a gradient that autograd fills with zeros for an
+    output no loss reads (combine's ``returned_rows``) would show up here."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    x = inp.xs[r].requires_grad_(True)
+    w = inp.ws[r].requires_grad_(True)
+    rec = _NumelRecorder()
+    with rec:
+        recv_x, handle = moe_ops.dispatch(x, inp.idxs[r], inp.num_experts)
+        out = moe_ops.combine(recv_x * 2, handle, w)
+        out.backward(torch.ones_like(out))
+    fills = [(op, n) for op, n in rec.seen if op.split(".")[:2] in _ZERO_FILL_NAMES]
+    return dict(fills=fills, payload=int(handle.layout.send_splits.sum()) * spec.H)
+
+
+_ZERO_FILL_NAMES = [name.split(".") for name in _ZERO_FILLS]
+
+
 # ----------------------------------------------------------------------------- bad input
 def _good(W: int, seed: int = 3) -> tuple[Inputs, Spec]:
     spec = Spec(T=(5, 4, 3, 6), K=2, E_l=2, H=4, Hp=4, seed=seed)

@@ -1,4 +1,5 @@
-"""Pinned costs: collectives and host syncs per call, and no [T, K, H]-sized intermediate.
+"""Pinned costs: collectives and host syncs per call, no [T, K, H]-sized intermediate, and no
+payload-sized zero fill in the backward.
 
 Collectives are counted by wrapping ``torch.distributed.all_to_all_single`` (the only one
 ``moe_ops._comm`` uses), host syncs by wrapping ``moe_ops._comm.read_to_host``.
@@ -46,3 +47,13 @@ def test_no_tkh_intermediate_single_rank():
 def test_no_tkh_intermediate_distributed(gloo_world):
     for found in gloo_world(2).run(_cases.largest_intermediates, _BIG):
         _check_no_big_intermediate(found)
+
+
+@pytest.mark.parametrize("W", [1, 2])
+def test_backward_fills_no_payload_sized_zeros(gloo_world, W):
+    """No payload-sized zero gradient is made for combine's second output (the rows that came
+    back), which no loss reads."""
+    results = gloo_world(W).run(_cases.zero_fills, _BIG) if W > 1 else [_cases.zero_fills(_BIG)]
+    for found in results:
+        assert found["payload"] > 0, found
+        assert all(n < found["payload"] for _, n in found["fills"]), found
