@@ -45,19 +45,34 @@ import operator
 import torch
 import torch.fx as fx
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fx_passes.families import _body as gbody
 from fx_passes.families import _walks as walks
+from fx_passes.families._ep_world import (
+    group_names,
+    holds_collective,
+    is_constant,
+    verify_in_world,
+)
 from fx_passes.families._guard import each_candidate
 from fx_passes.graph import (
+    ancestors,
     arg,
+    assert_only_users,
     common_prefix_path,
+    descendants,
     graph_order,
     is_call,
+    is_inplace,
     is_method,
     is_param_like,
+    is_param_slice,
     module_path,
+    module_stack_paths,
     nodes_between,
+    prune_removal,
+    router_ids,
     strip_casts,
     target_name,
     unflatten,
@@ -580,3 +595,318 @@ def _module_list(rows: Node, out: Node, counts: list[Node], E_l: int):
         owned |= {a for n in nodes for a in n.all_input_nodes if is_param_like(a)}
         subs.append(ExpertSubgraph(j, parts[j], outs[j], nodes))
     return subs
+
+
+# ----------------------------------------------------------------------------- by value
+# Hand-written EP recognised by what it computes, whatever its spelling: the router's top-k
+# ids, a ModuleList of experts (this rank's E_l, or all E when the block holds no collective:
+# the W = 1 form of EP code), the rows x they read, the routed sum they reach, and a weight
+# hypothesis; the simulated-world check (``_ep_world``) decides. This runs after every other
+# family, so it only sees blocks none of them rewrote.
+def find_by_value(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]:
+    """One :class:`MoEMatch` per block confirmed by the simulated-world check."""
+    graph = gm.graph
+    done = _dispatched(graph)
+    routers = router_ids(graph)
+    ids_nodes = [i for i in routers if i not in done]
+    if not ids_nodes:
+        return []
+    lists = _expert_lists(graph)
+    if not lists:
+        return []
+    order = graph_order(graph)
+    return each_candidate(FAMILY, ids_nodes, lambda i: _by_value(gm, i, lists, order), rejects)
+
+
+def _dispatched(graph: fx.Graph) -> set[Node]:
+    """Router ids (and their views) an earlier rewrite already hands to ``moe_ops``."""
+    out: set[Node] = set()
+    for n in graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "namespace", None) == "moe_ops":
+            a = n.args[1] if len(n.args) > 1 else None
+            while isinstance(a, Node) and a not in out:
+                out.add(a)
+                a = a.args[0] if a.args else None
+    return out
+
+
+def _expert_lists(graph: fx.Graph) -> dict[str, dict[int, list[Node]]]:
+    """``{P: {j: nodes run by module P.j}}`` for module lists whose entries ``0 .. n-1`` run
+    in the graph (n >= 2, or one entry of a list named like experts)."""
+    found: dict[str, dict[int, list[Node]]] = {}
+    for n in graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        for path in module_stack_paths(n):
+            head, _, last = path.rpartition(".")
+            if head and last.isdigit():
+                found.setdefault(head, {}).setdefault(int(last), []).append(n)
+    return {
+        p: d
+        for p, d in found.items()
+        if sorted(d) == list(range(len(d))) and (len(d) >= 2 or "expert" in p.lower())
+    }
+
+
+def _reach(n: Node, order: dict[Node, int]) -> set[Node]:
+    """What depends on ``n``, through in-place writes too (``t[i] = f(n)`` reaches ``t``'s
+    later readers)."""
+    seen: set[Node] = set()
+    stack = [n]
+    while stack:
+        cur = stack.pop()
+        nxt = list(cur.users)
+        if is_inplace(cur) and cur.args and isinstance(cur.args[0], Node):
+            nxt += [u for u in cur.args[0].users if order[u] > order[cur]]
+        for u in nxt:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _expert(j: int, nodes: list[Node]) -> ExpertSubgraph | str:
+    inside = set(nodes)
+    reads = {
+        a
+        for n in nodes
+        for a in n.all_input_nodes
+        if a not in inside and not (is_param_like(a) or is_param_slice(a))
+    }
+    if len(reads) != 1 or not isinstance(val(next(iter(reads))), torch.Tensor):
+        return f"reads {len(reads)} values besides its parameters, expected its rows"
+    (inp,) = reads
+    outs = [n for n in nodes if any(u not in inside for u in n.users)]
+    if len(outs) != 1 or not isinstance(val(outs[0]), torch.Tensor):
+        return f"gives {len(outs)} values, expected one tensor"
+    between = nodes_between(inp, outs[0])
+    if set(between) != inside or val(inp).dim() != 2 or val(outs[0]).dim() != 2:
+        return "is not one computation from [n, H] rows to [n, H'] rows"
+    return ExpertSubgraph(j, inp, outs[0], between)
+
+
+def _rows_of(n: Node, T, H) -> bool:
+    v = val(n)
+    if not (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 2):
+        return False
+    return guard_or_false(v.shape[0] == T) and guard_or_false(v.shape[1] == H)
+
+
+_WRITES = ("index_add_", "index_put_", "scatter_add_", "index_copy_", "add_")
+
+
+def _routed_sums(T, outs: list[Node], routed: set[Node], order) -> list[tuple]:
+    """Candidates ``(output, last_write, writes, base)`` for the routed sum: an accumulator that
+    in-place writes fill with every expert output, then the first three ``[T, H']`` values every
+    expert output reaches (the weights may be applied after the first: ``bmm(w, rows)``)."""
+    H = val(outs[0]).shape[-1]
+    reach = [_reach(o, order) for o in outs]
+    acc_writes: dict[Node, list[Node]] = {}
+    for n in set().union(*reach):
+        if is_method(n, *_WRITES) or n.target in (operator.setitem, torch.Tensor.index_put_):
+            acc = n.args[0]
+            if isinstance(acc, Node) and acc not in routed:
+                acc_writes.setdefault(acc, []).append(n)
+    found = []
+    for acc, ws in sorted(acc_writes.items(), key=lambda kv: order[kv[0]]):
+        written = set().union(*(ancestors([w]) for w in ws))
+        if all(o in written for o in outs) and _rows_of(acc, T, H):
+            ws.sort(key=order.get)
+            fresh = is_call(acc, torch.zeros, torch.zeros_like) or is_method(acc, "new_zeros")
+            found.append((acc, ws[-1], ws, None if fresh else acc))
+    joins = [n for n in sorted(set.intersection(*reach), key=order.get) if _rows_of(n, T, H)]
+    return found + [(n, None, [], None) for n in joins[:3]]
+
+
+def _drops_past_capacity(routed: set[Node], order) -> str | None:
+    for n in sorted(routed, key=order.get):
+        if (is_call(n, torch.cumsum) or is_method(n, "cumsum")) and val(n).dim() >= 2:
+            for u in descendants(n):
+                if u.op in ("call_function", "call_method") and str(u.target).split(".")[-1].strip(
+                    "_<>' "
+                ) in ("lt", "le", "gt", "ge"):
+                    return (
+                        f"tokens past an expert's capacity are dropped ({n.name} compared at "
+                        f"{u.name}): moe_ops' capacity mode drops other tokens"
+                    )
+    return None
+
+
+def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
+    routed = _reach(ids, order)
+    here = module_path(ids)
+    found = None
+    for path in sorted(lists, key=len, reverse=True):
+        block = path.rsplit(".", 1)[0] if "." in path else ""
+        if here.startswith(block) and any(n in routed for g in lists[path].values() for n in g):
+            found = path, block
+            break
+    if found is None:
+        return None
+    path, block = found
+    entries = lists[path]
+    subs = []
+    for j in range(len(entries)):
+        sub = _expert(j, entries[j])
+        if isinstance(sub, str):
+            return f"expert {j} ({path}.{j}) {sub}"
+        subs.append(sub)
+    if any(s.input not in routed for s in subs):
+        return "an expert's input does not depend on the router's ids"
+    T = val(ids).shape[0]
+    H = val(subs[0].input).shape[-1]
+    common = set.intersection(*(ancestors([s.input]) for s in subs))
+    xs = [n for n in common if n not in routed and n is not ids and _rows_of(n, T, H)]
+    if not xs:
+        return "no [T, H] rows that every expert's input is gathered from"
+    x = max(xs, key=order.get)
+    sums = _routed_sums(T, [s.output for s in subs], routed, order)
+    if not sums:
+        return "no [T, H'] value that every expert's output reaches"
+    after = set().union(*(_reach(s.output, order) for s in subs))
+    held = [n for n in (routed | after) if holds_collective(n)]
+    if not held:
+        pg, W, rank = None, 1, 0
+    else:
+        names = group_names(held)
+        if len(names) != 1:
+            return f"the block's collectives use {len(names)} groups ({sorted(names)}), not one"
+        pg = group_by_name(next(iter(names)))
+        if isinstance(pg, str):
+            return pg
+        W, rank = pg.size(), pg.rank()
+    why = _drops_past_capacity(routed, order)
+    if why is not None:
+        return why
+    E_l = len(subs)
+    E = E_l * W
+    scores = ids.args[0] if ids.target is operator.getitem else ids.args[0]
+    sv = val(scores) if isinstance(scores, Node) else None
+    if isinstance(sv, torch.Tensor) and sv.dim() >= 1 and sv.shape[-1] != E:
+        return (
+            f"the router picks among {sv.shape[-1]} experts, but the block holds {E_l} "
+            f"per rank on {W} rank(s) ({E})"
+        )
+    body = ModuleListExperts([None] * (rank * E_l) + subs + [None] * (E - (rank + 1) * E_l))
+    first = None
+    tries = [(got, w) for got in sums for w in _weights(ids, subs, got[0], got[2], routed, order)]
+    for (output, last_write, writes, base), w in tries:
+        remove = _removal(ids, x, w, subs, output, last_write, writes, base, routed, order)
+        if isinstance(remove, str):
+            first = first or remove
+            continue
+        match = MoEMatch(
+            family=FAMILY,
+            module_path=block,
+            num_experts=E,
+            x=x,
+            topk_idx=ids,
+            topk_weights=w,
+            output=output,
+            remove=remove,
+            body=body,
+            base=base,
+            last_write=last_write,
+            verify_at_w1=False,
+            own_group=pg,
+        )
+        why = verify_in_world(gm, match, W, rank)
+        if why is None:
+            return match
+        first = first or f"with {'no weights' if w is None else 'weights ' + w.name}: {why}"
+    kind = "hand-written expert parallelism" if W > 1 or held else "routing"
+    return (
+        f"not recognised as {kind}: the block is not sum_k w[t, k] * expert_ids[t, k](x[t]) "
+        f"for its router's ids ({ids.name}) under any weights tried (first: {first})"
+    )
+
+
+def _weights(ids, subs, output, writes, routed, order) -> list[Node | None]:
+    """``[T, K]`` floating values (``[T]`` / ``[T, 1]`` for top-1) on the way to the output
+    that no expert computes, the latest of those independent of the ids first; then none."""
+    shape = tuple(val(ids).shape)
+    T = shape[0]
+    top1 = len(shape) == 1 or guard_or_false(shape[1] == 1)
+    want = [shape] + ([(T,), (T, 1)] if top1 else [])
+    experts = {n for s in subs for n in s.nodes}
+    after = set().union(*(_reach(s.output, order) for s in subs))
+    found = [
+        n
+        for n in ancestors([output, *writes])
+        if n not in experts
+        and n not in after
+        and isinstance(val(n), torch.Tensor)
+        and val(n).is_floating_point()
+        and any(_same_shape(val(n).shape, s) for s in want)
+    ]
+    found.sort(key=lambda n: (n in routed, -order[n]))
+    return [*found[:4], None]
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(guard_or_false(p == q) for p, q in zip(a, b, strict=True))
+
+
+_MADE = {
+    torch.zeros_like,
+    torch.empty_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.zeros,
+    torch.empty,
+    torch.ones,
+    torch.full,
+    torch.arange,
+    "new_zeros",
+    "new_empty",
+    "new_ones",
+    "new_full",
+}
+
+
+def _removal(ids, x, w, subs, output, last_write, writes, base, routed, order):
+    """What the rewrite deletes: what is routed, weighted or run by the experts on the way to
+    the output (in-place writes and buffers made for the block included), minus what
+    something else still reads."""
+    end = order[last_write if last_write is not None else output]
+    upstream = ancestors([output, *writes])
+    experts = {n for s in subs for n in s.nodes}
+    weighted = _reach(w, order) if w is not None else set()
+    inside = {n for n in routed | experts | weighted if order[n] <= end}
+    cand = (upstream & inside) | set(writes)
+    if base is None:
+        cand.add(output)
+    stack = list(cand | upstream)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in cand or not (is_inplace(u) and u.args and u.args[0] is n):
+                continue
+            if n in cand or u in inside:
+                new = {u} | (ancestors([u]) & inside)
+                stack.extend(new - cand)
+                cand |= new
+    changed = True
+    while changed:
+        changed = False
+        for n in {a for c in cand for a in c.all_input_nodes} - cand:
+            made = n.op == "get_attr" or (
+                n.op in ("call_function", "call_method") and not is_inplace(n)
+            )
+            feeds = set(n.all_input_nodes) <= cand or n.target in _MADE or n.op == "get_attr"
+            feeds = feeds or is_constant(n)
+            if made and set(n.users) <= cand and feeds:
+                cand.add(n)
+                changed = True
+    for n in list(cand):
+        cand.update(assert_only_users(n))
+    gbody.add_hangers(cand)
+    cand -= {ids, x, w, base} | ancestors([x])
+    remove, why = prune_removal(cand, output, last_write)
+    if why:
+        return why
+    kept = set(remove)
+    for s in subs:
+        if any(n not in kept for n in s.nodes):
+            return f"expert {s.expert}'s output is used outside the block"
+    return remove

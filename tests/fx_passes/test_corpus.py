@@ -47,10 +47,11 @@ EXPECTED = {
     "fairseq_top1": "rejected",  # same
     "tutel": "rejected",  # same
     "torchtitan_ep": "rejected",  # same as torchtitan
-    "megatron_ep": "rejected",
-    "fastmoe_top1_ep": "rejected",
-    # at W = 1 (no collectives there) the semantic family rewrites it; at W = 2 its own
-    # all_to_alls stay and family ep leaves it alone (the W = 2 test checks it is still right)
+    # family ep by value (the check in a simulated world); at W = 1 no collective is left
+    "megatron_ep": "rewritten",
+    "fastmoe_top1_ep": "rewritten",
+    # at W = 1 (no collectives there) the semantic family rewrites it; at W = 2 family ep
+    # (by value) rewrites its own all_to_alls (tests/fx_passes/test_family_ep.py)
     "ship_ids_top2_ep": "rewritten",
     "deepspeed_top2_ep": "rejected",  # per-expert capacity (see nanomoe)
 }
