@@ -98,7 +98,6 @@ def fuse_moe_routing(
         except Exception as e:  # noqa: BLE001 - a matcher's failure must not break the compile
             _failed(rejects, family.name, "", "the matcher failed", e, strict)
             continue
-        _raise_if_strict(rejects, strict)
         for match in found:
             where = match.module_path or "<top>"
             own = match.own_group if match.own_group is not None else group
@@ -123,6 +122,8 @@ def fuse_moe_routing(
                 match.rewritten.get("experts"),
             )
             done.append(match)
+    # a family's failure on a block that a later family rewrote is not the block's failure
+    _raise_if_strict(rejects, strict, {m.module_path for m in done})
     for r in rejects:
         log.debug(
             "fx_passes: left %s (family %s) alone: %s", r.module_path or "<top>", r.family, r.reason
@@ -158,7 +159,7 @@ def _failed(
 ) -> None:
     """Record (or with ``strict`` raise) that ``step`` failed on the block at ``path``."""
     rejects.append(Rejected(family, path, f"{step}: {type(e).__name__}: {e}", error=e))
-    _raise_if_strict(rejects, strict)
+    _raise_if_strict(rejects[-1:], strict)
     log.warning(
         "fx_passes: MoE block %s (family %s) left as it is: %s",
         path or "<top>",
@@ -168,9 +169,20 @@ def _failed(
     )
 
 
-def _raise_if_strict(rejects: list[Rejected], strict: bool) -> None:
-    """With ``strict``, raise for the first rejection that an exception caused."""
-    failed = next((r for r in rejects if r.error is not None), None) if strict else None
+def _raise_if_strict(
+    rejects: list[Rejected], strict: bool, rewritten: set[str] = frozenset()
+) -> None:
+    """With ``strict``, raise for the first rejection that an exception caused, unless its block
+    (module path) is among ``rewritten``."""
+
+    def inside(path: str) -> bool:
+        return any(path == d or (d and path.startswith(d + ".")) for d in rewritten)
+
+    failed = (
+        next((r for r in rejects if r.error is not None and not inside(r.module_path)), None)
+        if strict
+        else None
+    )
     if failed is not None:
         raise RuntimeError(
             f"fx_passes: MoE block {failed.module_path or '<top>'} (family {failed.family}): "

@@ -146,7 +146,10 @@ class _World(fx.Interpreter):
         n = t.shape[0]
         sizes = list(splits) if splits is not None else [n // self.W] * self.W
         if len(sizes) != self.W or sum(sizes) != n:
-            raise _Broken(f"{name} {what} {n} rows in chunks {sizes}, not one chunk per rank")
+            why = "not one chunk per rank"
+            if what == "sends back":
+                why = "its split sizes are not the forward ones swapped"
+            raise _Broken(f"{name} {what} {n} rows in chunks {sizes}: {why}")
         return list(t.split(sizes))
 
     def _out(self, name, inp, out_splits, in_splits):

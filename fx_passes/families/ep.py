@@ -788,12 +788,12 @@ def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
             f"per rank on {W} rank(s) ({E})"
         )
     body = ModuleListExperts([None] * (rank * E_l) + subs + [None] * (E - (rank + 1) * E_l))
-    first = None
+    first = structural = None
     tries = [(got, w) for got in sums for w in _weights(ids, subs, got[0], got[2], routed, order)]
     for (output, last_write, writes, base), w in tries:
         remove = _removal(ids, x, w, subs, output, last_write, writes, base, routed, order)
         if isinstance(remove, str):
-            first = first or remove
+            structural = structural or f"with output {output.name}: {remove}"
             continue
         match = MoEMatch(
             family=FAMILY,
@@ -813,11 +813,12 @@ def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
         why = verify_in_world(gm, match, W, rank)
         if why is None:
             return match
-        first = first or f"with {'no weights' if w is None else 'weights ' + w.name}: {why}"
+        weights = "no weights" if w is None else f"weights {w.name}"
+        first = first or f"with output {output.name} and {weights}: {why}"
     kind = "hand-written expert parallelism" if W > 1 or held else "routing"
     return (
         f"not recognised as {kind}: the block is not sum_k w[t, k] * expert_ids[t, k](x[t]) "
-        f"for its router's ids ({ids.name}) under any weights tried (first: {first})"
+        f"for its router's ids ({ids.name}) under any weights tried (first: {first or structural})"
     )
 
 
@@ -841,6 +842,20 @@ def _weights(ids, subs, output, writes, routed, order) -> list[Node | None]:
     ]
     found.sort(key=lambda n: (n in routed, -order[n]))
     return [*found[:4], None]
+
+
+def _dead_after(cand: set[Node], end: int, order) -> set[Node]:
+    """Values the block computes from its own and never uses (``recv.split(sizes)`` whose
+    parts nothing reads), with the runtime asserts on them: they go with the block."""
+    below = set().union(*(descendants(n) for n in cand)) - cand
+    dead: set[Node] = set()
+    for n in sorted(below, key=order.get, reverse=True):
+        pure = n.op in ("call_function", "call_method") and not is_inplace(n)
+        pure = pure and not holds_collective(n)
+        assert_ = n.target is torch.ops.aten._assert_scalar.default
+        if order[n] <= end and (pure or assert_) and set(n.users) <= cand | dead:
+            dead.add(n)
+    return dead
 
 
 def _same_shape(a, b) -> bool:
@@ -901,6 +916,7 @@ def _removal(ids, x, w, subs, output, last_write, writes, base, routed, order):
     for n in list(cand):
         cand.update(assert_only_users(n))
     gbody.add_hangers(cand)
+    cand |= _dead_after(cand, end, order)
     cand -= {ids, x, w, base} | ancestors([x])
     remove, why = prune_removal(cand, output, last_write)
     if why:

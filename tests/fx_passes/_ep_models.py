@@ -17,6 +17,25 @@ tokens itself with ``all_to_all_single``, the way EP code is written by hand:
   ``view(T, K, H).sum(1)``. Plain ``dist`` collectives are not differentiable, so the eager
   reference for gradients (``differentiable = True``) swaps in ``all_to_all_single_autograd``.
 
+Spellings recognised by what they compute (family ep by value, checked in a simulated world),
+each a ``ModuleList`` of local experts filled by global expert id (so a block on a one-rank group
+equals the same block spread over W ranks), ``group=None`` meaning one rank and no collective:
+
+* ``GatheredCountsEP``: Megatron-LM's all-to-all token dispatcher: counts all-gathered into a
+  ``[W, E]`` matrix, a custom autograd.Function around plain ``dist.all_to_all_single``, received
+  chunks put expert-major by ``split`` + ``cat`` in a chunk order, and back.
+* ``CountMatrixTop2EP``: FastMoE: top-2, the count matrix exchanged by plain
+  ``dist.all_to_all_single``, row gather and exchange inside autograd.Functions (scatter /
+  gather), received rows moved expert-major by destinations from the matrix's prefix sums
+  (``index_copy``), weights applied by ``bmm``.
+* ``ShippedIdsEP``: DeepEP-style layout: pairs sorted by destination rank (``torch.sort``),
+  per-rank counts by ``one_hot``, the expert ids shipped beside the rows, the receiver sorting by
+  ``id % E_l`` and counting with ``histc``; ``scatter_add_`` back to the tokens.
+* ``Top1ArgmaxEP``: Switch / DeepSpeed top-1 (``argmax``) in torchtitan's EP layout: ``bincount``
+  counts through ``dist.all_to_all_single`` (buffers), a DeepSpeed-style autograd.Function with
+  split sizes for the rows, the regroup key ``arange(E) % E_l`` repeated by the received counts,
+  ``y[regroup] = ..`` back, and the inverse order by ``argsort``.
+
 Near misses (``variant=``): ``no_regroup`` runs the experts on rows grouped by source rank (not
 by local expert); ``swapped_back`` sends the way back with the forward split sizes;
 ``ActivationA2A`` sends rows sorted by a ``topk`` with an equal-split ``all_to_all`` and never
@@ -181,6 +200,278 @@ class ActivationA2A(nn.Module):
         swapped = fc.all_to_all_single_autograd(rows, None, None, self.group)
         return swapped * top.view(-1)[order].unsqueeze(-1)
 
+
+# ----------------------------------------------------------------------------- by value
+def _world(group):
+    """``(group, W, rank)``; None means one rank and no collective."""
+    if group is None:
+        return None, 1, 0
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+def _local_experts(rank: int, e_l: int) -> nn.ModuleList:
+    """This rank's experts, each filled from its global id's own generator."""
+    experts = nn.ModuleList(Expert() for _ in range(e_l))
+    with torch.no_grad():
+        for j, ex in enumerate(experts):
+            gen = torch.Generator().manual_seed(1000 + rank * e_l + j)
+            for p in ex.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+    return experts
+
+
+class _MegatronStyleA2A(torch.autograd.Function):
+    """Rows out through ``dist.all_to_all_single`` into a new buffer; the backward is the same
+    exchange with the split sizes swapped (Megatron-LM's ``_AllToAll``)."""
+
+    @staticmethod
+    def forward(ctx, group, rows, out_splits, in_splits):
+        ctx.group, ctx.splits = group, (out_splits, in_splits)
+        out = rows.new_empty(sum(out_splits), rows.shape[1])
+        dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = _MegatronStyleA2A.apply(ctx.group, grad.contiguous(), in_splits, out_splits)
+        return None, back, None, None
+
+
+class GatheredCountsEP(nn.Module):
+    # Follows: NVIDIA/Megatron-LM megatron/core/transformer/moe/token_dispatcher.py
+    # (MoEAlltoAllTokenDispatcher: all-gathered counts, sort_chunks_by_idxs) + moe/experts.py
+    def __init__(self, group=None, variant="ok"):
+        super().__init__()
+        self.group, self.W, self.rank = _world(group)
+        self.E_l, self.variant = E // self.W, variant
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = _local_experts(self.rank, self.E_l)
+
+    def forward(self, x):
+        W, E_l, group = self.W, self.E_l, self.group
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(E, dtype=torch.long).scatter_add_(0, flat, torch.ones_like(flat))
+        rows = x.index_select(0, order // K)
+        if group is None:
+            recv, tokens_per_expert = rows, counts
+        else:
+            gathered = counts.new_empty(W * E)
+            dist.all_gather_into_tensor(gathered, counts, group=group)
+            mine = gathered.view(W, E)[:, self.rank * E_l : (self.rank + 1) * E_l]
+            send = counts.view(W, E_l).sum(1).tolist()
+            recv_sizes = mine.sum(1).tolist()
+            recv = _MegatronStyleA2A.apply(group, rows, recv_sizes, send)
+            chunks = recv.split(mine.reshape(-1).tolist())  # (source rank, local expert)
+            if self.variant != "no_regroup":
+                recv = torch.cat([chunks[s * E_l + j] for j in range(E_l) for s in range(W)])
+            tokens_per_expert = mine.sum(0)
+        parts = recv.split(tokens_per_expert.tolist())
+        y = torch.cat([self.experts[j](parts[j]) for j in range(E_l)])
+        if group is not None:
+            chunks = y.split(mine.t().reshape(-1).tolist())  # (local expert, source rank)
+            if self.variant != "no_regroup":
+                y = torch.cat([chunks[j * W + s] for s in range(W) for j in range(E_l)])
+            back = (send, recv_sizes) if self.variant != "swapped_back" else (recv_sizes, send)
+            y = _MegatronStyleA2A.apply(group, y, *back)
+        y = y * w.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, order // K, y)
+
+
+class _ScatterRows(torch.autograd.Function):
+    """FastMoE's ``MOEScatter``: gather the token rows of the sorted pairs and send them, in
+    one Function; backward sends the gradient back and adds it onto the tokens."""
+
+    @staticmethod
+    def forward(ctx, x, tok, out_splits, in_splits, group):
+        ctx.save_for_backward(tok)
+        ctx.meta = (x.shape[0], out_splits, in_splits, group)
+        rows = x[tok]
+        out = rows.new_empty(sum(out_splits), rows.shape[1])
+        dist.all_to_all_single(out, rows, out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tok,) = ctx.saved_tensors
+        T, out_splits, in_splits, group = ctx.meta
+        back = grad.new_empty(sum(in_splits), grad.shape[1])
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=group)
+        return grad.new_zeros(T, grad.shape[1]).index_add(0, tok, back), None, None, None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """FastMoE's ``MOEGather``: send the expert rows back and put them in pair order."""
+
+    @staticmethod
+    def forward(ctx, y, order, out_splits, in_splits, group):
+        ctx.save_for_backward(order)
+        ctx.meta = (out_splits, in_splits, group)
+        back = y.new_empty(sum(in_splits), y.shape[1])
+        dist.all_to_all_single(back, y.contiguous(), in_splits, out_splits, group=group)
+        return torch.zeros_like(back).index_copy(0, order, back)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        out_splits, in_splits, group = ctx.meta
+        rows = grad[order].contiguous()
+        out = rows.new_empty(sum(out_splits), rows.shape[1])
+        dist.all_to_all_single(out, rows, out_splits, in_splits, group=group)
+        return out, None, None, None, None
+
+
+class CountMatrixTop2EP(nn.Module):
+    # Follows: laekov/fastmoe fmoe/functions.py (count_by_gate, prepare_forward, MOEScatter,
+    # MOEGather) + fmoe/layers.py (_fmoe_general_global_forward), top-2 (fmoe/gates/naive_gate)
+    def __init__(self, group=None):
+        super().__init__()
+        self.group, self.W, self.rank = _world(group)
+        self.E_l = E // self.W
+        self.gate = nn.Linear(H, E)
+        self.experts = _local_experts(self.rank, self.E_l)
+
+    def forward(self, x):
+        W, E_l, group, T = self.W, self.E_l, self.group, x.shape[0]
+        val, idx = torch.topk(self.gate(x), K, dim=-1)
+        score = F.softmax(val, dim=-1)
+        with torch.no_grad():
+            _, order = torch.sort(idx.view(-1), stable=True)
+            local_count = torch.bincount(idx.view(-1), minlength=E)
+            torch._check(local_count.shape[0] == E)
+            if group is None:
+                global_count = local_count
+            else:
+                global_count = torch.empty_like(local_count)
+                dist.all_to_all_single(global_count, local_count, group=group)
+            matrix = global_count.view(W, E_l)  # [source rank, local expert]
+            flat = matrix.reshape(-1)
+            src_start = torch.cumsum(flat, 0) - flat
+            by_expert = matrix.t().reshape(-1)
+            dst_start = (torch.cumsum(by_expert, 0) - by_expert).view(E_l, W).t().reshape(-1)
+            in_splits = local_count.view(W, E_l).sum(1).tolist()
+            out_splits = matrix.sum(1).tolist()
+            R = sum(out_splits)
+            block = torch.repeat_interleave(torch.arange(W * E_l), flat, output_size=R)
+            dest = dst_start[block] - src_start[block] + torch.arange(R)
+        if group is None:
+            recv = x[order // K]
+        else:
+            recv = _ScatterRows.apply(x, order // K, out_splits, in_splits, group)
+        grouped = recv.new_zeros(R, H).index_copy(0, dest, recv)
+        parts = grouped.split(matrix.sum(0).tolist())
+        y = torch.cat([ex(p) for ex, p in zip(self.experts, parts, strict=True)])[dest]
+        if group is None:
+            pairs = torch.zeros_like(y).index_copy(0, order, y)
+        else:
+            pairs = _GatherRows.apply(y, order, out_splits, in_splits, group)
+        return torch.bmm(score.unsqueeze(1), pairs.view(T, K, H)).squeeze(1)
+
+
+class ShippedIdsEP(nn.Module):
+    # Follows: deepseek-ai/DeepEP deep_ep/buffer.py (get_dispatch_layout: tokens per rank,
+    # dispatch shipping topk_idx with the rows, local expert ids on the receiver) written with
+    # torch.distributed._functional_collectives
+    def __init__(self, group=None):
+        super().__init__()
+        self.group, self.W, self.rank = _world(group)
+        self.E_l = E // self.W
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = _local_experts(self.rank, self.E_l)
+
+    def forward(self, x):
+        W, E_l, group = self.W, self.E_l, self.group
+        logits = self.router(x)
+        ids = torch.topk(logits, K, dim=-1).indices
+        w = torch.softmax(logits.gather(1, ids), dim=-1)
+        dest = ids.reshape(-1) // E_l
+        _, order = torch.sort(dest, stable=True)
+        rows, ids_out = x[order // K], ids.reshape(-1)[order]
+        per_rank = F.one_hot(dest, W).sum(0)
+        if group is None:
+            recv, recv_ids = rows, ids_out
+        else:
+            recv_per_rank = fc.wait_tensor(fc.all_to_all_single(per_rank, None, None, group))
+            send, got = per_rank.tolist(), recv_per_rank.tolist()
+            recv = fc.all_to_all_single_autograd(rows, got, send, group)
+            recv_ids = fc.wait_tensor(fc.all_to_all_single(ids_out, got, send, group))
+        local = recv_ids % E_l
+        by_expert = torch.sort(local, stable=True)[1]
+        sizes = torch.histc(local.float(), bins=E_l, min=0, max=E_l - 1).long()
+        parts = recv[by_expert].split(sizes.tolist())
+        ys = torch.cat([self.experts[j](parts[j]) for j in range(E_l)])
+        y = ys.new_empty(ys.shape).index_copy_(0, by_expert, ys)
+        if group is not None:
+            y = fc.all_to_all_single_autograd(y, send, got, group)
+        index = (order // K).unsqueeze(1).expand(-1, H)
+        return torch.zeros_like(x).scatter_add_(0, index, y * w.reshape(-1)[order, None])
+
+
+class _SplitA2A(torch.autograd.Function):
+    """DeepSpeed's ``_AllToAll`` with split sizes: ``dist.all_to_all_single`` into
+    ``empty``, the same exchange reversed in backward."""
+
+    @staticmethod
+    def forward(ctx, group, rows, out_splits, in_splits):
+        ctx.args = (group, in_splits, out_splits)
+        out = torch.empty(sum(out_splits), rows.shape[1], dtype=rows.dtype)
+        dist.all_to_all_single(out, rows, out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, out_splits, in_splits = ctx.args
+        return None, _SplitA2A.apply(group, grad.contiguous(), out_splits, in_splits), None, None
+
+
+class Top1ArgmaxEP(nn.Module):
+    # Follows: microsoft/DeepSpeed deepspeed/moe/sharded_moe.py (top1gating's argmax, _AllToAll)
+    # laid out as pytorch/torchtitan torchtitan/distributed/expert_parallel.py (_token_dispatch:
+    # counts exchanged, split sizes by .tolist(), received rows regrouped by local expert)
+    def __init__(self, group=None):
+        super().__init__()
+        self.group, self.W, self.rank = _world(group)
+        self.E_l = E // self.W
+        self.wg = nn.Linear(H, E, bias=False)
+        self.experts = _local_experts(self.rank, self.E_l)
+
+    def forward(self, x):
+        W, E_l, group = self.W, self.E_l, self.group
+        probs = F.softmax(self.wg(x), dim=-1)
+        ids = torch.argmax(probs, dim=-1)
+        gate = probs.max(dim=-1).values
+        order = torch.argsort(ids)
+        counts = torch.bincount(ids, minlength=E)
+        torch._check(counts.shape[0] == E)
+        rows = x[order]
+        if group is None:
+            recv, recv_counts = rows, counts
+        else:
+            recv_counts = torch.empty_like(counts)
+            dist.all_to_all_single(recv_counts, counts, group=group)
+            send = counts.view(W, -1).sum(1).tolist()
+            got = recv_counts.view(W, -1).sum(1).tolist()
+            recv = _SplitA2A.apply(group, rows, got, send)
+        key = torch.repeat_interleave(torch.arange(E) % E_l, recv_counts, output_size=len(recv))
+        regroup = torch.argsort(key, stable=True)
+        ys = recv[regroup].split(recv_counts.view(W, E_l).sum(0).tolist())
+        y_grouped = torch.cat([self.experts[j](ys[j]) for j in range(E_l)])
+        y = torch.empty_like(y_grouped)
+        y[regroup] = y_grouped
+        if group is not None:
+            y = _SplitA2A.apply(group, y, send, got)
+        return y[torch.argsort(order)] * gate.unsqueeze(-1)
+
+
+BY_VALUE = {  # hand-written EP spellings the ep family recognises by what they compute
+    "gathered_counts": GatheredCountsEP,
+    "count_matrix_top2": CountMatrixTop2EP,
+    "shipped_ids": ShippedIdsEP,
+    "top1_argmax": Top1ArgmaxEP,
+}
 
 MODELS = {  # classes and partials: sent to the ranks of a world by reference
     "titan": TitanEP,

@@ -270,3 +270,48 @@ def ep_equal_hand_written(
     for pname, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_params[pname].grad, **t, msg=pname)
     return counts
+
+
+def ep_equal_single_device(makes, tokens: int = 6) -> list[str]:
+    """On every rank of the default group, for each ``make(group)`` (a hand-written EP block
+    taking its group, local experts filled by global id): the block built over the whole group,
+    compiled with the strict "moe" backend (aot_eager), against the same block built on a
+    one-rank group (every expert local: the single-device block) run eagerly on this rank's
+    tokens. Checks the output, the input gradient and every parameter gradient (the reference's
+    summed over the ranks' tokens; a local expert ``experts.j`` against global expert
+    ``experts.{rank * E_l + j}``). Returns the family that rewrote each block."""
+    rank, W = dist.get_rank(), dist.get_world_size()
+    solo = [dist.new_group([r]) for r in range(W)][rank]  # every rank makes every group
+    families = []
+    for make in makes:
+        torch.manual_seed(0)
+        reference = make(solo)
+        torch.manual_seed(0)
+        model = make(dist.group.WORLD)
+        g = torch.Generator().manual_seed(100 + rank)
+        x = torch.randn(tokens, H, generator=g)
+        dy = torch.randn(tokens, H, generator=g)
+        x_ref, x_out = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ref = reference(x_ref)
+        (ref * dy).sum().backward()
+        compiled, backend = _compile_moe(model)
+        out = compiled(x_out)
+        (out * dy).sum().backward()
+        assert len(backend.matches) == 1, (make, backend.matches)
+        families.append(backend.matches[0].family)
+        t = tolerance(torch.float32)
+        torch.testing.assert_close(out, ref, **t)
+        torch.testing.assert_close(x_out.grad, x_ref.grad, **t)
+        ref_params = dict(reference.named_parameters())
+        for p in ref_params.values():
+            dist.all_reduce(p.grad)
+        e_l = len(model.experts)
+        for name, p in model.named_parameters():
+            m = re.match(r"experts\.(\d+)\.(.*)", name)
+            if m is not None:
+                want = ref_params[f"experts.{rank * e_l + int(m.group(1))}.{m.group(2)}"].grad
+            else:
+                dist.all_reduce(p.grad)
+                want = ref_params[name].grad
+            torch.testing.assert_close(p.grad, want, **t, msg=name)
+    return families

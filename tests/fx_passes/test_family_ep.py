@@ -3,18 +3,25 @@ and equality with the block run eagerly on its own all_to_alls (gloo, W = 2)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+import torch.distributed as dist
 from expecttest import assert_expected_inline
 
 from tests.fx_passes import _ep_models as M
 from tests.fx_passes._harness import (
+    _compile_moe,
     capture,
     code_of,
     ep_equal_hand_written,
+    ep_equal_single_device,
     fake_group,
+    grads_equal,
     make_x,
     normalized_code,
+    tolerance,
 )
 
 bf16, f32 = torch.bfloat16, torch.float32
@@ -154,3 +161,62 @@ def test_expert_parallel_gloo(gloo_world, name, dtype):
     1 host sync forward, 2 all_to_alls backward (the user's code: 3 and 2 syncs forward)."""
     for counts in gloo_world(2).run(ep_equal_hand_written, M.MODELS[name], dtype):
         assert counts == dict(fwd_a2a=3, fwd_sync=1, bwd_a2a=2, bwd_sync=0)
+
+
+# ----------------------------------------------------------------------------- by value
+BY_VALUE = list(M.BY_VALUE)
+
+
+@pytest.mark.parametrize("name", BY_VALUE)
+def test_by_value_w1_equal_to_eager(name):
+    """At W = 1 (no collective) the block is rewritten: a moe_ops dispatch in the graph, output
+    and gradients equal eager."""
+    torch.manual_seed(0)
+    model = M.BY_VALUE[name](None)
+    backends = []
+
+    def compile_fn(m):
+        compiled, backend = _compile_moe(m)
+        backends.append(backend)
+        return compiled
+
+    grads_equal(model, compile_fn, make_x(), **tolerance(f32))
+    (backend,) = backends
+    assert len(backend.matches) == 1, backend.matches
+    assert "moe_ops.dispatch" in backend.matches[0].output.graph.python_code("self").src
+
+
+def test_by_value_graph_rank1_of_2():
+    """Under the fake process group each spelling's collectives, count exchange, split sizes and
+    regroup become one dispatch and one combine over the block's group."""
+    for name, make in M.BY_VALUE.items():
+        code, matches, _, _ = _capture_fake(lambda make=make: make(dist.group.WORLD), rank=1)
+        assert [m.family for m in matches] == ["ep"], (name, matches)
+        assert matches[0].rewritten["world_size"] == 2 and matches[0].num_experts == 4, name
+        assert "_c10d_functional" not in code and "autograd_function_apply" not in code, name
+        assert code.count("moe_ops.dispatch.default(") == 1, name
+        assert code.count("moe_ops.combine.default(") == 1, name
+
+
+@pytest.mark.parametrize(
+    "variant, reason",
+    [
+        ("no_regroup", "the experts do not see each rank's rows grouped by local expert"),
+        ("swapped_back", "its split sizes are not the forward ones swapped"),
+    ],
+)
+def test_by_value_near_miss_left_unchanged(variant, reason):
+    """The simulated world catches what the spelling cannot show: experts run on rows in
+    source-rank order, and the way back sent with the forward split sizes."""
+    make = partial(M.GatheredCountsEP, variant=variant)
+    code, matches, unchanged, rejects = _capture_fake(lambda: make(dist.group.WORLD), rank=1)
+    assert matches == [] and unchanged
+    assert any(r.family == "ep" and reason in r.reason for r in rejects), rejects
+
+
+def test_by_value_gloo_equal_to_single_device(gloo_world):
+    """At W = 2 (gloo) every spelling is rewritten by family ep and equals the single-device
+    block (the same block on a one-rank group): output, input and parameter gradients."""
+    makes = list(M.BY_VALUE.values())
+    for families in gloo_world(2).run(ep_equal_single_device, makes):
+        assert families == ["ep"] * len(makes)
