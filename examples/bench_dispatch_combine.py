@@ -31,8 +31,9 @@ What each column measures, per rank (T tokens per rank, top-K of E experts, hidd
   before it (outputs included), in MiB; n/a on CPU (the allocator there keeps no such count).
 * syncs: device -> host synchronizations counted with ``torch.cuda.set_sync_debug_mode("warn")``
   over one call (n/a on CPU).
-* sync-free rows (third table): ``moe_ops.dispatch(..., capacity=--capacity, overflow="drop")``
-  (fixed-size buffers, no host sync) beside the default mode; "CUDA graph": dispatch + combine
+* sync-free rows (third table): ``moe_ops.dispatch(..., capacity=--capacity, overflow="drop",
+  transport=--transport)`` (fixed-size buffers, no host sync; the transport in parentheses)
+  beside the default mode; "CUDA graph": dispatch + combine
   captured once per input set and the graph replays timed (no host work at all); syncs counted
   over dispatch + combine.
 
@@ -299,7 +300,9 @@ def _bench_sync_free(args, meter: _Meter, group, xs, idxs, ws, E, gen) -> dict:
     cap = args.capacity if args.capacity == "worst-case" else int(args.capacity)
 
     def disp(i):
-        return moe_ops.dispatch(xs[i], idxs[i], E, group=group, capacity=cap, overflow="drop")
+        return moe_ops.dispatch(
+            xs[i], idxs[i], E, group=group, capacity=cap, overflow="drop", transport=args.transport
+        )
 
     handles = [disp(i)[1] for i in range(S)]
     C = handles[0].capacity
@@ -318,7 +321,12 @@ def _bench_sync_free(args, meter: _Meter, group, xs, idxs, ws, E, gen) -> dict:
     recv_d, h_d = moe_ops.dispatch(xs[0], idxs[0], E, group=group)
     diff = (dc(0).float() - moe_ops.combine(recv_d, h_d, ws[0]).float()).abs().max().item()
     del recv_d, h_d
-    row = {"sf_capacity": C, "sf_dropped": int(handles[0].num_dropped), "sf_max|diff|": diff}
+    row = {
+        "sf_transport": handles[0].transport,
+        "sf_capacity": C,
+        "sf_dropped": int(handles[0].num_dropped),
+        "sf_max|diff|": diff,
+    }
     row["sf_dispatch_ms"] = meter.time_ms(disp, S)
     row["sf_combine_ms"] = meter.time_ms(comb, S)
     row["sf_d+c_ms"] = meter.time_ms(dc, S)
@@ -329,7 +337,13 @@ def _bench_sync_free(args, meter: _Meter, group, xs, idxs, ws, E, gen) -> dict:
 
         def fb(i):
             recv, h = moe_ops.dispatch(
-                xg[i], idxs[i], E, group=group, capacity=cap, overflow="drop"
+                xg[i],
+                idxs[i],
+                E,
+                group=group,
+                capacity=cap,
+                overflow="drop",
+                transport=args.transport,
             )
             moe_ops.combine(recv, h, wg[i]).backward(go[i])
             xg[i].grad = wg[i].grad = None
@@ -445,7 +459,7 @@ def _tables(rows):
                 r["syncs_d+c"],
             ),
             (
-                "sync-free",
+                f"sync-free ({r['sf_transport']})",
                 r["sf_capacity"],
                 r["sf_dispatch_ms"],
                 r["sf_combine_ms"],
@@ -458,7 +472,7 @@ def _tables(rows):
         if r.get("sf_graph_d+c_ms") is not None:
             modes.append(
                 (
-                    "sync-free, CUDA graph",
+                    f"sync-free ({r['sf_transport']}), CUDA graph",
                     r["sf_capacity"],
                     None,
                     None,
@@ -594,6 +608,10 @@ def main(argv=None):
     p.add_argument("--no-torch-path", action="store_true", help="skip moe_ops without Triton")
     p.add_argument(
         "--capacity", default="worst-case", help="sync-free mode's capacity: an int or worst-case"
+    )
+    p.add_argument(
+        "--transport",
+        help="sync-free mode's transport (moe_ops.dispatch's; default: the library's choice)",
     )
     p.add_argument("--no-sync-free", action="store_true", help="skip the sync-free mode")
     p.add_argument("--out", help="also write the tables (markdown) and rows (.json) here")

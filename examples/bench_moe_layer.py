@@ -24,6 +24,7 @@ footnote says when inductor skipped CUDA graphs for a mode (then that row ran wi
     torchrun --nproc-per-node 2 examples/bench_moe_layer.py   # W ranks, each with its tokens
     torchrun --nproc-per-node 2 examples/bench_moe_layer.py --experts 128 --top-k 8 --inter 768
     ... --blocks "transformers,torchtitan" --modes "torch.compile,moe backend"   # a subset
+    ... --profile 5    # also: where each row's forward + backward spends its kernel time
 
 On CUDA: CUDA events, warm-up, median of ``--iters`` (>= 10). Under torchrun every rank holds
 the whole block and the "moe" backend runs it expert-parallel over the default group; the table
@@ -309,6 +310,33 @@ def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _kernel_breakdown(fn, steps: int, top: int = 10) -> tuple[float, list[list]]:
+    """Kernel time per step of ``fn()`` under torch.profiler: the total, and the ``top``
+    kernels by time (name, calls per step, ms per step, share)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm (a first call may compile or capture)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            by_name.setdefault(e.name, []).append(e.device_time_total / 1e3)
+    total = sum(sum(v) for v in by_name.values()) / steps
+    if not total:
+        return 0.0, []
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    rows = [
+        [name[:70], len(v) / steps, f"{sum(v) / steps:.3f}", f"{sum(v) / steps / total:.0%}"]
+        for name, v in ranked
+    ]
+    return total, rows
+
+
 def _modes(group, device: torch.device):
     def moe(m, capacity=None, mode=None):
         backend = fx_passes.moe_backend(group=group, capacity=capacity, mode=mode)
@@ -344,6 +372,18 @@ def main() -> None:
     p.add_argument("--world-size", type=int, default=None, help="expected W (checked)")
     p.add_argument(
         "--no-stacked", action="store_true", help="skip the shard_experts(stack=True) block"
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the check of the torchtitan-style baseline against one process (slow at E=128)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="on GPUs, also profile STEPS forward+backward steps of each row (kernel table)",
     )
     p.add_argument(
         "--blocks", help="comma-separated: only the blocks whose names hold one (=NAME: exactly)"
@@ -393,7 +433,8 @@ def main() -> None:
         notes.append(f"{ep_name}: skipped, E={E} is not a multiple of W={world}")
     else:
         blocks[ep_name] = lambda: TorchtitanEPBlock(LoopBlock(Hd, In, E, K), group)
-        notes.append(_check_ep(group, device, E, K))
+        if not args.no_check:
+            notes.append(_check_ep(group, device, E, K))
 
     def wanted(name: str, spec: str | None) -> bool:
         """Does a comma-separated ``spec`` select ``name``: a part selects the names that hold
@@ -404,7 +445,7 @@ def main() -> None:
         return any(name == p[1:] if p.startswith("=") else p in name for p in parts)
 
     blocks = {b: make for b, make in blocks.items() if wanted(b, args.blocks)}
-    rows = []
+    rows, profiles = [], []
     for bname, make in blocks.items():
         torch.manual_seed(0)
         base = make().to(device=device, dtype=torch.bfloat16)
@@ -429,6 +470,7 @@ def main() -> None:
         modes = {m: w for m, w in modes.items() if wanted(m, args.modes)}
         for mname, wrap in modes.items():
             torch._dynamo.reset()
+            t_row = time.perf_counter()
             model = wrap(base)
             xg = x.clone().requires_grad_(True)
 
@@ -454,9 +496,14 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - report, keep benchmarking the others
                 f = fb = float("nan")
                 print(f"[{bname} / {mname}] failed: {type(e).__name__}: {str(e)[:200]}")
+            if args.profile and device.type == "cuda" and f == f:
+                total, top = _kernel_breakdown(fwd_bwd, args.profile)
+                profiles.append((bname, mname, fb, total, top))
             skipped = counters["inductor"]["cudagraph_skips"] - skips
             if "CUDA graphs" in mname and skipped:
                 notes.append(f"{bname} / {mname}: inductor skipped CUDA graphs {skipped} time(s)")
+            if rank == 0:  # progress: compiles can take a while at large E
+                print(f"[{bname} / {mname}] {time.perf_counter() - t_row:.0f} s", flush=True)
             if group is not None:
                 t = torch.tensor([f, fb], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -471,6 +518,12 @@ def main() -> None:
         print(tabulate.tabulate(rows, headers=headers))
         for note in notes:
             print(note)
+    for bname, mname, fb, total, top in profiles if rank == 0 else ():
+        print(
+            f"\n{bname} / {mname}: forward + backward, rank 0, kernel time {total:.3f} ms per "
+            f"step (median wall {fb:.3f} ms, slowest rank)"
+        )
+        print(tabulate.tabulate(top, headers=["kernel", "calls", "ms", "share"]))
     if group is not None:
         dist.destroy_process_group()
 

@@ -143,7 +143,9 @@ def dispatch(
             ``"padded"`` (the fixed-size ``all_to_all_single``) at W > 1. ``"nvshmem"`` is an
             experimental transport on CUDA with NVSHMEM (``torch.ops.symm_mem.all_to_all_vdev_2d``,
             device-side split sizes, every rank passes the same T; see
-            ``moe_ops._capacity_ops``). At W > 1 every rank must pass the same transport.
+            ``moe_ops._capacity_ops``). On one host of 4 H200 it was slower than ``"padded"``
+            (docs/notes_gpu.md) and its kernel refused 256 experts. At W > 1 every rank must
+            pass the same transport.
 
     Returns:
         ``recv_x``: ``[R, H]``, one row per (token, slot) pair from any rank routed to one of this

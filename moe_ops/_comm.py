@@ -257,7 +257,15 @@ def nvshmem_to_experts(
     out_so = _symm_buffer(("out_so", tag), (2, n), torch.int64, device, group_name)
     fill_send(send)
     splits.copy_(in_splits_E)
-    torch.ops.symm_mem.all_to_all_vdev_2d(send, recv, splits, out_so, group_name)
+    try:
+        torch.ops.symm_mem.all_to_all_vdev_2d(send, recv, splits, out_so, group_name)
+    except RuntimeError as e:  # every rank has the same E and W, so every rank raises here
+        raise RuntimeError(
+            f"moe_ops.dispatch: the nvshmem transport's kernel "
+            f"(torch.ops.symm_mem.all_to_all_vdev_2d) refused {n} (rank, local expert) splits: "
+            f"{e}. It handles a limited number of experts per call (256 experts at W = 4 were "
+            f"refused with torch 2.11); use transport='padded'"
+        ) from e
     return recv, out_so.clone()
 
 
