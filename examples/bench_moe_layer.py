@@ -310,15 +310,16 @@ def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _kernel_breakdown(fn, steps: int, top: int = 10) -> tuple[float, list[list]]:
-    """Kernel time per step of ``fn()`` under torch.profiler: the total, and the ``top``
-    kernels by time (name, calls per step, ms per step, share)."""
+def _kernel_breakdown(fn, steps: int, top: int = 10) -> tuple[float, list[list], list[list]]:
+    """Kernel time per step of ``fn()`` under torch.profiler: the total, the ``top`` kernels by
+    time (name, calls per step, ms per step, share), and the ``top`` host ops by their own host
+    time (name, calls per step, ms per step; the profiler slows the host down)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm (a first call may compile or capture)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
@@ -328,13 +329,17 @@ def _kernel_breakdown(fn, steps: int, top: int = 10) -> tuple[float, list[list]]
             by_name.setdefault(e.name, []).append(e.device_time_total / 1e3)
     total = sum(sum(v) for v in by_name.values()) / steps
     if not total:
-        return 0.0, []
+        return 0.0, [], []
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
     rows = [
         [name[:70], len(v) / steps, f"{sum(v) / steps:.3f}", f"{sum(v) / steps / total:.0%}"]
         for name, v in ranked
     ]
-    return total, rows
+    host = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:top]
+    host_rows = [
+        [a.key[:70], a.count / steps, f"{a.self_cpu_time_total / 1e3 / steps:.3f}"] for a in host
+    ]
+    return total, rows, host_rows
 
 
 def _modes(group, device: torch.device):
@@ -497,8 +502,7 @@ def main() -> None:
                 f = fb = float("nan")
                 print(f"[{bname} / {mname}] failed: {type(e).__name__}: {str(e)[:200]}")
             if args.profile and device.type == "cuda" and f == f:
-                total, top = _kernel_breakdown(fwd_bwd, args.profile)
-                profiles.append((bname, mname, fb, total, top))
+                profiles.append((bname, mname, fb, *_kernel_breakdown(fwd_bwd, args.profile)))
             skipped = counters["inductor"]["cudagraph_skips"] - skips
             if "CUDA graphs" in mname and skipped:
                 notes.append(f"{bname} / {mname}: inductor skipped CUDA graphs {skipped} time(s)")
@@ -518,12 +522,13 @@ def main() -> None:
         print(tabulate.tabulate(rows, headers=headers))
         for note in notes:
             print(note)
-    for bname, mname, fb, total, top in profiles if rank == 0 else ():
+    for bname, mname, fb, total, top, host in profiles if rank == 0 else ():
         print(
             f"\n{bname} / {mname}: forward + backward, rank 0, kernel time {total:.3f} ms per "
             f"step (median wall {fb:.3f} ms, slowest rank)"
         )
         print(tabulate.tabulate(top, headers=["kernel", "calls", "ms", "share"]))
+        print(tabulate.tabulate(host, headers=["host op (self time)", "calls", "ms"]))
     if group is not None:
         dist.destroy_process_group()
 
