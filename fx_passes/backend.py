@@ -381,14 +381,57 @@ def _data_dependent(e: BaseException) -> str | None:
         seen.add(id(e))
         if isinstance(e, GuardOnDataDependentSymNode):
             first = str(e).strip().splitlines()[0]
+            where = _user_line(str(e))
+            at = f" at {where[0]}:{where[1]} `{where[2]}`" if where else ""
             return (
-                f"Dynamo cannot compile it with data-dependent capture on ({first}); it was "
-                f"compiled without the capture, so no graph holds a whole MoE block. Bound the "
-                f"data-dependent value where it is read (torch._check(counts.shape[0] == E) "
-                f"before counts.tolist(), say)"
+                f"Dynamo cannot compile it with data-dependent capture on{at} ({first}); it was "
+                f"compiled without the capture, so no graph holds a whole MoE block. "
+                f"{_data_dependent_fix(where)}"
             )
         e = e.__cause__ or e.__context__
     return None
+
+
+def _user_line(text: str) -> tuple[str, int, str] | None:
+    """``(file, line, code)`` of the user code a Dynamo error names (``from user code:``)."""
+    import re
+
+    found = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', text)
+    if not found:
+        return None
+    file, line, code = found[-1]
+    return file, int(line), code.strip()
+
+
+def _data_dependent_fix(where: tuple[str, int, str] | None) -> str:
+    """What to change where Dynamo failed on a data-dependent value: a branch that reads the
+    value (``if counts[i] == 0: continue``) cannot be captured whatever bounds it, so name it."""
+    import linecache
+    import re
+
+    bound = (
+        "Bound the data-dependent value where it is read (torch._check(counts.shape[0] == E) "
+        "before counts.tolist(), say)"
+    )
+    if where is None:
+        return bound
+    file, line, code = where
+    var = re.match(r"(\w+)\s*=.*\.tolist\(\)", code)
+    names = {var.group(1)} if var else set()
+    for i in range(line, line + 40):
+        text = linecache.getline(file, i)
+        if not text:
+            break
+        stripped = text.strip()
+        branch = re.match(r"(if|while|elif)\b", stripped)
+        if branch and (any(re.search(rf"\b{n}\b", stripped) for n in names) or i == line):
+            return (
+                f"Its branch on the value, `{stripped}` ({file}:{i}), cannot be captured at "
+                f"all: a Python branch on tensor values splits the graph. Remove that branch "
+                f"(an expert that gets no tokens runs on zero rows and adds nothing) and the "
+                f"`.tolist()` that only feeds it, so that Dynamo captures the block in one graph"
+            )
+    return bound
 
 
 def _skipped_frames(before: collections.Counter) -> str | None:
