@@ -163,13 +163,18 @@ class _World(fx.Interpreter):
             )
         if inp.is_floating_point() and inp.dim() == 2:
             self.state.setdefault("sent", []).append(chunks)
+        scale = self.state.get("scale")
+        if scale and inp.is_floating_point() and inp.shape[1:] == self.state["row_shape"]:
+            # peers send rows of their own (the same counts and ids, other values)
+            return torch.cat([own if s == self.rank else own * scale[s] for s in range(self.W)])
         return torch.cat([own] * self.W)
 
     def _back(self, name, y, out_splits, in_splits):
         chunks = self._chunks(name, y, in_splits, "sends back")
         own = chunks[self.rank]
+        self.state["back"] = chunks
         rtol, atol = _tolerance(y.dtype)
-        for s, c in enumerate(chunks):
+        for s, c in enumerate(chunks if not self.state.get("scale") else ()):
             same = c.shape == own.shape and torch.allclose(c, own, rtol=rtol, atol=atol)
             if s != self.rank and not same:
                 raise _Broken(
@@ -303,6 +308,38 @@ def _compare(old, new, inputs, W: int, rank: int, returns: set[str]) -> str | No
     return None
 
 
+def _crossed(old, inputs, x_at: int, W: int, rank: int, returns: set[str]) -> str | None:
+    """With peers sending rows of their own (rank s: this rank's rows times ``c_s``), the rows
+    sent back to rank s must be what this rank's experts give on its own rows times ``c_s``
+    (run with ``x`` scaled): catches rows sent back to another rank than they came from."""
+    scale = {s: 1.5 + 0.5 * s for s in range(W)}
+    row_shape = inputs[x_at].shape[1:]
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        state = {"scale": scale, "row_shape": row_shape}
+        try:
+            _World(old, W, rank, returns, state).run(*[_clone(i) for i in inputs])
+        except Exception:  # noqa: BLE001 - the mirrored run passed; this one is not needed
+            return None
+        got = state.get("back")
+        if got is None:
+            return None
+        for s in range(W):
+            if s == rank:
+                continue
+            scaled = [_clone(i) for i in inputs]
+            scaled[x_at] = scaled[x_at] * scale[s]
+            ref_state: dict = {}
+            _World(old, W, rank, returns, ref_state).run(*scaled)
+            want = ref_state["back"][rank]
+            rtol, atol = _tolerance(want.dtype)
+            if got[s].shape != want.shape or not torch.allclose(got[s], want, rtol, atol):
+                return (
+                    f"the rows rank {s} sent are not the ones sent back to it (its rows scaled "
+                    f"by {scale[s]} come back as another rank's): the way back mixes up ranks"
+                )
+    return None
+
+
 def _clone(i):
     return i.clone() if isinstance(i, torch.Tensor) else i
 
@@ -332,9 +369,12 @@ def verify_in_world(gm: fx.GraphModule, match: MoEMatch, W: int, rank: int) -> s
     sizes = [5] + ([int(hint)] if isinstance(hint, int) and hint != 5 else [])
     why = "no token count to try"
     for tokens in sizes:
-        why = _compare(old, new, _inputs(match, ext, tokens, False), W, rank, names)
+        inputs = _inputs(match, ext, tokens, False)
+        why = _compare(old, new, inputs, W, rank, names)
         if why is not None and why.startswith("the original block fails"):
             continue
+        if why is None and W > 1:
+            why = _crossed(old, inputs, ext.index(match.x), W, rank, names)
         if why is None:
             why = _compare(old, new, _inputs(match, ext, tokens, True), W, rank, names)
             if why is not None and why.startswith("the original block fails"):

@@ -36,10 +36,14 @@ equals the same block spread over W ranks), ``group=None`` meaning one rank and 
   split sizes for the rows, the regroup key ``arange(E) % E_l`` repeated by the received counts,
   ``y[regroup] = ..`` back, and the inverse order by ``argsort``.
 
-Near misses (``variant=``): ``no_regroup`` runs the experts on rows grouped by source rank (not
-by local expert); ``swapped_back`` sends the way back with the forward split sizes;
-``ActivationA2A`` sends rows sorted by a ``topk`` with an equal-split ``all_to_all`` and never
-brings them back.
+Near misses of ``GatheredCountsEP`` (``variant=``): ``no_regroup`` (experts read rows in
+source-rank order), ``swapped_back`` (the way back with the forward split sizes),
+``crossed_ranks`` (rows go back in reversed source-rank order: each rank gets another's).
+
+Near misses of ``TitanEP`` (``variant=``): ``no_regroup`` runs the experts on rows grouped by
+source rank (not by local expert); ``swapped_back`` sends the way back with the forward split
+sizes; ``ActivationA2A`` sends rows sorted by a ``topk`` with an equal-split ``all_to_all``
+and never brings them back.
 """
 
 from __future__ import annotations
@@ -273,8 +277,9 @@ class GatheredCountsEP(nn.Module):
         y = torch.cat([self.experts[j](parts[j]) for j in range(E_l)])
         if group is not None:
             chunks = y.split(mine.t().reshape(-1).tolist())  # (local expert, source rank)
+            ranks = range(W) if self.variant != "crossed_ranks" else range(W - 1, -1, -1)
             if self.variant != "no_regroup":
-                y = torch.cat([chunks[j * W + s] for s in range(W) for j in range(E_l)])
+                y = torch.cat([chunks[j * W + s] for s in ranks for j in range(E_l)])
             back = (send, recv_sizes) if self.variant != "swapped_back" else (recv_sizes, send)
             y = _MegatronStyleA2A.apply(group, y, *back)
         y = y * w.reshape(-1)[order].unsqueeze(-1)

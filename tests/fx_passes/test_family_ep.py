@@ -203,11 +203,13 @@ def test_by_value_graph_rank1_of_2():
     [
         ("no_regroup", "the experts do not see each rank's rows grouped by local expert"),
         ("swapped_back", "its split sizes are not the forward ones swapped"),
+        ("crossed_ranks", "the way back mixes up ranks"),
     ],
 )
 def test_by_value_near_miss_left_unchanged(variant, reason):
     """The simulated world catches what the spelling cannot show: experts run on rows in
-    source-rank order, and the way back sent with the forward split sizes."""
+    source-rank order, the way back sent with the forward split sizes, rows sent back to
+    another rank than they came from."""
     make = partial(M.GatheredCountsEP, variant=variant)
     code, matches, unchanged, rejects = _capture_fake(lambda: make(dist.group.WORLD), rank=1)
     assert matches == [] and unchanged
