@@ -24,14 +24,26 @@ count exchange, one payload exchange each way, and one host sync, instead of the
 collectives and ``tolist`` calls. Experts are stacked ``[E_l, ...]`` parameters (a ``split``
 loop, ``torch._grouped_mm``) or a ``ModuleList`` of ``E_l`` experts on ``split`` segments.
 
-Being sure: every piece above is matched exactly (the same group in the three exchanges, the
-way back with the forward split sizes swapped, the counts of the block's own ids, the regroup
-keyed by local expert), and anything else left alone, with the reason. The W = 1 random check of
-``verify.verify_match`` does not apply here: the region holds the user's collectives over a
-W-rank group and bakes W, the rank and the local parameters into the graph, so it cannot run by
-itself in one process (at compile time it would issue real collectives, and a rank that decided
-differently would hang its peers). Its matches have ``verify_at_w1`` False; the structural match
-is the check.
+Two ways in. ``find_patterns`` (first in ``families.FAMILIES``) matches the spelling above
+piece by piece, stacked experts included. ``find_by_value`` (last in ``FAMILIES``, so it only sees
+blocks no other family rewrote) recognises hand-written EP by what it computes, whatever the
+spelling of each piece: the router's top-k ids (``topk``/``argmax``), a ``ModuleList`` of this
+rank's experts (of all E when the block holds no collective: EP code at W = 1), the ``[T, H]``
+rows they read, the routed sum they reach, and a weight hypothesis; the exchanges in between may
+be plain ``dist`` collectives, functional collectives, or autograd.Functions around either;
+counts may go by ``all_to_all_single`` or ``all_gather``; the receiver may regroup by a count
+matrix, by shipped ids or by chunk order. ``_ep_world.verify_in_world`` then runs the block in a
+simulated world of W mirrored ranks against the W = 1 rewrite of its local experts, and decides.
+
+Being sure (``find_patterns``): every piece above is matched exactly (the same group in the
+three exchanges, the way back with the forward split sizes swapped, the counts of the block's
+own ids, the regroup keyed by local expert), and anything else left alone, with the reason. The
+W = 1 random check of ``verify.verify_match`` does not apply here: the region holds the user's
+collectives over a W-rank group and bakes W, the rank and the local parameters into the graph,
+so it cannot run by itself in one process (at compile time it would issue real collectives, and
+a rank that decided differently would hang its peers). Its matches have ``verify_at_w1`` False;
+the structural match is the check (``find_by_value``'s matches were checked in the simulated
+world already).
 
 Shape letters: T tokens, H hidden, K top-k, E experts, W ranks, E_l = E / W, P = T * K pairs,
 R rows received by this rank.
@@ -764,7 +776,8 @@ def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
     if not sums:
         return "no [T, H'] value that every expert's output reaches"
     after = set().union(*(_reach(s.output, order) for s in subs))
-    held = [n for n in (routed | after) if holds_collective(n)]
+    upstream = ancestors([n for got in sums for n in (got[0], *got[2])])
+    held = [n for n in (routed | after) & upstream if holds_collective(n)]
     if not held:
         pg, W, rank = None, 1, 0
     else:

@@ -97,6 +97,15 @@ def test_w1_equal_to_eager_and_outcome_pinned(w1_results, name):
         pytest.xfail(f"{outcome.outcome}: {outcome.reason or 'no warning, no rejected entry'}")
 
 
+def test_deepseek_v3_reason_names_what_to_change(w1_results):
+    """DeepSeek-V3 stays rejected (Dynamo cannot capture it), and the reason names the branch on
+    the data-dependent counts and what to do with it."""
+    ok, outcome = w1_results("deepseek_v3")
+    assert ok, outcome
+    assert "`if counts[i] == 0:`" in outcome.reason, outcome.reason
+    assert "Remove that branch" in outcome.reason, outcome.reason
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_w2_gloo_equal_to_single_device(gloo_world, name):
     """Rewritten blocks, and every hand-written EP block, at W = 2 against the single-device

@@ -222,3 +222,32 @@ def test_by_value_gloo_equal_to_single_device(gloo_world):
     makes = list(M.BY_VALUE.values())
     for families in gloo_world(2).run(ep_equal_single_device, makes):
         assert families == ["ep"] * len(makes)
+
+
+def test_by_value_one_rank_group_holding_collectives():
+    """Over a one-rank gloo group the blocks keep their collectives (a W = 1 EP run): each is
+    rewritten by family ep over that group, output and gradients equal the block run eagerly."""
+    from torch.distributed import HashStore
+
+    dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
+    try:
+        for name, make in M.BY_VALUE.items():
+            torch.manual_seed(0)
+            reference = make(dist.group.WORLD)
+            torch.manual_seed(0)
+            model = make(dist.group.WORLD)
+            compiled, backend = _compile_moe(model)
+            x_ref, x_out = make_x().requires_grad_(True), make_x().requires_grad_(True)
+            ref, out = reference(x_ref), compiled(x_out)
+            assert [m.family for m in backend.matches] == ["ep"], (name, backend.matches)
+            dy = torch.randn_like(ref)
+            (ref * dy).sum().backward()
+            (out * dy).sum().backward()
+            t = tolerance(f32)
+            torch.testing.assert_close(out, ref, **t, msg=name)
+            torch.testing.assert_close(x_out.grad, x_ref.grad, **t, msg=name)
+            ref_params = dict(reference.named_parameters())
+            for pname, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, ref_params[pname].grad, **t, msg=pname)
+    finally:
+        dist.destroy_process_group()
