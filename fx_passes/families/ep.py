@@ -705,6 +705,8 @@ def _rows_of(n: Node, T, H) -> bool:
 
 
 _WRITES = ("index_add_", "index_put_", "scatter_add_", "index_copy_", "add_")
+_ONTO = ("index_add", "scatter_add", "index_put", "add")
+_ONTO_CALLS = (torch.index_add, torch.scatter_add, torch.add, operator.add)
 
 
 def _routed_sums(T, outs: list[Node], routed: set[Node], order) -> list[tuple]:
@@ -727,7 +729,15 @@ def _routed_sums(T, outs: list[Node], routed: set[Node], order) -> list[tuple]:
             fresh = is_call(acc, torch.zeros, torch.zeros_like) or is_method(acc, "new_zeros")
             found.append((acc, ws[-1], ws, None if fresh else acc))
     joins = [n for n in sorted(set.intersection(*reach), key=order.get) if _rows_of(n, T, H)]
-    return found + [(n, None, [], None) for n in joins[:3]]
+    after = set().union(*reach)
+    for n in joins[:3]:
+        found.append((n, None, [], None))
+        # out-of-place accumulation onto a value of its own (``shared(x).scatter_add(...)``)
+        acc = n.args[0] if n.args else None
+        onto = is_method(n, *_ONTO) or is_call(n, *_ONTO_CALLS)
+        if onto and isinstance(acc, Node) and acc not in routed | after and _rows_of(acc, T, H):
+            found.append((n, None, [], acc))
+    return found
 
 
 def _drops_past_capacity(routed: set[Node], order) -> str | None:

@@ -35,6 +35,9 @@ equals the same block spread over W ranks), ``group=None`` meaning one rank and 
   counts through ``dist.all_to_all_single`` (buffers), a DeepSpeed-style autograd.Function with
   split sizes for the rows, the regroup key ``arange(E) % E_l`` repeated by the received counts,
   ``y[regroup] = ..`` back, and the inverse order by ``argsort``.
+* ``SharedExpertEP``: torchtitan's MoE with a shared expert: a normed ``view(-1, H)`` input,
+  counts by a list-style ``dist.all_gather``, rows by ``all_to_all_single_autograd``, the routed
+  rows ``scatter_add``-ed (out of place) onto the shared expert's output.
 
 Near misses of ``GatheredCountsEP`` (``variant=``): ``no_regroup`` (experts read rows in
 source-rank order), ``swapped_back`` (the way back with the forward split sizes),
@@ -471,11 +474,56 @@ class Top1ArgmaxEP(nn.Module):
         return y[torch.argsort(order)] * gate.unsqueeze(-1)
 
 
+class SharedExpertEP(nn.Module):
+    # Follows: pytorch/torchtitan torchtitan/models/moe/moe.py (MoE.forward: the routed rows
+    # scatter-added onto the shared experts' output) + torchtitan/distributed/expert_parallel.py
+    # (_token_dispatch), with the counts gathered by a plain list-style dist.all_gather
+    def __init__(self, group=None):
+        super().__init__()
+        self.group, self.W, self.rank = _world(group)
+        self.E_l = E // self.W
+        self.norm = nn.LayerNorm(H)
+        self.router = nn.Linear(H, E, bias=False)
+        self.shared = nn.Linear(H, H)
+        self.experts = _local_experts(self.rank, self.E_l)
+
+    def forward(self, x_in):
+        W, E_l, group = self.W, self.E_l, self.group
+        x = self.norm(x_in).view(-1, H)
+        w, ids = torch.topk(torch.softmax(self.router(x), -1), K, dim=-1)
+        flat = ids.view(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E)
+        torch._check(counts.shape[0] == E)
+        rows = x[order // K]
+        if group is None:
+            recv, mine = rows, counts.view(1, E)
+        else:
+            outs = [torch.empty_like(counts) for _ in range(W)]
+            dist.all_gather(outs, counts, group=group)
+            mine = torch.stack(outs)[:, self.rank * E_l : (self.rank + 1) * E_l]
+            send = counts.view(W, E_l).sum(1).tolist()
+            got = mine.sum(1).tolist()
+            recv = fc.all_to_all_single_autograd(rows, got, send, group)
+        key = torch.arange(E_l).repeat(W).repeat_interleave(mine.reshape(-1), output_size=len(recv))
+        regroup = torch.argsort(key, stable=True)
+        parts = recv[regroup].split(mine.sum(0).tolist())
+        ys = torch.cat([self.experts[j](parts[j]) for j in range(E_l)])
+        y = torch.empty_like(ys)
+        y[regroup] = ys
+        if group is not None:
+            y = fc.all_to_all_single_autograd(y, send, got, group)
+        y = y * w.view(-1)[order, None]
+        index = (order // K)[:, None].expand(-1, H)
+        return self.shared(x).scatter_add(0, index, y).view(x_in.shape)
+
+
 BY_VALUE = {  # hand-written EP spellings the ep family recognises by what they compute
     "gathered_counts": GatheredCountsEP,
     "count_matrix_top2": CountMatrixTop2EP,
     "shipped_ids": ShippedIdsEP,
     "top1_argmax": Top1ArgmaxEP,
+    "shared_expert": SharedExpertEP,
 }
 
 MODELS = {  # classes and partials: sent to the ranks of a world by reference
