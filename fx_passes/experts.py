@@ -322,14 +322,16 @@ def emit_stacked(
         rows = val(p).shape[0]
         q = env(p)
         shard = q.meta.get("moe_shard")  # absent in the check's copy: it feeds whole weights
+        # [E * m, ...]: m rows per expert (a 2-D weight the body views per expert)
+        m = rows // num_experts if isinstance(rows, int) and rows % num_experts == 0 else 1
         if shard is not None:
             q = _local_rows(graph, p, shard, e_l, group_name)
-        elif rows == num_experts and e_l != num_experts:
-            q = call(graph, operator.getitem, (q, slice(rank * e_l, (rank + 1) * e_l)))
-        elif rows != e_l:
+        elif rows == num_experts * m and e_l != num_experts:
+            q = call(graph, operator.getitem, (q, slice(rank * e_l * m, (rank + 1) * e_l * m)))
+        elif rows != e_l * m:
             raise ValueError(
                 f"fx_passes: stacked expert parameter {p.name} must have {num_experts} or {e_l} "
-                f"rows (E or E/W), got {rows}"
+                f"rows (E or E/W), or a multiple of E rows, got {rows}"
             )
         local.append(q)
     return body.emit(graph, recv_x, tpe, local)

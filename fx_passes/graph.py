@@ -8,6 +8,7 @@ Reading a graph: example values (:func:`val`), module paths, traversals (``ances
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from collections.abc import Iterable
@@ -299,7 +300,10 @@ def set_val(node: Node) -> None:
         mode = _fake_mode_of([val(n) for n in node.graph.nodes if n.op == "placeholder"])
     if mode is None:
         return
-    with mode:
+    # an in-place write returns nothing to bind the sizes it makes (``buf[lo:hi] = v``) to
+    quiet = mode.shape_env is not None and node.target is operator.setitem
+    fresh = mode.shape_env.ignore_fresh_unbacked_symbols() if quiet else contextlib.nullcontext()
+    with mode, fresh:
         if node.op == "call_method":
             out = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:

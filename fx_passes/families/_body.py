@@ -56,6 +56,7 @@ _ROW_FUNCS = ROWWISE_FUNCS | {
     torch.cat,
     operator.getitem,
     torch.sym_sum,
+    operator.matmul,
 }
 
 
@@ -177,12 +178,22 @@ class Body:
 
 
 def body_region(rows: Node, out: Node) -> list[Node] | None:
-    """Nodes on a path from ``rows`` to ``out`` plus in-place writes into them, graph order."""
+    """Nodes on a path from ``rows`` to ``out`` plus in-place writes into them, graph order.
+
+    A path may go through a fresh buffer that the body fills in place (``out = zeros(P, H')``,
+    ``out[lo:hi] = rows[lo:hi] @ W[e]``): the buffer and its writes are part of the body.
+    """
+    graph = rows.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
     fwd: set[Node] = set()
     stack = [rows]
     while stack:
         n = stack.pop()
-        for u in n.users:
+        nxt = list(n.users)
+        buf = _written_buffer(n)
+        if buf is not None and n is not rows:
+            nxt += [buf] + [u for u in buf.users if order[u] > order[n]]
+        for u in nxt:
             if u not in fwd:
                 fwd.add(u)
                 stack.append(u)
@@ -196,6 +207,7 @@ def body_region(rows: Node, out: Node) -> list[Node] | None:
             continue
         back.add(n)
         stack.extend(a for a in n.all_input_nodes if a in fwd)
+        stack.extend(u for u in n.users if u in fwd and _written_buffer(u) is n)
     keep = fwd & back
     # In-place writes (``out.add_(bias)``) into body values that a later body node reads.
     for n in list(keep):
@@ -203,8 +215,94 @@ def body_region(rows: Node, out: Node) -> list[Node] | None:
             inplace = u.op == "call_method" and u.target.endswith("_")
             if inplace and not u.target.endswith("__") and u.args and u.args[0] is n:
                 keep.add(u)
-    graph = rows.graph
     return [n for n in graph.nodes if n in keep]
+
+
+_FRESH = {torch.zeros, torch.empty, torch.full, torch.ones, torch.zeros_like, torch.empty_like}
+_FRESH_METHODS = {"new_zeros", "new_empty", "new_full", "new_ones"}
+
+
+def _written_buffer(n: Node) -> Node | None:
+    """The fresh buffer (``zeros``, ``new_empty``, ...) that ``n`` writes rows into in place
+    (``buf[lo:hi] = v``, ``buf.index_copy_(...)``), else None."""
+    if n.target is operator.setitem or (
+        n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__")
+    ):
+        buf = n.args[0] if n.args else None
+        if isinstance(buf, Node) and (is_call(buf, *_FRESH) or is_method(buf, *_FRESH_METHODS)):
+            return buf
+    return None
+
+
+_SIZED = (torch.zeros, torch.empty, torch.full, torch.ones, torch.arange)
+
+
+def _first_size(n: Node) -> tuple[tuple, int | None]:
+    """``(size, first)``: the size argument of a creation op (its first dim ``first``)."""
+    if is_call(n, torch.repeat_interleave):
+        return (), n.kwargs.get("output_size")
+    if not (is_call(n, *_SIZED) or is_method(n, *_FRESH_METHODS)):
+        return (), None
+    if is_call(n, torch.arange) and len(n.args) != 1:
+        return (), None
+    size = n.args[1:] if n.op == "call_method" else n.args
+    if size and isinstance(size[0], (tuple, list)):
+        size = tuple(size[0])
+    first = size[0] if size else None
+    ok = isinstance(first, int) and not isinstance(first, bool)
+    return size, first if ok else None
+
+
+def _size_arith(n: Node, P: int) -> int | None:
+    """The position of an int ``>= P`` in ``c - s`` / ``s + c`` on a size ``s`` (a SymInt)."""
+    if not is_call(n, operator.sub, operator.add) or not isinstance(val(n), torch.SymInt):
+        return None
+    for i, a in enumerate(n.args[:2]):
+        if isinstance(a, int) and not isinstance(a, bool) and a >= P:
+            return i
+    return None
+
+
+def is_fresh_rows(n: Node, rows: Node) -> bool:
+    """A value made in the body (a buffer, ``arange``, ``repeat_interleave(..., output_size=)``,
+    a size ``P + c - s``) whose first size is the number of grouped rows ``P`` plus a constant,
+    baked in under static shapes: the rewrite makes it from ``recv_x``'s row count."""
+    P = val(rows).shape[0]
+    if not isinstance(P, int) or P <= 0:
+        return False
+    first = _first_size(n)[1]
+    return (first is not None and first >= P) or _size_arith(n, P) is not None
+
+
+def fresh_rows_emitter(n: Node, rows: Node) -> Callable:
+    """A ``Body.rewrite`` entry making ``n`` (see :func:`is_fresh_rows`) with ``recv_x``'s rows."""
+    P = val(rows).shape[0]
+    size, first = _first_size(n)
+    at = _size_arith(n, P)
+    if at is not None:
+        first = n.args[at]
+
+    def emit(graph: fx.Graph, lookup, tpe: Node) -> Node:
+        r = call(graph, "size", (lookup(rows), 0))
+        if first != P:
+            r = call(graph, operator.add, (r, first - P))
+        args, kwargs = lookup(n.args), lookup(n.kwargs)
+        if at is not None:
+            return call(graph, n.target, tuple(r if i == at else a for i, a in enumerate(args)))
+        if is_call(n, torch.repeat_interleave):
+            return call(graph, n.target, args, {**kwargs, "output_size": r})
+        if is_call(n, torch.arange):
+            return call(graph, n.target, (r,), kwargs)
+        new_size = (r, *lookup(tuple(size[1:])))
+        if n.op == "call_method":  # t.new_zeros((P, H)) or t.new_zeros(P, H)
+            nested = len(n.args) > 1 and isinstance(n.args[1], (tuple, list))
+            rest = tuple(args[2:]) if nested else ()
+            return call(graph, n.target, (args[0], new_size, *rest), kwargs)
+        nested = isinstance(n.args[0], (tuple, list))  # torch.full((P,), v) or torch.zeros(P, H)
+        rest = tuple(args[1:]) if nested else ()
+        return call(graph, n.target, (new_size, *rest), kwargs)
+
+    return emit
 
 
 def check_row_op(n: Node) -> str | None:
@@ -280,6 +378,7 @@ def collect_support(
                 a.target is operator.getitem
                 and isinstance(a.args[1], Node)
                 and (leaf_kind(a.args[1]) != "row_ids" or not is_param_like(a.args[0]))
+                and not _counts_like(a)
             ):
                 return f"the expert body reads {a.name}, an indexing it does not understand"
             for b in a.all_input_nodes:
@@ -287,6 +386,18 @@ def collect_support(
                 if why is not None:
                     return why
             support.append(a)
+            return None
+        if _counts_like(a) or (is_method(a, "view", "reshape") and is_param_like(a.args[0])):
+            # values computed from the counts alone (row offsets, padded sizes, an index filled
+            # in place), and stacked parameters viewed per expert (``w.view(E, I, H)``; the
+            # caller checks the view)
+            writes = [u for u in a.users if u not in inside and _written_buffer(u) is a]
+            for b in a.all_input_nodes + [c for u in writes for c in u.all_input_nodes]:
+                why = visit(b)
+                if why is not None:
+                    return why
+            support.append(a)
+            support.extend(u for u in writes if u not in seen and not seen.add(u))
             return None
         return f"the expert body reads {a.name} ({target_name(a)}), which it does not understand"
 
@@ -302,42 +413,260 @@ def collect_support(
     return support, counts, row_ids, params
 
 
+def beyond_plain_support(a: Node) -> bool:
+    """A support node only the counts-like rule of :func:`collect_support` accepts."""
+    return not (
+        is_cast(a)
+        or is_method(a, *_SUPPORT_METHODS)
+        or is_call(a, torch.transpose, torch.cumsum, torch.sym_sum, operator.add)
+        or a.target is operator.getitem
+    )
+
+
+def expert_views(params: list[Node], support: list[Node], num_experts: int) -> dict | str:
+    """``Body.rewrite`` entries for stacked parameters stored 2-D and viewed per expert
+    (``w[E * I, H].view(E, I, H)``): on this rank's ``[E_l * I, H]`` rows the view takes ``E_l``.
+    Or why a parameter is not stacked per expert."""
+    views: dict[Node, Callable] = {}
+    for p in params:
+        pv = val(p)
+        rows = pv.shape[0] if pv.dim() else None
+        if rows == num_experts:
+            continue
+        uses = [n for n in support if p in n.all_input_nodes]
+        ok = isinstance(rows, int) and rows % num_experts == 0 and uses
+        for n in uses:
+            shape = n.args[1:]
+            if shape and isinstance(shape[0], (tuple, list)):
+                shape = tuple(shape[0])
+            ok = ok and (
+                is_method(n, "view", "reshape")
+                and n.args[0] is p
+                and len(shape) >= 2
+                and shape[0] == num_experts
+                and val(n).shape[0] == num_experts
+            )
+            if ok:
+                views[n] = _local_view(n, tuple(shape))
+        if not ok:
+            return f"{p.name} is not stacked per expert ([{num_experts}, ...] or viewed so)"
+    return views
+
+
+def expert_sized(nodes: list[Node], num_experts: int) -> dict[Node, Callable]:
+    """``Body.rewrite`` entries for integer bookkeeping sized by the number of experts under
+    static shapes (``arange(E)``, ``counts.view(1, E)``, ``zeros(E + 1)``): on a rank they take
+    ``E_l``. The caller's check on split experts confirms them."""
+    out: dict[Node, Callable] = {}
+    for n in nodes:
+        if not _counts_like(n) or not isinstance(val(n), torch.Tensor):
+            continue
+        if is_method(n, "view", "reshape") and isinstance(val(n.args[0]), torch.Tensor):
+            shape = n.args[1:]
+            if shape and isinstance(shape[0], (tuple, list)):
+                shape = tuple(shape[0])
+            if shape.count(num_experts) == 1:
+                at = 1 + shape.index(num_experts)
+                out[n] = _with_local_experts(n, (n.args[0], *shape), at, num_experts)
+        elif is_call(n, torch.arange, torch.zeros, torch.ones, torch.empty) and (
+            len(n.args) == 1 and n.args[0] in (num_experts, num_experts + 1)
+        ):
+            out[n] = _with_local_experts(n, n.args, 0, num_experts)
+    return out
+
+
+def _with_local_experts(n: Node, args: tuple, at: int, num_experts: int) -> Callable:
+    """Emit ``n`` with ``args[at]`` (``E`` or ``E + 1``) taken for this rank's ``E_l``."""
+
+    def emit(graph: fx.Graph, lookup, tpe: Node) -> Node:
+        new = list(lookup(args))
+        new[at] = args[at] - num_experts + val(tpe).shape[0]
+        return call(graph, n.target, tuple(new), lookup(n.kwargs))
+
+    return emit
+
+
+def _local_view(n: Node, shape: tuple) -> Callable:
+    def emit(graph: fx.Graph, lookup, tpe: Node) -> Node:
+        e_l = val(tpe).shape[0]
+        return call(graph, n.target, (lookup(n.args[0]), e_l, *shape[1:]))
+
+    return emit
+
+
+def check_local_experts(body: Body) -> str | None:
+    """None when ``body`` on rows grouped by expert equals, for every split of the experts into
+    W equal groups (W dividing E), the bodies of each group run on that group's rows with that
+    group's parameter rows; else why not. Random rows, counts and parameters (``rows`` rows),
+    every group's rows in their own run: this is what each rank of an expert-parallel rewrite
+    runs, and the W = 1 check of the block does not run it."""
+    E = body.num_experts
+    gen = torch.Generator().manual_seed(0)
+    rv = val(body.rows)
+    # more rows than the block had (a rank may receive more), and not a multiple of E
+    P = rv.shape[0]
+    rows = (P if isinstance(P, int) else 8) + 5
+    H = rv.shape[-1]
+    if not isinstance(H, int):
+        return "cannot check the experts: the rows' width is symbolic"
+    counts = torch.bincount(torch.randint(0, E, (rows,), generator=gen), minlength=E)
+    x = torch.randn(rows, H, generator=gen).to(rv.dtype)
+    params = []
+    for p in body.params:
+        pv = val(p)
+        if any(not isinstance(d, int) for d in pv.shape):
+            return f"cannot check the experts: {p.name} has a symbolic shape"
+        t = torch.randn(tuple(pv.shape), generator=gen) * 0.5
+        params.append(t.to(pv.dtype) if pv.dtype.is_floating_point else t.to(pv.dtype) * 0)
+
+    def run(e_l: int, x_part, counts_part, params_part):
+        g = fx.Graph()
+        r = g.placeholder("rows")
+        tpe = g.placeholder("tokens_per_expert")
+        tpe.meta["val"] = torch.zeros(e_l, dtype=torch.int64)
+        ps = [g.placeholder(f"p{i}") for i in range(len(params_part))]
+        g.output(body.emit(g, r, tpe, ps))
+        with torch.no_grad():
+            return fx.GraphModule(torch.nn.Module(), g)(x_part, counts_part, *params_part)
+
+    try:
+        whole = run(E, x, counts, params)
+    except Exception as e:  # noqa: BLE001 - a body that cannot run on other rows is an answer
+        return (
+            f"the expert computation does not run on {rows} rows grouped by expert "
+            f"({type(e).__name__}: {e}); it may hard-code the number of rows (static shapes)"
+        )
+    offs = [0, *torch.cumsum(counts, 0).tolist()]
+    for W in (w for w in range(2, E + 1) if E % w == 0):
+        e_l = E // W
+        parts = []
+        for r in range(W):
+            lo, hi = r * e_l, (r + 1) * e_l
+            mine = []
+            for t in params:
+                m = t.shape[0] // E
+                mine.append(t[lo * m : hi * m])
+            try:
+                parts.append(run(e_l, x[offs[lo] : offs[hi]], counts[lo:hi], mine))
+            except Exception as e:  # noqa: BLE001
+                return (
+                    f"the expert computation fails on {e_l} of the {E} experts "
+                    f"({type(e).__name__}: {e}): it cannot run on one rank's experts"
+                )
+        got = torch.cat(parts)
+        if got.shape != whole.shape or not torch.allclose(got, whole, rtol=1e-4, atol=1e-4):
+            return (
+                f"the expert computation on the experts split over {W} ranks differs from the "
+                f"whole: it reads more than each expert's own rows and weights"
+            )
+    return None
+
+
+def _counts_like(n: Node) -> bool:
+    """An integer value (tensor, list or scalar) made by a call: row offsets and the like."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    v = val(n)
+    if isinstance(v, torch.Tensor):
+        return not v.dtype.is_floating_point and not v.dtype.is_complex
+    if isinstance(v, (list, tuple)):
+        return all(isinstance(x, (int, torch.SymInt)) for x in v)
+    return isinstance(v, (int, torch.SymInt, bool, torch.SymBool))
+
+
 def branch_tags(
     nodes: list[Node], rows: Node, params: list[Node], counts: list[Node], num_experts: int
-) -> dict[Node, int] | str:
+) -> dict[Node, float] | str:
     """Per-expert branch of each node in a ``split`` + per-expert loop body.
 
     ``W[j]`` (a stacked parameter), ``counts[j]`` and ``split(rows, sizes)[j]`` start branch
     ``j``; a node reading branch ``j`` is in branch ``j``; ``cat``/``split``/``sym_sum`` of a
-    list with one element per branch ``0..E-1`` in order join the branches again. Returns why
-    not when a node mixes branches any other way.
+    list with one element per branch ``0..E-1`` in order join the branches again. Row offsets
+    made from the counts (``offs = cat([0, counts.cumsum(0)])``, or the inclusive cumsum) give
+    boundaries: ``offs[j]`` is boundary ``j`` (tagged ``j - 0.5``, kept while ``j <= E_l``), and a
+    node reading boundaries ``j`` and ``j + 1`` (``rows[offs[j]:offs[j + 1]]``) is in branch ``j``.
+    Returns why not when a node mixes branches any other way.
     """
     roots = set(params) | set(counts)
     derived: set[Node] = set(roots)
-    tags: dict[Node, int] = {}
+    cumulative: set[Node] = set()
+    tags: dict[Node, float] = {}
     for n in nodes:
         ins = n.all_input_nodes
-        if ins and all(a in derived for a in ins) and n.target is not operator.getitem:
+        v = val(n)
+        small_const = not ins and isinstance(v, torch.Tensor) and not v.is_floating_point()
+        if (ins and all(a in derived for a in ins) or small_const) and (
+            n.target is not operator.getitem
+        ):
             derived.add(n)
+            offsets = is_call(n, torch.cumsum) or is_method(n, "cumsum")
+            offsets = offsets or any(a in cumulative for a in ins)
+            if offsets and not any(a in params for a in ins):
+                cumulative.add(n)
         if n.target is operator.getitem and isinstance(n.args[1], int):
             src = n.args[0]
+            if src in cumulative:
+                length = _length(src)
+                j = n.args[1] + (length == num_experts)
+                if length in (num_experts, num_experts + 1) and j >= 0:
+                    tags[n] = j - 0.5
+                    continue
+                return f"{n.name} indexes row offsets of {length} entries for {num_experts} experts"
             if src in derived or _is_row_split(src, tags):
                 tags[n] = n.args[1]
                 continue
-        seen: set[int] = set()
+        seen: set[float] = set()
         for a in n.args + tuple(n.kwargs.values()):
+            if isinstance(a, slice):
+                a = (a.start, a.stop, a.step)
             if isinstance(a, Node) and a in tags:
                 seen.add(tags[a])
             elif isinstance(a, (list, tuple)):
                 lt = [tags.get(x) for x in a if isinstance(x, Node)]
                 joined = any(t is not None for t in lt)
-                if joined and (lt != list(range(num_experts)) or len(lt) != len(a)):
-                    return f"{n.name} joins per-expert branches {lt}, not 0..{num_experts - 1}"
-        if len(seen) > 1:
-            return f"{n.name} mixes per-expert branches {sorted(seen)}"
-        if seen:
-            tags[n] = seen.pop()
+                if joined and any(isinstance(x, slice) for x in a):
+                    return f"{n.name} indexes with several per-expert slices"
+                if joined and all(isinstance(x, Node) for x in a):
+                    if lt != list(range(num_experts)) or len(lt) != len(a):
+                        return f"{n.name} joins per-expert branches {lt}, not 0..{num_experts - 1}"
+                elif joined:
+                    seen.update(t for t in lt if t is not None)
+        tag = _one_branch(seen)
+        if isinstance(tag, str):
+            return f"{n.name} {tag}"
+        if tag is not None:
+            tags[n] = tag
     return tags
+
+
+def _one_branch(seen: set[float]) -> float | str | None:
+    """The branch of a node reading tags ``seen`` (see :func:`branch_tags`), or why none."""
+    if not seen:
+        return None
+    whole = {t for t in seen if float(t).is_integer()}
+    halves = seen - whole
+    if len(whole) > 1:
+        return f"mixes per-expert branches {sorted(whole)}"
+    if whole:
+        (b,) = whole
+        if not halves <= {b - 0.5, b + 0.5}:
+            return f"mixes branch {b} with row offsets {sorted(halves)}"
+        return b
+    if len(halves) == 1:
+        return halves.pop()
+    lo, hi = min(halves), max(halves)
+    if len(halves) == 2 and hi - lo == 1:
+        return int(lo + 0.5)
+    return f"reads row offsets {sorted(halves)} of more than one expert"
+
+
+def _length(n: Node) -> int | None:
+    v = val(n)
+    if isinstance(v, torch.Tensor) and v.dim() == 1 and isinstance(v.shape[0], int):
+        return v.shape[0]
+    if isinstance(v, (list, tuple)):
+        return len(v)
+    return None
 
 
 def _is_row_split(n: Node, tags: dict[Node, int]) -> bool:

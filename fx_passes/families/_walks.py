@@ -404,6 +404,7 @@ def removal_set(output, last_write, base, x, topk_idx, topk_weights, known: set[
         remove.add(n)
         stack.extend(n.all_input_nodes)
     add_hangers(remove, keep_out=output)
+    known = known | _add_dead_ends(remove)
     # Views of the anchors that something outside still reads stay in the graph.
     order = graph_order(graph)
     last = order[last_write] if last_write is not None else -1
@@ -425,6 +426,23 @@ def removal_set(output, last_write, base, x, topk_idx, topk_weights, known: set[
         ) and not _anchor_view(n, stop):
             return f"{n.name} ({target_name(n)}) lies inside the block but is not understood"
     return sorted(remove, key=order.get)
+
+
+def _add_dead_ends(remove: set[Node]) -> set[Node]:
+    """Add to ``remove`` the unused tensors computed only for the block (``bins =
+    counts.cumsum(0)`` that nothing reads), which would otherwise keep its values alive."""
+    added: set[Node] = set()
+    stack = list(remove)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            dead = not u.users and isinstance(val(u), torch.Tensor) and u.op == "call_function"
+            pure = dead and not getattr(u.target, "__name__", "_").endswith("_")
+            if pure and u not in remove and set(u.all_input_nodes) <= remove:
+                remove.add(u)
+                added.add(u)
+                stack.append(u)
+    return added
 
 
 def _anchor_view(n: Node, stop: set[Node]) -> bool:

@@ -102,12 +102,13 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
             return None
 
     # Users of the permutation: token index, sorted weights, the way back.
-    tok: Node | None = perm if K == 1 else None
+    # the token index perm // K, computed once or again for each use
+    toks: list[Node] = [perm] if K == 1 else []
     w_sorted = None
     back: list[Node] = []
     for u in perm.users:
         if K > 1 and walks.is_floordiv_by(u, perm, K):
-            tok = u
+            toks.append(u)
         elif u.target is operator.getitem and u.args[1] is perm and walks.is_float_tensor(u):
             w_sorted = u
         elif (
@@ -120,17 +121,18 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
             continue
         else:
             return f"the sort's permutation is also used by {u.name} ({target_name(u)})"
-    if tok is None:
+    if not toks:
         return "no token index perm // K follows the sort"
-    w.seen.append(tok)
+    w.seen += toks
+    tok = toks[0]
 
     # Users of the token index: the dispatch gather and maybe the way back.
     x_sorted = None
     x = None
-    for u in list(tok.users):
+    for t, u in [(i, u) for i in toks for u in list(i.users)]:
         if u in back:
             continue
-        got = walks.tok_uses(u, tok, w)
+        got = walks.tok_uses(u, t, w)
         if got is None:
             if K == 1 and (u is w_sorted or u.target is operator.setitem or u in back):
                 continue
@@ -160,10 +162,12 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
     if isinstance(sentinel, str):
         return sentinel
     fills, sentinel_bounds = sentinel
+    # Ops not known to act row by row (padding, regrouping, buffers filled by segment) are
+    # allowed when the body checks out on every split of the experts (below).
+    relaxed = None
     for n in body_nodes:
-        why = None if n in fills else walks.check_body_node(n)
-        if why is not None:
-            return why
+        if n not in fills and relaxed is None:
+            relaxed = walks.check_body_node(n)
     sup = gbody.collect_support(body_nodes, x_sorted, w.leaf_kind, replaced=fills)
     if isinstance(sup, str):
         return sup
@@ -174,15 +178,32 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
     for n, bound in sentinel_bounds:
         if bound != E:
             return f"{n.name} compares the sorted ids with {bound}, not the {E} experts"
-    for p in params:
-        if val(p).dim() == 0 or val(p).shape[0] != E:
-            return f"{p.name} is not stacked per expert ([{E}, ...]): ModuleList after a sort"
+    views = gbody.expert_views(params, support, E)
+    if isinstance(views, str):
+        return views
     all_nodes = sorted(set(support) | set(body_nodes), key=graph_order(s.graph).get)
+    fresh = {n for n in all_nodes if gbody.is_fresh_rows(n, x_sorted)}
+    if relaxed is None and (views or fresh):
+        relaxed = "weights viewed per expert or values sized by the number of rows"
+    if relaxed is None and any(gbody.beyond_plain_support(n) for n in support):
+        relaxed = "values computed from the counts"
     tags = gbody.branch_tags(all_nodes, x_sorted, params, counts, E)
     if isinstance(tags, str):
         return tags
+    if relaxed is None and any(not float(t).is_integer() for t in tags.values()):
+        relaxed = "row offsets from the counts"
     body = gbody.Body(x_sorted, y, all_nodes, counts, row_ids, params, tags, E)
     body.rewrite.update({n: _identity_of(n) for n in fills if n in body_nodes})
+    body.rewrite.update({n: gbody.fresh_rows_emitter(n, x_sorted) for n in fresh})
+    body.rewrite.update(views)
+    if relaxed is not None:
+        body.rewrite.update(gbody.expert_sized(support, E))
+    if relaxed is not None:
+        # the structure alone does not show that the body runs on any rank's experts alone
+        # (``relaxed`` says why not): a check on random rows does
+        why = gbody.check_local_experts(body)
+        if why is not None:
+            return f"{why} ({relaxed})"
 
     known = set(w.seen) | set(body.nodes) | w.counts_chain
     remove = walks.removal_set(output, last_write, base, x, topk_idx, topk_weights, known)
