@@ -803,9 +803,11 @@ def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
         return why
     E_l = len(subs)
     E = E_l * W
-    scores = ids.args[0] if ids.target is operator.getitem else ids.args[0]
+    scores = ids.args[0]  # argmax(scores) or topk(scores)[1]
+    if ids.target is operator.getitem and isinstance(scores, Node) and scores.args:
+        scores = scores.args[0]
     sv = val(scores) if isinstance(scores, Node) else None
-    if isinstance(sv, torch.Tensor) and sv.dim() >= 1 and sv.shape[-1] != E:
+    if isinstance(sv, torch.Tensor) and sv.dim() >= 1 and guard_or_false(sv.shape[-1] != E):
         return (
             f"the router picks among {sv.shape[-1]} experts, but the block holds {E_l} "
             f"per rank on {W} rank(s) ({E})"
