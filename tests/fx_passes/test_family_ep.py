@@ -198,6 +198,56 @@ def test_by_value_graph_rank1_of_2():
         assert code.count("moe_ops.combine.default(") == 1, name
 
 
+def test_by_value_graph_fastmoe_style_rank1_of_2():
+    """FastMoE style: the count exchange, the matrix's prefix sums, the scatter and gather
+    Functions (row gather and exchange inside) and the ``bmm`` by the scores become one
+    dispatch and one combine with the scores as weights; the local experts run on segments."""
+    code, matches, _, _ = _capture_fake(lambda: M.CountMatrixTop2EP(dist.group.WORLD), rank=1)
+    assert matches[0].topk_weights.name == "score"
+    assert_expected_inline(
+        code,
+        """\
+linear = torch._C._nn.linear(l_x_, gate.weight, gate.bias)
+topk = torch.topk(linear, 2, dim = -1)
+val = topk[0]
+idx = topk[1]
+score = torch.nn.functional.softmax(val, dim = -1)
+_set_grad_enabled = torch._C._set_grad_enabled(False)
+_set_grad_enabled_1 = torch._C._set_grad_enabled(True)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '<group>', 2)
+getitem_22 = dispatch_default[0]
+getitem_23 = dispatch_default[1]
+getitem_24 = dispatch_default[2]
+getitem_25 = dispatch_default[3]
+getitem_26 = dispatch_default[4]
+getitem_27 = dispatch_default[5]
+getitem_28 = dispatch_default[6]
+getitem_29 = dispatch_default[7]
+tolist = getitem_29.tolist()
+split_1 = torch.functional.split(getitem_22, tolist)
+getitem_30 = split_1[0]
+linear_5 = torch._C._nn.linear(getitem_30, experts.0.up.weight, experts.0.up.bias)
+chunk_2 = linear_5.chunk(2, dim = -1)
+a_2 = chunk_2[0]
+b_2 = chunk_2[1]
+silu_2 = torch.nn.functional.silu(a_2)
+mul_2 = silu_2 * b_2
+linear_6 = torch._C._nn.linear(mul_2, experts.0.down.weight, experts.0.down.bias)
+getitem_31 = split_1[1]
+linear_7 = torch._C._nn.linear(getitem_31, experts.1.up.weight, experts.1.up.bias)
+chunk_3 = linear_7.chunk(2, dim = -1)
+a_3 = chunk_3[0]
+b_3 = chunk_3[1]
+silu_3 = torch.nn.functional.silu(a_3)
+mul_3 = silu_3 * b_3
+linear_8 = torch._C._nn.linear(mul_3, experts.1.down.weight, experts.1.down.bias)
+cat_1 = torch.cat([linear_6, linear_8])
+combine_default = torch.ops.moe_ops.combine.default(cat_1, score, <layout>, '<group>', 2)
+getitem_32 = combine_default[0]
+return (getitem_32,)""",
+    )
+
+
 @pytest.mark.parametrize(
     "variant, reason",
     [
