@@ -184,7 +184,10 @@ class _World(fx.Interpreter):
                 )
         sent = [c for c in self.state.get("sent", []) if all(a.shape[1:] == y.shape[1:] for a in c)]
         if not sent:
-            raise _Broken(f"{name}: no rows of this width went out to come back")
+            raise _Broken(
+                f"{name} sends back rows of shape {tuple(y.shape[1:])}, but no rows of that "
+                f"shape went out: the check's peers (identity experts) cannot answer it"
+            )
         fwd = sent[-1]
         out = []
         for s in range(self.W):
