@@ -1,6 +1,7 @@
 """Communication: the count exchange, the one host sync, and the two payload exchanges.
 
-Only this module talks to ``torch.distributed``. Every collective is an ``all_to_all_single``
+Only this module talks to ``torch.distributed``. Every collective is an all-to-all
+(:func:`all_to_all`, the process group's ``alltoall_base``)
 (or, in capacity mode on CUDA with NVSHMEM, a ``torch.ops.symm_mem`` all-to-all):
 
 * :func:`exchange_counts`: ``[W, 1 + E_l]`` int64 per rank, a status flag then the counts per
@@ -95,8 +96,22 @@ def exchange_counts(
         send[:, 0].fill_(int(bad))
     send[:, 1:] = counts_E.view(world_size, -1)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    all_to_all(recv, send, [], [], group)
     return recv
+
+
+def all_to_all(
+    out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup
+) -> None:
+    """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)`` without its Python
+    wrapper: the process group's ``alltoall_base`` and a wait (empty splits: equal chunks).
+
+    On the GPU hosts measured, the wrapper's argument checks and logging were most of a call's
+    host time under cProfile (docs/notes_moe_layer.md); our callers pass contiguous, real-valued
+    tensors of a group they belong to. On NCCL the wait only orders the current
+    stream after the exchange, as the wrapper's does.
+    """
+    group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
 
 
 def raise_if_peer_bad(status_W: list[int], my_rank: int, what: str) -> None:
@@ -124,9 +139,7 @@ def rows_to_experts(
     W = len(send_splits)
     recv = rows_M.new_empty((sum(recv_splits) + W, *rows_M.shape[1:]))
     send = rows_M[: sum(send_splits) + W]
-    dist.all_to_all_single(
-        recv, send, _with_spare_row(recv_splits), _with_spare_row(send_splits), group=group
-    )
+    all_to_all(recv, send, _with_spare_row(recv_splits), _with_spare_row(send_splits), group)
     return recv
 
 
@@ -163,9 +176,7 @@ def rows_to_sources(
         kern.place_rows(rows_R, recv_rows[:R], buf)
         buf.index_fill_(0, status_W, _OK)
     out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
-    dist.all_to_all_single(
-        out, buf, _with_spare_row(send_splits), _with_spare_row(recv_splits), group=group
-    )
+    all_to_all(out, buf, _with_spare_row(send_splits), _with_spare_row(recv_splits), group)
     if out.device.type == "cpu":
         _raise_on_bad_status_rows(out, send_splits, my_rank, what)
     return out
@@ -185,7 +196,7 @@ def gather_rows_of_counts(row_C: Tensor, world_size: int, group: dist.ProcessGro
     of the row repeated W times (tiny; one collective kind for the whole module): no host sync."""
     send = row_C.expand(world_size, row_C.shape[0]).contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    all_to_all(recv, send, [], [], group)
     return recv
 
 
@@ -193,7 +204,7 @@ def exchange_equal_chunks(send_MH: Tensor, group: dist.ProcessGroup) -> Tensor:
     """``all_to_all_single`` with equal chunks (``M / W`` rows per peer): sizes known to every
     rank in advance, so no count travels to the host."""
     recv_MH = torch.empty_like(send_MH)
-    dist.all_to_all_single(recv_MH, send_MH.contiguous(), group=group)
+    all_to_all(recv_MH, send_MH.contiguous(), [], [], group)
     return recv_MH
 
 

@@ -1,8 +1,8 @@
 """Pinned costs: collectives and host syncs per call, no [T, K, H]-sized intermediate, and no
 payload-sized zero fill in the backward.
 
-Collectives are counted by wrapping ``torch.distributed.all_to_all_single`` (the only one
-``moe_ops._comm`` uses), host syncs by wrapping ``moe_ops._comm.read_to_host``.
+Collectives are counted by wrapping ``moe_ops._comm.all_to_all`` (the only collective
+``moe_ops._comm`` issues), host syncs by wrapping ``moe_ops._comm.read_to_host``.
 """
 
 from __future__ import annotations
