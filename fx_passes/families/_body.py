@@ -255,12 +255,34 @@ def _first_size(n: Node) -> tuple[tuple, int | None]:
 
 def _size_arith(n: Node, P: int) -> int | None:
     """The position of an int ``>= P`` in ``c - s`` / ``s + c`` on a size ``s`` (a SymInt)."""
-    if not is_call(n, operator.sub, operator.add) or not isinstance(val(n), torch.SymInt):
+    v = val(n)
+    scalar = isinstance(v, torch.SymInt) or (
+        isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point()
+    )
+    if not is_call(n, operator.sub, operator.add) or not scalar:
         return None
     for i, a in enumerate(n.args[:2]):
         if isinstance(a, int) and not isinstance(a, bool) and a >= P:
             return i
     return None
+
+
+def first_size(n: Node) -> int | None:
+    """The first size of a creation op (see :func:`is_fresh_rows`), or None."""
+    return _first_size(n)[1]
+
+
+def is_row_like(n: Node) -> bool:
+    """``t.new_zeros(H)`` (and the like) of ``t``'s width: one row, not a row count."""
+    v, src = val(n), val(n.args[0]) if n.args else None
+    return (
+        is_method(n, *_FRESH_METHODS)
+        and isinstance(v, torch.Tensor)
+        and v.dim() == 1
+        and isinstance(src, torch.Tensor)
+        and src.dim() >= 1
+        and first_size(n) == src.shape[-1]
+    )
 
 
 def is_fresh_rows(n: Node, rows: Node) -> bool:

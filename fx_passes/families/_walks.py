@@ -190,6 +190,7 @@ class Walk:
                 onehot = onehot.args[0]
             chain.append(onehot)
             if is_call(onehot, F.one_hot) and self.is_ids(onehot.args[0]):
+                self.counts_chain.update(chain + input_chain(onehot.args[0], self.topk_idx))
                 return arg(onehot, 1, "num_classes")
             if (
                 is_method(onehot, "scatter", "scatter_")
@@ -344,6 +345,8 @@ def _accumulate(node, dest, z, inplace, w_sorted, topk_weights, seen):
     base = None if _is_zeros(dest) else dest
     if base is None:
         seen.append(dest)
+    if inplace and node.users and base is None and set(dest.users) == {node}:
+        return y, node, None, None, topk_weights  # zeros(...).index_add_(...) used as it is
     if inplace:
         return y, dest, base, node, topk_weights
     return y, node, base, None, topk_weights

@@ -192,18 +192,26 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
         return tags
     if relaxed is None and any(not float(t).is_integer() for t in tags.values()):
         relaxed = "row offsets from the counts"
-    body = gbody.Body(x_sorted, y, all_nodes, counts, row_ids, params, tags, E)
-    body.rewrite.update({n: _identity_of(n) for n in fills if n in body_nodes})
-    body.rewrite.update({n: gbody.fresh_rows_emitter(n, x_sorted) for n in fresh})
-    body.rewrite.update(views)
-    if relaxed is not None:
+    # a size equal to the number of rows may be a width instead (``rows.new_zeros(H)``, a zero
+    # row, when H == P): such values are tried both ways, as a row first
+    rowlike = {n for n in fresh if gbody.is_row_like(n)}
+    first_why = None
+    for sized in [fresh - rowlike] + ([fresh] if rowlike else []):
+        body = gbody.Body(x_sorted, y, all_nodes, counts, row_ids, params, tags, E)
+        body.rewrite.update({n: _identity_of(n) for n in fills if n in body_nodes})
+        body.rewrite.update({n: gbody.fresh_rows_emitter(n, x_sorted) for n in sized})
+        body.rewrite.update(views)
+        if relaxed is None:
+            break
         body.rewrite.update(gbody.expert_sized(support, E))
-    if relaxed is not None:
         # the structure alone does not show that the body runs on any rank's experts alone
         # (``relaxed`` says why not): a check on random rows does
         why = gbody.check_local_experts(body)
-        if why is not None:
-            return f"{why} ({relaxed})"
+        if why is None:
+            break
+        first_why = first_why or f"{why} ({relaxed})"
+    else:
+        return first_why
 
     known = set(w.seen) | set(body.nodes) | w.counts_chain
     remove = walks.removal_set(output, last_write, base, x, topk_idx, topk_weights, known)

@@ -33,20 +33,20 @@ EXPECTED = {
     "qwen2_moe": "rewritten",
     "arctic": "rewritten",
     "grok1": "rejected",
-    "megablocks_dmoe": "rejected",
-    "torchtitan": "rejected",  # new_zeros in the expert body
-    "torchtitan_score_before": "rejected",  # same
+    "megablocks_dmoe": "rewritten",  # sorted: recomputed perm // K, [E*I, H] viewed per expert
+    "torchtitan": "rewritten",  # sorted: padded permute checked on split experts
+    "torchtitan_score_before": "rejected",  # weights scale the expert input
     "nanomoe": "rejected",  # per-expert capacity: drops tokens in another order than moe_ops
     "makemoe_any_mask": "rewritten",  # semantic
     "sort_split_inverse": "rewritten",  # semantic
-    "aria_tf453": "rejected",  # the expert output does not depend on the sorted rows
+    "aria_tf453": "rewritten",  # sorted: tensor row offsets, a buffer filled by segment
     "aria_tf5_grouped_mm": "rewritten",
     "aria_tf5_eager": "rejected",
     "gshard": "rejected",  # per-expert capacity (see nanomoe)
     "switch_hf": "rejected",  # same
     "fairseq_top1": "rejected",  # same
     "tutel": "rejected",  # same
-    "torchtitan_ep": "rejected",  # same as torchtitan
+    "torchtitan_ep": "rewritten",  # at W = 1: sorted, as torchtitan
     # family ep by value (the check in a simulated world); at W = 1 no collective is left
     "megatron_ep": "rewritten",
     "fastmoe_top1_ep": "rewritten",
