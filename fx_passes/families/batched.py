@@ -21,6 +21,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch.fx import Node
 
 from fx_passes.experts import grouped_linear
@@ -51,14 +52,38 @@ FAMILY = "batched"
 
 def find_patterns(gm: fx.GraphModule, rejects: list[Rejected]) -> list[MoEMatch]:
     """One :class:`MoEMatch` per batched-gather MoE block of ``gm`` (module docstring)."""
-    reps = [
-        n
-        for n in gm.graph.nodes
-        if (is_method(n, "repeat_interleave") or is_call(n, torch.repeat_interleave))
-        and isinstance(arg(n, 1, "repeats"), int)
-        and arg(n, 2, "dim") == 0
-    ]
+    reps = [n for n in gm.graph.nodes if _rows_per_slot(n) is not None]
     return each_candidate(FAMILY, reps, lambda r: _match(r), rejects)
+
+
+def _rows_per_slot(n: Node) -> tuple[Node, int] | None:
+    """``(x, K)`` when ``n`` is every token's row once per slot, in pair order:
+    ``x.repeat_interleave(K, dim=0)`` or ``x[:, None].expand(-1, K, -1).reshape(-1, H)``."""
+    if (is_method(n, "repeat_interleave") or is_call(n, torch.repeat_interleave)) and (
+        isinstance(arg(n, 1, "repeats"), int) and arg(n, 2, "dim") == 0
+    ):
+        return n.args[0], n.args[1]
+    if not (is_method(n, "reshape", "view") and val(n).dim() == 2):
+        return None
+    ex = n.args[0]
+    if not (is_method(ex, "expand") and val(ex).dim() == 3):
+        return None
+    col = ex.args[0]
+    unsqueezed = is_method(col, "unsqueeze") and col.args[1] == 1
+    indexed = col.target is operator.getitem and col.args[1] in (
+        (slice(None), None, slice(None)),
+        (slice(None), None),
+    )
+    if not (unsqueezed or indexed):
+        return None
+    x = col.args[0]
+    K = val(ex).shape[1]
+    xv = val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 2 or not isinstance(K, int):
+        return None
+    if tuple(val(ex).shape) != (xv.shape[0], K, xv.shape[1]):
+        return None
+    return x, K
 
 
 def _gathered_weight(n: Node) -> tuple[Node, Node] | None:
@@ -92,9 +117,54 @@ def _batched_linear(sq: Node) -> tuple[Node, Node, Node, bool, list[Node]] | Non
     return None
 
 
+def _dense_select(n: Node) -> tuple[Node, Node, Node, bool, list[Node]] | None:
+    """Every expert on every row, then a one-hot pick (Grok-1's dense form)::
+
+        every = einsum("mk,bkn->bmn", a, W)          # [E, P, out], W [E, in, out]
+        y = einsum("bm,bmn->mn", one_hot(ids, E).t(), every)
+
+    is ``a[m] @ W[ids[m]]``. Returns ``(a, W, ids, True, [every, one-hot nodes])``.
+    """
+    if not is_call(n, torch.functional.einsum, torch.einsum) or len(n.args) != 3:
+        return None
+    eq, oh, every = n.args
+    if not (isinstance(eq, str) and isinstance(every, Node) and isinstance(oh, Node)):
+        return None
+    if not is_call(every, torch.functional.einsum, torch.einsum) or len(every.args) != 3:
+        return None
+    eq2, a, W = every.args
+    if not (isinstance(eq2, str) and is_param_like(W) and len(every.users) == 1):
+        return None
+    (o1, o2, out), (i1, i2, out2) = _einsum_terms(eq), _einsum_terms(eq2)
+    # inner: a[m, k] W[b, k, n] -> [b, m, n]; outer: oh[b, m] every[b, m, n] -> [m, n]
+    inner = len(i1) == 2 and len(i2) == 3 and i1[1] == i2[1] and out2 == i2[0] + i1[0] + i2[2]
+    outer = len(o1) == 2 and o2 == out2 and o1 == out2[:2] and out == out2[1:]
+    if not (inner and outer and len(set(i1 + i2)) == 4):
+        return None
+    chain = [oh]
+    m = oh
+    while is_cast(m):
+        m = m.args[0]
+        chain.append(m)
+    transposed = is_method(m, "t") or (is_method(m, "transpose", "permute") and len(m.args) == 3)
+    if not (transposed or (is_call(m, getattr) and m.args[1] == "T")):
+        return None
+    hot = m.args[0]
+    chain.append(hot)
+    if not (is_call(hot, F.one_hot) and arg(hot, 1, "num_classes") == val(W).shape[0]):
+        return None
+    return a, W, hot.args[0], True, [every, *chain]
+
+
+def _einsum_terms(eq: str) -> tuple[str, str, str]:
+    """``"ab,bc->ac"`` -> ``("ab", "bc", "ac")`` (empty strings when not two operands)."""
+    lhs, _, out = eq.replace(" ", "").partition("->")
+    ops = lhs.split(",")
+    return (ops[0], ops[1], out) if len(ops) == 2 and out else ("", "", "")
+
+
 def _match(rep: Node) -> MoEMatch | str | None:
-    x = rep.args[0]
-    K = rep.args[1]
+    x, K = _rows_per_slot(rep)
     xv = val(x)
     if not isinstance(xv, torch.Tensor) or xv.dim() != 2:
         return None
@@ -113,14 +183,14 @@ def _match(rep: Node) -> MoEMatch | str | None:
         for n in fwd
         if is_method(n, "sum")
         and arg(n, 1, "dim") in (1, -2)
-        and is_method(n.args[0], "view", "reshape")
-        and tuple(val(n.args[0]).shape[:2]) == (T, K)
+        and _slots_view(n.args[0], T, K) is not None
     ]
     if len(sums) != 1:
         return None if not sums else "more than one sum over slots after the repeated rows"
     output = sums[0]
-    seen: list[Node] = [rep, output.args[0]]
-    z = output.args[0].args[0]
+    view, post, post_seen = _slots_view(output.args[0], T, K)
+    seen: list[Node] = [*walks.input_chain(rep, x), view, *post_seen]
+    z = view.args[0]
     # weights: y * w_flat.unsqueeze(-1), w_flat = topk_weights.reshape(-1)
     w_flat = None
     n = z
@@ -133,6 +203,10 @@ def _match(rep: Node) -> MoEMatch | str | None:
                 w_flat = strip_casts(col)
     y, applied = walks.strip_row_weight(z, w_flat, seen)
     topk_weights = unflatten(w_flat) if applied else None
+    if post is not None:
+        if applied:
+            return "routing weights applied twice"
+        topk_weights, w_flat = post, post
     if topk_weights is not None:
         seen += [w_flat] if w_flat is not topk_weights else []
         if val(topk_weights).dim() != 2 or tuple(val(topk_weights).shape) != (T, K):
@@ -147,7 +221,7 @@ def _match(rep: Node) -> MoEMatch | str | None:
     topk_idx = ids = None
     E = None
     for n in body_nodes:
-        got = _batched_linear(n)
+        got = _batched_linear(n) or _dense_select(n)
         if got is None:
             continue
         a, W, wids, transposed, parts = got
@@ -212,6 +286,32 @@ def _match(rep: Node) -> MoEMatch | str | None:
         remove=remove,
         body=StackedExperts(params, body.emit),
     )
+
+
+def _slots_view(n: Node, T, K):
+    """``(view, w, seen)`` for ``y.view(T, K, H')`` (``w`` None) or ``w[:, :, None] * view``
+    with ``w`` the ``[T, K]`` weights; None for anything else."""
+    if is_method(n, "view", "reshape") and tuple(val(n).shape[:2]) == (T, K):
+        return n, None, []
+    if not (is_call(n, operator.mul, torch.mul) or is_method(n, "mul")):
+        return None
+    for v, c in (n.args[:2], n.args[1::-1]):
+        if not (isinstance(v, Node) and isinstance(c, Node)):
+            continue
+        if not (is_method(v, "view", "reshape") and tuple(val(v).shape[:2]) == (T, K)):
+            continue
+        m, chain = c, [n]
+        while is_cast(m):
+            chain.append(m)
+            m = m.args[0]
+        idx = m.args[1] if m.target is operator.getitem else None
+        if idx in ((slice(None), slice(None), None), (Ellipsis, None)) or (
+            is_method(m, "unsqueeze") and m.args[1] in (-1, 2)
+        ):
+            w = m.args[0]
+            if tuple(val(w).shape) == (T, K) and val(w).is_floating_point():
+                return v, w, [*chain, m]
+    return None
 
 
 def _grouped_linear_emitter(a: Node, W: Node, transposed: bool):

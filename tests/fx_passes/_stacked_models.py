@@ -135,6 +135,25 @@ class OneHotCounts(_Block):
         return self.shared(x).scatter_add(0, tok, y * w.reshape(-1)[order].unsqueeze(-1))
 
 
+class DenseOneHot(_Block):
+    """Every expert on every (token, slot) row (``einsum`` over stacked ``[E, in, out]``
+    weights), the row's own expert picked by a one-hot ``[E, P]`` einsum; rows made by
+    ``unsqueeze(1).expand(...)``; weights applied after ``view(T, K, H)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_a = stacked_param(E, H, I)
+        self.w_b = stacked_param(E, I, H)
+
+    def forward(self, x):
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), K, dim=-1)
+        rows = x.unsqueeze(1).expand(x.shape[0], K, H).reshape(-1, H)
+        pick = F.one_hot(ids.flatten(), E).T.to(x.dtype)
+        h = torch.einsum("ep,epo->po", pick, torch.einsum("pi,eio->epo", rows, self.w_a))
+        y = torch.einsum("ep,epo->po", pick, torch.einsum("pi,eio->epo", F.silu(h), self.w_b))
+        return (w.unsqueeze(-1) * y.view(x.shape[0], K, H)).sum(1)
+
+
 class CenteredNearMiss(OffsetSlices):
     """Near miss: :class:`OffsetSlices` whose expert output is centred over *all* grouped rows
     (``y - y.mean(0)``): the same function at W = 1, but not one of each expert alone."""
@@ -151,9 +170,11 @@ class CenteredNearMiss(OffsetSlices):
         return torch.zeros_like(x).index_add_(0, order // K, y)
 
 
+# name -> (block, the family that rewrites it)
 REWRITTEN = {
-    "offset_slices": OffsetSlices,
-    "flat_viewed_ends": FlatViewedEnds,
-    "padded": Padded,
-    "one_hot_counts": OneHotCounts,
+    "offset_slices": (OffsetSlices, "sorted"),
+    "flat_viewed_ends": (FlatViewedEnds, "sorted"),
+    "padded": (Padded, "sorted"),
+    "one_hot_counts": (OneHotCounts, "sorted"),
+    "dense_one_hot": (DenseOneHot, "batched"),
 }

@@ -32,7 +32,7 @@ EXPECTED = {
     "jamba": "rejected",  # same
     "qwen2_moe": "rewritten",
     "arctic": "rewritten",
-    "grok1": "rejected",
+    "grok1": "rewritten",  # batched: every expert on every row + a one-hot pick
     "megablocks_dmoe": "rewritten",  # sorted: recomputed perm // K, [E*I, H] viewed per expert
     "torchtitan": "rewritten",  # sorted: padded permute checked on split experts
     "torchtitan_score_before": "rejected",  # weights scale the expert input
