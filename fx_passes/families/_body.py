@@ -5,8 +5,14 @@ expert, stacked ``[E, ...]`` parameters, the per-expert row counts (or their off
 ``.tolist()`` items), and sometimes the expert id of every row. :class:`Body` collects those
 nodes from the original graph and knows how to copy them onto ``recv_x`` (rows of this rank's
 local experts) with the parameters sliced to the local experts, the counts replaced by
-``tokens_per_expert`` and per-expert loops (``split`` + one branch per expert + ``cat``) cut to
-the ``E_l`` local branches.
+``tokens_per_expert`` and per-expert loops (``split`` + one branch per expert + ``cat``, or
+segments ``rows[offs[e]:offs[e + 1]]`` of row offsets made from the counts) cut to the ``E_l``
+local branches. Values baked from the block's sizes under static shapes are made from
+``recv_x``'s rows (``zeros(P, H)``, ``arange(P)``, ``full((P + c,), -1)``) and ``E_l``
+(``arange(E)``, ``counts.view(1, E)``, ``w.view(E, I, H)`` of a 2-D ``[E * I, H]`` weight).
+:func:`check_local_experts` checks, on random rows, that a body copied so computes on each
+rank's experts what it computes on all of them (the families run it on bodies the structure
+alone does not vouch for).
 
 Shape letters: T tokens, H hidden, K top-k, E experts, E_l local experts, P = T * K pairs,
 R rows received by this rank.

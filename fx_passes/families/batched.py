@@ -8,11 +8,18 @@ transformers 5 ``experts_implementation="batched_mm"`` writes, with ``ids = topk
     y = torch.bmm(W2[ids], h.unsqueeze(-1)).squeeze(-1)
     out = (y * w.reshape(-1).unsqueeze(-1)).view(T, K, H).sum(1)
 
-Every ``bmm`` with a gathered stacked weight becomes one grouped linear over this rank's local
-experts (``torch._grouped_mm`` for bfloat16 with 16-byte aligned rows, per-expert segments
-otherwise); gathered biases become ``b_local[local expert of each row]``; the rest of the body is
-copied as it is. Weights gathered by anything but the block's flattened top-k ids, or a body op
-not known to act row by row, leave the block alone.
+Grok-1's dense form is the same linear: every expert on every row, then a one-hot pick::
+
+    rows = x[:, None].expand(-1, K, -1).reshape(-1, H)           # or x.repeat_interleave(K, 0)
+    every = einsum("mk,bkn->bmn", rows, W1)                       # [E, P, I], W1 [E, H, I]
+    h = einsum("bm,bmn->mn", one_hot(ids, E).t().to(dt), every)   # rows[m] @ W1[ids[m]]
+    out = (w[:, :, None] * y.view(T, K, H)).sum(1)                # weights before or after view
+
+Every ``bmm`` with a gathered stacked weight (and every such pick) becomes one grouped linear
+over this rank's local experts (``torch._grouped_mm`` for bfloat16 with 16-byte aligned rows,
+per-expert segments otherwise); gathered biases become ``b_local[local expert of each row]``;
+the rest of the body is copied as it is. Weights gathered by anything but the block's flattened
+top-k ids, or a body op not known to act row by row, leave the block alone.
 """
 
 from __future__ import annotations

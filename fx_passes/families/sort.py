@@ -17,8 +17,16 @@ rows back per token, one of:
 
 Everything between the sorted rows and the expert output is the expert body
 (``families._body.Body``), copied onto the rows of this rank's local experts with sliced
-parameters. A sort whose permutation is used for anything else, a block whose routing weights
-scale the expert input, or a body with an op not known to act row by row is left alone.
+parameters. The token index ``perm // K`` may be computed once per use. A body of row-wise ops
+and per-expert ``split`` branches is taken as it is. Any other body (rows padded per expert to
+an alignment and regrouped, a zero row appended, segments cut by tensor row offsets and written
+into a fresh buffer, 2-D ``[E * I, H]`` weights viewed per expert, sizes baked from the row count
+under static shapes) is taken by what it computes: it must read only the grouped rows, the
+counts (and values made from them alone) and the stacked weights, and
+``_body.check_local_experts`` must find it equal, on random rows, to its copies run on each
+rank's experts alone for every W dividing E; the block's W = 1 check does the rest. A sort
+whose permutation is used for anything else, or a block whose routing weights scale the
+expert input, is left alone.
 """
 
 from __future__ import annotations
