@@ -43,6 +43,7 @@ from fx_passes.families._guard import each_candidate
 from fx_passes.graph import (
     arg,
     common_prefix_path,
+    descendants,
     graph_order,
     is_call,
     is_method,
@@ -177,6 +178,16 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
         if n not in fills and relaxed is None:
             relaxed = walks.check_body_node(n)
     sup = gbody.collect_support(body_nodes, x_sorted, w.leaf_kind, replaced=fills)
+    if isinstance(sup, str) and w_sorted is not None:
+        scaled = descendants(w_sorted) & set(body_nodes)
+        if scaled:
+            first = min(scaled, key=graph_order(s.graph).get)
+            return (
+                f"the routing weights scale the expert input ({first.name} reads "
+                f"{w_sorted.name}): moe_ops applies them to the expert output, which is "
+                f"another function unless the experts are linear; scale the experts' output "
+                f"instead (torchtitan: score_before_experts=False)"
+            )
     if isinstance(sup, str):
         return sup
     support, counts, row_ids, params = sup
