@@ -189,6 +189,21 @@ _SUGGESTIONS = (
         "row-wise ops (linear layers, activations, elementwise math) and do the rest outside",
     ),
     (
+        "rows grouped by local expert",
+        "hand-written EP: after the exchange, group the received rows by local expert (all "
+        "ranks' rows for expert 0, then expert 1, ...) before the experts run, and undo that "
+        "order before sending them back",
+    ),
+    (
+        "forward ones swapped",
+        "hand-written EP: send the rows back with the forward exchange's split sizes swapped "
+        "(output sizes = the sizes sent, input sizes = the sizes received)",
+    ),
+    (
+        "mixes up ranks",
+        "hand-written EP: send each rank's rows back to that rank, in the order they came",
+    ),
+    (
         "per-token value",
         "the block reads a per-token tensor besides x, the top-k ids and "
         "weights: compute it outside the MoE block or from x inside the experts",

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from expecttest import assert_expected_inline
 
+from fx_passes.backend import suggestion
 from tests.fx_passes import _ep_models as M
 from tests.fx_passes._harness import (
     _compile_moe,
@@ -263,7 +264,8 @@ def test_by_value_near_miss_left_unchanged(variant, reason):
     make = partial(M.GatheredCountsEP, variant=variant)
     code, matches, unchanged, rejects = _capture_fake(lambda: make(dist.group.WORLD), rank=1)
     assert matches == [] and unchanged
-    assert any(r.family == "ep" and reason in r.reason for r in rejects), rejects
+    (why,) = [r.reason for r in rejects if r.family == "ep" and reason in r.reason]
+    assert suggestion(why).startswith("hand-written EP: "), suggestion(why)
 
 
 def test_by_value_gloo_equal_to_single_device(gloo_world):
