@@ -70,13 +70,15 @@ def _rows_per_slot(n: Node) -> tuple[Node, int] | None:
         isinstance(arg(n, 1, "repeats"), int) and arg(n, 2, "dim") == 0
     ):
         return n.args[0], n.args[1]
-    if not (is_method(n, "reshape", "view") and val(n).dim() == 2):
+    if not (is_method(n, "reshape", "view") and _dims(n) == 2):
         return None
     ex = n.args[0]
-    if not (is_method(ex, "expand") and val(ex).dim() == 3):
+    if not (isinstance(ex, Node) and is_method(ex, "expand") and _dims(ex) == 3):
         return None
     col = ex.args[0]
-    unsqueezed = is_method(col, "unsqueeze") and col.args[1] == 1
+    if not isinstance(col, Node):
+        return None
+    unsqueezed = is_method(col, "unsqueeze") and arg(col, 1, "dim") == 1
     indexed = col.target is operator.getitem and col.args[1] in (
         (slice(None), None, slice(None)),
         (slice(None), None),
@@ -122,6 +124,11 @@ def _batched_linear(sq: Node) -> tuple[Node, Node, Node, bool, list[Node]] | Non
             continue
         return vec.args[0], got[0], got[1], transposed, [vec, mm, wsel]
     return None
+
+
+def _dims(n: Node) -> int | None:
+    v = val(n)
+    return v.dim() if isinstance(v, torch.Tensor) else None
 
 
 def _dense_select(n: Node) -> tuple[Node, Node, Node, bool, list[Node]] | None:
