@@ -1,8 +1,8 @@
 """Communication: the count exchange, the one host sync, and the two payload exchanges.
 
-Only this module talks to ``torch.distributed``. Every collective is an all-to-all
-(:func:`all_to_all`, the process group's ``alltoall_base``)
-(or, in capacity mode on CUDA with NVSHMEM, a ``torch.ops.symm_mem`` all-to-all):
+Only this module talks to ``torch.distributed``. Every collective is an ``all_to_all_single``
+issued by :func:`all_to_all` (or, in capacity mode on CUDA with NVSHMEM, a ``torch.ops.symm_mem``
+all-to-all):
 
 * :func:`exchange_counts`: ``[W, 1 + E_l]`` int64 per rank, a status flag then the counts per
   local expert. Its shape depends only on E and W, so a rank whose input is bad still takes part
@@ -103,15 +103,14 @@ def exchange_counts(
 def all_to_all(
     out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup
 ) -> None:
-    """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)`` without its Python
-    wrapper: the process group's ``alltoall_base`` and a wait (empty splits: equal chunks).
+    """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)``; empty splits
+    mean equal chunks. The one place this module issues a collective (tests count calls here).
 
-    On the GPU hosts measured, the wrapper's argument checks and logging were most of a call's
-    host time under cProfile (docs/notes_moe_layer.md); our callers pass contiguous, real-valued
-    tensors of a group they belong to. On NCCL the wait only orders the current
-    stream after the exchange, as the wrapper's does.
+    Calling the process group's ``alltoall_base`` directly, without this wrapper's checks, was
+    tried: no measurable gain in a training step (docs/notes_moe_layer.md), so the public call
+    stays.
     """
-    group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
 
 
 def raise_if_peer_bad(status_W: list[int], my_rank: int, what: str) -> None:
