@@ -138,7 +138,7 @@ return (getitem_53,)""",
     "model, reason",
     [
         (M.GraniteStyle(variant="no_way_back"), "way back"),
-        (M.GraniteStyle(variant="weights_on_input"), "does not understand"),
+        (M.GraniteStyle(variant="weights_on_input"), "the routing weights scale the expert input"),
         (M.GraniteStyle(variant="rows_mixed"), "mean over dim 0"),
         (M.SentinelStyle(variant="not_sentinel").to(bf16), "not the 4 experts"),
     ],
