@@ -68,6 +68,12 @@ from fx_passes.families._ep_world import (
     verify_in_world,
 )
 from fx_passes.families._guard import each_candidate
+from fx_passes.families._routed import (
+    CREATE,
+    expert_subgraph,
+    reach,
+    weight_candidates,
+)
 from fx_passes.graph import (
     ancestors,
     arg,
@@ -79,7 +85,6 @@ from fx_passes.graph import (
     is_inplace,
     is_method,
     is_param_like,
-    is_param_slice,
     module_path,
     module_stack_paths,
     nodes_between,
@@ -660,43 +665,6 @@ def _expert_lists(graph: fx.Graph) -> dict[str, dict[int, list[Node]]]:
     }
 
 
-def _reach(n: Node, order: dict[Node, int]) -> set[Node]:
-    """What depends on ``n``, through in-place writes too (``t[i] = f(n)`` reaches ``t``'s
-    later readers)."""
-    seen: set[Node] = set()
-    stack = [n]
-    while stack:
-        cur = stack.pop()
-        nxt = list(cur.users)
-        if is_inplace(cur) and cur.args and isinstance(cur.args[0], Node):
-            nxt += [u for u in cur.args[0].users if order[u] > order[cur]]
-        for u in nxt:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
-
-
-def _expert(j: int, nodes: list[Node]) -> ExpertSubgraph | str:
-    inside = set(nodes)
-    reads = {
-        a
-        for n in nodes
-        for a in n.all_input_nodes
-        if a not in inside and not (is_param_like(a) or is_param_slice(a))
-    }
-    if len(reads) != 1 or not isinstance(val(next(iter(reads))), torch.Tensor):
-        return f"reads {len(reads)} values besides its parameters, expected its rows"
-    (inp,) = reads
-    outs = [n for n in nodes if any(u not in inside for u in n.users)]
-    if len(outs) != 1 or not isinstance(val(outs[0]), torch.Tensor):
-        return f"gives {len(outs)} values, expected one tensor"
-    between = nodes_between(inp, outs[0])
-    if set(between) != inside or val(inp).dim() != 2 or val(outs[0]).dim() != 2:
-        return "is not one computation from [n, H] rows to [n, H'] rows"
-    return ExpertSubgraph(j, inp, outs[0], between)
-
-
 def _rows_of(n: Node, T, H) -> bool:
     v = val(n)
     if not (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 2):
@@ -714,9 +682,9 @@ def _routed_sums(T, outs: list[Node], routed: set[Node], order) -> list[tuple]:
     in-place writes fill with every expert output, then the first three ``[T, H']`` values every
     expert output reaches (the weights may be applied after the first: ``bmm(w, rows)``)."""
     H = val(outs[0]).shape[-1]
-    reach = [_reach(o, order) for o in outs]
+    reaches = [reach(o, order) for o in outs]
     acc_writes: dict[Node, list[Node]] = {}
-    for n in set().union(*reach):
+    for n in set().union(*reaches):
         if is_method(n, *_WRITES) or n.target in (operator.setitem, torch.Tensor.index_put_):
             acc = n.args[0]
             if isinstance(acc, Node) and acc not in routed:
@@ -728,8 +696,8 @@ def _routed_sums(T, outs: list[Node], routed: set[Node], order) -> list[tuple]:
             ws.sort(key=order.get)
             fresh = is_call(acc, torch.zeros, torch.zeros_like) or is_method(acc, "new_zeros")
             found.append((acc, ws[-1], ws, None if fresh else acc))
-    joins = [n for n in sorted(set.intersection(*reach), key=order.get) if _rows_of(n, T, H)]
-    after = set().union(*reach)
+    joins = [n for n in sorted(set.intersection(*reaches), key=order.get) if _rows_of(n, T, H)]
+    after = set().union(*reaches)
     for n in joins[:3]:
         found.append((n, None, [], None))
         # out-of-place accumulation onto a value of its own (``shared(x).scatter_add(...)``)
@@ -755,7 +723,7 @@ def _drops_past_capacity(routed: set[Node], order) -> str | None:
 
 
 def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
-    routed = _reach(ids, order)
+    routed = reach(ids, order)
     here = module_path(ids)
     found = None
     for path in sorted(lists, key=len, reverse=True):
@@ -769,7 +737,7 @@ def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
     entries = lists[path]
     subs = []
     for j in range(len(entries)):
-        sub = _expert(j, entries[j])
+        sub = expert_subgraph(j, entries[j])
         if isinstance(sub, str):
             return f"expert {j} ({path}.{j}) {sub}"
         subs.append(sub)
@@ -785,7 +753,7 @@ def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
     sums = _routed_sums(T, [s.output for s in subs], routed, order)
     if not sums:
         return "no [T, H'] value that every expert's output reaches"
-    after = set().union(*(_reach(s.output, order) for s in subs))
+    after = set().union(*(reach(s.output, order) for s in subs))
     upstream = ancestors([n for got in sums for n in (got[0], *got[2])])
     held = [n for n in (routed | after) & upstream if holds_collective(n)]
     if not held:
@@ -814,7 +782,11 @@ def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
         )
     body = ModuleListExperts([None] * (rank * E_l) + subs + [None] * (E - (rank + 1) * E_l))
     first = structural = None
-    tries = [(got, w) for got in sums for w in _weights(ids, subs, got[0], got[2], routed, order)]
+    tries = [
+        (got, w)
+        for got in sums
+        for w in weight_candidates(ids, subs, got[0], got[2], routed, order)
+    ]
     for (output, last_write, writes, base), w in tries:
         remove = _removal(ids, x, w, subs, output, last_write, writes, base, routed, order)
         if isinstance(remove, str):
@@ -847,28 +819,6 @@ def _by_value(gm, ids: Node, lists, order) -> MoEMatch | str | None:
     )
 
 
-def _weights(ids, subs, output, writes, routed, order) -> list[Node | None]:
-    """``[T, K]`` floating values (``[T]`` / ``[T, 1]`` for top-1) on the way to the output
-    that no expert computes, the latest of those independent of the ids first; then none."""
-    shape = tuple(val(ids).shape)
-    T = shape[0]
-    top1 = len(shape) == 1 or guard_or_false(shape[1] == 1)
-    want = [shape] + ([(T,), (T, 1)] if top1 else [])
-    experts = {n for s in subs for n in s.nodes}
-    after = set().union(*(_reach(s.output, order) for s in subs))
-    found = [
-        n
-        for n in ancestors([output, *writes])
-        if n not in experts
-        and n not in after
-        and isinstance(val(n), torch.Tensor)
-        and val(n).is_floating_point()
-        and any(_same_shape(val(n).shape, s) for s in want)
-    ]
-    found.sort(key=lambda n: (n in routed, -order[n]))
-    return [*found[:4], None]
-
-
 def _dead_after(cand: set[Node], end: int, order) -> set[Node]:
     """Values the block computes from its own and never uses (``recv.split(sizes)`` whose
     parts nothing reads), with the runtime asserts on them: they go with the block."""
@@ -883,27 +833,6 @@ def _dead_after(cand: set[Node], end: int, order) -> set[Node]:
     return dead
 
 
-def _same_shape(a, b) -> bool:
-    return len(a) == len(b) and all(guard_or_false(p == q) for p, q in zip(a, b, strict=True))
-
-
-_MADE = {
-    torch.zeros_like,
-    torch.empty_like,
-    torch.ones_like,
-    torch.full_like,
-    torch.zeros,
-    torch.empty,
-    torch.ones,
-    torch.full,
-    torch.arange,
-    "new_zeros",
-    "new_empty",
-    "new_ones",
-    "new_full",
-}
-
-
 def _removal(ids, x, w, subs, output, last_write, writes, base, routed, order):
     """What the rewrite deletes: what is routed, weighted or run by the experts on the way to
     the output (in-place writes and buffers made for the block included), minus what
@@ -911,7 +840,7 @@ def _removal(ids, x, w, subs, output, last_write, writes, base, routed, order):
     end = order[last_write if last_write is not None else output]
     upstream = ancestors([output, *writes])
     experts = {n for s in subs for n in s.nodes}
-    weighted = _reach(w, order) if w is not None else set()
+    weighted = reach(w, order) if w is not None else set()
     inside = {n for n in routed | experts | weighted if order[n] <= end}
     cand = (upstream & inside) | set(writes)
     if base is None:
@@ -933,7 +862,7 @@ def _removal(ids, x, w, subs, output, last_write, writes, base, routed, order):
             made = n.op == "get_attr" or (
                 n.op in ("call_function", "call_method") and not is_inplace(n)
             )
-            feeds = set(n.all_input_nodes) <= cand or n.target in _MADE or n.op == "get_attr"
+            feeds = set(n.all_input_nodes) <= cand or n.target in CREATE or n.op == "get_attr"
             feeds = feeds or is_constant(n)
             if made and set(n.users) <= cand and feeds:
                 cand.add(n)

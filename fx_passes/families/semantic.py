@@ -30,10 +30,16 @@ import re
 import torch
 import torch.fx as fx
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fx_passes.families._body import add_hangers
 from fx_passes.families._guard import each_candidate
+from fx_passes.families._routed import (
+    CREATE,
+    expert_subgraph,
+    reach,
+    same_shape,
+    weight_candidates,
+)
 from fx_passes.graph import (
     ancestors,
     assert_only_users,
@@ -42,11 +48,8 @@ from fx_passes.graph import (
     is_call,
     is_inplace,
     is_method,
-    is_param_like,
-    is_param_slice,
     module_path,
     module_stack_paths,
-    nodes_between,
     prune_removal,
     router_ids,
     val,
@@ -70,21 +73,6 @@ _COMPARE = {
     torch.le,
     torch.gt,
     torch.ge,
-}
-_CREATE = {
-    torch.zeros_like,
-    torch.empty_like,
-    torch.ones_like,
-    torch.full_like,
-    torch.zeros,
-    torch.empty,
-    torch.ones,
-    torch.full,
-    torch.arange,
-    "new_zeros",
-    "new_empty",
-    "new_ones",
-    "new_full",
 }
 _COMPARE_METHODS = {"lt", "le", "gt", "ge"}
 
@@ -168,7 +156,7 @@ def _match(gm: fx.GraphModule, ids: Node, lists, order, limit) -> MoEMatch | str
 
 
 def _match_within(gm, ids: Node, lists, order, limit) -> MoEMatch | str | None:
-    routed = _reach(ids, order, limit)
+    routed = reach(ids, order, limit)
     why = _capacity_drop(ids, routed)
     if why is not None:
         return why
@@ -186,7 +174,7 @@ def _match_within(gm, ids: Node, lists, order, limit) -> MoEMatch | str | None:
     E = len(entries)
     experts = []
     for e in range(E):
-        sub = _expert_subgraph(e, entries[e])
+        sub = expert_subgraph(e, entries[e])
         if isinstance(sub, str):
             return f"expert {e} ({path}.{e}): {sub}"
         experts.append(sub)
@@ -205,7 +193,7 @@ def _match_within(gm, ids: Node, lists, order, limit) -> MoEMatch | str | None:
     end = order[last_write if last_write is not None else output]
     # in-place writes the block does on its way (later blocks' writes are not its own)
     inplace = [u for u in routed if is_inplace(u) and order[u] <= end]
-    candidates = _weight_candidates(ids, experts, output, [*writes, *inplace], order, end, routed)
+    candidates = weight_candidates(ids, experts, output, [*writes, *inplace], routed, order, end)
     for w in candidates:
         remove = _removal(ids, x, w, experts, output, last_write, writes, base, routed, end, order)
         if isinstance(remove, str):
@@ -263,29 +251,6 @@ def _capacity_drop(ids: Node, routed: set[Node]) -> str | None:
     return None
 
 
-def _expert_subgraph(e: int, nodes: list[Node]) -> ExpertSubgraph | str:
-    inside = set(nodes)
-    inputs = {
-        a
-        for n in nodes
-        for a in n.all_input_nodes
-        if a not in inside and not (is_param_like(a) or is_param_slice(a))
-    }
-    tensors = [a for a in inputs if isinstance(val(a), torch.Tensor)]
-    if len(tensors) != 1 or len(inputs) != 1:
-        return f"reads {len(inputs)} values besides its parameters, expected one tensor of rows"
-    (inp,) = tensors
-    outs = [n for n in nodes if any(u not in inside for u in n.users)]
-    if len(outs) != 1 or not isinstance(val(outs[0]), torch.Tensor):
-        return f"gives {len(outs)} values, expected one tensor"
-    body = nodes_between(inp, outs[0])
-    if not body or set(body) != inside:
-        return "is not one computation from its rows to its output"
-    if val(inp).dim() != 2 or val(outs[0]).dim() != 2:
-        return "does not map [n, H] rows to [n, H'] rows"
-    return ExpertSubgraph(e, inp, outs[0], body)
-
-
 def _token_rows(ids: Node, experts: list[ExpertSubgraph], routed, order) -> Node | None:
     """The latest ``[T, H]`` floating value every expert input derives from, not routed."""
     T = val(ids).shape[0]
@@ -300,7 +265,7 @@ def _token_rows(ids: Node, experts: list[ExpertSubgraph], routed, order) -> Node
         if n not in routed
         and isinstance(val(n), torch.Tensor)
         and val(n).is_floating_point()
-        and _same_shape(val(n).shape, (T, H))
+        and same_shape(val(n).shape, (T, H))
     ]
     return max(found, key=order.get) if found else None
 
@@ -310,10 +275,10 @@ def _output(ids: Node, experts: list[ExpertSubgraph], routed: set[Node], order, 
     outs = [sub.output for sub in experts]
     T = val(ids).shape[0]
     H_out = val(outs[0]).shape[-1]
-    reach = [_reach(o, order, limit) for o in outs]
+    reaches = [reach(o, order, limit) for o in outs]
     # in-place writes of expert outputs into one accumulator
     writes: dict[Node, list[Node]] = {}
-    for n in set().union(*reach):
+    for n in set().union(*reaches):
         if is_method(n, *_WRITE_METHODS) or is_call(n, *_WRITE_FUNCS):
             acc = n.args[0]
             if isinstance(acc, Node) and acc not in routed:
@@ -324,40 +289,16 @@ def _output(ids: Node, experts: list[ExpertSubgraph], routed: set[Node], order, 
             ws.sort(key=order.get)
             base = None if _is_zeros(acc) else acc
             return acc, ws[-1], ws, base
-    joins = set.intersection(*reach)
+    joins = set.intersection(*reaches)
     for n in sorted(joins, key=order.get):
         if _is_rows(n, T, H_out):
             return n, None, [], None
     return "no [T, H'] value that every expert's output reaches"
 
 
-def _reach(n: Node, order: dict[Node, int], limit: int | None = None) -> set[Node]:
-    """What depends on ``n`` up to graph position ``limit``, through in-place writes too: a
-    write of ``n`` into ``t`` (``t[mask] = f(n)``) reaches the readers of ``t`` after it."""
-    seen: set[Node] = set()
-    stack = [n]
-    while stack:
-        cur = stack.pop()
-        nxt = list(cur.users)
-        if is_inplace(cur) and cur.args and isinstance(cur.args[0], Node):
-            nxt += [u for u in cur.args[0].users if order[u] > order[cur]]
-        for u in nxt:
-            if limit is not None and order[u] > limit:
-                continue
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
-
-
 def _is_rows(n: Node, T, H) -> bool:
     v = val(n)
-    return isinstance(v, torch.Tensor) and v.is_floating_point() and _same_shape(v.shape, (T, H))
-
-
-def _same_shape(a, b) -> bool:
-    """Shapes known equal without guarding on data-dependent sizes."""
-    return len(a) == len(b) and all(guard_or_false(p == q) for p, q in zip(a, b, strict=True))
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and same_shape(v.shape, (T, H))
 
 
 def _is_zeros(n: Node) -> bool:
@@ -369,7 +310,7 @@ def _removal(ids, x, w, experts, output, last_write, writes, base, routed, end, 
     to the output (in-place writes included), minus what something else still reads."""
     upstream = ancestors([output, *writes])
     expert_nodes = {n for sub in experts for n in sub.nodes}
-    weighted = _reach(w, order, end) if w is not None else set()
+    weighted = reach(w, order, end) if w is not None else set()
     inside = {n for n in routed | expert_nodes | weighted if order[n] <= end}
     candidates = (upstream & inside) | set(writes)
     if base is None:
@@ -393,7 +334,7 @@ def _removal(ids, x, w, experts, output, last_write, writes, base, routed, end, 
         changed = False
         for n in {a for c in candidates for a in c.all_input_nodes} - candidates:
             made_here = n.op in ("call_function", "call_method") and not is_inplace(n)
-            inputs_in = set(n.all_input_nodes) <= candidates or n.target in _CREATE
+            inputs_in = set(n.all_input_nodes) <= candidates or n.target in CREATE
             if made_here and set(n.users) <= candidates and inputs_in:
                 candidates.add(n)
                 changed = True
@@ -409,28 +350,3 @@ def _removal(ids, x, w, experts, output, last_write, writes, base, routed, end, 
         if any(n not in kept for n in sub.nodes):
             return f"expert {sub.expert}'s output is used outside the block"
     return remove
-
-
-def _weight_candidates(ids, experts, output, writes, order, end, routed) -> list[Node | None]:
-    """``[T, K]`` floating values (``[T]`` or ``[T, 1]`` for top-1) the block reads on its way
-    to the output and that no expert computes: four (the latest of those independent of the ids
-    first), then no weights."""
-    shape = tuple(val(ids).shape)
-    T = shape[0]
-    want = [shape] + ([(T,), (T, 1)] if len(shape) == 1 or guard_or_false(shape[1] == 1) else [])
-    expert_nodes = {n for sub in experts for n in sub.nodes}
-    after = set().union(*(_reach(sub.output, order, end) for sub in experts))
-    seen = ancestors([output, *writes])
-    found = [
-        n
-        for n in seen
-        if n not in expert_nodes
-        and n not in after
-        and isinstance(val(n), torch.Tensor)
-        and val(n).is_floating_point()
-        and any(_same_shape(val(n).shape, s) for s in want)
-    ]
-    # weights that do not depend on the ids (softmax, renormalised top-k values) before those
-    # that do (``scores.gather(1, ids)``, or per-expert products such as ``w * (ids == e)``)
-    found.sort(key=lambda n: (n in routed, -order[n]))
-    return [*found[:4], None]
