@@ -310,7 +310,7 @@ def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _kernel_breakdown(fn, steps: int, top: int = 10) -> tuple[float, list[list], list[list]]:
+def _kernel_breakdown(fn, steps: int, top: int = 10, trace: str | None = None) -> tuple:
     """Kernel time per step of ``fn()`` under torch.profiler: the total, the ``top`` kernels by
     time (name, calls per step, ms per step, share), and the ``top`` host ops by their own host
     time (name, calls per step, ms per step; the profiler slows the host down)."""
@@ -323,6 +323,8 @@ def _kernel_breakdown(fn, steps: int, top: int = 10) -> tuple[float, list[list],
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
     by_name: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
@@ -339,7 +341,63 @@ def _kernel_breakdown(fn, steps: int, top: int = 10) -> tuple[float, list[list],
     host_rows = [
         [a.key[:70], a.count / steps, f"{a.self_cpu_time_total / 1e3 / steps:.3f}"] for a in host
     ]
-    return total, rows, host_rows
+    runtime = sorted(
+        (a for a in prof.key_averages() if a.key.startswith(("cuda", "cu", "nccl"))),
+        key=lambda a: -a.cpu_time_total,
+    )[:top]
+    host_rows += [
+        [
+            f"{a.key[:60]} (runtime, inclusive)",
+            a.count / steps,
+            f"{a.cpu_time_total / 1e3 / steps:.3f}",
+        ]
+        for a in runtime
+    ]
+    return total, rows, host_rows, _inside_our_ops(prof.events(), steps)
+
+
+_OUR_OPS = ("moe_ops::dispatch", "moe_ops::combine", "moe_ops::_combine_backward")
+
+
+def _inside_our_ops(events, steps: int, top: int = 12) -> list[list]:
+    """Host time per step inside each moe_ops op: the op's total, then what it calls (torch ops,
+    CUDA runtime calls, Triton launches) by inclusive host time; "(own)" is the op's Python outside
+    them. The autograd and custom-op wrappers around an op's body are looked through."""
+
+    def body(e):
+        for c in e.cpu_children:
+            if c.name == e.name or c.name.startswith("GeneratedBackwardFor"):
+                yield from body(c)
+            else:
+                yield c
+
+    def outermost(e):
+        p = e.cpu_parent
+        while p is not None:
+            if p.name == e.name:
+                return False
+            p = p.cpu_parent
+        return True
+
+    agg: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.name not in _OUR_OPS or not outermost(e):
+            continue
+        agg.setdefault((e.name, "(total)"), []).append(e.cpu_time_total)
+        own = e.cpu_time_total
+        for c in body(e):
+            agg.setdefault((e.name, c.name), []).append(c.cpu_time_total)
+            own -= c.cpu_time_total
+        agg.setdefault((e.name, "(own)"), []).append(own)
+    out = []
+    for op in _OUR_OPS:
+        items = sorted(
+            ((k[1], v) for k, v in agg.items() if k[0] == op), key=lambda kv: -sum(kv[1])
+        )
+        for child, v in items[: top + 1]:
+            name = op if child == "(total)" else ""
+            out.append([name, child[:60], len(v) / steps, f"{sum(v) / 1e3 / steps:.3f}"])
+    return out
 
 
 def _modes(group, device: torch.device):
@@ -389,6 +447,11 @@ def main() -> None:
         default=0,
         metavar="STEPS",
         help="on GPUs, also profile STEPS forward+backward steps of each row (kernel table)",
+    )
+    p.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="with --profile: write each row's Chrome trace per rank into DIR",
     )
     p.add_argument(
         "--blocks", help="comma-separated: only the blocks whose names hold one (=NAME: exactly)"
@@ -502,7 +565,13 @@ def main() -> None:
                 f = fb = float("nan")
                 print(f"[{bname} / {mname}] failed: {type(e).__name__}: {str(e)[:200]}")
             if args.profile and device.type == "cuda" and f == f:
-                profiles.append((bname, mname, fb, *_kernel_breakdown(fwd_bwd, args.profile)))
+                trace = None
+                if args.trace:
+                    os.makedirs(args.trace, exist_ok=True)
+                    slug = "".join(c if c.isalnum() else "_" for c in f"{bname}_{mname}")
+                    trace = os.path.join(args.trace, f"{slug}.rank{rank}.json")
+                breakdown = _kernel_breakdown(fwd_bwd, args.profile, trace=trace)
+                profiles.append((bname, mname, fb, *breakdown))
             skipped = counters["inductor"]["cudagraph_skips"] - skips
             if "CUDA graphs" in mname and skipped:
                 notes.append(f"{bname} / {mname}: inductor skipped CUDA graphs {skipped} time(s)")
@@ -522,13 +591,17 @@ def main() -> None:
         print(tabulate.tabulate(rows, headers=headers))
         for note in notes:
             print(note)
-    for bname, mname, fb, total, top, host in profiles if rank == 0 else ():
+    for bname, mname, fb, total, top, host, ours in profiles if rank == 0 else ():
         print(
             f"\n{bname} / {mname}: forward + backward, rank 0, kernel time {total:.3f} ms per "
             f"step (median wall {fb:.3f} ms, slowest rank)"
         )
         print(tabulate.tabulate(top, headers=["kernel", "calls", "ms", "share"]))
         print(tabulate.tabulate(host, headers=["host op (self time)", "calls", "ms"]))
+        if ours:
+            print(
+                tabulate.tabulate(ours, headers=["op", "inside (host, inclusive)", "calls", "ms"])
+            )
     if group is not None:
         dist.destroy_process_group()
 

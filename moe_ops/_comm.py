@@ -81,22 +81,28 @@ def read_to_host(t: Tensor, stream: torch.cuda.Stream | None = None) -> Tensor:
         return t.cpu()
 
 
-def exchange_counts(
-    counts_E: Tensor, bad: Tensor | bool, world_size: int, group: dist.ProcessGroup
-) -> Tensor:
-    """Send ``counts_E`` (as ``[W, E_l]``) and a status flag to every rank.
-
-    Returns ``[W, 1 + E_l]``."""
-    send = torch.empty(
-        (world_size, 1 + counts_E.shape[0] // world_size), dtype=torch.int64, device=counts_E.device
-    )
+def status_counts(counts_E: Tensor, bad: Tensor | bool, world_size: int) -> Tensor:
+    """What :func:`exchange_counts` sends: ``[W, 1 + E_l]`` int64, row d the status flag (nonzero:
+    bad input; ``bad`` is a device count of bad ids, or a host bool) then the counts for rank d's
+    local experts. One kernel from the device values; a fill (never a copy from pageable host
+    memory, which would sync) for a host flag."""
     if isinstance(bad, Tensor):
-        send[:, 0] = bad.to(torch.int64)  # device to device
-    else:  # a host bool: a fill, not a copy from (unpinned) host memory, which would sync
-        send[:, 0].fill_(int(bad))
-    send[:, 1:] = counts_E.view(world_size, -1)
-    recv = torch.empty_like(send)
-    all_to_all(recv, send, [], [], group)
+        flag = bad.to(torch.int64).view(1, 1).expand(world_size, 1)
+        return torch.cat([flag, counts_E.view(world_size, -1)], dim=1)
+    out = torch.zeros(
+        (world_size, 1 + counts_E.shape[0] // world_size),
+        dtype=torch.int64,
+        device=counts_E.device,
+    )
+    out[:, 0].fill_(int(bad))
+    return out
+
+
+def exchange_counts(send_WC: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Send row d of ``send_WC`` (:func:`status_counts`) to rank d; returns the ``[W, 1 + E_l]``
+    rows received, one per source rank."""
+    recv = torch.empty_like(send_WC)
+    all_to_all(recv, send_WC, [], [], group)
     return recv
 
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import _autograd, _comm, _kernels, _layout
+from moe_ops import _autograd, _comm, _kernels
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
 
 # The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
@@ -113,9 +113,8 @@ def dispatch_op(
     if err is not None:
         if group is not None:  # take part in the count exchange, flagged bad, so peers know
             E_ok = E if E > 0 and E % W == 0 else W
-            _comm.exchange_counts(
-                torch.zeros(E_ok, dtype=torch.int64, device=x.device), True, W, group
-            )
+            counts = torch.zeros(E_ok, dtype=torch.int64, device=x.device)
+            _comm.exchange_counts(_comm.status_counts(counts, True, W), group)
         raise err
     kern = _kernels.for_device(x.device)
     T, K = topk_idx.shape
@@ -124,41 +123,50 @@ def dispatch_op(
         to_read = lay.counts_bad
     else:
         rank = group.rank()
-        recv_WC = _comm.exchange_counts(lay.counts_bad[:E], lay.counts_bad[E], W, group)
-        to_read = torch.cat([lay.counts_bad[:E], recv_WC.reshape(-1)])
+        send_WC = _comm.status_counts(lay.counts_bad[:E], lay.counts_bad[E], W)
+        recv_WC = _comm.exchange_counts(send_WC, group)
+        to_read = torch.cat([send_WC, recv_WC])
     # On CUDA, fill a send buffer sized for every pair while the counts travel to the host; on
-    # the CPU there is nothing to overlap, so the buffer is filled after, at its exact size.
+    # the CPU there is nothing to overlap, so the buffer is filled after, at its exact size. Device
+    # work that needs no host value is queued before the read too: after it, every launch is on
+    # the critical path (the GPU has drained).
     spare = 0 if group is None else W  # one spare row after each destination's chunk
     side = _comm.fork_stream(x)
     rows = kern.scatter_rows(x, lay.pair_pos, None, T * K + spare) if side is not None else None
+    if group is None:
+        tokens_per_expert = lay.counts_bad[:E]
+        recv_perm = torch.empty(0, dtype=torch.int64, device=x.device)
+    else:
+        tokens_per_expert = recv_WC[:, 1:].sum(0)
     host = _comm.read_to_host(to_read, side)
     if group is None:
-        if host[-1]:
+        *counts, bad = host.tolist()
+        if bad:
             raise bad_id_error(topk_idx, E)
-        send_splits = recv_splits = [int(host[:-1].sum())]
+        send_splits = recv_splits = [sum(counts)]
         tpe_host = host[:-1].clone()
     else:
-        status_W = host[E:].view(W, -1)[:, 0].tolist()
+        sent, got = host.view(2, W, -1).tolist()
+        status_W = [row[0] for row in got]
         if status_W[rank]:
             raise bad_id_error(topk_idx, E)
         _comm.raise_if_peer_bad(status_W, rank, "dispatch")
-        send_splits = host[:E].view(W, -1).sum(1).tolist()
-        recv_splits = host[E:].view(W, -1)[:, 1:].sum(1).tolist()
-        tpe_host = host[E:].view(W, -1)[:, 1:].sum(0)
+        send_splits = [sum(row[1:]) for row in sent]
+        recv_splits = [sum(row[1:]) for row in got]
 
     N, R = sum(send_splits), sum(recv_splits)
     if rows is None:
         rows = kern.scatter_rows(x, lay.pair_pos, None, N + spare)
     if group is None:
-        recv_x, tokens_per_expert = rows[:N], lay.counts_bad[:E]
-        recv_perm = torch.empty(0, dtype=torch.int64, device=x.device)
+        recv_x = rows[:N]
     else:
-        counts_WEl = recv_WC[:, 1:]
-        tokens_per_expert = counts_WEl.sum(0)
-        recv_perm = _layout.expert_major_rows(counts_WEl, R)
+        # The payload exchange first, so that the GPU moves rows while the host queues the rest.
         recv = _comm.rows_to_experts(rows, send_splits, recv_splits, group)
         del rows  # the send buffer's memory can serve recv_x
+        max_count = max(max(row[1:]) for row in got)
+        recv_perm = kern.expert_major_rows(recv_WC[:, 1:], R, max_count)
         recv_x = kern.gather_rows(recv, recv_perm[:R])
+        tpe_host = host[W:, 1:].sum(0)
     return DispatchOutputs(
         recv_x,
         tokens_per_expert,

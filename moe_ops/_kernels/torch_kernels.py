@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ops import _layout
 from moe_ops._layout import SendLayout, acc_dtype
 
 
@@ -36,6 +37,11 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
     else:
         pair_pos = send_pos
     return SendLayout(send_pos, pair_pos, order_P, torch.cat([counts_E, bad]))
+
+
+def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> Tensor:
+    """``moe_ops._layout.expert_major_rows`` (``max_count`` sizes the Triton version's grid)."""
+    return _layout.expert_major_rows(counts_WEl, num_rows)
 
 
 def scatter_rows(

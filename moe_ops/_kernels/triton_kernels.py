@@ -9,6 +9,7 @@ Shape letters: see ``moe_ops._layout``. A pair ``p = t * K + k`` is one (token, 
 
 * :func:`send_layout`: counts per expert, the bad-id count and every pair's row in the send
   buffer (a stable counting sort by expert in two small kernels, no sort, no torch glue).
+* :func:`expert_major_rows`: where each row received source-major goes expert-major, in one kernel.
 * :func:`scatter_rows`: ``dst[pos[m, k]] = src[m] * w[m, k]``: reads each source row once and
   writes it to its K rows of the send buffer (dispatch, combine's backward); :func:`place_rows`
   is the same with K = 1 into a given buffer.
@@ -224,6 +225,46 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
         world_size > 1,
     )
     return SendLayout(send_pos, pair_pos, send_pair_idx, counts_bad)
+
+
+@triton.jit
+def _expert_major_rows_kernel(
+    counts_ptr, out_ptr, stride_s, R, W, E_l, NP: tl.constexpr, BR: tl.constexpr
+):
+    """Program (j, c) writes rows ``[c * BR, (c + 1) * BR)`` of segment ``j = e * W + s`` (what
+    source s sent to local expert e); program (W * E_l, 0) writes the W spare rows."""
+    j = tl.program_id(0)
+    c = tl.program_id(1)
+    n = W * E_l
+    i = tl.arange(0, NP)  # source-major index s' * E_l + e' of each count
+    cnt = tl.load(counts_ptr + (i // E_l) * stride_s + i % E_l, mask=i < n, other=0).to(tl.int64)
+    if j < n:
+        src = (j % W) * E_l + j // W
+        before_dst = ((i % E_l) * W + i // E_l) < j  # segments before j in expert-major order
+        dst_start = tl.sum(tl.where(before_dst & (i < n), cnt, 0), axis=0)
+        src_start = tl.sum(tl.where(i < src, cnt, 0), axis=0) + j % W
+        n_j = tl.sum(tl.where(i == src, cnt, 0), axis=0)
+        r = c * BR + tl.arange(0, BR).to(tl.int64)
+        tl.store(out_ptr + dst_start + r, src_start + r, mask=r < n_j)
+    elif c == 0:
+        for s in range(0, W):
+            tl.store(out_ptr + R + s, tl.sum(tl.where(i < (s + 1) * E_l, cnt, 0), axis=0) + s)
+
+
+_launch_expert_major = _Launcher(_expert_major_rows_kernel)
+
+
+def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> Tensor:
+    """``moe_ops._layout.expert_major_rows`` in one kernel (the torch version is a dozen small
+    ops, each a launch on the host's critical path right after dispatch's count read).
+    ``max_count``, the largest count (known on the host by then), sizes the grid."""
+    W, E_l = counts_WEl.shape
+    out = torch.empty(num_rows + W, dtype=torch.int64, device=counts_WEl.device)
+    BR = 1024
+    grid = (W * E_l + 1, max(1, triton.cdiv(max_count, BR)))
+    NP = max(16, triton.next_power_of_2(W * E_l))
+    _launch_expert_major(grid, counts_WEl, out, counts_WEl.stride(0), num_rows, W, E_l, NP, BR)
+    return out
 
 
 # ----------------------------------------------------------------------------- row movers

@@ -73,6 +73,22 @@ def test_send_layout_counts_bad_ids(dtype):
     assert torch.equal(lay.counts_bad.cpu(), ref_k.send_layout(idx.to(dtype), 8, 1).counts_bad)
 
 
+@pytest.mark.parametrize(
+    "W,E_l,high,zeros",
+    [(2, 4, 50, 0.0), (4, 3, 7, 0.5), (3, 5, 0, 0.0), (2, 128, 3000, 0.3), (8, 2, 5000, 0.0)],
+)
+def test_expert_major_rows_matches_torch(W, E_l, high, zeros):
+    """Rows per (source, local expert) from a view with a status column, as dispatch passes
+    them; empty segments, an empty exchange and segments longer than one program's block."""
+    g = torch.Generator().manual_seed(W * E_l + high)
+    full = torch.randint(0, high + 1, (W, 1 + E_l), generator=g)
+    full[:, 1:][torch.rand(W, E_l, generator=g) < zeros] = 0
+    counts = full[:, 1:]
+    R, max_count = int(counts.sum()), int(counts.max())
+    got = _kernels().expert_major_rows(full.cuda()[:, 1:], R, max_count)
+    assert torch.equal(got.cpu(), _layout.expert_major_rows(counts, R))
+
+
 @pytest.mark.parametrize("dtype", _DTYPES)
 def test_row_kernels_match_torch(dtype):
     k = _kernels()
