@@ -4,11 +4,13 @@ Only this module talks to ``torch.distributed``. Every collective is an ``all_to
 issued by :func:`all_to_all` (or, in capacity mode on CUDA with NVSHMEM, a ``torch.ops.symm_mem``
 all-to-all):
 
-* :func:`exchange_counts`: ``[W, 1 + E_l]`` int64 per rank, a status flag then the counts per
-  local expert. Its shape depends only on E and W, so a rank whose input is bad still takes part
-  (flag set, counts zero) and every rank learns of it from the same call.
+* :func:`exchange_counts`: ``[W, 2 + E_l]`` int64 per rank (:func:`status_counts`): a status
+  flag, the token rows, then the counts per local expert. Its shape depends only on E and W, so a
+  rank whose input is bad still takes part (flag set, counts zero) and every rank learns of it
+  from the same call.
 * :func:`rows_to_experts`: rows in send order -> the rows received, source-major (dispatch
-  forward, combine backward; the caller regroups them by expert).
+  forward, combine backward; the caller regroups them by expert). :func:`rows_to_ranks`: the same
+  without spare rows (dispatch's rows sent once per (token, rank), and their slots).
 * :func:`rows_to_sources`: the way back (combine forward, dispatch backward). Each chunk carries
   one extra status row so that a rank whose combine input is bad can still complete the exchange
   with the right sizes and tell its peers (no hang, no broken connection, and on CPU every rank
@@ -81,20 +83,26 @@ def read_to_host(t: Tensor, stream: torch.cuda.Stream | None = None) -> Tensor:
         return t.cpu()
 
 
-def status_counts(counts_E: Tensor, bad: Tensor | bool, world_size: int) -> Tensor:
-    """What :func:`exchange_counts` sends: ``[W, 1 + E_l]`` int64, row d the status flag (nonzero:
-    bad input; ``bad`` is a device count of bad ids, or a host bool) then the counts for rank d's
-    local experts. One kernel from the device values; a fill (never a copy from pageable host
-    memory, which would sync) for a host flag."""
+STATUS, TOKEN_ROWS, COUNTS = 0, 1, 2  # columns of a count-exchange row (see status_counts)
+
+
+def status_counts(
+    counts_E: Tensor, bad: Tensor | bool, world_size: int, token_rows_W: Tensor | None = None
+) -> Tensor:
+    """What :func:`exchange_counts` sends: ``[W, 2 + E_l]`` int64. Row d: the status flag
+    (nonzero: bad input; ``bad`` is a device count of bad ids, or a host bool), the token rows sent
+    to rank d when the payload goes once per (token, rank) (``token_rows_W``; -1 when it goes once
+    per (token, slot)), then the counts for rank d's local experts. One kernel from device values;
+    a host flag is written with fills (never a copy from pageable host memory, which would sync)."""
+    W = world_size
     if isinstance(bad, Tensor):
-        flag = bad.to(torch.int64).view(1, 1).expand(world_size, 1)
-        return torch.cat([flag, counts_E.view(world_size, -1)], dim=1)
-    out = torch.zeros(
-        (world_size, 1 + counts_E.shape[0] // world_size),
-        dtype=torch.int64,
-        device=counts_E.device,
-    )
-    out[:, 0].fill_(int(bad))
+        flag = bad.to(torch.int64).view(1, 1).expand(W, 1)
+        if token_rows_W is None:
+            token_rows_W = torch.full((W,), -1, dtype=torch.int64, device=counts_E.device)
+        return torch.cat([flag, token_rows_W.view(W, 1), counts_E.view(W, -1)], dim=1)
+    out = torch.zeros((W, 2 + counts_E.shape[0] // W), dtype=torch.int64, device=counts_E.device)
+    out[:, STATUS].fill_(int(bad))
+    out[:, TOKEN_ROWS].fill_(-1)
     return out
 
 
@@ -145,6 +153,16 @@ def rows_to_experts(
     recv = rows_M.new_empty((sum(recv_splits) + W, *rows_M.shape[1:]))
     send = rows_M[: sum(send_splits) + W]
     all_to_all(recv, send, _with_spare_row(recv_splits), _with_spare_row(send_splits), group)
+    return recv
+
+
+def rows_to_ranks(
+    rows: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
+) -> Tensor:
+    """Payload exchange with exact splits (no spare rows): ``rows`` in send order (rows past
+    ``sum(send_splits)`` are not sent); returns the rows received, source-major."""
+    recv = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+    all_to_all(recv, rows[: sum(send_splits)], recv_splits, send_splits, group)
     return recv
 
 

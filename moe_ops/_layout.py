@@ -45,6 +45,37 @@ class SendLayout(NamedTuple):
     counts_bad: Tensor
 
 
+class TokenRows(NamedTuple):
+    """Each token once per rank that holds one of its experts (dispatch's payload when K > W).
+
+    pos_TW:    int64 ``[T, W]``, row of token t in the buffer sent to rank d (by destination, then
+               token), -1 when none of t's slots goes to d
+    rows_W:    int64 ``[W]``, rows sent to each rank
+    slots_TWK: int32 ``[T * W, K]``, row ``t * W + d``: the local expert at rank d of each of t's
+               slots, -1 for slots that go elsewhere (or are unused); sent along with the rows so
+               that the receiver can expand them to one row per (token, slot)
+    """
+
+    pos_TW: Tensor
+    rows_W: Tensor
+    slots_TWK: Tensor
+
+
+def token_rows(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> TokenRows:
+    """:class:`TokenRows` of ``topk_idx`` (ids outside ``[0, E)`` route nowhere)."""
+    T, K = topk_idx_TK.shape
+    W, E_l = world_size, num_experts // world_size
+    ids = topk_idx_TK.to(torch.int64)
+    rank_W = torch.arange(W, device=ids.device)
+    valid = (ids >= 0) & (ids < num_experts)
+    hit_TWK = valid[:, None, :] & (ids[:, None, :] // E_l == rank_W[None, :, None])
+    slots = torch.where(hit_TWK, ids[:, None, :] - rank_W[None, :, None] * E_l, -1)
+    has_WT = hit_TWK.any(2).t()
+    ends_WT = torch.cumsum(has_WT.reshape(-1), 0).view(W, T)
+    pos_TW = torch.where(has_WT, ends_WT - 1, -1).t()
+    return TokenRows(pos_TW, has_WT.sum(1), slots.to(torch.int32).view(T * W, K))
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of combine: float32 for half types, the dtype itself otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

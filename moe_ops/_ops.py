@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import _autograd, _comm, _kernels
+from moe_ops import _autograd, _comm, _kernels, _layout
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
 
 # The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
@@ -119,25 +119,31 @@ def dispatch_op(
     kern = _kernels.for_device(x.device)
     T, K = topk_idx.shape
     lay = kern.send_layout(topk_idx, E, W)
+    # With more slots than ranks, a token's slots share ranks: send its row once per rank (and
+    # which local experts its slots pick there), not once per slot.
+    tok = _layout.token_rows(topk_idx, E, W) if group is not None and K > W else None
     if group is None:
         to_read = lay.counts_bad
     else:
         rank = group.rank()
-        send_WC = _comm.status_counts(lay.counts_bad[:E], lay.counts_bad[E], W)
+        send_WC = _comm.status_counts(
+            lay.counts_bad[:E], lay.counts_bad[E], W, None if tok is None else tok.rows_W
+        )
         recv_WC = _comm.exchange_counts(send_WC, group)
         to_read = torch.cat([send_WC, recv_WC])
-    # On CUDA, fill a send buffer sized for every pair while the counts travel to the host; on
-    # the CPU there is nothing to overlap, so the buffer is filled after, at its exact size. Device
-    # work that needs no host value is queued before the read too: after it, every launch is on
-    # the critical path (the GPU has drained).
-    spare = 0 if group is None else W  # one spare row after each destination's chunk
+    # On CUDA, fill the send buffers while the counts travel to the host (sized for every row
+    # that could be sent); on the CPU there is nothing to overlap, so they are filled after, at
+    # their exact size. Device work that needs no host value is queued before the read too:
+    # after it every launch is on the critical path (the GPU has drained).
     side = _comm.fork_stream(x)
-    rows = kern.scatter_rows(x, lay.pair_pos, None, T * K + spare) if side is not None else None
+    send = _SendBuffers(kern, x, lay, tok, W)
+    if side is not None:
+        send.fill(None)
     if group is None:
         tokens_per_expert = lay.counts_bad[:E]
         recv_perm = torch.empty(0, dtype=torch.int64, device=x.device)
     else:
-        tokens_per_expert = recv_WC[:, 1:].sum(0)
+        tokens_per_expert = recv_WC[:, _comm.COUNTS :].sum(0)
     host = _comm.read_to_host(to_read, side)
     if group is None:
         *counts, bad = host.tolist()
@@ -145,28 +151,36 @@ def dispatch_op(
             raise bad_id_error(topk_idx, E)
         send_splits = recv_splits = [sum(counts)]
         tpe_host = host[:-1].clone()
+        recv_x = send.fill([sum(counts)])[: sum(counts)]
     else:
         sent, got = host.view(2, W, -1).tolist()
-        status_W = [row[0] for row in got]
-        if status_W[rank]:
-            raise bad_id_error(topk_idx, E)
-        _comm.raise_if_peer_bad(status_W, rank, "dispatch")
-        send_splits = [sum(row[1:]) for row in sent]
-        recv_splits = [sum(row[1:]) for row in got]
-
-    N, R = sum(send_splits), sum(recv_splits)
-    if rows is None:
-        rows = kern.scatter_rows(x, lay.pair_pos, None, N + spare)
-    if group is None:
-        recv_x = rows[:N]
-    else:
+        _check_peers(sent, got, rank, topk_idx, E, K)
+        send_splits = [sum(row[_comm.COUNTS :]) for row in sent]
+        recv_splits = [sum(row[_comm.COUNTS :]) for row in got]
+        R = sum(recv_splits)
         # The payload exchange first, so that the GPU moves rows while the host queues the rest.
-        recv = _comm.rows_to_experts(rows, send_splits, recv_splits, group)
-        del rows  # the send buffer's memory can serve recv_x
-        max_count = max(max(row[1:]) for row in got)
-        recv_perm = kern.expert_major_rows(recv_WC[:, 1:], R, max_count)
-        recv_x = kern.gather_rows(recv, recv_perm[:R])
-        tpe_host = host[W:, 1:].sum(0)
+        if tok is None:
+            rows = send.fill(send_splits)
+            recv = _comm.rows_to_experts(rows, send_splits, recv_splits, group)
+        else:
+            send_tok = [row[_comm.TOKEN_ROWS] for row in sent]
+            recv_tok = [row[_comm.TOKEN_ROWS] for row in got]
+            rows, slots = send.fill(send_tok)
+            recv = _comm.rows_to_ranks(rows, send_tok, recv_tok, group)
+            recv_slots = _comm.rows_to_ranks(slots, send_tok, recv_tok, group)
+            del slots
+        del rows, send  # the send buffer's memory can serve recv_x
+        max_count = max(max(row[_comm.COUNTS :]) for row in got)
+        recv_perm = kern.expert_major_rows(recv_WC[:, _comm.COUNTS :], R, max_count)
+        if tok is None:
+            recv_x = kern.gather_rows(recv, recv_perm[:R])
+        else:
+            # (received row, slot) pairs by local expert, stably: expert-major, then source,
+            # token and slot, the order of recv_x
+            pairs = kern.send_layout(recv_slots, E // W, 1).send_pair_idx[:R]
+            recv_x = kern.gather_rows(recv, pairs // K)
+        tpe_host = host[W:, _comm.COUNTS :].sum(0)
+    N = sum(send_splits)
     return DispatchOutputs(
         recv_x,
         tokens_per_expert,
@@ -177,6 +191,50 @@ def dispatch_op(
         torch.tensor(recv_splits, dtype=torch.int64),
         tpe_host,
     )
+
+
+class _SendBuffers:
+    """Dispatch's send buffers: the rows once per (token, slot), with a spare row after each
+    destination's chunk (W > 1), or, given :class:`~moe_ops._layout.TokenRows`, once per (token,
+    rank), together with their slots. :meth:`fill` with None sizes them for every row that could
+    be sent (before the count read, on CUDA); with the rows per destination, exactly (after it).
+    A second call returns what the first filled."""
+
+    def __init__(self, kern, x: Tensor, lay, tok, W: int):
+        self.kern, self.x, self.lay, self.tok, self.W = kern, x, lay, tok, W
+        self.filled = None
+
+    def fill(self, rows_W: list[int] | None):
+        if self.filled is not None:
+            return self.filled
+        T, K = self.lay.pair_pos.shape
+        kern, x, tok, W = self.kern, self.x, self.tok, self.W
+        if tok is None:
+            spare = 0 if W == 1 else W
+            M = T * K + spare if rows_W is None else sum(rows_W) + spare
+            self.filled = kern.scatter_rows(x, self.lay.pair_pos, None, M)
+        else:
+            M = T * min(W, K) if rows_W is None else sum(rows_W)
+            pos = tok.pos_TW.reshape(-1, 1)
+            rows = kern.scatter_rows(x, tok.pos_TW, None, M)
+            self.filled = rows, kern.scatter_rows(tok.slots_TWK, pos, None, M)
+        return self.filled
+
+
+def _check_peers(sent: list, got: list, rank: int, topk_idx: Tensor, E: int, K: int) -> None:
+    """After the count read: raise on this rank's bad ids, on a peer's bad input, and when the
+    ranks disagree on sending rows once per (token, rank) (their K differ)."""
+    status_W = [row[_comm.STATUS] for row in got]
+    if status_W[rank]:
+        raise bad_id_error(topk_idx, E)
+    _comm.raise_if_peer_bad(status_W, rank, "dispatch")
+    per_token = [row[_comm.TOKEN_ROWS] >= 0 for row in got]
+    if len(set(per_token)) > 1:
+        raise ValueError(
+            f"moe_ops.dispatch: the ranks of the group passed topk_idx with different numbers of "
+            f"slots K (this rank: K={K}; rank(s) {[r for r, p in enumerate(per_token) if p]} "
+            f"have K > W, the others not); pass [T, K] with the same K on every rank"
+        )
 
 
 @dispatch_op.register_fake

@@ -31,6 +31,10 @@ SPECS = {
     "T0-first-1d-f16-noweights": Spec(T=(0, 5, 2), K=1, one_d=True, dtype=f16, weights=False),
     "El1-k2": Spec(K=2, E_l=1, seed=5),
     "El3-k4-f64-noweights-Hp2": Spec(K=4, E_l=3, dtype=f64, weights=False, Hp=2),
+    # K > W: rows sent once per (token, rank), expanded to one per slot on arrival
+    "k6-El1-bf16": Spec(T=(9, 4, 0, 5), K=6, E_l=1, dtype=bf16, seed=8),
+    "all_unused-k5": Spec(K=5, routing="all_unused"),
+    "T0-everywhere-k5": Spec(T=(0,), K=5),
 }
 
 

@@ -118,6 +118,25 @@ def test_handle_from_other_world(gloo_world, W, forged):
     gloo_world(W).run(_cases.handle_from_other_world, forged, timeout=60)
 
 
+def _dispatch_with_k(K_by_rank: list[int]) -> str:
+    r, W = rank_and_world()
+    g = torch.Generator().manual_seed(r)
+    K = K_by_rank[r]
+    idx = torch.stack([torch.randperm(2 * W, generator=g)[:K] for _ in range(5)])
+    try:
+        moe_ops.dispatch(torch.randn(5, 4), idx, 2 * W)
+    except ValueError as err:
+        _cases._check_message(err, ["different numbers of slots K", f"this rank: K={K}"])
+        return type(err).__name__
+    raise AssertionError(f"rank {r}: dispatch raised nothing")
+
+
+def test_dispatch_ranks_disagree_on_k(gloo_world):
+    """With K > W on one rank and K <= W on the other, the payloads would be laid out
+    differently: every rank raises before any row moves (no hang)."""
+    assert gloo_world(2).run(_dispatch_with_k, [3, 1], timeout=60) == ["ValueError"] * 2
+
+
 def test_num_experts_not_divisible_by_world(gloo_world):
     gloo_world(3).run(_cases.num_experts_not_divisible, timeout=60)
 
