@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import _autograd, _comm, _kernels, _layout
+from moe_ops import _autograd, _comm, _kernels
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
 
 # The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
@@ -121,7 +121,7 @@ def dispatch_op(
     lay = kern.send_layout(topk_idx, E, W)
     # With more slots than ranks, a token's slots share ranks: send its row once per rank (and
     # which local experts its slots pick there), not once per slot.
-    tok = _layout.token_rows(topk_idx, E, W) if group is not None and K > W else None
+    tok = kern.token_rows(topk_idx, E, W) if group is not None and K > W else None
     if group is None:
         to_read = lay.counts_bad
     else:

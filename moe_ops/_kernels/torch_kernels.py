@@ -39,6 +39,11 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
     return SendLayout(send_pos, pair_pos, order_P, torch.cat([counts_E, bad]))
 
 
+def token_rows(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> _layout.TokenRows:
+    """``moe_ops._layout.token_rows``."""
+    return _layout.token_rows(topk_idx_TK, num_experts, world_size)
+
+
 def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> Tensor:
     """``moe_ops._layout.expert_major_rows`` (``max_count`` sizes the Triton version's grid)."""
     return _layout.expert_major_rows(counts_WEl, num_rows)

@@ -10,6 +10,7 @@ Shape letters: see ``moe_ops._layout``. A pair ``p = t * K + k`` is one (token, 
 * :func:`send_layout`: counts per expert, the bad-id count and every pair's row in the send
   buffer (a stable counting sort by expert in two small kernels, no sort, no torch glue).
 * :func:`expert_major_rows`: where each row received source-major goes expert-major, in one kernel.
+* :func:`token_rows`: each token's row once per rank that holds one of its experts, and its slots.
 * :func:`scatter_rows`: ``dst[pos[m, k]] = src[m] * w[m, k]``: reads each source row once and
   writes it to its K rows of the send buffer (dispatch, combine's backward); :func:`place_rows`
   is the same with K = 1 into a given buffer.
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moe_ops._layout import SendLayout
+from moe_ops._layout import SendLayout, TokenRows
 
 _SB = 128  # pairs ranked at a time by the layout kernel
 
@@ -265,6 +266,97 @@ def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> Tens
     NP = max(16, triton.next_power_of_2(W * E_l))
     _launch_expert_major(grid, counts_WEl, out, counts_WEl.stride(0), num_rows, W, E_l, NP, BR)
     return out
+
+
+@triton.jit
+def _token_slots_kernel(
+    idx_ptr, count_ptr, slots_ptr, T, K, E, E_l, W, BT: tl.constexpr, KP: tl.constexpr
+):
+    """Block b of tokens: ``slots[t * W + d, k]`` (local expert of slot k at rank d, or -1) and
+    ``count[b, d]``, the block's tokens with a slot at rank d."""
+    b = tl.program_id(0)
+    t = b * BT + tl.arange(0, BT).to(tl.int64)
+    k = tl.arange(0, KP)
+    m = (t < T)[:, None] & (k < K)[None, :]
+    ids = tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=-1).to(tl.int64)
+    valid = m & (ids >= 0) & (ids < E)
+    dest = tl.where(valid, ids // E_l, -1)
+    for d in range(0, W):
+        hit = dest == d
+        slot = tl.where(hit, ids - d * E_l, -1).to(tl.int32)
+        tl.store(slots_ptr + (t[:, None] * W + d) * K + k[None, :], slot, mask=m)
+        tl.store(count_ptr + b * W + d, tl.sum(tl.max(hit.to(tl.int32), axis=1), axis=0))
+
+
+_launch_token_slots = _Launcher(_token_slots_kernel)
+
+
+@triton.jit
+def _token_place_kernel(
+    idx_ptr,
+    count_ptr,
+    pos_ptr,
+    rows_ptr,
+    T,
+    K,
+    E,
+    E_l,
+    W,
+    NB,
+    BT: tl.constexpr,
+    KP: tl.constexpr,
+    RB: tl.constexpr,
+):
+    """Block b of tokens: ``pos[t, d]``, the row of token t in the buffer sent to rank d (rows by
+    destination, then token), -1 when t has no slot there; program 0 also writes ``rows[d]``."""
+    b = tl.program_id(0)
+    t = b * BT + tl.arange(0, BT).to(tl.int64)
+    k = tl.arange(0, KP)
+    m = (t < T)[:, None] & (k < K)[None, :]
+    ids = tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=-1).to(tl.int64)
+    valid = m & (ids >= 0) & (ids < E)
+    dest = tl.where(valid, ids // E_l, -1)
+    before = tl.zeros([1], dtype=tl.int64)  # rows of the destinations before d
+    for d in range(0, W):
+        total = tl.zeros([RB], dtype=tl.int64)
+        prefix = tl.zeros([RB], dtype=tl.int64)
+        for r0 in range(0, NB, RB):
+            blocks = r0 + tl.arange(0, RB)
+            c = tl.load(count_ptr + blocks * W + d, mask=blocks < NB, other=0).to(tl.int64)
+            total += c
+            prefix += tl.where(blocks < b, c, 0)
+        has = tl.max((dest == d).to(tl.int32), axis=1)
+        rank = (tl.cumsum(has, axis=0) - has).to(tl.int64)
+        start = tl.sum(before, axis=0) + tl.sum(prefix, axis=0)
+        tl.store(pos_ptr + t * W + d, tl.where(has > 0, start + rank, -1), mask=t < T)
+        if b == 0:
+            tl.store(rows_ptr + d, tl.sum(total, axis=0))
+        before += tl.sum(total, axis=0)
+
+
+_launch_token_place = _Launcher(_token_place_kernel)
+
+
+def token_rows(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> TokenRows:
+    """:func:`moe_ops._layout.token_rows` in two kernels (per block of tokens: its slots and
+    counts per rank; then every block scans the counts it needs and places its tokens)."""
+    T, K = topk_idx_TK.shape
+    W, E = world_size, num_experts
+    dev = topk_idx_TK.device
+    pos = torch.empty((T, W), dtype=torch.int64, device=dev)
+    rows = torch.zeros(W, dtype=torch.int64, device=dev)
+    slots = torch.empty((T * W, K), dtype=torch.int32, device=dev)
+    if T == 0 or K == 0:
+        return TokenRows(pos, rows, slots)
+    idx = topk_idx_TK.contiguous()
+    KP = max(2, triton.next_power_of_2(K))
+    BT = max(16, min(256, 4096 // KP))
+    NB = triton.cdiv(T, BT)
+    count = torch.empty(NB * W, dtype=torch.int32, device=dev)
+    _launch_token_slots((NB,), idx, count, slots, T, K, E, E // W, W, BT, KP)
+    RB = min(1024, max(16, triton.next_power_of_2(NB)))
+    _launch_token_place((NB,), idx, count, pos, rows, T, K, E, E // W, W, NB, BT, KP, RB)
+    return TokenRows(pos, rows, slots)
 
 
 # ----------------------------------------------------------------------------- row movers

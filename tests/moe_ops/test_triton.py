@@ -74,6 +74,28 @@ def test_send_layout_counts_bad_ids(dtype):
 
 
 @pytest.mark.parametrize(
+    "T,K,E,W,dtype",
+    [
+        (7, 3, 4, 2, torch.int64),
+        (3000, 8, 256, 4, torch.int32),
+        (1000, 6, 12, 3, torch.int64),
+        (5, 5, 10, 2, torch.int16),
+        (0, 4, 8, 2, torch.int64),
+        (70000, 8, 256, 2, torch.int64),
+    ],
+)
+def test_token_rows_matches_torch(T, K, E, W, dtype):
+    g = torch.Generator().manual_seed(T + K)
+    idx = torch.randint(-1, E, (T, K), generator=g)
+    if T > 3:
+        idx[3, 0] = E + 2  # a bad id routes nowhere
+    got = _kernels().token_rows(idx.to(dtype).cuda(), E, W)
+    ref = _layout.token_rows(idx.to(dtype), E, W)
+    for name, a, b in zip(ref._fields, got, ref, strict=True):
+        assert torch.equal(a.cpu(), b), name
+
+
+@pytest.mark.parametrize(
     "W,E_l,high,zeros",
     [(2, 4, 50, 0.0), (4, 3, 7, 0.5), (3, 5, 0, 0.0), (2, 128, 3000, 0.3), (8, 2, 5000, 0.0)],
 )
