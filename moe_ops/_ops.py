@@ -117,111 +117,119 @@ def dispatch_op(
             _comm.exchange_counts(_comm.status_counts(counts, True, W), group)
         raise err
     kern = _kernels.for_device(x.device)
+    if group is None:
+        return _dispatch_one_rank(kern, x, topk_idx, E)
+    return _dispatch_group(kern, x, topk_idx, E, group)
+
+
+# On CUDA, dispatch fills its send buffers while the counts travel to the host (sized for every
+# row that could be sent); on the CPU there is nothing to overlap, so they are filled after the
+# read, at their exact size. Device work that needs no host value is queued before the read too:
+# after it every launch is on the critical path (the GPU has drained).
+
+
+def _dispatch_one_rank(kern, x: Tensor, topk_idx: Tensor, E: int) -> DispatchOutputs:
+    """W = 1: the send order is the expert-major order; no row moves."""
     T, K = topk_idx.shape
-    lay = kern.send_layout(topk_idx, E, W)
-    # With more slots than ranks, a token's slots share ranks: send its row once per rank (and
-    # which local experts its slots pick there), not once per slot.
-    tok = kern.token_rows(topk_idx, E, W) if group is not None and K > W else None
-    if group is None:
-        to_read = lay.counts_bad
-    else:
-        rank = group.rank()
-        send_WC = _comm.status_counts(
-            lay.counts_bad[:E], lay.counts_bad[E], W, None if tok is None else tok.rows_W
-        )
-        recv_WC = _comm.exchange_counts(send_WC, group)
-        to_read = torch.cat([send_WC, recv_WC])
-    # On CUDA, fill the send buffers while the counts travel to the host (sized for every row
-    # that could be sent); on the CPU there is nothing to overlap, so they are filled after, at
-    # their exact size. Device work that needs no host value is queued before the read too:
-    # after it every launch is on the critical path (the GPU has drained).
+    lay = kern.send_layout(topk_idx, E, 1)
     side = _comm.fork_stream(x)
-    send = _SendBuffers(kern, x, lay, tok, W)
-    if side is not None:
-        send.fill(None)
-    if group is None:
-        tokens_per_expert = lay.counts_bad[:E]
-        recv_perm = torch.empty(0, dtype=torch.int64, device=x.device)
-    else:
-        tokens_per_expert = recv_WC[:, _comm.COUNTS :].sum(0)
-    host = _comm.read_to_host(to_read, side)
-    if group is None:
-        *counts, bad = host.tolist()
-        if bad:
-            raise bad_id_error(topk_idx, E)
-        send_splits = recv_splits = [sum(counts)]
-        tpe_host = host[:-1].clone()
-        recv_x = send.fill([sum(counts)])[: sum(counts)]
-    else:
-        sent, got = host.view(2, W, -1).tolist()
-        _check_peers(sent, got, rank, topk_idx, E, K)
-        send_splits = [sum(row[_comm.COUNTS :]) for row in sent]
-        recv_splits = [sum(row[_comm.COUNTS :]) for row in got]
-        R = sum(recv_splits)
-        # The payload exchange first, so that the GPU moves rows while the host queues the rest.
-        if tok is None:
-            rows = send.fill(send_splits)
-            recv = _comm.rows_to_experts(rows, send_splits, recv_splits, group)
-        else:
-            send_tok = [row[_comm.TOKEN_ROWS] for row in sent]
-            recv_tok = [row[_comm.TOKEN_ROWS] for row in got]
-            rows, slots = send.fill(send_tok)
-            recv = _comm.rows_to_ranks(rows, send_tok, recv_tok, group)
-            recv_slots = _comm.rows_to_ranks(slots, send_tok, recv_tok, group)
-            del slots
-        del rows, send  # the send buffer's memory can serve recv_x
-        max_count = max(max(row[_comm.COUNTS :]) for row in got)
-        recv_perm = kern.expert_major_rows(recv_WC[:, _comm.COUNTS :], R, max_count)
-        if tok is None:
-            recv_x = kern.gather_rows(recv, recv_perm[:R])
-        else:
-            # (received row, slot) pairs by local expert, stably: expert-major, then source,
-            # token and slot, the order of recv_x
-            pairs = kern.send_layout(recv_slots, E // W, 1).send_pair_idx[:R]
-            recv_x = kern.gather_rows(recv, pairs // K)
-        tpe_host = host[W:, _comm.COUNTS :].sum(0)
-    N = sum(send_splits)
+    rows = kern.scatter_rows(x, lay.pair_pos, None, T * K) if side is not None else None
+    host = _comm.read_to_host(lay.counts_bad, side)
+    *counts, bad = host.tolist()
+    if bad:
+        raise bad_id_error(topk_idx, E)
+    N = sum(counts)
+    if rows is None:
+        rows = kern.scatter_rows(x, lay.pair_pos, None, N)
     return DispatchOutputs(
-        recv_x,
-        tokens_per_expert,
-        lay.send_pair_idx[:N],
-        lay.pair_pos,
-        recv_perm,
-        torch.tensor(send_splits, dtype=torch.int64),
-        torch.tensor(recv_splits, dtype=torch.int64),
-        tpe_host,
+        recv_x=rows[:N],
+        tokens_per_expert=lay.counts_bad[:E],
+        send_pair_idx=lay.send_pair_idx[:N],
+        pair_pos=lay.pair_pos,
+        recv_perm=torch.empty(0, dtype=torch.int64, device=x.device),
+        send_splits=torch.tensor([N], dtype=torch.int64),
+        recv_splits=torch.tensor([N], dtype=torch.int64),
+        tokens_per_expert_host=host[:-1].clone(),
     )
 
 
-class _SendBuffers:
-    """Dispatch's send buffers: the rows once per (token, slot), with a spare row after each
-    destination's chunk (W > 1), or, given :class:`~moe_ops._layout.TokenRows`, once per (token,
-    rank), together with their slots. :meth:`fill` with None sizes them for every row that could
-    be sent (before the count read, on CUDA); with the rows per destination, exactly (after it).
-    A second call returns what the first filled."""
+def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> DispatchOutputs:
+    """W > 1: count exchange, the one host read, the payload exchange, the regroup by expert.
 
-    def __init__(self, kern, x: Tensor, lay, tok, W: int):
-        self.kern, self.x, self.lay, self.tok, self.W = kern, x, lay, tok, W
-        self.filled = None
+    With more slots than ranks (K > W) a token's slots share ranks, so its row is sent once per
+    rank that holds one of its experts, with the local experts its slots pick there, and
+    expanded to one row per (token, slot) on arrival; otherwise once per (token, slot).
+    """
+    W, rank = group.size(), group.rank()
+    T, K = topk_idx.shape
+    lay = kern.send_layout(topk_idx, E, W)
+    tok = kern.token_rows(topk_idx, E, W) if K > W else None
+    send_WC = _comm.status_counts(
+        lay.counts_bad[:E], lay.counts_bad[E], W, None if tok is None else tok.rows_W
+    )
+    recv_WC = _comm.exchange_counts(send_WC, group)
+    counts_WEl = recv_WC[:, _comm.COUNTS :]
+    to_read = torch.cat([send_WC, recv_WC])
+    side = _comm.fork_stream(x)
+    filled = _fill_send(kern, x, lay.pair_pos, tok, W, None) if side is not None else None
+    tokens_per_expert = counts_WEl.sum(0)
+    host = _comm.read_to_host(to_read, side)
+    sent, got = host.view(2, W, -1).tolist()
+    _check_peers(got, rank, topk_idx, E, K)
+    send_splits = [sum(row[_comm.COUNTS :]) for row in sent]
+    recv_splits = [sum(row[_comm.COUNTS :]) for row in got]
+    R = sum(recv_splits)
+    # The payload exchange first, so that the GPU moves rows while the host queues the rest.
+    send_tok = [row[_comm.TOKEN_ROWS] for row in sent]
+    if filled is None:
+        filled = _fill_send(kern, x, lay.pair_pos, tok, W, send_splits if tok is None else send_tok)
+    if tok is None:
+        rows = filled
+        recv = _comm.rows_to_experts(rows, send_splits, recv_splits, group)
+    else:
+        recv_tok = [row[_comm.TOKEN_ROWS] for row in got]
+        rows, slots = filled
+        recv = _comm.rows_to_ranks(rows, send_tok, recv_tok, group)
+        recv_slots = _comm.rows_to_ranks(slots, send_tok, recv_tok, group)
+        del slots
+    del rows, filled  # the send buffer's memory can serve recv_x
+    max_count = max(max(row[_comm.COUNTS :]) for row in got)
+    recv_perm = kern.expert_major_rows(counts_WEl, R, max_count)
+    if tok is None:
+        recv_x = kern.gather_rows(recv, recv_perm[:R])
+    else:
+        # (received row, slot) pairs by local expert, stably: by expert, then source, token and
+        # slot, the order of recv_x
+        pairs = kern.send_layout(recv_slots, E // W, 1).send_pair_idx[:R]
+        recv_x = kern.gather_rows(recv, pairs // K)
+    N = sum(send_splits)
+    return DispatchOutputs(
+        recv_x=recv_x,
+        tokens_per_expert=tokens_per_expert,
+        send_pair_idx=lay.send_pair_idx[:N],
+        pair_pos=lay.pair_pos,
+        recv_perm=recv_perm,
+        send_splits=torch.tensor(send_splits, dtype=torch.int64),
+        recv_splits=torch.tensor(recv_splits, dtype=torch.int64),
+        tokens_per_expert_host=host[W:, _comm.COUNTS :].sum(0),
+    )
 
-    def fill(self, rows_W: list[int] | None):
-        if self.filled is not None:
-            return self.filled
-        T, K = self.lay.pair_pos.shape
-        kern, x, tok, W = self.kern, self.x, self.tok, self.W
-        if tok is None:
-            spare = 0 if W == 1 else W
-            M = T * K + spare if rows_W is None else sum(rows_W) + spare
-            self.filled = kern.scatter_rows(x, self.lay.pair_pos, None, M)
-        else:
-            M = T * min(W, K) if rows_W is None else sum(rows_W)
-            pos = tok.pos_TW.reshape(-1, 1)
-            rows = kern.scatter_rows(x, tok.pos_TW, None, M)
-            self.filled = rows, kern.scatter_rows(tok.slots_TWK, pos, None, M)
-        return self.filled
+
+def _fill_send(kern, x: Tensor, pair_pos: Tensor, tok, W: int, rows_W: list[int] | None):
+    """Dispatch's send buffer at W > 1: the rows once per (token, slot) with a spare row after
+    each destination's chunk, or, given :class:`~moe_ops._layout.TokenRows` ``tok``, once per
+    (token, rank), returned with their slots. Sized for every row that could be sent when
+    ``rows_W`` is None, else for exactly ``rows_W`` rows per destination."""
+    T, K = pair_pos.shape
+    if tok is None:
+        M = (T * K if rows_W is None else sum(rows_W)) + W
+        return kern.scatter_rows(x, pair_pos, None, M)
+    M = T * min(W, K) if rows_W is None else sum(rows_W)
+    rows = kern.scatter_rows(x, tok.pos_TW, None, M)
+    return rows, kern.scatter_rows(tok.slots_TWK, tok.pos_TW.reshape(-1, 1), None, M)
 
 
-def _check_peers(sent: list, got: list, rank: int, topk_idx: Tensor, E: int, K: int) -> None:
+def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int) -> None:
     """After the count read: raise on this rank's bad ids, on a peer's bad input, and when the
     ranks disagree on sending rows once per (token, rank) (their K differ)."""
     status_W = [row[_comm.STATUS] for row in got]

@@ -116,6 +116,23 @@ def _bwd_tol(dtype: torch.dtype) -> dict:
     }[dtype]
 
 
+def dispatch_combine_equal_prefilled(spec: Spec) -> None:
+    """:func:`dispatch_combine_equal` with dispatch taking its CUDA path on any device: the send
+    buffers filled before the count read, sized for every row that could be sent (on the CPU they
+    are otherwise filled after it, at their exact size)."""
+    on_side = object()  # stands for the side stream the read would wait on
+
+    def read(t, stream=None):
+        assert stream is on_side
+        return t.cpu()
+
+    with (
+        mock.patch.object(_comm, "fork_stream", lambda t: on_side),
+        mock.patch.object(_comm, "read_to_host", read),
+    ):
+        dispatch_combine_equal(spec)
+
+
 def dispatch_combine_equal(spec: Spec, group_ranks: list[int] | None = None) -> None:
     """Forward bit for bit against the reference, backward against autograd through it."""
     if group_ranks is None:

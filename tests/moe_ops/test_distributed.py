@@ -49,6 +49,20 @@ def test_matches_reference_single_rank(name):
     _cases.dispatch_combine_equal(SPECS[name])
 
 
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize(
+    "name", ["k1-1d-f32", "k4-f32-Hp7", "skewed-k4-bf16-Hp9", "T0-everywhere-k5"]
+)
+def test_matches_reference_send_filled_before_read(gloo_world, W, name):
+    """The ordering dispatch uses on CUDA (send buffers filled while the counts travel)."""
+    gloo_world(W).run(_cases.dispatch_combine_equal_prefilled, SPECS[name])
+
+
+@pytest.mark.parametrize("name", ["k1-1d-f32", "k4-f32-Hp7", "T0-everywhere-k5"])
+def test_matches_reference_send_filled_before_read_single_rank(name):
+    _cases.dispatch_combine_equal_prefilled(SPECS[name])
+
+
 @pytest.mark.parametrize("W, ranks", [(3, [0, 2]), (4, [3, 1]), (4, [1, 2, 3])])
 def test_matches_reference_on_subgroup(gloo_world, W, ranks):
     gloo_world(W).run(_cases.dispatch_combine_equal, Spec(K=2, seed=7), ranks)
