@@ -16,6 +16,8 @@ What each column measures, per rank (T tokens per rank, top-K of E experts, hidd
   at W = 1 is (1 + 1/K) such copies: the payload written once and read once, plus x read and out
   written.
 * a2a: one bare ``all_to_all_single`` of the payload with the same split sizes, same process group.
+  When K > W, moe_ops' dispatch sends fewer rows than the payload (each token once per rank that
+  holds one of its experts, expanded to one row per slot on arrival); combine sends the payload.
 * dispatch, combine: ``moe_ops.dispatch`` alone; ``moe_ops.combine`` alone (with routing weights,
   on precomputed expert outputs); d+c: both back to back, combine on ``recv_x``.
   fwd+bwd: d+c and its backward (grads of x and of the routing weights).
