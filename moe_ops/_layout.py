@@ -13,6 +13,11 @@ A "pair" is one (token, slot); its flat index is ``t * K + k``. Send order is by
 ascending, then pair index ascending, which is by destination rank, then local expert, then token,
 then slot: exactly the order the receiver wants within one source rank.
 
+When K > W, dispatch sends each token's row once per rank that holds one of its experts
+(:class:`TokenRows`: by destination, then token) with the local expert of each of its slots there;
+the receiver expands the rows to one per pair, in the order above. Combine and both backwards
+always move one row per pair.
+
 At W > 1 the default mode's exchanges carry one spare row after each rank's chunk (``[N + W]``
 rows sent, ``[R + W]`` received): on the way back to the sources it is the status row that tells
 a peer about bad input; on the way to the experts it is left unwritten and never read. So a pair's
