@@ -87,29 +87,43 @@ STATUS, TOKEN_ROWS, COUNTS = 0, 1, 2  # columns of a count-exchange row (see sta
 
 
 def status_counts(
-    counts_E: Tensor, bad: Tensor | bool, world_size: int, token_rows_W: Tensor | None = None
+    counts_E: Tensor,
+    bad: Tensor | bool,
+    world_size: int,
+    token_rows_W: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """What :func:`exchange_counts` sends: ``[W, 2 + E_l]`` int64. Row d: the status flag
-    (nonzero: bad input; ``bad`` is a device count of bad ids, or a host bool), the token rows sent
-    to rank d when the payload goes once per (token, rank) (``token_rows_W``; -1 when it goes once
-    per (token, slot)), then the counts for rank d's local experts. One kernel from device values;
-    a host flag is written with fills (never a copy from pageable host memory, which would sync)."""
+    """What :func:`exchange_counts` sends: ``[W, 2 + E_l]`` int64 (written into ``out`` if given).
+    Row d: the status flag (nonzero: bad input; ``bad`` is a device count of bad ids, or a host
+    bool), the token rows sent to rank d when the payload goes once per (token, rank)
+    (``token_rows_W``; -1 when it goes once per (token, slot)), then the counts for rank d's local
+    experts. One kernel from device values; a host flag is written with fills (never a copy from
+    pageable host memory, which would sync)."""
     W = world_size
     if isinstance(bad, Tensor):
         flag = bad.to(torch.int64).view(1, 1).expand(W, 1)
-        if token_rows_W is None:
-            token_rows_W = torch.full((W,), -1, dtype=torch.int64, device=counts_E.device)
-        return torch.cat([flag, token_rows_W.view(W, 1), counts_E.view(W, -1)], dim=1)
-    out = torch.zeros((W, 2 + counts_E.shape[0] // W), dtype=torch.int64, device=counts_E.device)
+        token_rows = _minus_ones(W, counts_E.device) if token_rows_W is None else token_rows_W
+        parts = [flag, token_rows.view(W, 1), counts_E.view(W, -1)]
+        return torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
+    if out is None:
+        out = counts_E.new_empty((W, 2 + counts_E.shape[0] // W), dtype=torch.int64)
+    out.zero_()
     out[:, STATUS].fill_(int(bad))
     out[:, TOKEN_ROWS].fill_(-1)
     return out
 
 
-def exchange_counts(send_WC: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """Send row d of ``send_WC`` (:func:`status_counts`) to rank d; returns the ``[W, 1 + E_l]``
-    rows received, one per source rank."""
-    recv = torch.empty_like(send_WC)
+@functools.cache
+def _minus_ones(world_size: int, device: torch.device) -> Tensor:
+    """A constant ``[W]`` int64 tensor of -1 on ``device`` (made once: a fill per dispatch is a
+    launch on its host path). Never written to."""
+    return torch.full((world_size,), -1, dtype=torch.int64, device=device)
+
+
+def exchange_counts(send_WC: Tensor, group: dist.ProcessGroup, out: Tensor | None = None) -> Tensor:
+    """Send row d of ``send_WC`` (:func:`status_counts`) to rank d; returns the ``[W, 2 + E_l]``
+    rows received, one per source rank (in ``out`` if given)."""
+    recv = torch.empty_like(send_WC) if out is None else out
     all_to_all(recv, send_WC, [], [], group)
     return recv
 

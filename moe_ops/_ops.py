@@ -164,17 +164,19 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
     T, K = topk_idx.shape
     lay = kern.send_layout(topk_idx, E, W)
     tok = kern.token_rows(topk_idx, E, W) if K > W else None
+    # what this rank sends and what it receives in the count exchange, read to the host at once
+    to_read = torch.empty((2, W, _comm.COUNTS + E // W), dtype=torch.int64, device=x.device)
+    token_rows_W = None if tok is None else tok.rows_W
     send_WC = _comm.status_counts(
-        lay.counts_bad[:E], lay.counts_bad[E], W, None if tok is None else tok.rows_W
+        lay.counts_bad[:E], lay.counts_bad[E], W, token_rows_W, out=to_read[0]
     )
-    recv_WC = _comm.exchange_counts(send_WC, group)
+    recv_WC = _comm.exchange_counts(send_WC, group, out=to_read[1])
     counts_WEl = recv_WC[:, _comm.COUNTS :]
-    to_read = torch.cat([send_WC, recv_WC])
     side = _comm.fork_stream(x)
     filled = _fill_send(kern, x, lay.pair_pos, tok, W, None) if side is not None else None
     tokens_per_expert = counts_WEl.sum(0)
     host = _comm.read_to_host(to_read, side)
-    sent, got = host.view(2, W, -1).tolist()
+    sent, got = host.tolist()
     _check_peers(got, rank, topk_idx, E, K)
     send_splits = [sum(row[_comm.COUNTS :]) for row in sent]
     recv_splits = [sum(row[_comm.COUNTS :]) for row in got]
@@ -211,7 +213,7 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
         recv_perm=recv_perm,
         send_splits=torch.tensor(send_splits, dtype=torch.int64),
         recv_splits=torch.tensor(recv_splits, dtype=torch.int64),
-        tokens_per_expert_host=host[W:, _comm.COUNTS :].sum(0),
+        tokens_per_expert_host=host[1, :, _comm.COUNTS :].sum(0),
     )
 
 
