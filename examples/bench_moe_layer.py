@@ -312,8 +312,10 @@ def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
 
 def _kernel_breakdown(fn, steps: int, top: int = 10, trace: str | None = None) -> tuple:
     """Kernel time per step of ``fn()`` under torch.profiler: the total, the ``top`` kernels by
-    time (name, calls per step, ms per step, share), and the ``top`` host ops by their own host
-    time (name, calls per step, ms per step; the profiler slows the host down)."""
+    time (name, calls per step, ms per step, share), the ``top`` host ops by their own host time
+    followed by the ``top`` CUDA runtime calls by inclusive time (name, calls per step, ms per
+    step; the profiler slows the host down), and :func:`_inside_our_ops`. With ``trace``, the
+    profile is also written there as a Chrome trace."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -331,18 +333,19 @@ def _kernel_breakdown(fn, steps: int, top: int = 10, trace: str | None = None) -
             by_name.setdefault(e.name, []).append(e.device_time_total / 1e3)
     total = sum(sum(v) for v in by_name.values()) / steps
     if not total:
-        return 0.0, [], []
+        return 0.0, [], [], []
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
     rows = [
         [name[:70], len(v) / steps, f"{sum(v) / steps:.3f}", f"{sum(v) / steps / total:.0%}"]
         for name, v in ranked
     ]
-    host = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:top]
+    averages = prof.key_averages()
+    host = sorted(averages, key=lambda a: -a.self_cpu_time_total)[:top]
     host_rows = [
         [a.key[:70], a.count / steps, f"{a.self_cpu_time_total / 1e3 / steps:.3f}"] for a in host
     ]
     runtime = sorted(
-        (a for a in prof.key_averages() if a.key.startswith(("cuda", "cu", "nccl"))),
+        (a for a in averages if a.key.startswith(("cuda", "cu", "nccl"))),
         key=lambda a: -a.cpu_time_total,
     )[:top]
     host_rows += [
