@@ -103,11 +103,11 @@ def status_counts(
     if isinstance(bad, Tensor):
         flag = bad.to(torch.int64).view(1, 1).expand(W, 1)
         token_rows = _minus_ones(W, counts_E.device) if token_rows_W is None else token_rows_W
-        parts = [flag, token_rows.view(W, 1), counts_E.view(W, -1)]
-        return torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
+        return torch.cat([flag, token_rows.view(W, 1), counts_E.view(W, -1)], dim=1, out=out)
     if out is None:
-        out = counts_E.new_empty((W, 2 + counts_E.shape[0] // W), dtype=torch.int64)
-    out.zero_()
+        out = counts_E.new_zeros((W, 2 + counts_E.shape[0] // W), dtype=torch.int64)
+    else:
+        out.zero_()
     out[:, STATUS].fill_(int(bad))
     out[:, TOKEN_ROWS].fill_(-1)
     return out
@@ -163,11 +163,7 @@ def rows_to_experts(
     (``M >= N + W``; rows past ``N + W`` are not sent). Returns the rows received, source-major,
     with one (unwritten) spare row after each source's chunk: ``[R + W, ...]``.
     """
-    W = len(send_splits)
-    recv = rows_M.new_empty((sum(recv_splits) + W, *rows_M.shape[1:]))
-    send = rows_M[: sum(send_splits) + W]
-    all_to_all(recv, send, _with_spare_row(recv_splits), _with_spare_row(send_splits), group)
-    return recv
+    return rows_to_ranks(rows_M, _with_spare_row(send_splits), _with_spare_row(recv_splits), group)
 
 
 def rows_to_ranks(

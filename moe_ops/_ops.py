@@ -182,19 +182,18 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
     recv_splits = [sum(row[_comm.COUNTS :]) for row in got]
     R = sum(recv_splits)
     # The payload exchange first, so that the GPU moves rows while the host queues the rest.
-    send_tok = [row[_comm.TOKEN_ROWS] for row in sent]
-    if filled is None:
-        filled = _fill_send(kern, x, lay.pair_pos, tok, W, send_splits if tok is None else send_tok)
     if tok is None:
-        rows = filled
-        recv = _comm.rows_to_experts(rows, send_splits, recv_splits, group)
+        if filled is None:
+            filled = _fill_send(kern, x, lay.pair_pos, None, W, send_splits)
+        recv = _comm.rows_to_experts(filled, send_splits, recv_splits, group)
     else:
+        send_tok = [row[_comm.TOKEN_ROWS] for row in sent]
         recv_tok = [row[_comm.TOKEN_ROWS] for row in got]
-        rows, slots = filled
-        recv = _comm.rows_to_ranks(rows, send_tok, recv_tok, group)
-        recv_slots = _comm.rows_to_ranks(slots, send_tok, recv_tok, group)
-        del slots
-    del rows, filled  # the send buffer's memory can serve recv_x
+        if filled is None:
+            filled = _fill_send(kern, x, lay.pair_pos, tok, W, send_tok)
+        recv = _comm.rows_to_ranks(filled[0], send_tok, recv_tok, group)
+        recv_slots = _comm.rows_to_ranks(filled[1], send_tok, recv_tok, group)
+    del filled  # the send buffer's memory can serve recv_x
     max_count = max(max(row[_comm.COUNTS :]) for row in got)
     recv_perm = kern.expert_major_rows(counts_WEl, R, max_count)
     if tok is None:
