@@ -269,18 +269,25 @@ def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> Tens
 
 
 @triton.jit
+def _block_dests(idx_ptr, b, T, K, E, E_l, BT: tl.constexpr, KP: tl.constexpr):
+    """Tokens ``t`` of block b, slots ``k``, the in-bounds mask, the expert ids and each slot's
+    destination rank (-1 for unused or out-of-range ids): ``[BT, KP]``."""
+    t = b * BT + tl.arange(0, BT).to(tl.int64)
+    k = tl.arange(0, KP)
+    m = (t < T)[:, None] & (k < K)[None, :]
+    ids = tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=-1).to(tl.int64)
+    valid = m & (ids >= 0) & (ids < E)
+    return t, k, m, ids, tl.where(valid, ids // E_l, -1)
+
+
+@triton.jit
 def _token_slots_kernel(
     idx_ptr, count_ptr, slots_ptr, T, K, E, E_l, W, BT: tl.constexpr, KP: tl.constexpr
 ):
     """Block b of tokens: ``slots[t * W + d, k]`` (local expert of slot k at rank d, or -1) and
     ``count[b, d]``, the block's tokens with a slot at rank d."""
     b = tl.program_id(0)
-    t = b * BT + tl.arange(0, BT).to(tl.int64)
-    k = tl.arange(0, KP)
-    m = (t < T)[:, None] & (k < K)[None, :]
-    ids = tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=-1).to(tl.int64)
-    valid = m & (ids >= 0) & (ids < E)
-    dest = tl.where(valid, ids // E_l, -1)
+    t, k, m, ids, dest = _block_dests(idx_ptr, b, T, K, E, E_l, BT, KP)
     for d in range(0, W):
         hit = dest == d
         slot = tl.where(hit, ids - d * E_l, -1).to(tl.int32)
@@ -310,12 +317,7 @@ def _token_place_kernel(
     """Block b of tokens: ``pos[t, d]``, the row of token t in the buffer sent to rank d (rows by
     destination, then token), -1 when t has no slot there; program 0 also writes ``rows[d]``."""
     b = tl.program_id(0)
-    t = b * BT + tl.arange(0, BT).to(tl.int64)
-    k = tl.arange(0, KP)
-    m = (t < T)[:, None] & (k < K)[None, :]
-    ids = tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=-1).to(tl.int64)
-    valid = m & (ids >= 0) & (ids < E)
-    dest = tl.where(valid, ids // E_l, -1)
+    t, _, _, _, dest = _block_dests(idx_ptr, b, T, K, E, E_l, BT, KP)
     before = tl.zeros([1], dtype=tl.int64)  # rows of the destinations before d
     for d in range(0, W):
         total = tl.zeros([RB], dtype=tl.int64)
