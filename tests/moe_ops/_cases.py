@@ -265,6 +265,23 @@ def gradcheck_case(which: str, seed: int, checked_rank: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------- counts
+def expected_calls(W: int, K: int) -> dict[str, int]:
+    """What :func:`count_calls` must find: one host sync per dispatch; at W > 1 the count
+    exchange, then the rows (with K > W once per (token, rank), their slots in one more
+    exchange), one exchange back in combine, and two in the backward; no collective at W = 1."""
+    if W == 1:
+        return dict(dispatch_a2a=0, dispatch_sync=1, fwd_a2a=0, fwd_sync=1, bwd_a2a=0, bwd_sync=0)
+    payload = 2 if K > W else 1
+    return dict(
+        dispatch_a2a=1 + payload,
+        dispatch_sync=1,
+        fwd_a2a=2 + payload,
+        fwd_sync=1,
+        bwd_a2a=2,
+        bwd_sync=0,
+    )
+
+
 def count_calls(spec: Spec) -> dict[str, int]:
     """Collectives and host syncs of forward dispatch+combine and of the backward on this rank."""
     r, W = rank_and_world()

@@ -17,26 +17,15 @@ _BIG = Spec(T=(8, 8), K=4, E_l=2, H=16, Hp=16, unused=0.4, seed=2)
 
 
 def test_counts_single_rank():
-    counts = _cases.count_calls(_SPEC)
-    assert counts == dict(
-        dispatch_a2a=0, dispatch_sync=1, fwd_a2a=0, fwd_sync=1, bwd_a2a=0, bwd_sync=0
-    )
+    assert _cases.count_calls(_SPEC) == _cases.expected_calls(1, _SPEC.K)
 
 
 @pytest.mark.parametrize("W", [2, 3])
 def test_counts_distributed(gloo_world, W):
-    """The counts, then the rows; with more slots than ranks (K = 3 > W = 2) the rows go once per
-    (token, rank) and their slots travel beside them, one more exchange."""
-    payload = 2 if _SPEC.K > W else 1
+    """K = 3 > W = 2: the rows go once per (token, rank), with their slots in one more exchange;
+    K = W = 3: once per (token, slot)."""
     for counts in gloo_world(W).run(_cases.count_calls, _SPEC):
-        assert counts == dict(
-            dispatch_a2a=1 + payload,
-            dispatch_sync=1,
-            fwd_a2a=2 + payload,
-            fwd_sync=1,
-            bwd_a2a=2,
-            bwd_sync=0,
-        )
+        assert counts == _cases.expected_calls(W, _SPEC.K)
 
 
 def _check_no_big_intermediate(found: dict) -> None:

@@ -50,21 +50,9 @@ def test_round_trip_identity(nccl_world, W, name):
 
 @pytest.mark.parametrize("W", WORLDS)
 def test_counts(nccl_world, W):
-    K = 3
-    if W == 1:
-        want = dict(dispatch_a2a=0, dispatch_sync=1, fwd_a2a=0, fwd_sync=1, bwd_a2a=0, bwd_sync=0)
-    else:  # the counts, then the rows (and their slots when K > W: rows once per (token, rank))
-        rows = 2 if K > W else 1
-        want = dict(
-            dispatch_a2a=1 + rows,
-            dispatch_sync=1,
-            fwd_a2a=2 + rows,
-            fwd_sync=1,
-            bwd_a2a=2,
-            bwd_sync=0,
-        )
-    for counts in nccl_world(W).run(_cases.count_calls, Spec(T=(8, 6), K=K, dtype=bf16)):
-        assert counts == want
+    spec = Spec(T=(8, 6), K=3, dtype=bf16)
+    for counts in nccl_world(W).run(_cases.count_calls, spec):
+        assert counts == _cases.expected_calls(W, spec.K)
 
 
 @pytest.mark.parametrize("W", WORLDS)
