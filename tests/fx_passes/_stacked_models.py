@@ -51,8 +51,12 @@ class OffsetSlices(_Block):
         for e in range(E):
             lo, hi = offs[e], offs[e + 1]
             y[lo:hi] = F.gelu(rows[lo:hi] @ self.w_in[e]) @ self.w_out[e]
-        y = y * w.reshape(-1)[order].unsqueeze(-1)
+        y = self.grouped_output(y) * w.reshape(-1)[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, order // K, y)
+
+    def grouped_output(self, y):
+        """The experts' rows, grouped by expert, as the block weighs them."""
+        return y
 
 
 class FlatViewedEnds(_Block):
@@ -158,16 +162,8 @@ class CenteredNearMiss(OffsetSlices):
     """Near miss: :class:`OffsetSlices` whose expert output is centred over *all* grouped rows
     (``y - y.mean(0)``): the same function at W = 1, but not one of each expert alone."""
 
-    def forward(self, x):
-        w, _, order, counts = self.route(x)
-        rows = x.index_select(0, order // K)
-        offs = F.pad(torch.cumsum(counts, 0), (1, 0))
-        y = rows.new_zeros(rows.shape[0], H)
-        for e in range(E):
-            lo, hi = offs[e], offs[e + 1]
-            y[lo:hi] = F.gelu(rows[lo:hi] @ self.w_in[e]) @ self.w_out[e]
-        y = (y - y.mean(0)) * w.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, order // K, y)
+    def grouped_output(self, y):
+        return y - y.mean(0)
 
 
 # name -> (block, the family that rewrites it)
