@@ -52,12 +52,13 @@ class DispatchHandle:
     def num_local_experts(self) -> int:
         return self.num_experts // self.world_size
 
-    def _combine_op_and_args(self) -> tuple:
-        """The mode's combine op and its arguments after ``topk_weights``."""
+    def _combine_and_args(self) -> tuple:
+        """The mode's combine (op, and its direct call) and its arguments after
+        ``topk_weights``."""
         if self.capacity is None:
-            return _ops.combine_op, (*self.layout, self.group_name, self.world_size)
+            return _ops.DIRECT.combine, (*self.layout, self.group_name, self.world_size)
         static = (self.capacity, self.group_name, self.world_size, self.transport)
-        return _capacity_ops.combine_fixed_op, (*self.layout, *static)
+        return _capacity_ops.DIRECT.combine, (*self.layout, *static)
 
 
 def _resolve(group: dist.ProcessGroup | None) -> tuple[str, int]:
@@ -179,7 +180,9 @@ def dispatch(
     if capacity is not None or overflow != "error" or transport is not None:
         args = (x, topk_idx, num_experts, group_name, world_size)
         return _dispatch_capacity(*args, capacity, overflow, transport)
-    out = _ops.DispatchOutputs(*_ops.dispatch_op(x, topk_idx, num_experts, group_name, world_size))
+    out = _ops.DispatchOutputs(
+        *_ops.DIRECT.dispatch(x, topk_idx, num_experts, group_name, world_size)
+    )
     handle = DispatchHandle(
         out.tokens_per_expert,
         out.layout(),
@@ -232,7 +235,7 @@ def _dispatch_capacity(
     transport = _transport(x, world_size, transport, group_name)
     drop = overflow == "drop"
     out = _capacity_ops.DispatchOutputs(
-        *_capacity_ops.dispatch_fixed_op(
+        *_capacity_ops.DIRECT.dispatch(
             x, topk_idx, num_experts, capacity, drop, group_name, world_size, transport
         )
     )
@@ -288,7 +291,7 @@ def combine(
     pair_pos = handle.layout.pair_pos
     if topk_weights is not None and topk_weights.dim() == 1 and pair_pos.shape[1] == 1:
         topk_weights = topk_weights.unsqueeze(1)
-    op, args = handle._combine_op_and_args()
+    direct, args = handle._combine_and_args()
     if handle.capacity is not None:
         if expert_out.device != pair_pos.device:
             raise ValueError(
@@ -305,6 +308,6 @@ def combine(
             torch.empty(expert_out.shape, dtype=expert_out.dtype, device=pair_pos.device),
             torch.empty((0, 0), device=pair_pos.device),  # never [T, K]: flags this rank as bad
         )
-        _raise_on_every_rank(err, op, (*stand_ins, *args))
-    out, _ = op(expert_out, topk_weights, *args)
+        _raise_on_every_rank(err, direct.op, (*stand_ins, *args))
+    out, _ = direct(expert_out, topk_weights, *args)
     return out

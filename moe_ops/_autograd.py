@@ -14,6 +14,14 @@ mode's ints and strings (group, world size, ...). A :class:`Mode` says how to fi
   rank (``returned_rows``) for the weight gradient, or ``expert_out`` itself when no row moved.
 
 Each backward runs with the kernel choice (``moe_ops.use_kernels``) its forward ran with.
+
+:func:`register` also returns the mode's :class:`Direct` calls, which the Python API uses: in
+plain eager code they run the ops' implementations straight away (through a
+``torch.autograd.Function`` with the same formulas when a gradient is wanted), without the
+dispatcher's trip through the custom op's autograd and backend wrappers, which costs about a
+hundred microseconds of host time per call on the hosts measured (docs/notes_gpu.md). Anything
+the dispatcher is needed for (torch.compile tracing, fake or meta tensors, tensor subclasses,
+torch function or dispatch modes, functorch transforms) goes through the registered op.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from moe_ops import _kernels
@@ -46,8 +55,70 @@ class Mode:
     rows_stay: Callable[[tuple], bool]
 
 
-def register(dispatch_op: Any, mode: Mode) -> None:
-    """Register the autograd formulas of ``dispatch_op`` and ``mode.combine``."""
+@dataclasses.dataclass(frozen=True)
+class _DirectOp:
+    """One op called directly where nothing needs the dispatcher (see the module docstring)."""
+
+    op: Any  # the registered custom op
+    impl: Callable  # its implementation
+    function: type[torch.autograd.Function]  # the implementation with the op's autograd
+    name: str  # what profiler traces call it, as they call the op
+
+    def __call__(self, *args):
+        if not _direct_ok(args):
+            return self.op(*args)
+        wants_grad = torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args
+        )
+        run = self.function.apply if wants_grad else self.impl
+        if torch.autograd.profiler._is_profiler_enabled:
+            with torch.profiler.record_function(self.name):
+                return run(*args)
+        return run(*args)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _direct_ok(args: tuple) -> bool:
+    """True in plain eager code: not tracing, no torch function or dispatch mode, no functorch
+    transform, and only plain tensors on real devices."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    ):
+        return False
+    return all(type(a) in _PLAIN and a.device.type != "meta" for a in args if isinstance(a, Tensor))
+
+
+@dataclasses.dataclass(frozen=True)
+class Direct:
+    """A mode's dispatch and combine as the Python API calls them: ``dispatch(*inputs)`` and
+    ``combine(*inputs)`` take the ops' arguments and return their outputs."""
+
+    dispatch: _DirectOp
+    combine: _DirectOp
+
+
+def _function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
+    return type(
+        name,
+        (torch.autograd.Function,),
+        dict(
+            forward=staticmethod(impl),
+            setup_context=staticmethod(setup_context),
+            backward=staticmethod(backward),
+        ),
+    )
+
+
+def register(
+    dispatch_op: Any, mode: Mode, dispatch_impl: Callable, combine_impl: Callable
+) -> Direct:
+    """Register the autograd formulas of ``dispatch_op`` and ``mode.combine`` (whose
+    implementations are ``dispatch_impl`` and ``combine_impl``); returns their direct calls."""
 
     def dispatch_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*mode.dispatch_layout(output))
@@ -90,6 +161,16 @@ def register(dispatch_op: Any, mode: Mode) -> None:
 
     dispatch_op.register_autograd(dispatch_backward, setup_context=dispatch_setup_context)
     mode.combine.register_autograd(combine_backward, setup_context=combine_setup_context)
+
+    def direct(op, impl, setup_context, backward) -> _DirectOp:
+        name = op._qualname  # "moe_ops::dispatch"...: a profiler trace names the call the same
+        fn = _function(name.split("::")[-1], impl, setup_context, backward)
+        return _DirectOp(op, impl, fn, name)
+
+    return Direct(
+        dispatch=direct(dispatch_op, dispatch_impl, dispatch_setup_context, dispatch_backward),
+        combine=direct(mode.combine, combine_impl, combine_setup_context, combine_backward),
+    )
 
 
 def combine_tail(

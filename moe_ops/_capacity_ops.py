@@ -313,8 +313,7 @@ def _to_sources(
 
 
 # ----------------------------------------------------------------------------- dispatch
-@torch.library.custom_op("moe_ops::dispatch_fixed", mutates_args=())
-def dispatch_fixed_op(
+def _dispatch_fixed(
     x: Tensor,
     topk_idx: Tensor,
     num_experts: int,
@@ -366,6 +365,11 @@ def dispatch_fixed_op(
     )
 
 
+dispatch_fixed_op = torch.library.custom_op("moe_ops::dispatch_fixed", mutates_args=())(
+    _dispatch_fixed
+)
+
+
 @dispatch_fixed_op.register_fake
 def _(x, topk_idx, num_experts, capacity, drop, group_name, world_size, transport):
     err = check_dispatch(x, topk_idx, num_experts, world_size)
@@ -386,8 +390,7 @@ def _(x, topk_idx, num_experts, capacity, drop, group_name, world_size, transpor
 
 
 # ----------------------------------------------------------------------------- combine
-@torch.library.custom_op("moe_ops::combine_fixed", mutates_args=())
-def combine_fixed_op(
+def _combine_fixed(
     expert_out: Tensor,
     topk_weights: Tensor | None,
     pair_pos: Tensor,
@@ -422,6 +425,11 @@ def combine_fixed_op(
     )
     local = transport == "local"
     return _autograd.combine_tail(kern, rows, expert_out, pair_pos, topk_weights, local)
+
+
+combine_fixed_op = torch.library.custom_op("moe_ops::combine_fixed", mutates_args=())(
+    _combine_fixed
+)
 
 
 @combine_fixed_op.register_fake
@@ -480,7 +488,8 @@ def _(grad_out, returned_rows, topk_weights, *layout_static):
     )
 
 
-_autograd.register(
+# what moe_ops.dispatch and moe_ops.combine call in the capacity mode
+DIRECT = _autograd.register(
     dispatch_fixed_op,
     _autograd.Mode(
         combine=combine_fixed_op,
@@ -491,4 +500,6 @@ _autograd.register(
         dispatch_static=lambda inputs: (inputs[3], *inputs[5:]),
         rows_stay=lambda static: static[-1] == "local",
     ),
+    dispatch_impl=_dispatch_fixed,
+    combine_impl=_combine_fixed,
 )

@@ -4,10 +4,11 @@ Only this module talks to ``torch.distributed``. Every collective is an ``all_to
 issued by :func:`all_to_all` (or, in capacity mode on CUDA with NVSHMEM, a ``torch.ops.symm_mem``
 all-to-all):
 
-* :func:`exchange_counts`: ``[W, 2 + E_l]`` int64 per rank (:func:`status_counts`): a status
-  flag, the token rows, then the counts per local expert. Its shape depends only on E and W, so a
-  rank whose input is bad still takes part (flag set, counts zero) and every rank learns of it
-  from the same call.
+* :func:`exchange_counts`: the count row, ``[W, 2 + E_l]`` int64 per rank (``moe_ops._layout``;
+  the layout kernels write it, :func:`bad_count_row` on bad input): a status flag, the token
+  rows, then the counts per local expert. Its shape depends only on E and W, so a rank whose
+  input is bad still takes part (flag set, counts zero) and every rank learns of it from the
+  same call.
 * :func:`rows_to_experts`: rows in send order -> the rows received, source-major (dispatch
   forward, combine backward; the caller regroups them by expert). :func:`rows_to_ranks`: the same
   without spare rows (dispatch's rows sent once per (token, rank), and their slots).
@@ -18,8 +19,8 @@ all-to-all):
   Both directions have the spare row after each chunk (``moe_ops._layout``), so a pair's row is
   the same in both.
 
-:func:`read_to_host` is the single device -> host sync of a dispatch (:func:`fork_stream` lets the
-send-buffer fill run while it waits).
+:func:`read_to_host` is the single device -> host sync of a dispatch (the send-buffer fill runs on
+the device while the host waits for it).
 
 Capacity mode (``moe_ops._capacity_ops``, no host sync): :func:`gather_rows_of_counts` (every rank's
 counts per expert), :func:`exchange_equal_chunks` (the padded transport), and
@@ -28,11 +29,16 @@ counts per expert), :func:`exchange_equal_chunks` (the padded transport), and
 
 from __future__ import annotations
 
-import functools
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from moe_ops._layout import COUNTS, STATUS, TOKEN_ROWS
 
 _OK, _BAD = 0, 1
 
@@ -56,72 +62,71 @@ def resolve_group(group_name: str, world_size: int) -> dist.ProcessGroup | None:
     return group
 
 
-def fork_stream(t: Tensor) -> torch.cuda.Stream | None:
-    """A side stream (from torch's pool) that waits for the work queued so far on ``t``'s
-    current stream; None on the CPU."""
-    if not t.is_cuda:
-        return None
-    side = _side_stream(t.device.index)
-    side.wait_stream(torch.cuda.current_stream(t.device))
-    return side
+def read_to_host(t: Tensor, meanwhile: Callable[[], Any] | None = None) -> tuple[Tensor, Any]:
+    """The one device -> host sync of a dispatch: ``t`` on the CPU, and what ``meanwhile()``
+    returned (None on the CPU, where it is not called: nothing would overlap there).
 
-
-@functools.cache
-def _side_stream(device_index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=device_index)
-
-
-def read_to_host(t: Tensor, stream: torch.cuda.Stream | None = None) -> Tensor:
-    """The one device -> host sync of a dispatch (a no-op copy on CPU).
-
-    With a CUDA ``stream`` the copy and the wait run there, so work queued on the current stream
-    after ``stream`` forked from it (the send-buffer fill) runs meanwhile.
+    On CUDA the copy goes into pinned memory on the current stream and the host waits for an
+    event recorded after it, so the device work ``meanwhile`` queues behind the copy (the
+    send-buffer fill) runs while the host waits: no stream switch, no pageable copy. The wait
+    is reported to ``torch.cuda.set_sync_debug_mode`` like torch's own syncs (which it would
+    not see by itself). The returned tensor is a fresh CPU tensor.
     """
-    if stream is None:
-        return t.cpu()
-    with torch.cuda.stream(stream):
-        return t.cpu()
+    if not t.is_cuda:
+        return t.cpu(), None
+    _report_sync()
+    staging = _staging(t.device.index, t.shape, t.dtype)
+    staging.host.copy_(t, non_blocking=True)
+    staging.copied.record()
+    queued = None if meanwhile is None else meanwhile()
+    staging.copied.synchronize()
+    return staging.host.clone(), queued
 
 
-STATUS, TOKEN_ROWS, COUNTS = 0, 1, 2  # columns of a count-exchange row (see status_counts)
+def _report_sync() -> None:
+    """What ``torch.cuda.set_sync_debug_mode`` does for torch's synchronizing calls: warn
+    ("warn") or raise ("error") with its message."""
+    mode = torch.cuda.get_sync_debug_mode()
+    if mode:
+        msg = "called a synchronizing CUDA operation (moe_ops.dispatch reads its row counts)"
+        if mode == 2:
+            raise RuntimeError(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
-def status_counts(
-    counts_E: Tensor,
-    bad: Tensor | bool,
-    world_size: int,
-    token_rows_W: Tensor | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """What :func:`exchange_counts` sends: ``[W, 2 + E_l]`` int64 (written into ``out`` if given).
-    Row d: the status flag (nonzero: bad input; ``bad`` is a device count of bad ids, or a host
-    bool), the token rows sent to rank d when the payload goes once per (token, rank)
-    (``token_rows_W``; -1 when it goes once per (token, slot)), then the counts for rank d's local
-    experts. One kernel from device values; a host flag is written with fills (never a copy from
-    pageable host memory, which would sync)."""
-    W = world_size
-    if isinstance(bad, Tensor):
-        flag = bad.to(torch.int64).view(1, 1).expand(W, 1)
-        token_rows = _minus_ones(W, counts_E.device) if token_rows_W is None else token_rows_W
-        return torch.cat([flag, token_rows.view(W, 1), counts_E.view(W, -1)], dim=1, out=out)
-    if out is None:
-        out = counts_E.new_zeros((W, 2 + counts_E.shape[0] // W), dtype=torch.int64)
-    else:
-        out.zero_()
-    out[:, STATUS].fill_(int(bad))
-    out[:, TOKEN_ROWS].fill_(-1)
-    return out
+class _Staging(NamedTuple):
+    host: Tensor  # pinned
+    copied: torch.cuda.Event
 
 
-@functools.cache
-def _minus_ones(world_size: int, device: torch.device) -> Tensor:
-    """A constant ``[W]`` int64 tensor of -1 on ``device`` (made once: a fill per dispatch is a
-    launch on its host path). Never written to."""
-    return torch.full((world_size,), -1, dtype=torch.int64, device=device)
+_staging_per_thread = threading.local()
+
+
+def _staging(device_index: int, shape: torch.Size, dtype: torch.dtype) -> _Staging:
+    """A pinned host buffer and an event for :func:`read_to_host`, made once per thread, device,
+    shape and dtype (pinning memory is slow; the buffer is read back before it is reused)."""
+    cache = getattr(_staging_per_thread, "cache", None)
+    if cache is None:
+        cache = _staging_per_thread.cache = {}
+    key = (device_index, shape, dtype)
+    staging = cache.get(key)
+    if staging is None:
+        host = torch.empty(shape, dtype=dtype, pin_memory=True)
+        staging = cache[key] = _Staging(host, torch.cuda.Event())
+    return staging
+
+
+def bad_count_row(local_experts: int, world_size: int, device: torch.device) -> Tensor:
+    """The count row (``moe_ops._layout.STATUS``...) of a rank whose input is bad: status 1, no
+    rows. Written with fills (never a copy from pageable host memory, which would sync)."""
+    row = torch.zeros((world_size, COUNTS + local_experts), dtype=torch.int64, device=device)
+    row[:, STATUS].fill_(1)
+    row[:, TOKEN_ROWS].fill_(-1)
+    return row
 
 
 def exchange_counts(send_WC: Tensor, group: dist.ProcessGroup, out: Tensor | None = None) -> Tensor:
-    """Send row d of ``send_WC`` (:func:`status_counts`) to rank d; returns the ``[W, 2 + E_l]``
+    """Send row d of ``send_WC`` (the count row) to rank d; returns the ``[W, 2 + E_l]``
     rows received, one per source rank (in ``out`` if given)."""
     recv = torch.empty_like(send_WC) if out is None else out
     all_to_all(recv, send_WC, [], [], group)
@@ -199,15 +204,14 @@ def rows_to_sources(
     R = sum(recv_splits)
     buf = rows_R.new_empty((R + W, *rows_R.shape[1:]))
     status_W = recv_rows[R:]
-    # Status rows are written with index_fill_ (a scalar kernel argument). ``buf[pos] = value``
+    # Status rows are written with a fill (the value a kernel argument). ``buf[pos] = value``
     # would copy the Python scalar to the device as a 0-d tensor from pageable memory: a host
     # sync on CUDA.
     if bad:
         buf.fill_(float("nan"))
         buf.index_fill_(0, status_W, _BAD)
     else:
-        kern.place_rows(rows_R, recv_rows[:R], buf)
-        buf.index_fill_(0, status_W, _OK)
+        kern.place_rows(rows_R, recv_rows[:R], buf, fill_rows=status_W, value=_OK)
     out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
     all_to_all(out, buf, _with_spare_row(send_splits), _with_spare_row(recv_splits), group)
     if out.device.type == "cpu":

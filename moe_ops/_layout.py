@@ -31,6 +31,21 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+# The count row: what dispatch's count exchange sends to each rank, int64 ``[W, 2 + E_l]``. Row d
+# is the status flag (nonzero: this rank's input is bad), the token rows sent to rank d when rows
+# go once per (token, rank) (-1 when they go once per (token, slot)), then the pairs for each of
+# rank d's local experts.
+STATUS, TOKEN_ROWS, COUNTS = 0, 1, 2
+
+
+def write_count_row(out_WC: Tensor, counts_E: Tensor, bad: Tensor) -> Tensor:
+    """The count row from device values (``bad``: a 0-d count of bad ids), into ``out_WC``;
+    token rows -1 (:func:`token_rows` overwrites them)."""
+    W = out_WC.shape[0]
+    flag = bad.to(torch.int64).view(1, 1).expand(W, 1)
+    minus_one = flag.new_full((1, 1), -1).expand(W, 1)
+    return torch.cat([flag, minus_one, counts_E.view(W, -1)], dim=1, out=out_WC)
+
 
 class SendLayout(NamedTuple):
     """What both kernel sets' ``send_layout`` return.
@@ -66,8 +81,11 @@ class TokenRows(NamedTuple):
     slots_TWK: Tensor
 
 
-def token_rows(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> TokenRows:
-    """:class:`TokenRows` of ``topk_idx`` (ids outside ``[0, E)`` route nowhere)."""
+def token_rows(
+    topk_idx_TK: Tensor, num_experts: int, world_size: int, rows_out: Tensor | None = None
+) -> TokenRows:
+    """:class:`TokenRows` of ``topk_idx`` (ids outside ``[0, E)`` route nowhere); ``rows_W`` is
+    written into ``rows_out`` (``[W]`` int64, may be strided) when given."""
     T, K = topk_idx_TK.shape
     W, E_l = world_size, num_experts // world_size
     ids = topk_idx_TK.to(torch.int64)
@@ -78,7 +96,8 @@ def token_rows(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> TokenR
     has_WT = hit_TWK.any(2).t()
     ends_WT = torch.cumsum(has_WT.reshape(-1), 0).view(W, T)
     pos_TW = torch.where(has_WT, ends_WT - 1, -1).t()
-    return TokenRows(pos_TW, has_WT.sum(1), slots.to(torch.int32).view(T * W, K))
+    rows_W = has_WT.sum(1) if rows_out is None else torch.sum(has_WT, 1, out=rows_out)
+    return TokenRows(pos_TW, rows_W, slots.to(torch.int32).view(T * W, K))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from moe_ops import _autograd, _comm, _kernels
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
+from moe_ops._layout import COUNTS, STATUS, TOKEN_ROWS
 
 # The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
 # split tensors (combine, its backward): a CUDA graph would replay the first call's sizes. Tagged
@@ -103,8 +104,7 @@ def _to_experts(
 
 
 # ----------------------------------------------------------------------------- dispatch
-@torch.library.custom_op("moe_ops::dispatch", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)
-def dispatch_op(
+def _dispatch(
     x: Tensor, topk_idx: Tensor, num_experts: int, group_name: str, world_size: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     group = _comm.resolve_group(group_name, world_size)
@@ -112,9 +112,8 @@ def dispatch_op(
     err = check_dispatch(x, topk_idx, E, W)
     if err is not None:
         if group is not None:  # take part in the count exchange, flagged bad, so peers know
-            E_ok = E if E > 0 and E % W == 0 else W
-            counts = torch.zeros(E_ok, dtype=torch.int64, device=x.device)
-            _comm.exchange_counts(_comm.status_counts(counts, True, W), group)
+            E_l = E // W if E > 0 and E % W == 0 else 1
+            _comm.exchange_counts(_comm.bad_count_row(E_l, W, x.device), group)
         raise err
     kern = _kernels.for_device(x.device)
     if group is None:
@@ -122,19 +121,25 @@ def dispatch_op(
     return _dispatch_group(kern, x, topk_idx, E, group)
 
 
+dispatch_op = torch.library.custom_op(
+    "moe_ops::dispatch", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE
+)(_dispatch)
+
+
 # On CUDA, dispatch fills its send buffers while the counts travel to the host (sized for every
 # row that could be sent); on the CPU there is nothing to overlap, so they are filled after the
-# read, at their exact size. Device work that needs no host value is queued before the read too:
-# after it every launch is on the critical path (the GPU has drained).
+# read, at their exact size. Every launch before the read delays it, and every launch after it
+# is on the critical path (the GPU has drained): the layout kernels write the count row
+# themselves, and what needs the counts is computed after the read, fused where it can be.
 
 
 def _dispatch_one_rank(kern, x: Tensor, topk_idx: Tensor, E: int) -> DispatchOutputs:
     """W = 1: the send order is the expert-major order; no row moves."""
     T, K = topk_idx.shape
     lay = kern.send_layout(topk_idx, E, 1)
-    side = _comm.fork_stream(x)
-    rows = kern.scatter_rows(x, lay.pair_pos, None, T * K) if side is not None else None
-    host = _comm.read_to_host(lay.counts_bad, side)
+    host, rows = _comm.read_to_host(
+        lay.counts_bad, lambda: kern.scatter_rows(x, lay.pair_pos, None, T * K)
+    )
     *counts, bad = host.tolist()
     if bad:
         raise bad_id_error(topk_idx, E)
@@ -162,24 +167,20 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
     """
     W, rank = group.size(), group.rank()
     T, K = topk_idx.shape
-    lay = kern.send_layout(topk_idx, E, W)
-    tok = kern.token_rows(topk_idx, E, W) if K > W else None
-    # what this rank sends and what it receives in the count exchange, read to the host at once
-    to_read = torch.empty((2, W, _comm.COUNTS + E // W), dtype=torch.int64, device=x.device)
-    token_rows_W = None if tok is None else tok.rows_W
-    send_WC = _comm.status_counts(
-        lay.counts_bad[:E], lay.counts_bad[E], W, token_rows_W, out=to_read[0]
+    # the count rows this rank sends and receives, read to the host at once
+    to_read = torch.empty((2, W, COUNTS + E // W), dtype=torch.int64, device=x.device)
+    lay = kern.send_layout(topk_idx, E, W, count_row=to_read[0])
+    tok = None
+    if K > W:
+        tok = kern.token_rows(topk_idx, E, W, rows_out=to_read[0][:, TOKEN_ROWS])
+    _comm.exchange_counts(to_read[0], group, out=to_read[1])
+    host, filled = _comm.read_to_host(
+        to_read, lambda: _fill_send(kern, x, lay.pair_pos, tok, W, None)
     )
-    recv_WC = _comm.exchange_counts(send_WC, group, out=to_read[1])
-    counts_WEl = recv_WC[:, _comm.COUNTS :]
-    side = _comm.fork_stream(x)
-    filled = _fill_send(kern, x, lay.pair_pos, tok, W, None) if side is not None else None
-    tokens_per_expert = counts_WEl.sum(0)
-    host = _comm.read_to_host(to_read, side)
     sent, got = host.tolist()
     _check_peers(got, rank, topk_idx, E, K)
-    send_splits = [sum(row[_comm.COUNTS :]) for row in sent]
-    recv_splits = [sum(row[_comm.COUNTS :]) for row in got]
+    send_splits = [sum(row[COUNTS:]) for row in sent]
+    recv_splits = [sum(row[COUNTS:]) for row in got]
     R = sum(recv_splits)
     # The payload exchange first, so that the GPU moves rows while the host queues the rest.
     if tok is None:
@@ -187,15 +188,15 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
             filled = _fill_send(kern, x, lay.pair_pos, None, W, send_splits)
         recv = _comm.rows_to_experts(filled, send_splits, recv_splits, group)
     else:
-        send_tok = [row[_comm.TOKEN_ROWS] for row in sent]
-        recv_tok = [row[_comm.TOKEN_ROWS] for row in got]
+        send_tok = [row[TOKEN_ROWS] for row in sent]
+        recv_tok = [row[TOKEN_ROWS] for row in got]
         if filled is None:
             filled = _fill_send(kern, x, lay.pair_pos, tok, W, send_tok)
         recv = _comm.rows_to_ranks(filled[0], send_tok, recv_tok, group)
         recv_slots = _comm.rows_to_ranks(filled[1], send_tok, recv_tok, group)
     del filled  # the send buffer's memory can serve recv_x
-    max_count = max(max(row[_comm.COUNTS :]) for row in got)
-    recv_perm = kern.expert_major_rows(counts_WEl, R, max_count)
+    max_count = max(max(row[COUNTS:]) for row in got)
+    recv_perm, tokens_per_expert = kern.expert_major_rows(to_read[1, :, COUNTS:], R, max_count)
     if tok is None:
         recv_x = kern.gather_rows(recv, recv_perm[:R])
     else:
@@ -212,7 +213,7 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
         recv_perm=recv_perm,
         send_splits=torch.tensor(send_splits, dtype=torch.int64),
         recv_splits=torch.tensor(recv_splits, dtype=torch.int64),
-        tokens_per_expert_host=host[1, :, _comm.COUNTS :].sum(0),
+        tokens_per_expert_host=host[1, :, COUNTS:].sum(0),
     )
 
 
@@ -233,11 +234,11 @@ def _fill_send(kern, x: Tensor, pair_pos: Tensor, tok, W: int, rows_W: list[int]
 def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int) -> None:
     """After the count read: raise on this rank's bad ids, on a peer's bad input, and when the
     ranks disagree on sending rows once per (token, rank) (their K differ)."""
-    status_W = [row[_comm.STATUS] for row in got]
+    status_W = [row[STATUS] for row in got]
     if status_W[rank]:
         raise bad_id_error(topk_idx, E)
     _comm.raise_if_peer_bad(status_W, rank, "dispatch")
-    per_token = [row[_comm.TOKEN_ROWS] >= 0 for row in got]
+    per_token = [row[TOKEN_ROWS] >= 0 for row in got]
     if len(set(per_token)) > 1:
         raise ValueError(
             f"moe_ops.dispatch: the ranks of the group passed topk_idx with different numbers of "
@@ -271,8 +272,7 @@ def _(x, topk_idx, num_experts, group_name, world_size):
 
 
 # ----------------------------------------------------------------------------- combine
-@torch.library.custom_op("moe_ops::combine", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)
-def combine_op(
+def _combine(
     expert_out: Tensor,
     topk_weights: Tensor | None,
     pair_pos: Tensor,
@@ -310,6 +310,11 @@ def combine_op(
             raise err
     kern = _kernels.for_device(rows.device)
     return _autograd.combine_tail(kern, rows, expert_out, pair_pos, topk_weights, group is None)
+
+
+combine_op = torch.library.custom_op("moe_ops::combine", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)(
+    _combine
+)
 
 
 @combine_op.register_fake
@@ -365,7 +370,8 @@ def _(grad_out, returned_rows, topk_weights, *layout_group):
     return _autograd.fake_combine_backward(grad_out, returned_rows, topk_weights, lay.pair_pos, R)
 
 
-_autograd.register(
+# what moe_ops.dispatch and moe_ops.combine call in the default mode
+DIRECT = _autograd.register(
     dispatch_op,
     _autograd.Mode(
         combine=combine_op,
@@ -375,4 +381,6 @@ _autograd.register(
         dispatch_static=lambda inputs: tuple(inputs[3:]),  # group_name, world_size
         rows_stay=lambda static: static[-1] == 1,  # world_size == 1
     ),
+    dispatch_impl=_dispatch,
+    combine_impl=_combine,
 )

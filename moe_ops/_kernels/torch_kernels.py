@@ -16,8 +16,14 @@ from moe_ops import _layout
 from moe_ops._layout import SendLayout, acc_dtype
 
 
-def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendLayout:
-    """Stable sort of the pairs by global expert; see :class:`~moe_ops._layout.SendLayout`."""
+def send_layout(
+    topk_idx_TK: Tensor, num_experts: int, world_size: int, count_row: Tensor | None = None
+) -> SendLayout:
+    """Stable sort of the pairs by global expert; see :class:`~moe_ops._layout.SendLayout`.
+
+    ``count_row``: contiguous int64 ``[W, 2 + E / W]``; if given, the count row that dispatch's
+    count exchange sends is written there (``moe_ops._layout.write_count_row``).
+    """
     T, K = topk_idx_TK.shape
     E, P = num_experts, T * K
     dev = topk_idx_TK.device
@@ -36,17 +42,23 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
         pair_pos = torch.where(valid_P, row_P + ids_P // (E // world_size), -1).view(T, K)
     else:
         pair_pos = send_pos
+    if count_row is not None:
+        _layout.write_count_row(count_row, counts_E, bad)
     return SendLayout(send_pos, pair_pos, order_P, torch.cat([counts_E, bad]))
 
 
-def token_rows(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> _layout.TokenRows:
-    """``moe_ops._layout.token_rows``."""
-    return _layout.token_rows(topk_idx_TK, num_experts, world_size)
+def token_rows(
+    topk_idx_TK: Tensor, num_experts: int, world_size: int, rows_out: Tensor | None = None
+) -> _layout.TokenRows:
+    """``moe_ops._layout.token_rows``; ``rows_W`` is written into ``rows_out`` (``[W]`` int64,
+    may be strided: the token-row column of the count row) when given."""
+    return _layout.token_rows(topk_idx_TK, num_experts, world_size, rows_out)
 
 
-def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> Tensor:
-    """``moe_ops._layout.expert_major_rows`` (``max_count`` sizes the Triton version's grid)."""
-    return _layout.expert_major_rows(counts_WEl, num_rows)
+def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> tuple[Tensor, Tensor]:
+    """``moe_ops._layout.expert_major_rows`` and the rows per local expert, ``counts.sum(0)``
+    (``max_count`` sizes the Triton version's grid)."""
+    return _layout.expert_major_rows(counts_WEl, num_rows), counts_WEl.sum(0)
 
 
 def scatter_rows(
@@ -71,9 +83,17 @@ def scatter_rows(
     return out.copy_(buf[:num_rows])
 
 
-def place_rows(src_MH: Tensor, dest_M: Tensor, out: Tensor) -> Tensor:
-    """``out[dest[m]] = src[m]`` for a ``dest_M`` of distinct valid rows; returns ``out``."""
-    return out.index_copy_(0, dest_M, src_MH)
+def place_rows(
+    src_MH: Tensor, dest_M: Tensor, out: Tensor, fill_rows: Tensor | None = None, value: float = 0
+) -> Tensor:
+    """``out[dest[m]] = src[m]`` for a ``dest_M`` of distinct valid rows, and ``value`` in the
+    rows ``fill_rows`` (distinct from ``dest_M``'s) if given; returns ``out``."""
+    out.index_copy_(0, dest_M, src_MH)
+    if fill_rows is not None:
+        # index_fill_ takes the value as a kernel argument: ``out[rows] = value`` would copy a
+        # Python scalar to the device from pageable memory (a host sync on CUDA)
+        out.index_fill_(0, fill_rows, value)
+    return out
 
 
 def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Tensor:

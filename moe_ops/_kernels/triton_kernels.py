@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moe_ops import _layout
 from moe_ops._layout import SendLayout, TokenRows
 
 _SB = 128  # pairs ranked at a time by the layout kernel
@@ -123,21 +124,25 @@ def _place_kernel(
     pair_pos_ptr,
     send_pair_ptr,
     counts_bad_ptr,
+    row_ptr,
     P,
     E,
     E_l,
+    W,
     NB,
     NBINS: tl.constexpr,
     RB: tl.constexpr,
     BP: tl.constexpr,
     SB: tl.constexpr,
     SHIFT: tl.constexpr,
+    HAS_ROW: tl.constexpr,
 ):
     """Row of every valid pair of block b in the send buffer.
 
     The row is: the expert's first row (exclusive scan of the expert totals), plus the pairs of
     that expert in earlier blocks, plus its rank among the block's earlier pairs of that expert
-    (so the order is stable). Program 0 also writes the totals and the bad-id count.
+    (so the order is stable). Program 0 also writes the totals and the bad-id count, and with
+    ``HAS_ROW`` the count row ``[W, 2 + E_l]`` (``moe_ops._layout.COUNT_ROW``).
     """
     b = tl.program_id(0)
     cols = tl.arange(0, NBINS)
@@ -160,7 +165,14 @@ def _place_kernel(
         for r0 in range(0, NB, 1024):
             rows = r0 + tl.arange(0, 1024)
             n_bad += tl.load(bad_ptr + rows, mask=rows < NB, other=0)
-        tl.store(counts_bad_ptr + E, tl.sum(n_bad, axis=0).to(tl.int64))
+        bad_total = tl.sum(n_bad, axis=0).to(tl.int64)
+        tl.store(counts_bad_ptr + E, bad_total)
+        if HAS_ROW:  # row d: status (the bad-id count), token rows (-1), counts of rank d
+            C = 2 + E_l
+            tl.store(row_ptr + (cols // E_l) * C + 2 + cols % E_l, total.to(tl.int64), mask=cm)
+            wm = cols < W
+            tl.store(row_ptr + cols * C, tl.zeros([NBINS], dtype=tl.int64) + bad_total, mask=wm)
+            tl.store(row_ptr + cols * C + 1, tl.full([NBINS], -1, dtype=tl.int64), mask=wm)
     i = tl.arange(0, SB)
     for s in range(0, BP, SB):
         offs = b * BP + s + i
@@ -182,11 +194,15 @@ def _place_kernel(
 _launch_place = _Launcher(_place_kernel)
 
 
-def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendLayout:
-    """Stable counting sort of the pairs by global expert; see :class:`~moe_ops._layout.SendLayout`.
+def send_layout(
+    topk_idx_TK: Tensor, num_experts: int, world_size: int, count_row: Tensor | None = None
+) -> SendLayout:
+    """Stable counting sort of the pairs by global expert; see :class:`~moe_ops._layout.SendLayout`
+    (and ``count_row``: :func:`moe_ops._kernels.torch_kernels.send_layout`).
 
     Two kernels: per-block expert histograms, then every block scans the histograms it needs
-    and places its pairs. About 128 blocks whatever the size, so neither kernel is a long chain.
+    and places its pairs (the first also writes the totals and the count row). About 128 blocks
+    whatever the size, so neither kernel is a long chain.
     """
     T, K = topk_idx_TK.shape
     P, E = T * K, num_experts
@@ -194,7 +210,10 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
     i64 = dict(dtype=torch.int64, device=dev)
     if P == 0:
         empty = torch.empty((T, K), **i64)
-        return SendLayout(empty, empty, torch.empty(0, **i64), torch.zeros(E + 1, **i64))
+        counts_bad = torch.zeros(E + 1, **i64)
+        if count_row is not None:
+            _layout.write_count_row(count_row, counts_bad[:E], counts_bad[E])
+        return SendLayout(empty, empty, torch.empty(0, **i64), counts_bad)
     idx_P = topk_idx_TK.contiguous().view(-1)
     BP = min(max(triton.next_power_of_2(triton.cdiv(P, 128)), _SB), 8192)
     NB = triton.cdiv(P, BP)
@@ -215,25 +234,29 @@ def send_layout(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> SendL
         pair_pos,
         send_pair_idx,
         counts_bad,
+        counts_bad if count_row is None else count_row,
         P,
         E,
         E // world_size,
+        world_size,
         NB,
         NBINS,
         max(1, min(triton.next_power_of_2(NB), 8192 // NBINS)),
         BP,
         _SB,
         world_size > 1,
+        count_row is not None,
     )
     return SendLayout(send_pos, pair_pos, send_pair_idx, counts_bad)
 
 
 @triton.jit
 def _expert_major_rows_kernel(
-    counts_ptr, out_ptr, stride_s, R, W, E_l, NP: tl.constexpr, BR: tl.constexpr
+    counts_ptr, out_ptr, tokens_ptr, stride_s, R, W, E_l, NP: tl.constexpr, BR: tl.constexpr
 ):
     """Program (j, c) writes rows ``[c * BR, (c + 1) * BR)`` of segment ``j = e * W + s`` (what
-    source s sent to local expert e); program (W * E_l, 0) writes the W spare rows."""
+    source s sent to local expert e), and program (e * W, 0) the rows of expert e; program
+    (W * E_l, 0) writes the W spare rows."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     n = W * E_l
@@ -247,6 +270,9 @@ def _expert_major_rows_kernel(
         n_j = tl.sum(tl.where(i == src, cnt, 0), axis=0)
         r = c * BR + tl.arange(0, BR).to(tl.int64)
         tl.store(out_ptr + dst_start + r, src_start + r, mask=r < n_j)
+        if (c == 0) & (j % W == 0):
+            e = j // W
+            tl.store(tokens_ptr + e, tl.sum(tl.where((i % E_l == e) & (i < n), cnt, 0), axis=0))
     elif c == 0:
         for s in range(0, W):
             tl.store(out_ptr + R + s, tl.sum(tl.where(i < (s + 1) * E_l, cnt, 0), axis=0) + s)
@@ -255,17 +281,22 @@ def _expert_major_rows_kernel(
 _launch_expert_major = _Launcher(_expert_major_rows_kernel)
 
 
-def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> Tensor:
-    """``moe_ops._layout.expert_major_rows`` in one kernel (the torch version is a dozen small
-    ops, each a launch on the host's critical path right after dispatch's count read).
-    ``max_count``, the largest count (known on the host by then), sizes the grid."""
+def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> tuple[Tensor, Tensor]:
+    """``moe_ops._layout.expert_major_rows`` and the rows per local expert (``counts.sum(0)``) in
+    one kernel (the torch version is a dozen small ops, each a launch on the host's critical
+    path right after dispatch's count read). ``max_count``, the largest count (known on the host
+    by then), sizes the grid."""
     W, E_l = counts_WEl.shape
-    out = torch.empty(num_rows + W, dtype=torch.int64, device=counts_WEl.device)
+    # two buffers: dispatch returns both, and a custom op's outputs must not alias each other
+    rows = torch.empty(num_rows + W, dtype=torch.int64, device=counts_WEl.device)
+    tokens = torch.empty(E_l, dtype=torch.int64, device=counts_WEl.device)
     BR = 1024
     grid = (W * E_l + 1, max(1, triton.cdiv(max_count, BR)))
     NP = max(16, triton.next_power_of_2(W * E_l))
-    _launch_expert_major(grid, counts_WEl, out, counts_WEl.stride(0), num_rows, W, E_l, NP, BR)
-    return out
+    _launch_expert_major(
+        grid, counts_WEl, rows, tokens, counts_WEl.stride(0), num_rows, W, E_l, NP, BR
+    )
+    return rows, tokens
 
 
 @triton.jit
@@ -304,6 +335,7 @@ def _token_place_kernel(
     count_ptr,
     pos_ptr,
     rows_ptr,
+    rows_stride,
     T,
     K,
     E,
@@ -332,24 +364,27 @@ def _token_place_kernel(
         start = tl.sum(before, axis=0) + tl.sum(prefix, axis=0)
         tl.store(pos_ptr + t * W + d, tl.where(has > 0, start + rank, -1), mask=t < T)
         if b == 0:
-            tl.store(rows_ptr + d, tl.sum(total, axis=0))
+            tl.store(rows_ptr + d * rows_stride, tl.sum(total, axis=0))
         before += tl.sum(total, axis=0)
 
 
 _launch_token_place = _Launcher(_token_place_kernel)
 
 
-def token_rows(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> TokenRows:
+def token_rows(
+    topk_idx_TK: Tensor, num_experts: int, world_size: int, rows_out: Tensor | None = None
+) -> TokenRows:
     """:func:`moe_ops._layout.token_rows` in two kernels (per block of tokens: its slots and
-    counts per rank; then every block scans the counts it needs and places its tokens)."""
+    counts per rank; then every block scans the counts it needs and places its tokens).
+    ``rows_out``: see :func:`moe_ops._kernels.torch_kernels.token_rows`."""
     T, K = topk_idx_TK.shape
     W, E = world_size, num_experts
     dev = topk_idx_TK.device
     pos = torch.empty((T, W), dtype=torch.int64, device=dev)
-    rows = torch.zeros(W, dtype=torch.int64, device=dev)
+    rows = torch.empty(W, dtype=torch.int64, device=dev) if rows_out is None else rows_out
     slots = torch.empty((T * W, K), dtype=torch.int32, device=dev)
     if T == 0 or K == 0:
-        return TokenRows(pos, rows, slots)
+        return TokenRows(pos, rows.zero_(), slots)
     idx = topk_idx_TK.contiguous()
     KP = max(2, triton.next_power_of_2(K))
     BT = max(16, min(256, 4096 // KP))
@@ -357,7 +392,9 @@ def token_rows(topk_idx_TK: Tensor, num_experts: int, world_size: int) -> TokenR
     count = torch.empty(NB * W, dtype=torch.int32, device=dev)
     _launch_token_slots((NB,), idx, count, slots, T, K, E, E // W, W, BT, KP)
     RB = min(1024, max(16, triton.next_power_of_2(NB)))
-    _launch_token_place((NB,), idx, count, pos, rows, T, K, E, E // W, W, NB, BT, KP, RB)
+    _launch_token_place(
+        (NB,), idx, count, pos, rows, rows.stride(0), T, K, E, E // W, W, NB, BT, KP, RB
+    )
     return TokenRows(pos, rows, slots)
 
 
@@ -368,20 +405,35 @@ def _scatter_rows_kernel(
     pos_ptr,
     w_ptr,
     dst_ptr,
+    fill_ptr,
     M,
     H,
     K,
+    n_fill,
+    fill_value,
     HAS_W: tl.constexpr,
     ACC: tl.constexpr,
     BM: tl.constexpr,
     BH: tl.constexpr,
+    FILL: tl.constexpr,
 ):
+    """Programs ``[0, cdiv(M, BM) * cdiv(H, BH))`` move the rows; with ``FILL`` the programs
+    after them write ``fill_value`` into the ``n_fill`` rows ``fill[i]`` of dst."""
     pid = tl.program_id(0)
     nhb = tl.cdiv(H, BH)
-    rows = (pid // nhb) * BM + tl.arange(0, BM).to(tl.int64)
     cols = (pid % nhb) * BH + tl.arange(0, BH)
-    rm = rows < M
     cm = cols < H
+    if FILL:
+        moving = tl.cdiv(M, BM) * nhb
+        if pid >= moving:
+            i = ((pid - moving) // nhb) * BM + tl.arange(0, BM)
+            im = i < n_fill
+            p = tl.load(fill_ptr + i, mask=im, other=0)
+            v = (tl.zeros([BM, BH], dtype=tl.float32) + fill_value).to(dst_ptr.dtype.element_ty)
+            tl.store(dst_ptr + p[:, None] * H + cols[None, :], v, mask=im[:, None] & cm[None, :])
+            return
+    rows = (pid // nhb) * BM + tl.arange(0, BM).to(tl.int64)
+    rm = rows < M
     x = tl.load(src_ptr + rows[:, None] * H + cols[None, :], mask=rm[:, None] & cm[None, :])
     for k in range(K):
         p = tl.load(pos_ptr + rows * K + k, mask=rm, other=-1)
@@ -404,34 +456,50 @@ def scatter_rows(
     ``pos_MK`` int64 ``[M, K]`` (-1: skip). Returns ``dst`` ``[num_rows, H]`` in src's dtype
     (``out`` if given); rows no pair points at are left as they were.
     """
+    H = src_MH.shape[1]
+    dst = src_MH.new_empty((num_rows, H)) if out is None else out
+    _scatter(src_MH, pos_MK, w_MK, dst, None, 0.0)
+    return dst
+
+
+def place_rows(
+    src_MH: Tensor, dest_M: Tensor, out: Tensor, fill_rows: Tensor | None = None, value: float = 0
+) -> Tensor:
+    """``out[dest[m]] = src[m]`` for a ``dest_M`` of distinct valid rows, and ``value`` in the
+    rows ``fill_rows`` (distinct from ``dest_M``'s) if given, in one kernel; returns ``out``."""
+    _scatter(src_MH, dest_M[:, None], None, out, fill_rows, value)
+    return out
+
+
+def _scatter(src_MH, pos_MK, w_MK, dst, fill_rows, value) -> None:
     M, H = src_MH.shape
     K = pos_MK.shape[1]
-    dst = src_MH.new_empty((num_rows, H)) if out is None else out
-    if M == 0 or H == 0 or K == 0 or num_rows == 0:
-        return dst
+    n_fill = 0 if fill_rows is None else fill_rows.shape[0]
+    if K == 0:
+        M = 0
+    if (M == 0 and n_fill == 0) or H == 0 or dst.shape[0] == 0:
+        return
     BM, BH, nw = _row_block(H, src_MH.element_size())
-    grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
+    grid = ((triton.cdiv(M, BM) + triton.cdiv(n_fill, BM)) * triton.cdiv(H, BH),)
     _launch_scatter(
         grid,
         src_MH.contiguous(),
         pos_MK.contiguous(),
         w_MK.contiguous() if w_MK is not None else pos_MK,
         dst,
+        pos_MK if fill_rows is None else fill_rows,
         M,
         H,
         K,
+        n_fill,
+        float(value),
         w_MK is not None,
         _acc_tl(src_MH.dtype),
         BM,
         BH,
+        fill_rows is not None,
         num_warps=nw,
     )
-    return dst
-
-
-def place_rows(src_MH: Tensor, dest_M: Tensor, out: Tensor) -> Tensor:
-    """``out[dest[m]] = src[m]`` for a ``dest_M`` of distinct valid rows; returns ``out``."""
-    return scatter_rows(src_MH, dest_M[:, None], None, out.shape[0], out=out)
 
 
 @triton.jit

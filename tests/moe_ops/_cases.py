@@ -120,17 +120,15 @@ def dispatch_combine_equal_prefilled(spec: Spec) -> None:
     """:func:`dispatch_combine_equal` with dispatch taking its CUDA path on any device: the send
     buffers filled before the count read, sized for every row that could be sent (on the CPU they
     are otherwise filled after it, at their exact size)."""
-    on_side = object()  # stands for the side stream the read would wait on
+    calls = []
 
-    def read(t, stream=None):
-        assert stream is on_side
-        return t.cpu()
+    def read(t, meanwhile=None):
+        calls.append(meanwhile)
+        return t.cpu(), None if meanwhile is None else meanwhile()
 
-    with (
-        mock.patch.object(_comm, "fork_stream", lambda t: on_side),
-        mock.patch.object(_comm, "read_to_host", read),
-    ):
+    with mock.patch.object(_comm, "read_to_host", read):
         dispatch_combine_equal(spec)
+    assert calls and all(m is not None for m in calls), "dispatch queued no fill before the read"
 
 
 def dispatch_combine_equal(spec: Spec, group_ranks: list[int] | None = None) -> None:

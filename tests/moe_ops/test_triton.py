@@ -51,14 +51,19 @@ def _kernels():
 )
 def test_send_layout_matches_torch(T, K, E, W):
     idx = _routing(T, K, E, seed=T)
-    lay = _kernels().send_layout(idx.cuda(), E, W)
-    ref = ref_k.send_layout(idx, E, W)
+    row = torch.full((W, _layout.COUNTS + E // W), 7, dtype=torch.int64, device="cuda")
+    lay = _kernels().send_layout(idx.cuda(), E, W, count_row=row)
+    ref_row = torch.empty(row.shape, dtype=torch.int64)
+    ref = ref_k.send_layout(idx, E, W, count_row=ref_row)
     N = int(ref.counts_bad[:E].sum())
     assert torch.equal(lay.counts_bad.cpu(), ref.counts_bad)
     assert int(ref.counts_bad[E]) == 0
     assert torch.equal(lay.send_pair_idx[:N].cpu(), ref.send_pair_idx[:N])
     assert torch.equal(lay.send_pos.cpu(), ref.send_pos)
     assert torch.equal(lay.pair_pos.cpu(), ref.pair_pos)
+    assert torch.equal(row.cpu(), ref_row)
+    assert ref_row[:, _layout.TOKEN_ROWS].eq(-1).all()
+    assert torch.equal(ref_row[:, _layout.COUNTS :].reshape(-1), ref.counts_bad[:E])
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
@@ -68,9 +73,12 @@ def test_send_layout_counts_bad_ids(dtype):
     idx[3, 1], idx[150, 0] = 8, 100
     if dtype != torch.uint8:
         idx[7, 0] = -3
-    lay = _kernels().send_layout(idx.to(dtype).cuda(), 8, 1)
-    assert int(lay.counts_bad[8]) == (2 if dtype == torch.uint8 else 3)
-    assert torch.equal(lay.counts_bad.cpu(), ref_k.send_layout(idx.to(dtype), 8, 1).counts_bad)
+    row = torch.zeros((2, _layout.COUNTS + 4), dtype=torch.int64, device="cuda")
+    lay = _kernels().send_layout(idx.to(dtype).cuda(), 8, 2, count_row=row)
+    n_bad = 2 if dtype == torch.uint8 else 3
+    assert int(lay.counts_bad[8]) == n_bad
+    assert torch.equal(lay.counts_bad.cpu(), ref_k.send_layout(idx.to(dtype), 8, 2).counts_bad)
+    assert row[:, _layout.STATUS].tolist() == [n_bad, n_bad]  # every peer learns of it
 
 
 @pytest.mark.parametrize(
@@ -89,10 +97,12 @@ def test_token_rows_matches_torch(T, K, E, W, dtype):
     idx = torch.randint(-1, E, (T, K), generator=g)
     if T > 3:
         idx[3, 0] = E + 2  # a bad id routes nowhere
-    got = _kernels().token_rows(idx.to(dtype).cuda(), E, W)
+    row = torch.full((W, 3), 7, dtype=torch.int64, device="cuda")  # its middle column
+    got = _kernels().token_rows(idx.to(dtype).cuda(), E, W, rows_out=row[:, 1])
     ref = _layout.token_rows(idx.to(dtype), E, W)
     for name, a, b in zip(ref._fields, got, ref, strict=True):
         assert torch.equal(a.cpu(), b), name
+    assert torch.equal(row[:, 1].cpu(), ref.rows_W) and row[:, ::2].eq(7).all()
 
 
 @pytest.mark.parametrize(
@@ -107,8 +117,9 @@ def test_expert_major_rows_matches_torch(W, E_l, high, zeros):
     full[:, 1:][torch.rand(W, E_l, generator=g) < zeros] = 0
     counts = full[:, 1:]
     R, max_count = int(counts.sum()), int(counts.max())
-    got = _kernels().expert_major_rows(full.cuda()[:, 1:], R, max_count)
+    got, tokens = _kernels().expert_major_rows(full.cuda()[:, 1:], R, max_count)
     assert torch.equal(got.cpu(), _layout.expert_major_rows(counts, R))
+    assert torch.equal(tokens.cpu(), counts.sum(0))
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
@@ -136,6 +147,12 @@ def test_row_kernels_match_torch(dtype):
     perm = torch.randperm(N)
     placed = k.place_rows(ref.cuda(), perm.cuda(), torch.empty_like(ref, device="cuda"))
     assert torch.equal(placed.cpu(), ref_k.place_rows(ref, perm, torch.empty_like(ref)))
+    # with status rows filled in the same kernel (combine's way back), and with no row to move
+    perm = torch.randperm(N + 5)
+    for src, dest, fill in ((ref, perm[:N], perm[N:]), (ref[:0], perm[:0], perm[N:])):
+        buf = torch.full((N + 5, H), 3.0, dtype=dtype)
+        placed = k.place_rows(src.cuda(), dest.cuda(), buf.cuda(), fill.cuda(), 1)
+        assert torch.equal(placed.cpu(), ref_k.place_rows(src, dest, buf, fill, 1))
     n = torch.tensor([N // 3], device="cuda")
     assert torch.equal(k.zero_tail(xc.clone(), n).cpu(), ref_k.zero_tail(x.clone(), n.cpu()))
 
