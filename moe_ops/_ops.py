@@ -195,11 +195,12 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
         recv = _comm.rows_to_ranks(filled[0], send_tok, recv_tok, group)
         recv_slots = _comm.rows_to_ranks(filled[1], send_tok, recv_tok, group)
     del filled  # the send buffer's memory can serve recv_x
-    max_count = max(max(row[COUNTS:]) for row in got)
-    recv_perm, tokens_per_expert = kern.expert_major_rows(to_read[1, :, COUNTS:], R, max_count)
+    counts_WEl = to_read[1, :, COUNTS:]
     if tok is None:
-        recv_x = kern.gather_rows(recv, recv_perm[:R])
+        recv_x, recv_perm, tokens_per_expert = kern.regroup_by_expert(recv, counts_WEl, R)
     else:
+        max_count = max(max(row[COUNTS:]) for row in got)
+        recv_perm, tokens_per_expert = kern.expert_major_rows(counts_WEl, R, max_count)
         # (received row, slot) pairs by local expert, stably: by expert, then source, token and
         # slot, the order of recv_x
         pairs = kern.send_layout(recv_slots, E // W, 1).send_pair_idx[:R]

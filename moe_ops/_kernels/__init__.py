@@ -1,7 +1,8 @@
 """The row kernels, two sets behind one signature: plain torch and fused Triton.
 
 Both modules define the same functions (``send_layout``, ``token_rows``, ``expert_major_rows``,
-``scatter_rows``, ``place_rows``, ``gather_rows``, ``combine_rows``, ``slot_dot``, ``zero_tail``)
+``regroup_by_expert``, ``scatter_rows``, ``place_rows``, ``gather_rows``, ``combine_rows``,
+``slot_dot``, ``zero_tail``)
 with the same arguments and results, so an op picks its set once (:func:`for_device`) and calls
 it without forks.
 

@@ -61,6 +61,16 @@ def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> tupl
     return _layout.expert_major_rows(counts_WEl, num_rows), counts_WEl.sum(0)
 
 
+def regroup_by_expert(
+    src_MH: Tensor, counts_WEl: Tensor, num_rows: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows received source-major with a spare row after each source's chunk (``src_MH``,
+    ``counts_WEl[s, e]`` rows from source s for local expert e) in expert-major order: returns
+    ``(rows [R, H], expert_major_rows [R + W], rows per local expert [E_l])``."""
+    perm, tokens = expert_major_rows(counts_WEl, num_rows, 0)
+    return gather_rows(src_MH, perm[:num_rows]), perm, tokens
+
+
 def scatter_rows(
     src_MH: Tensor, pos_MK: Tensor, w_MK: Tensor | None, num_rows: int, out: Tensor | None = None
 ) -> Tensor:

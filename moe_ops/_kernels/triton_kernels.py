@@ -9,7 +9,8 @@ Shape letters: see ``moe_ops._layout``. A pair ``p = t * K + k`` is one (token, 
 
 * :func:`send_layout`: counts per expert, the bad-id count and every pair's row in the send
   buffer (a stable counting sort by expert in two small kernels, no sort, no torch glue).
-* :func:`expert_major_rows`: where each row received source-major goes expert-major, in one kernel.
+* :func:`expert_major_rows`: where each row received source-major goes expert-major, in one kernel;
+  :func:`regroup_by_expert` also moves the rows there in the same kernel.
 * :func:`token_rows`: each token's row once per rank that holds one of its experts, and its slots.
 * :func:`scatter_rows`: ``dst[pos[m, k]] = src[m] * w[m, k]``: reads each source row once and
   writes it to its K rows of the send buffer (dispatch, combine's backward); :func:`place_rows`
@@ -57,8 +58,10 @@ class _Launcher:
     Triton binds and specializes every argument in Python on every launch (tens of microseconds
     on the hosts of the H100 / H200 machines measured, more than our small kernels run). After
     the first launch of a specialization we keep its compiled kernel under the same features
-    Triton specializes on (``_spec``) and launch it directly. Arguments: every kernel parameter,
-    in order (constexprs too); ``options`` are Triton's launch options (``num_warps``...).
+    Triton specializes on (``_spec``) and launch it directly, on the current device's current
+    stream looked up the way inductor's generated code does (Triton's own lookup goes through
+    ``torch.cuda.current_device``). Arguments: every kernel parameter, in order (constexprs
+    too); ``options`` are Triton's launch options (``num_warps``...).
     """
 
     def __init__(self, fn):
@@ -77,7 +80,8 @@ class _Launcher:
             if hasattr(kernel, "function"):  # not under TRITON_INTERPRET
                 self.compiled[key] = kernel
         else:
-            kernel[tuple(grid) + (1,) * (3 - len(grid))](*args)
+            stream = torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+            kernel[tuple(grid) + (1,) * (3 - len(grid))](*args, stream=stream)
 
 
 def _acc_tl(dtype: torch.dtype):
@@ -297,6 +301,96 @@ def expert_major_rows(counts_WEl: Tensor, num_rows: int, max_count: int) -> tupl
         grid, counts_WEl, rows, tokens, counts_WEl.stride(0), num_rows, W, E_l, NP, BR
     )
     return rows, tokens
+
+
+@triton.jit
+def _regroup_kernel(
+    src_ptr,
+    counts_ptr,
+    dst_ptr,
+    perm_ptr,
+    tokens_ptr,
+    stride_s,
+    R,
+    H,
+    W,
+    E_l,
+    NP: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+):
+    """Rows ``[b * BM, (b + 1) * BM)`` of ``dst``, expert-major, from ``src``, source-major with a
+    spare row after each source's chunk; their source rows into ``perm``. The last program
+    writes the W spare rows of ``perm`` and the rows per local expert (``tokens``)."""
+    b = tl.program_id(0)
+    n = W * E_l
+    i = tl.arange(0, NP)
+    # lane i as source-major segment (s, e) = (i // E_l, i % E_l), and as expert-major
+    # segment (e, s) = (i // W, i % W): its count, and where it starts on each side
+    cnt_sm = tl.load(counts_ptr + (i // E_l) * stride_s + i % E_l, mask=i < n, other=0)
+    cnt_sm = cnt_sm.to(tl.int64)
+    if b * BM >= R:  # the last program
+        for s in range(0, W):
+            end = tl.sum(tl.where(i < (s + 1) * E_l, cnt_sm, 0), axis=0)
+            tl.store(perm_ptr + R + s, end + s)
+        e_i = i % E_l
+        for e in range(0, E_l):
+            tl.store(tokens_ptr + e, tl.sum(tl.where((e_i == e) & (i < n), cnt_sm, 0), axis=0))
+        return
+    cnt_em = tl.load(counts_ptr + (i % W) * stride_s + i // W, mask=i < n, other=0).to(tl.int64)
+    src_start = tl.cumsum(cnt_sm, axis=0) - cnt_sm + i // E_l  # + the spare rows before
+    end_em = tl.cumsum(cnt_em, axis=0)
+    r = b * BM + tl.arange(0, BM).to(tl.int64)
+    rm = r < R
+    # segment of each row: the first expert-major segment that ends after it
+    j = tl.sum(((end_em[None, :] <= r[:, None]) & (i[None, :] < n)).to(tl.int32), axis=1)
+    j = tl.minimum(j, n - 1)
+    start_j = tl.gather(end_em - cnt_em, j, axis=0)
+    src_j = tl.gather(src_start, (j % W) * E_l + j // W, axis=0)
+    src = src_j + (r - start_j)
+    tl.store(perm_ptr + r, src, mask=rm)
+    for c0 in range(0, H, BH):
+        cols = c0 + tl.arange(0, BH)
+        m = rm[:, None] & (cols < H)[None, :]
+        v = tl.load(src_ptr + src[:, None] * H + cols[None, :], mask=m)
+        tl.store(dst_ptr + r[:, None] * H + cols[None, :], v, mask=m)
+
+
+_launch_regroup = _Launcher(_regroup_kernel)
+
+
+def regroup_by_expert(
+    src_MH: Tensor, counts_WEl: Tensor, num_rows: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`moe_ops._kernels.torch_kernels.regroup_by_expert` in one kernel: each program
+    finds its rows' places from the counts and moves them."""
+    W, E_l = counts_WEl.shape
+    H = src_MH.shape[1]
+    dev = src_MH.device
+    dst = src_MH.new_empty((num_rows, H))
+    perm = torch.empty(num_rows + W, dtype=torch.int64, device=dev)
+    tokens = torch.empty(E_l, dtype=torch.int64, device=dev)
+    NP = max(16, triton.next_power_of_2(W * E_l))
+    elt = src_MH.element_size()  # tiles of about 8 KiB, rows of up to 1 KiB at a time
+    BH = min(triton.next_power_of_2(max(H, 1)), 1024 // elt)
+    BM = max(1, min(16, 8192 // (BH * elt)))
+    _launch_regroup(
+        (triton.cdiv(num_rows, BM) + 1,),
+        src_MH.contiguous(),
+        counts_WEl,
+        dst,
+        perm,
+        tokens,
+        counts_WEl.stride(0),
+        num_rows,
+        H,
+        W,
+        E_l,
+        NP,
+        BM,
+        BH,
+    )
+    return dst, perm, tokens
 
 
 @triton.jit
