@@ -1,0 +1,172 @@
+"""A/B of ``moe_ops.dispatch`` + ``moe_ops.combine`` against other versions of moe_ops, in one
+process: calls of the versions alternate, so that host noise (which moves host-bound timings by
+tens of percent from one process or machine to the next) hits them alike.
+
+    git worktree add /tmp/before <commit>          # any tree with a moe_ops/ package
+    torchrun --nproc-per-node 2 examples/ab_dispatch_combine.py --tree before=/tmp/before
+    python examples/ab_dispatch_combine.py --tree before=/tmp/before --world-size 2   # CPU, gloo
+
+Each ``--tree NAME=DIR`` is copied to a temporary directory as a package ``moe_ops_ab_NAME``
+(every ``moe_ops`` in its sources renamed, the custom-op namespace included, so that both
+register side by side) and imported next to the installed moe_ops ("this"). Per shape and pass
+(forward: dispatch, ``y * 2``, combine with routing weights; forward + backward: and the
+gradients of x and of the weights), after a warm-up of each version: ``--iters`` rounds, each
+timing every version once in a rotated order (after a device sync and a barrier; CUDA events on
+GPUs, ``time.perf_counter`` on CPU; the slowest rank's time). Prints the median (p25 / min) per
+version and each version's median over this tree's. The versions' outputs must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from tabulate import tabulate
+
+import moe_ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dispatch_combine import _DTYPES, _routing, init_rank, launch  # noqa: E402
+
+_GPU_SHAPES = "4096,4096,2,8;16384,7168,8,256"
+_CPU_SHAPES = "256,256,2,8;256,256,8,64"
+
+
+def _import_tree(name: str, tree: str, into: str):
+    """``tree``'s moe_ops as the package ``moe_ops_ab_<name>`` (a renamed copy under ``into``)."""
+    pkg = f"moe_ops_ab_{name}"
+    src = os.path.join(tree, "moe_ops")
+    if not os.path.isdir(src):
+        raise SystemExit(f"--tree {name}={tree}: no moe_ops/ package there")
+    dst = os.path.join(into, pkg)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for root, _, files in os.walk(dst):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                with open(path) as fh:
+                    text = fh.read()
+                with open(path, "w") as fh:
+                    fh.write(re.sub(r"\bmoe_ops\b", pkg, text))
+    if into not in sys.path:
+        sys.path.insert(0, into)
+    return importlib.import_module(pkg)
+
+
+def _time(device, group, fn) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier(group=group)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize(device)
+        return e0.elapsed_time(e1)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run(args, rank: int, world_size: int, local_rank: int, init_method: str | None):
+    device = init_rank(args, rank, world_size, local_rank, init_method)
+    group = dist.group.WORLD
+    versions = {"this": moe_ops}
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.tree:
+            name, _, tree = spec.partition("=")
+            if not name.isidentifier() or not tree:
+                raise SystemExit(f"--tree takes NAME=DIR, got {spec!r}")
+            versions[name] = _import_tree(name, tree, tmp)
+        rows = _compare(args, device, group, versions)
+    if rank == 0:
+        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(
+            f"\nd+c ms, median (p25 / min) of {args.iters} rounds, slowest rank, W={world_size} "
+            f"({dist.get_backend()}), {dev}, torch {torch.__version__}"
+        )
+        others = [v for v in versions if v != "this"]
+        headers = ["shape", "pass", *versions, *(f"{v} / this" for v in others)]
+        print(tabulate(rows, headers=headers, tablefmt="github"))
+    dist.destroy_process_group()
+
+
+def _step(m, backward: bool, *, x, idx, w, E):
+    xx, ww = x.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
+    y, handle = m.dispatch(xx, idx, E)
+    out = m.combine(y * 2, handle, ww)
+    if backward:
+        out.backward(torch.ones_like(out))
+    return out.detach()
+
+
+def _compare(args, device, group, versions) -> list[list]:
+    rank = dist.get_rank()
+    shapes = args.shapes or (_GPU_SHAPES if device.type == "cuda" else _CPU_SHAPES)
+    rows = []
+    for spec in shapes.split(";"):
+        T, H, K, E = (int(v) for v in spec.split(","))
+        gen = torch.Generator(device=device).manual_seed(1000 + rank)
+        x = torch.randn(T, H, device=device, generator=gen).to(_DTYPES[args.dtype])
+        idx = _routing(T, E, K, "uniform", device, gen)
+        w = torch.rand(T, K, device=device, generator=gen)
+
+        step = functools.partial(_step, x=x, idx=idx, w=w, E=E)
+        outs = {name: step(m, False) for name, m in versions.items()}
+        for name, out in outs.items():
+            if not torch.equal(out, outs["this"]):
+                raise SystemExit(f"{name} and this tree differ at T={T} H={H} top-{K}/{E}")
+        for backward in (False, True):
+            ms = {name: [] for name in versions}
+            for m in versions.values():
+                for _ in range(args.warmup):
+                    step(m, backward)
+            names = list(versions)
+            for i in range(args.iters):
+                for name in names[i % len(names) :] + names[: i % len(names)]:
+                    call = functools.partial(step, versions[name], backward)
+                    ms[name].append(_time(device, group, call))
+            stats = {}
+            for name, v in ms.items():
+                t = torch.tensor(v, dtype=torch.float64, device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+                v = sorted(t.tolist())
+                stats[name] = (statistics.median(v), v[len(v) // 4], v[0])
+            rows.append(
+                [
+                    f"T={T} H={H} top-{K}/{E}",
+                    "fwd+bwd" if backward else "fwd",
+                    *(f"{m:.3f} ({q:.3f} / {lo:.3f})" for m, q, lo in stats.values()),
+                    *(f"{stats[n][0] / stats['this'][0]:.2f}" for n in names if n != "this"),
+                ]
+            )
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tree", action="append", default=[], help="NAME=DIR of another moe_ops tree")
+    p.add_argument("--shapes", help="'T,H,K,E;...' (tokens per rank, hidden, top-k, experts)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn without torchrun")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
+    p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")
+    launch(run, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""``examples/ab_dispatch_combine.py`` on 2 gloo ranks: another tree (this one, copied) is renamed,
+registers its ops beside the installed ones, agrees with them bit for bit and gets timed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._dist import under_torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(under_torchrun(), reason="starts its own gloo ranks; not under torchrun")
+def test_ab_example_runs_two_trees():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    argv = ["--tree", f"copy={ROOT}", "--world-size", "2", "--cpu"]
+    argv += ["--iters", "2", "--warmup", "1", "--shapes", "40,16,3,4"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "ab_dispatch_combine.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    rows = [line for line in log.splitlines() if line.startswith("| T=40 H=16 top-3/4")]
+    assert len(rows) == 2, log  # fwd and fwd+bwd
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] in ("fwd", "fwd+bwd") and re.fullmatch(r"\d+\.\d\d", cells[-1]), row
