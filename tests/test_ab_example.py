@@ -1,5 +1,6 @@
 """``examples/ab_dispatch_combine.py`` on 2 gloo ranks: another tree (this one, copied) is renamed,
-registers its ops beside the installed ones, agrees with them bit for bit and gets timed."""
+registers its ops beside the installed ones, agrees with them bit for bit and gets timed; the
+seed PR's algorithm beside them, forward only."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_ab_example_runs_two_trees():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    argv = ["--tree", f"copy={ROOT}", "--world-size", "2", "--cpu"]
+    argv = ["--tree", f"copy={ROOT}", "--seed", "--world-size", "2", "--cpu"]
     argv += ["--iters", "2", "--warmup", "1", "--shapes", "40,16,3,4"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "ab_dispatch_combine.py"), *argv],
@@ -33,8 +34,20 @@ def test_ab_example_runs_two_trees():
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
-    rows = [line for line in log.splitlines() if line.startswith("| T=40 H=16 top-3/4")]
+    lines = log.splitlines()
+    header = next(line for line in lines if line.startswith("| shape"))
+    assert [c.strip() for c in header.strip("|").split("|")][2:] == [
+        "this",
+        "copy",
+        "seed",
+        "copy / this",
+        "seed / this",
+    ], header
+    rows = [line for line in lines if line.startswith("| T=40 H=16 top-3/4")]
     assert len(rows) == 2, log  # fwd and fwd+bwd
+    ratio = r"\d+\.\d+"
     for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1] in ("fwd", "fwd+bwd") and re.fullmatch(r"\d+\.\d\d", cells[-1]), row
+        _, name, *cells = [c.strip() for c in row.strip("|").split("|")]
+        assert re.fullmatch(ratio, cells[-2]), row  # the copy of this tree: timed both passes
+        # the seed PR's algorithm has no backward
+        assert re.fullmatch(ratio, cells[-1]) if name == "fwd" else cells[-1] == "n/a", row
