@@ -15,9 +15,10 @@ mode's ints and strings (group, world size, ...). A :class:`Mode` says how to fi
 
 Each backward runs with the kernel choice (``moe_ops.use_kernels``) its forward ran with.
 
-:func:`register` also returns the mode's :class:`Direct` calls, which the Python API uses: in
-plain eager code they run the ops' implementations straight away (through a
-``torch.autograd.Function`` with the same formulas when a gradient is wanted), without the
+:func:`register` also returns the mode's :class:`Direct` calls, which the Python API (and the
+backward formulas, for combine and combine's backward) use: in plain eager code they run the
+ops' implementations straight away (through a ``torch.autograd.Function`` with the same
+formulas when a gradient is wanted), without the
 dispatcher's trip through the custom op's autograd and backend wrappers, which costs about a
 hundred microseconds of host time per call on the hosts measured (docs/notes_gpu.md). Anything
 the dispatcher is needed for (torch.compile tracing, fake or meta tensors, tensor subclasses,
@@ -61,7 +62,9 @@ class _DirectOp:
 
     op: Any  # the registered custom op
     impl: Callable  # its implementation
-    function: type[torch.autograd.Function]  # the implementation with the op's autograd
+    # the implementation with the op's autograd; None for an op without autograd (combine's
+    # backward), which goes through the dispatcher when a gradient is wanted
+    function: type[torch.autograd.Function] | None
     name: str  # what profiler traces call it, as they call the op
 
     def __call__(self, *args):
@@ -70,6 +73,8 @@ class _DirectOp:
         wants_grad = torch.is_grad_enabled() and any(
             isinstance(a, Tensor) and a.requires_grad for a in args
         )
+        if wants_grad and self.function is None:
+            return self.op(*args)
         run = self.function.apply if wants_grad else self.impl
         if torch.autograd.profiler._is_profiler_enabled:
             with torch.profiler.record_function(self.name):
@@ -104,7 +109,7 @@ class Direct:
 
 def _function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
     return type(
-        name,
+        name.split("::")[-1],
         (torch.autograd.Function,),
         dict(
             forward=staticmethod(impl),
@@ -115,10 +120,16 @@ def _function(name: str, impl: Callable, setup_context: Callable, backward: Call
 
 
 def register(
-    dispatch_op: Any, mode: Mode, dispatch_impl: Callable, combine_impl: Callable
+    dispatch_op: Any,
+    mode: Mode,
+    dispatch_impl: Callable,
+    combine_impl: Callable,
+    combine_backward_impl: Callable,
 ) -> Direct:
     """Register the autograd formulas of ``dispatch_op`` and ``mode.combine`` (whose
-    implementations are ``dispatch_impl`` and ``combine_impl``); returns their direct calls."""
+    implementations are ``dispatch_impl``, ``combine_impl``, and ``combine_backward_impl`` for
+    ``mode.combine_backward``); returns their direct calls. The backward formulas call combine
+    and combine's backward the same way, directly where nothing needs the dispatcher."""
 
     def dispatch_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*mode.dispatch_layout(output))
@@ -131,7 +142,7 @@ def register(
         if grad_recv_x is None:  # recv_x took no part in the loss
             return (None,) * ctx.num_inputs
         with _kernels.use_kernels(ctx.kernels):
-            grad_x, _ = mode.combine(grad_recv_x, None, *ctx.saved_tensors, *ctx.static)
+            grad_x, _ = direct.combine(grad_recv_x, None, *ctx.saved_tensors, *ctx.static)
         return (grad_x,) + (None,) * (ctx.num_inputs - 1)
 
     def combine_setup_context(ctx, inputs, output):
@@ -153,7 +164,7 @@ def register(
             return (None,) * (2 + len(layout) + len(ctx.static))
         want_w = topk_weights is not None and ctx.needs_input_grad[1]
         with _kernels.use_kernels(ctx.kernels):
-            grad_expert_out, grad_w = mode.combine_backward(
+            grad_expert_out, grad_w = direct_combine_backward(
                 grad_out, returned if want_w else None, topk_weights, *layout, *ctx.static
             )
         rest = (None,) * (len(layout) + len(ctx.static))
@@ -162,15 +173,17 @@ def register(
     dispatch_op.register_autograd(dispatch_backward, setup_context=dispatch_setup_context)
     mode.combine.register_autograd(combine_backward, setup_context=combine_setup_context)
 
-    def direct(op, impl, setup_context, backward) -> _DirectOp:
+    def direct_op(op, impl, setup_context=None, backward=None) -> _DirectOp:
         name = op._qualname  # "moe_ops::dispatch"...: a profiler trace names the call the same
-        fn = _function(name.split("::")[-1], impl, setup_context, backward)
+        fn = None if backward is None else _function(name, impl, setup_context, backward)
         return _DirectOp(op, impl, fn, name)
 
-    return Direct(
-        dispatch=direct(dispatch_op, dispatch_impl, dispatch_setup_context, dispatch_backward),
-        combine=direct(mode.combine, combine_impl, combine_setup_context, combine_backward),
+    direct = Direct(
+        dispatch=direct_op(dispatch_op, dispatch_impl, dispatch_setup_context, dispatch_backward),
+        combine=direct_op(mode.combine, combine_impl, combine_setup_context, combine_backward),
     )
+    direct_combine_backward = direct_op(mode.combine_backward, combine_backward_impl)
+    return direct
 
 
 def combine_tail(

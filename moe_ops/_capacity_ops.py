@@ -443,8 +443,7 @@ def _(expert_out, topk_weights, *layout_static):
     return _autograd.fake_combine(expert_out, lay.pair_pos, M)
 
 
-@torch.library.custom_op("moe_ops::_combine_fixed_backward", mutates_args=())
-def combine_fixed_backward_op(
+def _combine_fixed_backward(
     grad_out: Tensor,
     returned_rows: Tensor | None,
     topk_weights: Tensor | None,
@@ -480,6 +479,11 @@ def combine_fixed_backward_op(
     return grad_eo, grad_w
 
 
+combine_fixed_backward_op = torch.library.custom_op(
+    "moe_ops::_combine_fixed_backward", mutates_args=()
+)(_combine_fixed_backward)
+
+
 @combine_fixed_backward_op.register_fake
 def _(grad_out, returned_rows, topk_weights, *layout_static):
     lay, capacity = Layout(*layout_static[:4]), layout_static[4]
@@ -502,4 +506,5 @@ DIRECT = _autograd.register(
     ),
     dispatch_impl=_dispatch_fixed,
     combine_impl=_combine_fixed,
+    combine_backward_impl=_combine_fixed_backward,
 )

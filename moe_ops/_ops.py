@@ -333,8 +333,7 @@ def _(expert_out, topk_weights, *layout_group):
     return _autograd.fake_combine(expert_out, lay.pair_pos, M)
 
 
-@torch.library.custom_op("moe_ops::_combine_backward", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)
-def combine_backward_op(
+def _combine_backward(
     grad_out: Tensor,
     returned_rows: Tensor | None,
     topk_weights: Tensor | None,
@@ -364,6 +363,11 @@ def combine_backward_op(
     return grad_expert_out, grad_w
 
 
+combine_backward_op = torch.library.custom_op(
+    "moe_ops::_combine_backward", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE
+)(_combine_backward)
+
+
 @combine_backward_op.register_fake
 def _(grad_out, returned_rows, topk_weights, *layout_group):
     lay, (_, world_size) = Layout(*layout_group[:5]), layout_group[5:]
@@ -384,4 +388,5 @@ DIRECT = _autograd.register(
     ),
     dispatch_impl=_dispatch,
     combine_impl=_combine,
+    combine_backward_impl=_combine_backward,
 )

@@ -8,6 +8,7 @@ modes, at W = 1 and on a gloo world of 2.
 from __future__ import annotations
 
 import contextlib
+import functools
 from unittest import mock
 
 import pytest
@@ -23,8 +24,10 @@ _SPEC = Spec(T=(7,), K=3, E_l=2, H=6, Hp=6, seed=11)  # capacity "worst-case": s
 _OPS = (
     _ops.dispatch_op,
     _ops.combine_op,
+    _ops.combine_backward_op,
     _capacity_ops.dispatch_fixed_op,
     _capacity_ops.combine_fixed_op,
+    _capacity_ops.combine_fixed_backward_op,
 )
 
 
@@ -51,27 +54,37 @@ def _count_op_calls():
         yield calls
 
 
-def _round(mode: str, through_ops: bool) -> tuple[list[torch.Tensor], int]:
+def _round(mode: str, through_ops: bool) -> tuple[list[torch.Tensor], int, int]:
+    """Forward and backward in plain eager code, or with every call sent through the
+    dispatcher; returns the results and the op calls of the forward and of the backward."""
     r, W = rank_and_world()
     inp = make_inputs(_SPEC, W)
     x = inp.xs[r].clone().requires_grad_(True)
     w = inp.ws[r].clone().requires_grad_(True)
     kwargs = {} if mode == "default" else dict(capacity="worst-case")
-    forced = _Passthrough() if through_ops else contextlib.nullcontext()
-    with _count_op_calls() as calls, forced:
-        recv_x, handle = moe_ops.dispatch(x, inp.idxs[r], inp.num_experts, **kwargs)
-        out = moe_ops.combine(recv_x * 2 + 0.5, handle, w)  # capacity mode: padding rows too
+    g = torch.randn((x.shape[0], _SPEC.H), generator=torch.Generator().manual_seed(r))
+    forced = (
+        functools.partial(mock.patch.object, _autograd, "_direct_ok", return_value=False)
+        if through_ops
+        else contextlib.nullcontext
+    )
+    with _count_op_calls() as calls:
+        with forced():
+            recv_x, handle = moe_ops.dispatch(x, inp.idxs[r], inp.num_experts, **kwargs)
+            out = moe_ops.combine(recv_x * 2 + 0.5, handle, w)  # capacity mode: padding rows too
         n_forward = len(calls)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(r))
-    gx, gw = torch.autograd.grad(out, (x, w), g)
-    return [recv_x.detach(), out.detach(), gx, gw, handle.tokens_per_expert], n_forward
+        with forced():
+            gx, gw = torch.autograd.grad(out, (x, w), g)
+        n_backward = len(calls) - n_forward
+    return [recv_x.detach(), out.detach(), gx, gw, handle.tokens_per_expert], n_forward, n_backward
 
 
 def direct_matches_ops_case(mode: str) -> None:
-    direct, n_direct = _round(mode, through_ops=False)
-    via_ops, n_ops = _round(mode, through_ops=True)
-    assert n_direct == 0, f"eager calls went through the dispatcher {n_direct} times"
-    assert n_ops == 2, f"under a torch function mode expected dispatch + combine ops, got {n_ops}"
+    direct, *n_direct = _round(mode, through_ops=False)
+    via_ops, *n_ops = _round(mode, through_ops=True)
+    assert n_direct == [0, 0], f"eager calls went through the dispatcher: {n_direct}"
+    # forward: dispatch, combine; backward: combine's backward, and combine for dispatch's
+    assert n_ops == [2, 2], f"through the dispatcher expected 2 + 2 op calls, got {n_ops}"
     for a, b in zip(direct, via_ops, strict=True):
         assert torch.equal(a, b)
 
@@ -95,6 +108,14 @@ def test_without_grad_the_implementation_runs_bare():
     assert recv_x.shape == (7, 4) and not recv_x.requires_grad
     recv_x, _ = moe_ops.dispatch(x.requires_grad_(True), idx, 2)
     assert recv_x.grad_fn is not None and "dispatch" in type(recv_x.grad_fn).__name__
+
+
+def test_a_torch_function_mode_sends_calls_through_the_dispatcher():
+    x, idx = torch.randn(5, 4), torch.tensor([[0, 1], [1, -1], [0, 0], [1, 1], [-1, -1]])
+    with _count_op_calls() as calls, _Passthrough():
+        recv_x, handle = moe_ops.dispatch(x, idx, 2)
+        moe_ops.combine(recv_x, handle)
+    assert calls == [_ops.dispatch_op, _ops.combine_op]
 
 
 def test_what_needs_the_dispatcher():
