@@ -204,7 +204,7 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
         # (received row, slot) pairs by local expert, stably: by expert, then source, token and
         # slot, the order of recv_x
         pairs = kern.send_layout(recv_slots, E // W, 1).send_pair_idx[:R]
-        recv_x = kern.gather_rows(recv, pairs // K)
+        recv_x = kern.gather_rows(recv, pairs, per_row=K)  # each pair's token row
     N = sum(send_splits)
     return DispatchOutputs(
         recv_x=recv_x,

@@ -106,9 +106,12 @@ def place_rows(
     return out
 
 
-def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Tensor:
-    """``dst[i] = src[idx[i]]`` (times ``w[i]``, in the accumulation dtype): ``[M, H]``."""
-    rows = src_SH[idx_M]
+def gather_rows(
+    src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None, per_row: int = 1
+) -> Tensor:
+    """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype):
+    ``[M, H]``."""
+    rows = src_SH[idx_M if per_row == 1 else idx_M // per_row]
     if w_M is None:
         return rows
     adt = acc_dtype(src_SH.dtype)

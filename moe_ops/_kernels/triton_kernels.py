@@ -15,7 +15,8 @@ Shape letters: see ``moe_ops._layout``. A pair ``p = t * K + k`` is one (token, 
 * :func:`scatter_rows`: ``dst[pos[m, k]] = src[m] * w[m, k]``: reads each source row once and
   writes it to its K rows of the send buffer (dispatch, combine's backward); :func:`place_rows`
   is the same with K = 1 into a given buffer.
-* :func:`gather_rows`: ``dst[i] = src[idx[i]] * w[i]``: the receive-side regroup by local expert.
+* :func:`gather_rows`: ``dst[i] = src[idx[i] // per_row] * w[i]``: the receive-side regroup by
+  local expert.
 * :func:`combine_rows`: ``out[t] = sum_k w[t, k] * rows[pos[t, k]]`` in slot order, accumulated in
   float32 for half types (float64 for float64), weights applied in the same pass, no ``[T * K, H]``
   temporary. Compiled with floating-point contraction off so that it rounds like the CPU path.
@@ -604,6 +605,7 @@ def _gather_rows_kernel(
     dst_ptr,
     M,
     H,
+    per_row,
     HAS_W: tl.constexpr,
     ACC: tl.constexpr,
     BM: tl.constexpr,
@@ -615,7 +617,7 @@ def _gather_rows_kernel(
     cols = (pid % nhb) * BH + tl.arange(0, BH)
     rm = rows < M
     mask = rm[:, None] & (cols < H)[None, :]
-    s = tl.load(idx_ptr + rows, mask=rm, other=0)
+    s = tl.load(idx_ptr + rows, mask=rm, other=0) // per_row
     v = tl.load(src_ptr + s[:, None] * H + cols[None, :], mask=mask)
     if HAS_W:
         w = tl.load(w_ptr + rows, mask=rm, other=0).to(ACC)
@@ -626,8 +628,11 @@ def _gather_rows_kernel(
 _launch_gather = _Launcher(_gather_rows_kernel)
 
 
-def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Tensor:
-    """``dst[i] = src[idx[i]]`` (times ``w[i]``, in the accumulation dtype): ``[M, H]``."""
+def gather_rows(
+    src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None, per_row: int = 1
+) -> Tensor:
+    """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype):
+    ``[M, H]``."""
     M = idx_M.shape[0]
     H = src_SH.shape[1]
     dst = src_SH.new_empty((M, H))
@@ -643,6 +648,7 @@ def gather_rows(src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None) -> Ten
         dst,
         M,
         H,
+        per_row,
         w_M is not None,
         _acc_tl(src_SH.dtype),
         BM,

@@ -165,6 +165,7 @@ def test_row_kernels_match_torch(dtype):
     assert torch.equal(k.scatter_rows(xc, posc, None, N, out=out).cpu(), ref)
     assert torch.equal(k.scatter_rows(xc, posc, wc, N).cpu(), ref_w)
     assert torch.equal(k.gather_rows(xc, (send_idx // K).cuda()).cpu(), ref)
+    assert torch.equal(k.gather_rows(xc, send_idx.cuda(), per_row=K).cpu(), ref)  # token rows
     w_N = w.reshape(-1)[send_idx].cuda()
     assert torch.equal(k.gather_rows(xc, (send_idx // K).cuda(), w_N).cpu(), ref_w)
     assert torch.equal(ref_k.scatter_rows(x, pos, None, N), ref)
