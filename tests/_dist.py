@@ -215,6 +215,25 @@ def under_torchrun() -> bool:
     )
 
 
+_TORCHRUN_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def example_env(root: str) -> dict[str, str]:
+    """The environment for running an example script in a subprocess that starts its own gloo
+    ranks: this one without torchrun's variables, with ``root`` (the checkout) importable."""
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
 class WorldPool:
     """Worlds started lazily per (size, backend); a world shut down by a failure is replaced."""
 

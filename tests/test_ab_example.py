@@ -4,7 +4,6 @@ seed PR's algorithm beside them, forward only."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -12,16 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests._dist import under_torchrun
+from tests._dist import example_env, under_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(under_torchrun(), reason="starts its own gloo ranks; not under torchrun")
 def test_ab_example_runs_two_trees():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     argv = ["--tree", f"copy={ROOT}", "--seed", "--world-size", "2", "--cpu"]
     argv += ["--iters", "2", "--warmup", "1", "--shapes", "40,16,3,4"]
     proc = subprocess.run(
@@ -29,7 +25,7 @@ def test_ab_example_runs_two_trees():
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=env,
+        env=example_env(str(ROOT)),
         timeout=300,
     )
     log = proc.stdout + proc.stderr

@@ -14,34 +14,23 @@ AOT autograd's tracing time, so both runs take well under a minute on 2 CPU core
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests._dist import under_torchrun
+from tests._dist import example_env, under_torchrun
 
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_ep.py"
-_TORCHRUN_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 
 
 def _run(tmp_path: Path, name: str, *argv: str, rc: int = 0) -> tuple[dict | None, str]:
     out = tmp_path / f"{name}.json"
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env = example_env(str(ROOT))
     cmd = [sys.executable, str(EXAMPLE), "--tiny", "--cpu", "--inner", "eager", "--check"]
     proc = subprocess.run(
         [*cmd, "--out", str(out), *argv],

@@ -105,19 +105,26 @@ def test_token_rows_matches_torch(T, K, E, W, dtype):
     assert torch.equal(row[:, 1].cpu(), ref.rows_W) and row[:, ::2].eq(7).all()
 
 
+def _received_counts(W: int, E_l: int, high: int, zeros: float, seed: int):
+    """Rows per (source, local expert) in ``[0, high]``, a share of them 0: on the CPU, and on
+    the GPU as dispatch passes them (the count columns of the received count rows, a strided
+    view)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, high + 1, (W, _layout.COUNTS + E_l), generator=g)
+    counts = rows[:, _layout.COUNTS :]
+    counts[torch.rand(W, E_l, generator=g) < zeros] = 0
+    return counts, rows.cuda()[:, _layout.COUNTS :]
+
+
 @pytest.mark.parametrize(
     "W,E_l,high,zeros",
     [(2, 4, 50, 0.0), (4, 3, 7, 0.5), (3, 5, 0, 0.0), (2, 128, 3000, 0.3), (8, 2, 5000, 0.0)],
 )
 def test_expert_major_rows_matches_torch(W, E_l, high, zeros):
-    """Rows per (source, local expert) from a view with a status column, as dispatch passes
-    them; empty segments, an empty exchange and segments longer than one program's block."""
-    g = torch.Generator().manual_seed(W * E_l + high)
-    full = torch.randint(0, high + 1, (W, 1 + E_l), generator=g)
-    full[:, 1:][torch.rand(W, E_l, generator=g) < zeros] = 0
-    counts = full[:, 1:]
+    """Empty segments, an empty exchange and segments longer than one program's block."""
+    counts, counts_gpu = _received_counts(W, E_l, high, zeros, seed=W * E_l + high)
     R, max_count = int(counts.sum()), int(counts.max())
-    got, tokens = _kernels().expert_major_rows(full.cuda()[:, 1:], R, max_count)
+    got, tokens = _kernels().expert_major_rows(counts_gpu, R, max_count)
     assert torch.equal(got.cpu(), _layout.expert_major_rows(counts, R))
     assert torch.equal(tokens.cpu(), counts.sum(0))
 
@@ -135,13 +142,10 @@ def test_expert_major_rows_matches_torch(W, E_l, high, zeros):
 def test_regroup_by_expert_matches_torch(W, E_l, high, H, dtype):
     """The received rows in expert-major order, their source rows and the rows per expert, in
     one kernel; counts from a strided view as dispatch passes them, empty segments included."""
-    g = torch.Generator().manual_seed(W * E_l + H)
-    full = torch.randint(0, high + 1, (W, 2 + E_l), generator=g)
-    full[:, 2:][torch.rand(W, E_l, generator=g) < 0.3] = 0
-    counts = full[:, 2:]
+    counts, counts_gpu = _received_counts(W, E_l, high, 0.3, seed=W * E_l + H)
     R = int(counts.sum())
-    src = torch.randn(R + W, H, generator=g).to(dtype)
-    got = _kernels().regroup_by_expert(src.cuda(), full.cuda()[:, 2:], R)
+    src = torch.randn(R + W, H, generator=torch.Generator().manual_seed(R)).to(dtype)
+    got = _kernels().regroup_by_expert(src.cuda(), counts_gpu, R)
     ref = ref_k.regroup_by_expert(src, counts, R)
     for name, a, b in zip(("rows", "perm", "tokens"), got, ref, strict=True):
         assert torch.equal(a.cpu(), b), name
