@@ -18,11 +18,11 @@ Each backward runs with the kernel choice (``moe_ops.use_kernels``) its forward 
 :func:`register` also returns the mode's :class:`Direct` calls, which the Python API (and the
 backward formulas, for combine and combine's backward) use: in plain eager code they run the
 ops' implementations straight away (through a ``torch.autograd.Function`` with the same
-formulas when a gradient is wanted), without the
-dispatcher's trip through the custom op's autograd and backend wrappers, which costs about a
-hundred microseconds of host time per call on the hosts measured (docs/notes_gpu.md). Anything
-the dispatcher is needed for (torch.compile tracing, fake or meta tensors, tensor subclasses,
-torch function or dispatch modes, functorch transforms) goes through the registered op.
+formulas when a gradient is wanted), without the dispatcher's trip through the custom op's
+autograd and backend wrappers, which cost 55-165 us of host time per call on the hosts
+measured (docs/notes_gpu.md). Anything the dispatcher is needed for (torch.compile tracing,
+fake or meta tensors, tensor subclasses, torch function or dispatch modes, functorch
+transforms) goes through the registered op.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops._layout import COUNTS, STATUS, TOKEN_ROWS
+from moe_ops._layout import COUNTS, write_count_row
 
 _OK, _BAD = 0, 1
 
@@ -70,7 +70,8 @@ def read_to_host(t: Tensor, meanwhile: Callable[[], Any] | None = None) -> tuple
     event recorded after it, so the device work ``meanwhile`` queues behind the copy (the
     send-buffer fill) runs while the host waits: no stream switch, no pageable copy. The wait
     is reported to ``torch.cuda.set_sync_debug_mode`` like torch's own syncs (which it would
-    not see by itself). The returned tensor is a fresh CPU tensor.
+    not see by itself). The returned CPU tensor may be a buffer that the next read on this
+    thread overwrites (on the CPU, ``t`` itself): copy what outlives the call.
     """
     if not t.is_cuda:
         return t.cpu(), None
@@ -80,7 +81,7 @@ def read_to_host(t: Tensor, meanwhile: Callable[[], Any] | None = None) -> tuple
     staging.copied.record()
     queued = None if meanwhile is None else meanwhile()
     staging.copied.synchronize()
-    return staging.host.clone(), queued
+    return staging.host, queued
 
 
 def _report_sync() -> None:
@@ -117,12 +118,14 @@ def _staging(device_index: int, shape: torch.Size, dtype: torch.dtype) -> _Stagi
 
 
 def bad_count_row(local_experts: int, world_size: int, device: torch.device) -> Tensor:
-    """The count row (``moe_ops._layout.STATUS``...) of a rank whose input is bad: status 1, no
-    rows. Written with fills (never a copy from pageable host memory, which would sync)."""
-    row = torch.zeros((world_size, COUNTS + local_experts), dtype=torch.int64, device=device)
-    row[:, STATUS].fill_(1)
-    row[:, TOKEN_ROWS].fill_(-1)
-    return row
+    """The count row (``moe_ops._layout.write_count_row``) of a rank whose input is bad: status
+    1, no rows; from tensors made by fills (never a copy from pageable host memory, which would
+    sync)."""
+    i64 = dict(dtype=torch.int64, device=device)
+    row = torch.empty((world_size, COUNTS + local_experts), **i64)
+    return write_count_row(
+        row, torch.zeros(world_size * local_experts, **i64), torch.ones((), **i64)
+    )
 
 
 def exchange_counts(send_WC: Tensor, group: dist.ProcessGroup, out: Tensor | None = None) -> Tensor:

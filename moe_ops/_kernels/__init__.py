@@ -2,9 +2,8 @@
 
 Both modules define the same functions (``send_layout``, ``token_rows``, ``expert_major_rows``,
 ``regroup_by_expert``, ``scatter_rows``, ``place_rows``, ``gather_rows``, ``combine_rows``,
-``slot_dot``, ``zero_tail``)
-with the same arguments and results, so an op picks its set once (:func:`for_device`) and calls
-it without forks.
+``slot_dot``, ``zero_tail``) with the same arguments and results, so an op picks its set once
+(:func:`for_device`) and calls it without forks.
 
 The choice follows the device: Triton for CUDA tensors when Triton can be imported, plain torch
 otherwise. :func:`use_kernels` ``("torch")`` runs the plain torch set on CUDA too, within a

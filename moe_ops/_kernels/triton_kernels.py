@@ -147,7 +147,8 @@ def _place_kernel(
     The row is: the expert's first row (exclusive scan of the expert totals), plus the pairs of
     that expert in earlier blocks, plus its rank among the block's earlier pairs of that expert
     (so the order is stable). Program 0 also writes the totals and the bad-id count, and with
-    ``HAS_ROW`` the count row ``[W, 2 + E_l]`` (``moe_ops._layout.COUNT_ROW``).
+    ``HAS_ROW`` the count row ``[W, 2 + E_l]`` (columns ``moe_ops._layout.STATUS``,
+    ``TOKEN_ROWS``, ``COUNTS``...).
     """
     b = tl.program_id(0)
     cols = tl.arange(0, NBINS)
@@ -256,17 +257,35 @@ def send_layout(
 
 
 @triton.jit
+def _source_major_counts(counts_ptr, stride_s, W, E_l, NP: tl.constexpr):
+    """Lane ``i = s * E_l + e`` (< W * E_l): the rows source s sent to local expert e."""
+    i = tl.arange(0, NP)
+    cnt = tl.load(counts_ptr + (i // E_l) * stride_s + i % E_l, mask=i < W * E_l, other=0)
+    return i, cnt.to(tl.int64)
+
+
+@triton.jit
+def _spare_rows_and_tokens(i, cnt, perm_ptr, tokens_ptr, R, W, E_l):
+    """From the source-major counts: the W spare rows after the R rows of ``perm`` (the last
+    row of each source's chunk, plus one), and the rows per local expert."""
+    for s in range(0, W):
+        tl.store(perm_ptr + R + s, tl.sum(tl.where(i < (s + 1) * E_l, cnt, 0), axis=0) + s)
+    e_i = i % E_l
+    for e in range(0, E_l):
+        tl.store(tokens_ptr + e, tl.sum(tl.where((e_i == e) & (i < W * E_l), cnt, 0), axis=0))
+
+
+@triton.jit
 def _expert_major_rows_kernel(
     counts_ptr, out_ptr, tokens_ptr, stride_s, R, W, E_l, NP: tl.constexpr, BR: tl.constexpr
 ):
     """Program (j, c) writes rows ``[c * BR, (c + 1) * BR)`` of segment ``j = e * W + s`` (what
-    source s sent to local expert e), and program (e * W, 0) the rows of expert e; program
-    (W * E_l, 0) writes the W spare rows."""
+    source s sent to local expert e); program (W * E_l, 0) writes the W spare rows and the rows
+    per local expert."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     n = W * E_l
-    i = tl.arange(0, NP)  # source-major index s' * E_l + e' of each count
-    cnt = tl.load(counts_ptr + (i // E_l) * stride_s + i % E_l, mask=i < n, other=0).to(tl.int64)
+    i, cnt = _source_major_counts(counts_ptr, stride_s, W, E_l, NP)
     if j < n:
         src = (j % W) * E_l + j // W
         before_dst = ((i % E_l) * W + i // E_l) < j  # segments before j in expert-major order
@@ -275,12 +294,8 @@ def _expert_major_rows_kernel(
         n_j = tl.sum(tl.where(i == src, cnt, 0), axis=0)
         r = c * BR + tl.arange(0, BR).to(tl.int64)
         tl.store(out_ptr + dst_start + r, src_start + r, mask=r < n_j)
-        if (c == 0) & (j % W == 0):
-            e = j // W
-            tl.store(tokens_ptr + e, tl.sum(tl.where((i % E_l == e) & (i < n), cnt, 0), axis=0))
     elif c == 0:
-        for s in range(0, W):
-            tl.store(out_ptr + R + s, tl.sum(tl.where(i < (s + 1) * E_l, cnt, 0), axis=0) + s)
+        _spare_rows_and_tokens(i, cnt, out_ptr, tokens_ptr, R, W, E_l)
 
 
 _launch_expert_major = _Launcher(_expert_major_rows_kernel)
@@ -325,18 +340,11 @@ def _regroup_kernel(
     writes the W spare rows of ``perm`` and the rows per local expert (``tokens``)."""
     b = tl.program_id(0)
     n = W * E_l
-    i = tl.arange(0, NP)
     # lane i as source-major segment (s, e) = (i // E_l, i % E_l), and as expert-major
     # segment (e, s) = (i // W, i % W): its count, and where it starts on each side
-    cnt_sm = tl.load(counts_ptr + (i // E_l) * stride_s + i % E_l, mask=i < n, other=0)
-    cnt_sm = cnt_sm.to(tl.int64)
+    i, cnt_sm = _source_major_counts(counts_ptr, stride_s, W, E_l, NP)
     if b * BM >= R:  # the last program
-        for s in range(0, W):
-            end = tl.sum(tl.where(i < (s + 1) * E_l, cnt_sm, 0), axis=0)
-            tl.store(perm_ptr + R + s, end + s)
-        e_i = i % E_l
-        for e in range(0, E_l):
-            tl.store(tokens_ptr + e, tl.sum(tl.where((e_i == e) & (i < n), cnt_sm, 0), axis=0))
+        _spare_rows_and_tokens(i, cnt_sm, perm_ptr, tokens_ptr, R, W, E_l)
         return
     cnt_em = tl.load(counts_ptr + (i % W) * stride_s + i // W, mask=i < n, other=0).to(tl.int64)
     src_start = tl.cumsum(cnt_sm, axis=0) - cnt_sm + i // E_l  # + the spare rows before
