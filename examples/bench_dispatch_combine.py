@@ -19,7 +19,9 @@ What each column measures, per rank (T tokens per rank, top-K of E experts, hidd
   When K > W, moe_ops' dispatch sends fewer rows than the payload (each token once per rank that
   holds one of its experts, expanded to one row per slot on arrival); combine sends the payload.
 * dispatch, combine: ``moe_ops.dispatch`` alone; ``moe_ops.combine`` alone (with routing weights,
-  on precomputed expert outputs); d+c: both back to back, combine on ``recv_x``.
+  on precomputed expert outputs); d+c: both back to back, combine on ``recv_x``. With
+  ``--sum-per-rank`` dispatch gets ``sum_per_rank=True`` (K > W: combine sends one row per
+  (token, rank) back, summed on the experts' ranks; "sum_per_rank" in the case name).
   fwd+bwd: d+c and its backward (grads of x and of the routing weights).
 * seed PR: the original PR's algorithm written the straightforward way for top-k (every
   (token, slot) pair is a row): argsort by destination rank, counts all-to-all, counts to the host,
@@ -204,6 +206,7 @@ def _floors(meter: _Meter, group, send_splits, recv_splits, like, gen) -> tuple[
 def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     device = meter.device
     rank = group.rank()
+    per_rank = args.sum_per_rank
     gen = torch.Generator(device=device).manual_seed(1234 + 17 * rank)
     S = args.sets
     xs = [torch.randn(T, H, device=device, generator=gen).to(dtype) for _ in range(S)]
@@ -211,7 +214,7 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     ws = [torch.rand(T, K, device=device, generator=gen).softmax(-1).to(dtype) for _ in range(S)]
     handles, eos = [], []
     for s in range(S):
-        recv, h = moe_ops.dispatch(xs[s], idxs[s], E, group=group)
+        recv, h = moe_ops.dispatch(xs[s], idxs[s], E, group=group, sum_per_rank=per_rank)
         handles.append(h)
         eos.append(torch.randn(recv.shape, device=device, generator=gen).to(dtype))
         del recv
@@ -221,7 +224,7 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     payload = N * H * xs[0].element_size()
 
     # sanity: ours equals the seed PR's round trip (and the Triton path the torch path)
-    recv, h = moe_ops.dispatch(xs[0], idxs[0], E, group=group)
+    recv, h = moe_ops.dispatch(xs[0], idxs[0], E, group=group, sum_per_rank=per_rank)
     ours = moe_ops.combine(recv, h, ws[0])
     r2, st = seed_dispatch(xs[0], idxs[0], E, group)
     seed = seed_combine(r2, st, ws[0], group)
@@ -229,19 +232,20 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     del recv, h, ours, r2, st, seed
 
     row = dict(T=T, H=H, K=K, E=E, routing=routing, dtype=str(dtype).split(".")[-1], W=group.size())
+    row["sum_per_rank"] = per_rank
     row["payload_MiB"] = payload / 2**20
     row["max|ours-seed|"] = check
 
     row["copy_ms"], row["a2a_ms"] = _floors(meter, group, send_splits, recv_splits, xs[0], gen)
 
     def ours_d(i):
-        return moe_ops.dispatch(xs[i], idxs[i], E, group=group)
+        return moe_ops.dispatch(xs[i], idxs[i], E, group=group, sum_per_rank=per_rank)
 
     def ours_c(i):
         return moe_ops.combine(eos[i], handles[i], ws[i])
 
     def ours_dc(i):
-        recv, h = moe_ops.dispatch(xs[i], idxs[i], E, group=group)
+        recv, h = moe_ops.dispatch(xs[i], idxs[i], E, group=group, sum_per_rank=per_rank)
         return moe_ops.combine(recv, h, ws[i])
 
     def seed_dc(i):
@@ -257,7 +261,7 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
         go = [torch.randn(T, H, device=device, generator=gen).to(dtype) for _ in range(S)]
 
         def ours_fb(i):
-            recv, h = moe_ops.dispatch(xg[i], idxs[i], E, group=group)
+            recv, h = moe_ops.dispatch(xg[i], idxs[i], E, group=group, sum_per_rank=per_rank)
             out = moe_ops.combine(recv, h, wg[i])
             out.backward(go[i])
             xg[i].grad = wg[i].grad = None
@@ -373,6 +377,8 @@ def _tables(rows):
     t1, t2 = [], []
     for r in rows:
         case = f"T={r['T']} H={r['H']} top-{r['K']}/{r['E']} {r['routing']} {r['dtype']} W={r['W']}"
+        if r.get("sum_per_rank"):
+            case += " sum_per_rank"
         dc, cp, a2a = r["d+c_ms"], r["copy_ms"], r["a2a_ms"]
         seed = r.get("seed_d+c_ms")
         tp = r.get("torch_path_d+c_ms")
@@ -448,6 +454,8 @@ def _tables(rows):
         if "sf_d+c_ms" not in r:
             continue
         case = f"T={r['T']} H={r['H']} top-{r['K']}/{r['E']} {r['routing']} {r['dtype']} W={r['W']}"
+        if r.get("sum_per_rank"):
+            case += " sum_per_rank"
         cp = r["copy_ms"]
         modes = [
             (
@@ -616,6 +624,11 @@ def main(argv=None):
         help="sync-free mode's transport (moe_ops.dispatch's; default: the library's choice)",
     )
     p.add_argument("--no-sync-free", action="store_true", help="skip the sync-free mode")
+    p.add_argument(
+        "--sum-per-rank",
+        action="store_true",
+        help="moe_ops.dispatch(..., sum_per_rank=True): combine sums per rank (K > W)",
+    )
     p.add_argument("--out", help="also write the tables (markdown) and rows (.json) here")
     args = p.parse_args(argv)
     launch(run, args)

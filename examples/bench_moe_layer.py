@@ -10,9 +10,10 @@ baseline: expert parallelism written by hand without this package (:class:`Torch
 eager and ``torch.compile`` only), checked against one process running the whole block (the
 footnote), and transformers' own expert parallelism (5.21 or later: its Mixtral block's
 ``base_model_ep_plan`` applied with ``apply_expert_parallelism``, ``AllToAllEP``). Forward and
-forward + backward, expert memory per GPU; a table. Modes: eager,
-``torch.compile``, the "moe" backend, and the "moe" backend with ``capacity="worst-case"`` (the
-sync-free capacity-mode ops: the host is not held back by a read of the row counts); on GPUs also
+forward + backward, expert memory per GPU; a table. Modes: eager, ``torch.compile``, the "moe"
+backend (also with ``sum_per_rank=True``: with K > W combine sums each token's slots on the rank
+of their experts), and the "moe" backend with ``capacity="worst-case"`` (the sync-free
+capacity-mode ops: the host is not held back by a read of the row counts); on GPUs also
 the last with inductor's CUDA graphs (``moe_backend(capacity="worst-case",
 mode="reduce-overhead")``) and, for the transformers block, ``torch.compile(mode=
 "reduce-overhead")``. Each timed call is one step (``torch.compiler.cudagraph_mark_step_begin``);
@@ -24,7 +25,7 @@ footnote says when inductor skipped CUDA graphs for a mode (then that row ran wi
     torchrun --nproc-per-node 2 examples/bench_moe_layer.py   # W ranks, each with its tokens
     torchrun --nproc-per-node 2 examples/bench_moe_layer.py --experts 128 --top-k 8 --inter 768
     ... --blocks "transformers,torchtitan" --modes "torch.compile,moe backend"   # a subset
-    ... --profile 5    # also: where each row's forward + backward spends its kernel time
+    ... --profile 5    # also: where each row's forward and forward + backward spend their time
 
 On CUDA: CUDA events, warm-up, median of ``--iters`` (>= 10). Under torchrun every rank holds
 the whole block and the "moe" backend runs it expert-parallel over the default group; the table
@@ -404,14 +405,18 @@ def _inside_our_ops(events, steps: int, top: int = 12) -> list[list]:
 
 
 def _modes(group, device: torch.device):
-    def moe(m, capacity=None, mode=None):
-        backend = fx_passes.moe_backend(group=group, capacity=capacity, mode=mode)
+    def moe(m, capacity=None, mode=None, sum_per_rank=False):
+        backend = fx_passes.moe_backend(
+            group=group, capacity=capacity, mode=mode, sum_per_rank=sum_per_rank
+        )
         return torch.compile(m, backend=backend, fullgraph=True)
 
     modes = {
         "eager": lambda m: m,
         "torch.compile": lambda m: torch.compile(m),
         "moe backend": moe,
+        # K > W: combine sums each token's slots on the experts' rank, one row per (token, rank)
+        "moe backend, sum_per_rank": lambda m: moe(m, sum_per_rank=True),
         # sync-free dispatch_fixed/combine_fixed on W * T * K padded rows (no host read)
         "moe backend, capacity=worst-case": lambda m: moe(m, "worst-case"),
     }
@@ -449,7 +454,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="STEPS",
-        help="on GPUs, also profile STEPS forward+backward steps of each row (kernel table)",
+        help="on GPUs, also profile STEPS forward and STEPS forward+backward steps of each row "
+        "(kernel and host tables)",
     )
     p.add_argument(
         "--trace",
@@ -573,8 +579,10 @@ def main() -> None:
                     os.makedirs(args.trace, exist_ok=True)
                     slug = "".join(c if c.isalnum() else "_" for c in f"{bname}_{mname}")
                     trace = os.path.join(args.trace, f"{slug}.rank{rank}.json")
-                breakdown = _kernel_breakdown(fwd_bwd, args.profile, trace=trace)
-                profiles.append((bname, mname, fb, *breakdown))
+                for pname, step, wall in (("forward", fwd, f), ("forward + backward", fwd_bwd, fb)):
+                    ptrace = trace and trace.replace(".rank", f".{pname[:3]}.rank")
+                    breakdown = _kernel_breakdown(step, args.profile, trace=ptrace)
+                    profiles.append((bname, mname, pname, wall, *breakdown))
             skipped = counters["inductor"]["cudagraph_skips"] - skips
             if "CUDA graphs" in mname and skipped:
                 notes.append(f"{bname} / {mname}: inductor skipped CUDA graphs {skipped} time(s)")
@@ -594,10 +602,10 @@ def main() -> None:
         print(tabulate.tabulate(rows, headers=headers))
         for note in notes:
             print(note)
-    for bname, mname, fb, total, top, host, ours in profiles if rank == 0 else ():
+    for bname, mname, pname, wall, total, top, host, ours in profiles if rank == 0 else ():
         print(
-            f"\n{bname} / {mname}: forward + backward, rank 0, kernel time {total:.3f} ms per "
-            f"step (median wall {fb:.3f} ms, slowest rank)"
+            f"\n{bname} / {mname}: {pname}, rank 0, kernel time {total:.3f} ms per "
+            f"step (median wall {wall:.3f} ms, rank 0)"
         )
         print(tabulate.tabulate(top, headers=["kernel", "calls", "ms", "share"]))
         print(tabulate.tabulate(host, headers=["host op (self time)", "calls", "ms"]))

@@ -241,6 +241,7 @@ def moe_backend(
     strict: bool = False,
     capacity: int | str | None = None,
     mode: str | None = None,
+    sum_per_rank: bool = False,
 ) -> Callable:
     """A torch.compile backend that rewrites MoE routing into dispatch/combine, then compiles.
 
@@ -263,6 +264,9 @@ def moe_backend(
             ``"max-autotune"``, ...), for ``inner="inductor"``. Modes with CUDA graphs
             (``"reduce-overhead"``, ``"max-autotune"``) need ``capacity`` (``ValueError``
             otherwise): the default ops read row counts on the host and cannot be captured.
+        sum_per_rank: with the default ops, :func:`moe_ops.dispatch`'s option (K > W: combine
+            sums each token's slots on the rank of their experts and sends one row per (token,
+            rank) back; fewer bytes, equal up to rounding). Ignored with ``capacity``.
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout),
@@ -294,7 +298,12 @@ def moe_backend(
             run_inner = _inner_compiler(inner, call_mode)
             _check_cuda_graphs_have_capacity(call_mode, capacity)
         matches = fuse_moe_routing(
-            gm, group=group, example_inputs=example_inputs, capacity=capacity, strict=strict
+            gm,
+            group=group,
+            example_inputs=example_inputs,
+            capacity=capacity,
+            strict=strict,
+            sum_per_rank=sum_per_rank,
         )
         rewritten.extend(matches)
         missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
@@ -321,11 +330,11 @@ def moe_backend_entry(gm: fx.GraphModule, example_inputs, *, options=None, mode=
     keywords. ``torch.compile(..., backend="moe", mode=...)`` works too (torch.compile refuses
     ``mode`` and ``options`` together; put the mode in the options then)."""
     opts = dict(options or {})
-    unknown = set(opts) - {"inner", "strict", "group", "capacity", "mode"}
+    unknown = set(opts) - {"inner", "strict", "group", "capacity", "mode", "sum_per_rank"}
     if unknown:
         raise ValueError(
             f"backend='moe': unknown options {sorted(unknown)}; expected inner, strict, group, "
-            f"capacity, mode"
+            f"capacity, mode, sum_per_rank"
         )
     if mode is not None:
         if opts.get("mode", mode) != mode:
@@ -344,6 +353,7 @@ def compile_moe(
     strict: bool = False,
     capacity: int | str | None = None,
     mode: str | None = None,
+    sum_per_rank: bool = False,
     **compile_kwargs: Any,
 ) -> Callable:
     """``torch.compile(model, backend=moe_backend(...))`` with Dynamo's capture of data-dependent
@@ -357,7 +367,9 @@ def compile_moe(
     the capture flags (a data-dependent value Dynamo cannot guard on, e.g. ``bincount(...)
     .tolist()`` without ``torch._check`` on its length): the model is then compiled without them.
     """
-    backend = moe_backend(group, inner=inner, strict=strict, capacity=capacity, mode=mode)
+    backend = moe_backend(
+        group, inner=inner, strict=strict, capacity=capacity, mode=mode, sum_per_rank=sum_per_rank
+    )
     compiled = torch.compile(model, backend=backend, **compile_kwargs)
     fallback: list[Callable] = []
 

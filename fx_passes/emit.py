@@ -4,9 +4,11 @@
 :func:`emit_routed` inserts the replacement (the check in ``verify`` runs it too). The emitted
 graph, with ``g = group_name, W = world_size``::
 
-    recv_x, tokens_per_expert, *layout = torch.ops.moe_ops.dispatch(x, topk_idx, E, g, W)
+    d = torch.ops.moe_ops.dispatch(x, topk_idx, E, g, W, sum_per_rank)
+    recv_x, tokens_per_expert = d[0], d[1]           # moe_ops._ops.DispatchOutputs
     expert_out = <local experts on recv_x>           # grouped_mm, or per-expert segments
     out, _ = torch.ops.moe_ops.combine(expert_out, topk_weights, *layout, g, W)
+                                                     # layout: moe_ops._ops.Layout's fields of d
     routed = base + out                                # when the block accumulated onto a base
 
 With ``capacity=`` (opt-in, see ``fuse.fuse_moe_routing``) the pair is the sync-free capacity mode
@@ -47,6 +49,7 @@ from fx_passes.experts import (
 from fx_passes.graph import call, check_removable, graph_order, is_param_slice, val
 from fx_passes.group import resolve_group
 from fx_passes.match import MoEMatch, StackedExperts
+from moe_ops._ops import DispatchOutputs, Layout
 
 log = logging.getLogger("fx_passes")
 
@@ -100,13 +103,15 @@ def emit_routed(
     rank: int,
     info: dict | None = None,
     capacity: int | str | None = None,
+    sum_per_rank: bool = False,
 ) -> Node:
     """Insert dispatch -> local experts -> combine for ``match`` at the insertion point.
 
     ``env`` maps the original graph's nodes to ``graph``'s (the identity for an in-place
     rewrite). ``capacity`` (None, an int, or ``"worst-case"``) picks the sync-free capacity-mode
     ops; when the experts cannot run on its padded rows without a host read (no grouped form), the
-    block keeps the default ops and ``info["capacity_fallback"]`` says why. Returns the node
+    block keeps the default ops and ``info["capacity_fallback"]`` says why. ``sum_per_rank``
+    is :func:`moe_ops.dispatch`'s option of that name (default ops only). Returns the node
     holding the routed output, in ``match.output``'s dtype.
     """
     info = {} if info is None else info
@@ -135,17 +140,27 @@ def emit_routed(
             info.clear()
             info.update(saved)
         info["capacity_fallback"] = why
-    out = _emit_default(graph, match, env, x, idx, w, group_name, world_size, rank, info)
-    return out
+    args = (graph, match, env, x, idx, w, group_name, world_size, rank, info)
+    return _emit_default(*args, sum_per_rank)
 
 
-def _emit_default(graph, match, env, x, idx, w, group_name, world_size, rank, info) -> Node:
+def _emit_default(
+    graph, match, env, x, idx, w, group_name, world_size, rank, info, sum_per_rank
+) -> Node:
     E = match.num_experts
-    d = call(graph, torch.ops.moe_ops.dispatch.default, (x, idx, E, group_name, world_size))
-    recv_x, tpe, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits = (
-        call(graph, operator.getitem, (d, i)) for i in range(7)
+    d = call(
+        graph,
+        torch.ops.moe_ops.dispatch.default,
+        (x, idx, E, group_name, world_size, sum_per_rank),
     )
-    tpe.meta[HOST_COUNTS] = functools.cache(lambda: call(graph, operator.getitem, (d, 7)))
+    fields = DispatchOutputs._fields
+
+    def output(name: str) -> Node:
+        return call(graph, operator.getitem, (d, fields.index(name)))
+
+    recv_x, tpe = output("recv_x"), output("tokens_per_expert")
+    layout = [output(name) for name in Layout._fields]
+    tpe.meta[HOST_COUNTS] = functools.cache(lambda: output("tokens_per_expert_host"))
     e_l = E // world_size
     local = list(range(rank * e_l, (rank + 1) * e_l))
     if isinstance(match.body, StackedExperts):
@@ -165,17 +180,7 @@ def _emit_default(graph, match, env, x, idx, w, group_name, world_size, rank, in
     c = call(
         graph,
         torch.ops.moe_ops.combine.default,
-        (
-            expert_out,
-            w,
-            pair_pos,
-            send_pair_idx,
-            recv_perm,
-            send_splits,
-            recv_splits,
-            group_name,
-            world_size,
-        ),
+        (expert_out, w, *layout, group_name, world_size),
     )
     del tpe.meta[HOST_COUNTS]  # only for this emission (nodes in meta would outlive it)
     return _finish(graph, match, env, call(graph, operator.getitem, (c, 0)))
@@ -247,9 +252,11 @@ def rewrite_match(
     match: MoEMatch,
     group: dist.ProcessGroup | None,
     capacity: int | str | None = None,
+    sum_per_rank: bool = False,
 ) -> None:
     """Replace ``match`` in ``gm`` (in place) by dispatch -> local experts -> combine
-    (capacity-mode ops when ``capacity`` is not None, see :func:`emit_routed`)."""
+    (capacity-mode ops when ``capacity`` is not None; ``sum_per_rank``: see
+    :func:`emit_routed`)."""
     why = check_removable(match)
     if why is not None:
         raise ValueError(f"fx_passes: cannot rewrite {match.module_path or 'block'}: {why}")
@@ -267,7 +274,15 @@ def rewrite_match(
     try:
         with graph.inserting_before(first_new):
             out = emit_routed(
-                graph, match, lambda n: n, group_name, world_size, rank, match.rewritten, capacity
+                graph,
+                match,
+                lambda n: n,
+                group_name,
+                world_size,
+                rank,
+                match.rewritten,
+                capacity,
+                sum_per_rank,
             )
     except BaseException:
         _erase_between(tail, first_new)  # nothing reads the new nodes yet: the graph is as it was

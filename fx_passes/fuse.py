@@ -55,6 +55,7 @@ def fuse_moe_routing(
     verify: bool = True,
     capacity: int | str | None = None,
     strict: bool = False,
+    sum_per_rank: bool = False,
 ) -> list[MoEMatch]:
     """Rewrite every MoE block of ``gm`` (a Dynamo-level graph) into dispatch/combine, in place.
 
@@ -77,6 +78,9 @@ def fuse_moe_routing(
             or stacked experts with no ``tolist``/``split`` by counts); otherwise the block keeps
             the default ops, logged at warning level and kept in
             ``match.rewritten["capacity_fallback"]``.
+        sum_per_rank: :func:`moe_ops.dispatch`'s option for the default ops (K > W: combine
+            sums each token's slots on the rank of their experts and one row per (token, rank)
+            comes back; equal up to rounding, not bit for bit).
         strict: raise when matching, checking or rewriting a block fails with an exception
             (a ``RuntimeError`` naming the block, from the exception) instead of leaving the
             block alone with the exception as its reason.
@@ -110,7 +114,7 @@ def fuse_moe_routing(
                     rejects.append(Rejected(match.family, match.module_path, why))
                     continue
                 step = "the rewrite failed"
-                rewrite_match(gm, match, own, capacity)
+                rewrite_match(gm, match, own, capacity, sum_per_rank)
             except Exception as e:  # noqa: BLE001 - one block's failure must not break the compile
                 _failed(rejects, match.family, match.module_path, step, e, strict)
                 continue
@@ -136,6 +140,7 @@ def fuse_moe_routing(
             verify=verify,
             capacity=capacity,
             strict=strict,
+            sum_per_rank=sum_per_rank,
         )
         rejects += sub.meta.get("moe_rejected", [])
     gm.meta["moe_rejected"] = rejects

@@ -112,6 +112,7 @@ def dispatch(
     capacity: int | str | None = None,
     overflow: str = "error",
     transport: str | None = None,
+    sum_per_rank: bool = False,
 ) -> tuple[Tensor, DispatchHandle]:
     """Send every (token, slot) pair's row of ``x`` to the rank that owns its expert.
 
@@ -147,6 +148,14 @@ def dispatch(
             ``moe_ops._capacity_ops``). On one host of 4 H200 it was slower than ``"padded"``
             (docs/notes_gpu.md) and its kernel refused 256 experts. At W > 1 every rank must
             pass the same transport.
+        sum_per_rank: default mode, K > W only (elsewhere it changes nothing): :func:`combine`
+            (and dispatch's backward) sums each token's slots on the rank that holds their
+            experts and sends one row per (token, rank) back instead of one per (token, slot),
+            K / min(K, W) times fewer rows at most, as dispatch sends them; combine's backward
+            sends the gradient's token rows the same way. Sums then run per rank in slot order
+            (the partial sums rounded to expert_out's dtype), then over ranks in rank order:
+            equal to the slot-order sum up to that rounding, no longer bit-identical across W.
+            Every rank must pass the same value.
 
     Returns:
         ``recv_x``: ``[R, H]``, one row per (token, slot) pair from any rank routed to one of this
@@ -177,11 +186,20 @@ def dispatch(
         err = check_dispatch(x, topk_idx, num_experts, world_size)
         dev = _real_device(x, topk_idx)
         _fail_dispatch_on_every_rank(err, dev, num_experts, group_name, world_size)
+    if not isinstance(sum_per_rank, bool):
+        raise TypeError(
+            f"moe_ops.dispatch: sum_per_rank must be a bool, got {type(sum_per_rank).__name__}"
+        )
     if capacity is not None or overflow != "error" or transport is not None:
+        if sum_per_rank:
+            raise ValueError(
+                "moe_ops.dispatch: sum_per_rank is a default-mode option; the capacity mode "
+                "(capacity, overflow, transport) sums in slot order"
+            )
         args = (x, topk_idx, num_experts, group_name, world_size)
         return _dispatch_capacity(*args, capacity, overflow, transport)
     out = _ops.DispatchOutputs(
-        *_ops.DIRECT.dispatch(x, topk_idx, num_experts, group_name, world_size)
+        *_ops.DIRECT.dispatch(x, topk_idx, num_experts, group_name, world_size, sum_per_rank)
     )
     handle = DispatchHandle(
         out.tokens_per_expert,
@@ -270,7 +288,8 @@ def combine(
 
     Returns:
         ``[T, H']`` in ``expert_out``'s dtype, ``out[t] = sum_k w[t, k] * expert_out[row(t, k)]``
-        (``-1`` slots add 0), accumulated in float32 for half types, in slot order.
+        (``-1`` slots add 0), accumulated in float32 for half types, in slot order (per rank,
+        then over ranks, when dispatch had ``sum_per_rank``).
 
     Differentiable w.r.t. ``expert_out`` and ``topk_weights``. No host sync. Runs the capacity
     mode's ops when ``handle`` comes from the capacity mode.

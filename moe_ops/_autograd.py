@@ -45,7 +45,10 @@ class Mode:
     num_layout: how many layout tensors combine takes after ``topk_weights``.
     dispatch_layout: dispatch's outputs -> the layout tensors, in combine's order.
     dispatch_static: dispatch's inputs -> combine's trailing non-tensor arguments.
-    rows_stay: combine's trailing arguments -> True when no row leaves this rank.
+    for_backward: ``(expert_out, topk_weights, returned_rows, layout, static)`` -> what combine
+        saves for its backward, ``(rows, weights)``: the mode's combine backward takes them as
+        its ``returned_rows`` (when the weight gradient is wanted) and ``topk_weights``. Mostly
+        ``(returned_rows, topk_weights)``; ``expert_out`` when no row left this rank.
     """
 
     combine: Any
@@ -53,7 +56,7 @@ class Mode:
     num_layout: int
     dispatch_layout: Callable[[tuple], tuple]
     dispatch_static: Callable[[tuple], tuple]
-    rows_stay: Callable[[tuple], bool]
+    for_backward: Callable[[Tensor, Tensor | None, Tensor, tuple, tuple], tuple]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +151,8 @@ def register(
     def combine_setup_context(ctx, inputs, output):
         expert_out, topk_weights = inputs[:2]
         layout, static = inputs[2 : 2 + mode.num_layout], inputs[2 + mode.num_layout :]
-        returned = expert_out if mode.rows_stay(static) else output[1]
-        ctx.save_for_backward(returned, topk_weights, *layout)
+        rows, weights = mode.for_backward(expert_out, topk_weights, output[1], layout, static)
+        ctx.save_for_backward(rows, weights, *layout)
         # ``returned_rows`` never gets a gradient: without these, autograd (eager, or the
         # compiled backward's tangents) would fill a zero gradient as large as the payload for it
         # on every backward.
@@ -159,13 +162,13 @@ def register(
         ctx.kernels = _kernels.current()
 
     def combine_backward(ctx, grad_out, _grad_returned):
-        returned, topk_weights, *layout = ctx.saved_tensors
+        rows, weights, *layout = ctx.saved_tensors
         if grad_out is None:  # out took no part in the loss
             return (None,) * (2 + len(layout) + len(ctx.static))
-        want_w = topk_weights is not None and ctx.needs_input_grad[1]
+        want_w = weights is not None and ctx.needs_input_grad[1]
         with _kernels.use_kernels(ctx.kernels):
             grad_expert_out, grad_w = direct_combine_backward(
-                grad_out, returned if want_w else None, topk_weights, *layout, *ctx.static
+                grad_out, rows if want_w else None, weights, *layout, *ctx.static
             )
         rest = (None,) * (len(layout) + len(ctx.static))
         return (grad_expert_out, grad_w if want_w else None) + rest

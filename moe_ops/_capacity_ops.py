@@ -492,6 +492,12 @@ def _(grad_out, returned_rows, topk_weights, *layout_static):
     )
 
 
+def _for_backward(expert_out, topk_weights, returned_rows, layout, static) -> tuple:
+    """What combine_fixed saves for its backward: the rows that came back (``expert_out`` with
+    the local transport, where no row moves) and the weights."""
+    return (expert_out if static[-1] == "local" else returned_rows), topk_weights
+
+
 # what moe_ops.dispatch and moe_ops.combine call in the capacity mode
 DIRECT = _autograd.register(
     dispatch_fixed_op,
@@ -502,7 +508,7 @@ DIRECT = _autograd.register(
         dispatch_layout=lambda output: DispatchOutputs(*output).layout(),
         # capacity, group_name, world_size, transport (not drop: combine needs none)
         dispatch_static=lambda inputs: (inputs[3], *inputs[5:]),
-        rows_stay=lambda static: static[-1] == "local",
+        for_backward=_for_backward,
     ),
     dispatch_impl=_dispatch_fixed,
     combine_impl=_combine_fixed,

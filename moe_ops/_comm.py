@@ -207,14 +207,44 @@ def rows_to_sources(
     R = sum(recv_splits)
     buf = rows_R.new_empty((R + W, *rows_R.shape[1:]))
     status_W = recv_rows[R:]
+    if not bad:  # the status rows written by the placing kernel
+        kern.place_rows(rows_R, recv_rows[:R], buf, fill_rows=status_W, value=_OK)
+    return rows_back(buf, send_splits, recv_splits, status_W, bad, my_rank, group, what, not bad)
+
+
+def spare_rows(splits: list[int], device: torch.device) -> Tensor:
+    """The spare rows of a buffer laid out with one after each rank's chunk of ``splits`` rows
+    (built from host values: a copy to the device, so for error paths only)."""
+    ends = torch.tensor(_with_spare_row(splits), dtype=torch.int64).cumsum(0) - 1
+    return ends.to(device)
+
+
+def rows_back(
+    buf: Tensor,
+    send_splits: list[int],
+    recv_splits: list[int],
+    status_W: Tensor | None,
+    bad: bool,
+    my_rank: int,
+    group: dist.ProcessGroup,
+    what: str,
+    status_written: bool = False,
+) -> Tensor:
+    """The exchange back to the sources of rows already laid out source-major with a spare row
+    after each source's chunk (``buf`` ``[sum(recv_splits) + W, ...]``; ``status_W``: the spare
+    rows; None when ``status_written``). Writes the status rows unless ``status_written`` (every
+    row NaN when this rank's input is ``bad``), exchanges, and returns ``[sum(send_splits) + W,
+    ...]`` in send order with the peers' status rows; on the CPU it raises ``PeerInputError``
+    when a peer flagged bad input. The status "input good" is 0."""
+    W = len(send_splits)
     # Status rows are written with a fill (the value a kernel argument). ``buf[pos] = value``
     # would copy the Python scalar to the device as a 0-d tensor from pageable memory: a host
     # sync on CUDA.
     if bad:
         buf.fill_(float("nan"))
         buf.index_fill_(0, status_W, _BAD)
-    else:
-        kern.place_rows(rows_R, recv_rows[:R], buf, fill_rows=status_W, value=_OK)
+    elif not status_written:
+        buf.index_fill_(0, status_W, _OK)
     out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
     all_to_all(out, buf, _with_spare_row(send_splits), _with_spare_row(recv_splits), group)
     if out.device.type == "cpu":
@@ -225,8 +255,7 @@ def rows_to_sources(
 def _raise_on_bad_status_rows(out: Tensor, send_splits: list[int], my_rank: int, what: str):
     """CPU only: read the status rows that came back and raise if a peer flagged bad input (on
     CUDA this read would be a host sync; the bad rank's rows are NaN there instead)."""
-    ends = torch.tensor(_with_spare_row(send_splits), dtype=torch.int64).cumsum(0) - 1
-    status = out[ends, 0]
+    status = out[spare_rows(send_splits, out.device), 0]
     raise_if_peer_bad([0 if s == _OK else 1 for s in status.tolist()], my_rank, what)
 
 

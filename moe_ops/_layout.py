@@ -16,12 +16,14 @@ then slot: exactly the order the receiver wants within one source rank.
 When K > W, dispatch sends each token's row once per rank that holds one of its experts
 (:class:`TokenRows`: by destination, then token) with the local expert of each of its slots there;
 the receiver expands the rows to one per pair, in the order above. Combine and both backwards
-always move one row per pair.
+move one row per pair, or, when dispatch was asked for ``sum_per_rank``, one per (token, rank)
+too (the slots summed on the experts' rank).
 
 At W > 1 the default mode's exchanges carry one spare row after each rank's chunk (``[N + W]``
 rows sent, ``[R + W]`` received): on the way back to the sources it is the status row that tells
-a peer about bad input; on the way to the experts it is left unwritten and never read. So a pair's
-row in either direction is its send row plus its destination rank.
+a peer about bad input; on the way to the experts it is left unwritten and never read (but for
+the slots that travel with token rows: -1 there, no slot). So a pair's row in either direction is
+its send row plus its destination rank, and so is a token row's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from torch import Tensor
 # go once per (token, rank) (-1 when they go once per (token, slot)), then the pairs for each of
 # rank d's local experts.
 STATUS, TOKEN_ROWS, COUNTS = 0, 1, 2
+# Added to the status of a rank whose combine will sum per rank (``sum_per_rank`` with K > W), so
+# that ranks that disagree raise before any row moves; the status is bad when it is nonzero
+# modulo this.
+SUMS_PER_RANK = 1 << 40
 
 
 def write_count_row(out_WC: Tensor, counts_E: Tensor, bad: Tensor) -> Tensor:
@@ -69,8 +75,9 @@ class TokenRows(NamedTuple):
     """Each token once per rank that holds one of its experts (dispatch's payload when K > W).
 
     pos_TW:    int64 ``[T, W]``, row of token t in the buffer sent to rank d (by destination, then
-               token), -1 when none of t's slots goes to d
-    rows_W:    int64 ``[W]``, rows sent to each rank
+               token, one spare row after each destination's chunk, as in the payload exchanges
+               of the default mode), -1 when none of t's slots goes to d
+    rows_W:    int64 ``[W]``, rows sent to each rank (spare rows not counted)
     slots_TWK: int32 ``[T * W, K]``, row ``t * W + d``: the local expert at rank d of each of t's
                slots, -1 for slots that go elsewhere (or are unused); sent along with the rows so
                that the receiver can expand them to one row per (token, slot)
@@ -95,7 +102,7 @@ def token_rows(
     slots = torch.where(hit_TWK, ids[:, None, :] - rank_W[None, :, None] * E_l, -1)
     has_WT = hit_TWK.any(2).t()
     ends_WT = torch.cumsum(has_WT.reshape(-1), 0).view(W, T)
-    pos_TW = torch.where(has_WT, ends_WT - 1, -1).t()
+    pos_TW = torch.where(has_WT, ends_WT - 1 + rank_W[:, None], -1).t()  # spare rows counted
     rows_W = has_WT.sum(1) if rows_out is None else torch.sum(has_WT, 1, out=rows_out)
     return TokenRows(pos_TW, rows_W, slots.to(torch.int32).view(T * W, K))
 

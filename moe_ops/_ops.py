@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moe_ops import _autograd, _comm, _kernels
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
-from moe_ops._layout import COUNTS, STATUS, TOKEN_ROWS
+from moe_ops._layout import COUNTS, STATUS, SUMS_PER_RANK, TOKEN_ROWS
 
 # The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
 # split tensors (combine, its backward): a CUDA graph would replay the first call's sizes. Tagged
@@ -48,6 +48,19 @@ class Layout(NamedTuple):
                             the W spare rows (``_layout.expert_major_rows``)
     send_splits    [W]      int64 on the CPU, rows sent to each rank
     recv_splits    [W]      int64 on the CPU, rows received from each rank
+
+    With ``sum_per_rank`` (W > 1 and K > W; else ``[0, 0]``, ``[0, 0]`` and CPU ``[0]``,
+    ``[0]``): what combine needs to sum each token's slots on the rank of their experts and send
+    one row per (token, rank) back. The token rows travel as dispatch's did (one spare row after
+    each rank's chunk, as above):
+
+    token_pos          [T, W]       int64, row of token t for rank d in this rank's token-row
+                                    buffers, -1 when none (``_layout.TokenRows.pos_TW``)
+    slot_rows          [Rt + W, K]  int64, for each token row received (source-major, the spare
+                                    rows included: all -1) the row of recv_x of each of its
+                                    slots, -1 for slots whose expert is on another rank
+    token_send_splits  [W]          int64 on the CPU, token rows sent to each rank
+    token_recv_splits  [W]          int64 on the CPU, token rows received from each rank
     """
 
     pair_pos: Tensor
@@ -55,6 +68,15 @@ class Layout(NamedTuple):
     recv_perm: Tensor
     send_splits: Tensor
     recv_splits: Tensor
+    token_pos: Tensor
+    slot_rows: Tensor
+    token_send_splits: Tensor
+    token_recv_splits: Tensor
+
+    @property
+    def sums_per_rank(self) -> bool:
+        """Combine sums slots per rank (the layout has token rows); a static fact of the shapes."""
+        return self.token_pos.shape[1] > 0
 
 
 class DispatchOutputs(NamedTuple):
@@ -65,6 +87,7 @@ class DispatchOutputs(NamedTuple):
     send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits: see :class:`Layout`
     tokens_per_expert_host  [E_l]   int64 on the CPU, ``tokens_per_expert`` as read by the one
                                     sync (per-expert loops size their segments from it)
+    token_pos, slot_rows, token_send_splits, token_recv_splits: see :class:`Layout`
     """
 
     recv_x: Tensor
@@ -75,11 +98,34 @@ class DispatchOutputs(NamedTuple):
     send_splits: Tensor
     recv_splits: Tensor
     tokens_per_expert_host: Tensor
+    token_pos: Tensor
+    slot_rows: Tensor
+    token_send_splits: Tensor
+    token_recv_splits: Tensor
 
     def layout(self) -> Layout:
         return Layout(
-            self.pair_pos, self.send_pair_idx, self.recv_perm, self.send_splits, self.recv_splits
+            self.pair_pos,
+            self.send_pair_idx,
+            self.recv_perm,
+            self.send_splits,
+            self.recv_splits,
+            self.token_pos,
+            self.slot_rows,
+            self.token_send_splits,
+            self.token_recv_splits,
         )
+
+
+def _no_token_layout(device: torch.device) -> dict:
+    """The token-row fields of :class:`DispatchOutputs` when combine sums in slot order."""
+    i64 = dict(dtype=torch.int64)
+    return dict(
+        token_pos=torch.empty((0, 0), device=device, **i64),
+        slot_rows=torch.empty((0, 0), device=device, **i64),
+        token_send_splits=torch.empty(0, **i64),
+        token_recv_splits=torch.empty(0, **i64),
+    )
 
 
 def num_recv_rows(send_pair_idx: Tensor, recv_perm: Tensor, world_size: int):
@@ -105,8 +151,27 @@ def _to_experts(
 
 # ----------------------------------------------------------------------------- dispatch
 def _dispatch(
-    x: Tensor, topk_idx: Tensor, num_experts: int, group_name: str, world_size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x: Tensor,
+    topk_idx: Tensor,
+    num_experts: int,
+    group_name: str,
+    world_size: int,
+    sum_per_rank: bool = False,
+) -> tuple[
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+]:
     group = _comm.resolve_group(group_name, world_size)
     W, E = world_size, num_experts
     err = check_dispatch(x, topk_idx, E, W)
@@ -118,7 +183,7 @@ def _dispatch(
     kern = _kernels.for_device(x.device)
     if group is None:
         return _dispatch_one_rank(kern, x, topk_idx, E)
-    return _dispatch_group(kern, x, topk_idx, E, group)
+    return _dispatch_group(kern, x, topk_idx, E, group, sum_per_rank)
 
 
 dispatch_op = torch.library.custom_op(
@@ -155,15 +220,19 @@ def _dispatch_one_rank(kern, x: Tensor, topk_idx: Tensor, E: int) -> DispatchOut
         send_splits=torch.tensor([N], dtype=torch.int64),
         recv_splits=torch.tensor([N], dtype=torch.int64),
         tokens_per_expert_host=host[:-1].clone(),
+        **_no_token_layout(x.device),
     )
 
 
-def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> DispatchOutputs:
+def _dispatch_group(
+    kern, x: Tensor, topk_idx: Tensor, E: int, group, sum_per_rank: bool
+) -> DispatchOutputs:
     """W > 1: count exchange, the one host read, the payload exchange, the regroup by expert.
 
     With more slots than ranks (K > W) a token's slots share ranks, so its row is sent once per
     rank that holds one of its experts, with the local experts its slots pick there, and
-    expanded to one row per (token, slot) on arrival; otherwise once per (token, slot).
+    expanded to one row per (token, slot) on arrival; otherwise once per (token, slot). With
+    ``sum_per_rank`` (and K > W) the layout also says where the token rows went, for combine.
     """
     W, rank = group.size(), group.rank()
     T, K = topk_idx.shape
@@ -173,12 +242,14 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
     tok = None
     if K > W:
         tok = kern.token_rows(topk_idx, E, W, rows_out=to_read[0][:, TOKEN_ROWS])
+        if sum_per_rank:  # a scalar kernel argument: no copy from the host
+            to_read[0][:, STATUS] += SUMS_PER_RANK
     _comm.exchange_counts(to_read[0], group, out=to_read[1])
     host, filled = _comm.read_to_host(
         to_read, lambda: _fill_send(kern, x, lay.pair_pos, tok, W, None)
     )
     sent, got = host.tolist()
-    _check_peers(got, rank, topk_idx, E, K)
+    _check_peers(got, rank, topk_idx, E, K, sum_per_rank)
     send_splits = [sum(row[COUNTS:]) for row in sent]
     recv_splits = [sum(row[COUNTS:]) for row in got]
     R = sum(recv_splits)
@@ -192,8 +263,8 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
         recv_tok = [row[TOKEN_ROWS] for row in got]
         if filled is None:
             filled = _fill_send(kern, x, lay.pair_pos, tok, W, send_tok)
-        recv = _comm.rows_to_ranks(filled[0], send_tok, recv_tok, group)
-        recv_slots = _comm.rows_to_ranks(filled[1], send_tok, recv_tok, group)
+        recv = _comm.rows_to_experts(filled[0], send_tok, recv_tok, group)
+        recv_slots = _comm.rows_to_experts(filled[1], send_tok, recv_tok, group)
     del filled  # the send buffer's memory can serve recv_x
     counts_WEl = to_read[1, :, COUNTS:]
     if tok is None:
@@ -202,9 +273,19 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
         max_count = max(max(row[COUNTS:]) for row in got)
         recv_perm, tokens_per_expert = kern.expert_major_rows(counts_WEl, R, max_count)
         # (received row, slot) pairs by local expert, stably: by expert, then source, token and
-        # slot, the order of recv_x
-        pairs = kern.send_layout(recv_slots, E // W, 1).send_pair_idx[:R]
+        # slot, the order of recv_x (the spare rows' slots are -1)
+        by_expert = kern.send_layout(recv_slots, E // W, 1)
+        pairs = by_expert.send_pair_idx[:R]
         recv_x = kern.gather_rows(recv, pairs, per_row=K)  # each pair's token row
+    if tok is not None and sum_per_rank:
+        token_layout = dict(
+            token_pos=tok.pos_TW,
+            slot_rows=by_expert.send_pos,
+            token_send_splits=torch.tensor(send_tok, dtype=torch.int64),
+            token_recv_splits=torch.tensor(recv_tok, dtype=torch.int64),
+        )
+    else:
+        token_layout = _no_token_layout(x.device)
     N = sum(send_splits)
     return DispatchOutputs(
         recv_x=recv_x,
@@ -215,27 +296,31 @@ def _dispatch_group(kern, x: Tensor, topk_idx: Tensor, E: int, group) -> Dispatc
         send_splits=torch.tensor(send_splits, dtype=torch.int64),
         recv_splits=torch.tensor(recv_splits, dtype=torch.int64),
         tokens_per_expert_host=host[1, :, COUNTS:].sum(0),
+        **token_layout,
     )
 
 
 def _fill_send(kern, x: Tensor, pair_pos: Tensor, tok, W: int, rows_W: list[int] | None):
-    """Dispatch's send buffer at W > 1: the rows once per (token, slot) with a spare row after
-    each destination's chunk, or, given :class:`~moe_ops._layout.TokenRows` ``tok``, once per
-    (token, rank), returned with their slots. Sized for every row that could be sent when
-    ``rows_W`` is None, else for exactly ``rows_W`` rows per destination."""
+    """Dispatch's send buffer at W > 1: the rows once per (token, slot), or, given
+    :class:`~moe_ops._layout.TokenRows` ``tok``, once per (token, rank), returned with their
+    slots; a spare row after each destination's chunk. Sized for every row that could be sent
+    when ``rows_W`` is None, else for exactly ``rows_W`` rows per destination."""
     T, K = pair_pos.shape
     if tok is None:
         M = (T * K if rows_W is None else sum(rows_W)) + W
         return kern.scatter_rows(x, pair_pos, None, M)
-    M = T * min(W, K) if rows_W is None else sum(rows_W)
+    M = (T * min(W, K) if rows_W is None else sum(rows_W)) + W
     rows = kern.scatter_rows(x, tok.pos_TW, None, M)
-    return rows, kern.scatter_rows(tok.slots_TWK, tok.pos_TW.reshape(-1, 1), None, M)
+    # the spare rows' slots are read on arrival: -1, no slot
+    slots = torch.full((M, K), -1, dtype=tok.slots_TWK.dtype, device=x.device)
+    return rows, kern.scatter_rows(tok.slots_TWK, tok.pos_TW.reshape(-1, 1), None, M, out=slots)
 
 
-def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int) -> None:
+def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int, per_rank: bool) -> None:
     """After the count read: raise on this rank's bad ids, on a peer's bad input, and when the
-    ranks disagree on sending rows once per (token, rank) (their K differ)."""
-    status_W = [row[STATUS] for row in got]
+    ranks disagree on sending rows once per (token, rank) (their K differ) or on summing per
+    rank."""
+    status_W = [row[STATUS] % SUMS_PER_RANK for row in got]
     if status_W[rank]:
         raise bad_id_error(topk_idx, E)
     _comm.raise_if_peer_bad(status_W, rank, "dispatch")
@@ -246,10 +331,18 @@ def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int) -> None
             f"slots K (this rank: K={K}; rank(s) {[r for r, p in enumerate(per_token) if p]} "
             f"have K > W, the others not); pass [T, K] with the same K on every rank"
         )
+    if per_token[rank]:
+        summing = [row[STATUS] >= SUMS_PER_RANK for row in got]
+        if len(set(summing)) > 1:
+            raise ValueError(
+                f"moe_ops.dispatch: the ranks of the group passed different sum_per_rank (this "
+                f"rank: {per_rank}; rank(s) {[r for r, p in enumerate(summing) if p]} passed "
+                f"True); pass the same value on every rank"
+            )
 
 
 @dispatch_op.register_fake
-def _(x, topk_idx, num_experts, group_name, world_size):
+def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False):
     err = check_dispatch(x, topk_idx, num_experts, world_size)
     if err is not None:
         raise err
@@ -260,6 +353,18 @@ def _(x, topk_idx, num_experts, group_name, world_size):
     R = N if world_size == 1 else ctx.new_dynamic_size()
     i64 = dict(dtype=torch.int64, device=x.device)
     cpu64 = dict(dtype=torch.int64, device="cpu")
+    W = world_size
+    if sum_per_rank and W > 1 and K > W:
+        Rt_W = ctx.new_dynamic_size()  # token rows received, plus the W spare rows
+        torch._check(Rt_W >= W)
+        token_layout = dict(
+            token_pos=torch.empty((T, W), **i64),
+            slot_rows=torch.empty((Rt_W, K), **i64),
+            token_send_splits=torch.empty(W, **cpu64),
+            token_recv_splits=torch.empty(W, **cpu64),
+        )
+    else:
+        token_layout = _no_token_layout(x.device)
     return DispatchOutputs(
         recv_x=x.new_empty((R, x.shape[1])),
         tokens_per_expert=torch.empty(num_experts // world_size, **i64),
@@ -269,10 +374,19 @@ def _(x, topk_idx, num_experts, group_name, world_size):
         send_splits=torch.empty(world_size, **cpu64),
         recv_splits=torch.empty(world_size, **cpu64),
         tokens_per_expert_host=torch.empty(num_experts // world_size, **cpu64),
+        **token_layout,
     )
 
 
 # ----------------------------------------------------------------------------- combine
+# Combine sums each token's rows in slot order on the token's rank (one row per pair comes back),
+# or, when dispatch was asked to (``sum_per_rank``, K > W), per rank first: the routing weights
+# travel to the experts' ranks, each rank sums the weighted rows of every token row it received
+# in slot order, and one row per (token, rank) comes back, summed in rank order. Both exchanges
+# run whatever the weights (ones when None) and whatever gradients are wanted, so that the ranks
+# always issue the same collectives.
+
+
 def _combine(
     expert_out: Tensor,
     topk_weights: Tensor | None,
@@ -281,9 +395,24 @@ def _combine(
     recv_perm: Tensor,
     send_splits: Tensor,
     recv_splits: Tensor,
+    token_pos: Tensor,
+    slot_rows: Tensor,
+    token_send_splits: Tensor,
+    token_recv_splits: Tensor,
     group_name: str,
     world_size: int,
 ) -> tuple[Tensor, Tensor]:
+    lay = Layout(
+        pair_pos,
+        send_pair_idx,
+        recv_perm,
+        send_splits,
+        recv_splits,
+        token_pos,
+        slot_rows,
+        token_send_splits,
+        token_recv_splits,
+    )
     group = _comm.resolve_group(group_name, world_size)
     R = num_recv_rows(send_pair_idx, recv_perm, world_size)
     err = check_combine(expert_out, topk_weights, pair_pos, R)
@@ -296,6 +425,12 @@ def _combine(
             width = expert_out.shape[-1] if expert_out.dim() >= 1 else 1
             dtype = expert_out.dtype if expert_out.dtype in FLOAT_DTYPES else torch.float32
             expert_out = torch.empty((R, width), dtype=dtype, device=pair_pos.device)
+            topk_weights = None
+        if lay.sums_per_rank:
+            out, recv_w = _combine_per_rank(expert_out, topk_weights, lay, err is not None, group)
+            if err is not None:
+                raise err
+            return out, recv_w
         rows = _comm.rows_to_sources(
             expert_out,
             send_splits.tolist(),
@@ -313,6 +448,29 @@ def _combine(
     return _autograd.combine_tail(kern, rows, expert_out, pair_pos, topk_weights, group is None)
 
 
+def _combine_per_rank(
+    expert_out: Tensor, topk_weights: Tensor | None, lay: Layout, bad: bool, group
+) -> tuple[Tensor, Tensor]:
+    """Combine summing per rank: returns ``out[T, H']`` and the weights received with the token
+    rows (``[Rt + W, K]``), which the backward needs."""
+    kern = _kernels.for_device(expert_out.device)
+    send_tok, recv_tok = lay.token_send_splits.tolist(), lay.token_recv_splits.tolist()
+    W = len(send_tok)
+    T, K = lay.pair_pos.shape
+    if topk_weights is None:
+        topk_weights = expert_out.new_ones((T, K))
+    w_rows = kern.scatter_rows(topk_weights, lay.token_pos, None, sum(send_tok) + W)
+    recv_w = _comm.rows_to_experts(w_rows, send_tok, recv_tok, group)
+    # each token row's weighted slots, summed in slot order; the spare rows, which have no slot,
+    # come out 0: the status "input good" (see _comm.rows_back)
+    partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
+    spares = _comm.spare_rows(recv_tok, partial.device) if bad else None
+    back = _comm.rows_back(
+        partial, send_tok, recv_tok, spares, bad, group.rank(), group, "combine", not bad
+    )
+    return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
+
+
 combine_op = torch.library.custom_op("moe_ops::combine", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)(
     _combine
 )
@@ -320,7 +478,7 @@ combine_op = torch.library.custom_op("moe_ops::combine", mutates_args=(), tags=_
 
 @combine_op.register_fake
 def _(expert_out, topk_weights, *layout_group):
-    lay, (_, world_size) = Layout(*layout_group[:5]), layout_group[5:]
+    lay, (_, world_size) = Layout(*layout_group[:-2]), layout_group[-2:]
     R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, world_size)
     err = check_combine(expert_out, topk_weights, lay.pair_pos, R)
     if err is not None:
@@ -329,6 +487,10 @@ def _(expert_out, topk_weights, *layout_group):
         expert_out.shape[0] == R,
         lambda: "moe_ops.combine: expert_out must have one row per row of recv_x",
     )
+    if lay.sums_per_rank:
+        out, _ = _autograd.fake_combine(expert_out, lay.pair_pos, 0)
+        dtype = expert_out.dtype if topk_weights is None else topk_weights.dtype
+        return out, expert_out.new_empty(tuple(lay.slot_rows.shape), dtype=dtype)
     M = 0 if world_size == 1 else lay.send_pair_idx.shape[0] + world_size
     return _autograd.fake_combine(expert_out, lay.pair_pos, M)
 
@@ -342,12 +504,32 @@ def _combine_backward(
     recv_perm: Tensor,
     send_splits: Tensor,
     recv_splits: Tensor,
+    token_pos: Tensor,
+    slot_rows: Tensor,
+    token_send_splits: Tensor,
+    token_recv_splits: Tensor,
     group_name: str,
     world_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Combine's gradients: w.r.t. expert_out; w.r.t. topk_weights if ``returned_rows`` is given."""
+    """Combine's gradients: w.r.t. expert_out; w.r.t. topk_weights if ``returned_rows`` is given.
+
+    Summing per rank, ``returned_rows`` is expert_out itself and ``topk_weights`` the weights
+    that reached this rank with the token rows (what :func:`_for_backward` saved)."""
+    lay = Layout(
+        pair_pos,
+        send_pair_idx,
+        recv_perm,
+        send_splits,
+        recv_splits,
+        token_pos,
+        slot_rows,
+        token_send_splits,
+        token_recv_splits,
+    )
     group = _comm.resolve_group(group_name, world_size)
     kern = _kernels.for_device(grad_out.device)
+    if group is not None and lay.sums_per_rank:
+        return _combine_backward_per_rank(kern, grad_out, returned_rows, topk_weights, lay, group)
     grad_expert_out = _to_experts(
         kern,
         grad_out,
@@ -363,6 +545,36 @@ def _combine_backward(
     return grad_expert_out, grad_w
 
 
+def _combine_backward_per_rank(
+    kern, grad_out: Tensor, expert_out: Tensor | None, recv_w: Tensor, lay: Layout, group
+) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`_combine_per_rank`: ``grad_out``'s token rows go to the experts'
+    ranks (as dispatch's payload did), each becomes its slots' rows times their weights there,
+    and the weight gradient comes back as one ``[K]`` row per (token, rank) (zeros when
+    ``expert_out`` is None: not asked for here, but the exchange runs on every rank)."""
+    send_tok, recv_tok = lay.token_send_splits.tolist(), lay.token_recv_splits.tolist()
+    W = len(send_tok)
+    T, K = lay.pair_pos.shape
+    R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, W)
+    g_rows = kern.scatter_rows(grad_out, lay.token_pos, None, sum(send_tok) + W)
+    g_recv = _comm.rows_to_experts(g_rows, send_tok, recv_tok, group)
+    del g_rows
+    grad_expert_out = kern.scatter_rows(g_recv, lay.slot_rows, recv_w, R)
+    if expert_out is None:
+        gw_recv = recv_w.new_zeros(recv_w.shape)
+    else:
+        gw_recv = kern.slot_dot(g_recv, expert_out, lay.slot_rows, recv_w.dtype)
+    gw_back = _comm.rows_to_ranks(gw_recv, _spare(recv_tok), _spare(send_tok), group)
+    if expert_out is None:
+        return grad_expert_out, grad_out.new_empty((0, 0))
+    # slot k's gradient comes from the one rank of its expert; the others send exact zeros
+    return grad_expert_out, kern.combine_rows(gw_back, lay.token_pos, None, recv_w.dtype)
+
+
+def _spare(splits: list[int]) -> list[int]:
+    return [n + 1 for n in splits]
+
+
 combine_backward_op = torch.library.custom_op(
     "moe_ops::_combine_backward", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE
 )(_combine_backward)
@@ -370,9 +582,18 @@ combine_backward_op = torch.library.custom_op(
 
 @combine_backward_op.register_fake
 def _(grad_out, returned_rows, topk_weights, *layout_group):
-    lay, (_, world_size) = Layout(*layout_group[:5]), layout_group[5:]
+    lay, (_, world_size) = Layout(*layout_group[:-2]), layout_group[-2:]
     R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, world_size)
     return _autograd.fake_combine_backward(grad_out, returned_rows, topk_weights, lay.pair_pos, R)
+
+
+def _for_backward(expert_out, topk_weights, returned_rows, layout, static) -> tuple:
+    """What combine saves for its backward, as (rows, weights): see :func:`_combine_backward`."""
+    if static[-1] == 1:  # world_size == 1: no row moved, the weight gradient reads expert_out
+        return expert_out, topk_weights
+    if Layout(*layout).sums_per_rank:
+        return expert_out, returned_rows
+    return returned_rows, topk_weights
 
 
 # what moe_ops.dispatch and moe_ops.combine call in the default mode
@@ -383,8 +604,8 @@ DIRECT = _autograd.register(
         combine_backward=combine_backward_op,
         num_layout=len(Layout._fields),
         dispatch_layout=lambda output: DispatchOutputs(*output).layout(),
-        dispatch_static=lambda inputs: tuple(inputs[3:]),  # group_name, world_size
-        rows_stay=lambda static: static[-1] == 1,  # world_size == 1
+        dispatch_static=lambda inputs: tuple(inputs[3:5]),  # group_name, world_size
+        for_backward=_for_backward,
     ),
     dispatch_impl=_dispatch,
     combine_impl=_combine,

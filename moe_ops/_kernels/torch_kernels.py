@@ -82,6 +82,8 @@ def scatter_rows(
     H = src_MH.shape[1]
     adt = acc_dtype(src_MH.dtype)
     buf = src_MH.new_empty((num_rows + 1, H))  # the spare last row takes the -1 slots
+    if out is not None:  # rows no pair points at keep out's values
+        buf[:num_rows].copy_(out)
     for k in range(pos_MK.shape[1]):
         rows = src_MH
         if w_MK is not None:

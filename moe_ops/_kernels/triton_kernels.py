@@ -450,7 +450,8 @@ def _token_place_kernel(
     RB: tl.constexpr,
 ):
     """Block b of tokens: ``pos[t, d]``, the row of token t in the buffer sent to rank d (rows by
-    destination, then token), -1 when t has no slot there; program 0 also writes ``rows[d]``."""
+    destination, then token, one spare row after each destination's), -1 when t has no slot
+    there; program 0 also writes ``rows[d]`` (spare rows not counted)."""
     b = tl.program_id(0)
     t, _, _, _, dest = _block_dests(idx_ptr, b, T, K, E, E_l, BT, KP)
     before = tl.zeros([1], dtype=tl.int64)  # rows of the destinations before d
@@ -468,7 +469,7 @@ def _token_place_kernel(
         tl.store(pos_ptr + t * W + d, tl.where(has > 0, start + rank, -1), mask=t < T)
         if b == 0:
             tl.store(rows_ptr + d * rows_stride, tl.sum(total, axis=0))
-        before += tl.sum(total, axis=0)
+        before += tl.sum(total, axis=0) + 1  # and the spare row
 
 
 _launch_token_place = _Launcher(_token_place_kernel)

@@ -142,17 +142,25 @@ def grads_equal(model, compile_fn, x, *, atol, rtol):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
-def _compile_moe(model):
-    """``model`` compiled with the strict "moe" backend (aot_eager); returns it and the backend
+def _compile_moe(model, **options):
+    """``model`` compiled with the strict "moe" backend (aot_eager; more of
+    :func:`fx_passes.moe_backend`'s ``options``); returns it and the backend
     (``backend.matches``)."""
-    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
+    backend = fx_passes.moe_backend(inner="aot_eager", strict=True, **options)
     torch._dynamo.reset()
     return torch.compile(model, backend=backend, fullgraph=True), backend
 
 
 # ----------------------------------------------------------------------------- gloo cases
 def ep_equal(
-    make, dtype: torch.dtype, tokens: int = 6, *, blocks: int = 1, shard=None, low: float = 3e-2
+    make,
+    dtype: torch.dtype,
+    tokens: int = 6,
+    *,
+    blocks: int = 1,
+    shard=None,
+    low: float = 3e-2,
+    **options,
 ) -> int:
     """On every rank of the default group: compile ``make()`` with the "moe" backend (aot_eager),
     which must rewrite ``blocks`` MoE blocks, and check its output and gradients (within
@@ -163,7 +171,8 @@ def ep_equal(
     stacked parameter) must equal the copy's. Every other gradient is summed over the ranks
     first: the replicated parts see only this rank's tokens, and stacked ``[E, ...]`` weights
     that stay whole are sliced by the rewrite. Returns the expert parameters this rank keeps (0
-    without ``shard``). ``make`` is sent to the ranks: a class or a ``functools.partial``."""
+    without ``shard``). ``make`` is sent to the ranks: a class or a ``functools.partial``.
+    ``options`` go to :func:`fx_passes.moe_backend`."""
     rank, W = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = make().to(dtype)
@@ -175,7 +184,7 @@ def ep_equal(
     (ref * g_all).sum().backward()
     assert shard in (None, "experts", "stacked"), shard
     info = fx_passes.shard_experts(model, stack=shard == "stacked") if shard else []
-    compiled, backend = _compile_moe(model)
+    compiled, backend = _compile_moe(model, **options)
     out = compiled(x_all[mine])
     (out * g_all[mine]).sum().backward()
     assert len(backend.matches) == blocks, backend.matches

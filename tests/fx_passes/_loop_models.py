@@ -38,10 +38,11 @@ class Block(nn.Module):
         act=F.silu,
         bias=False,
         num_experts=E,
+        top_k=K,
     ):
         super().__init__()
         self.variant, self.routing, self.renorm = variant, routing, renorm
-        self.num_experts = num_experts
+        self.num_experts, self.top_k = num_experts, top_k
         self.router = nn.Linear(H, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(act, bias) for _ in range(num_experts))
         self.shared = Expert() if shared or variant == "base_acc" else None
@@ -50,11 +51,11 @@ class Block(nn.Module):
         logits = self.router(x)
         if self.routing == "sigmoid":
             scores = torch.sigmoid(logits.float())
-            _, idx = torch.topk(scores, K, dim=-1)
+            _, idx = torch.topk(scores, self.top_k, dim=-1)
             w = scores.gather(1, idx)
         else:
             probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-            w, idx = torch.topk(probs, K, dim=-1)
+            w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.renorm:
             w = w / w.sum(-1, keepdim=True)
         return w.to(x.dtype), idx
@@ -93,7 +94,7 @@ class Block(nn.Module):
 
     # family C: boolean-mask loop over slots and experts
     def _mask_loop(self, x, w, idx, out):
-        for k in range(K):
+        for k in range(self.top_k):
             for e in range(self.num_experts):
                 m = idx[:, k] == e
                 out[m] += self.experts[e](x[m]) * w[m, k, None]

@@ -37,31 +37,35 @@ top_w = topk[0]
 top_i = topk[1]
 sum_1 = top_w.sum(-1, keepdim = True)
 top_w_1 = top_w / sum_1
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '', 1)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '', 1, False)
 getitem_7 = dispatch_default[0]
 getitem_8 = dispatch_default[1]
-getitem_9 = dispatch_default[2]
-getitem_10 = dispatch_default[3]
+getitem_9 = dispatch_default[3]
+getitem_10 = dispatch_default[2]
 getitem_11 = dispatch_default[4]
 getitem_12 = dispatch_default[5]
 getitem_13 = dispatch_default[6]
+getitem_14 = dispatch_default[8]
+getitem_15 = dispatch_default[9]
+getitem_16 = dispatch_default[10]
+getitem_17 = dispatch_default[11]
 size = getitem_7.size(0)
 repeat_interleave_1 = torch.repeat_interleave(getitem_8, output_size = size)
 to_1 = repeat_interleave_1.to(torch.int64)
 cumsum = torch.cumsum(getitem_8, 0, dtype = torch.int32)
 _grouped_mm = torch._grouped_mm(getitem_7, l_self_parameters_gate_up_, offs = cumsum)
-getitem_14 = l_self_parameters_b_up_[to_1]
-add__1 = _grouped_mm.add_(getitem_14)
+getitem_18 = l_self_parameters_b_up_[to_1]
+add__1 = _grouped_mm.add_(getitem_18)
 chunk_1 = _grouped_mm.chunk(2, dim = -1)
-getitem_15 = chunk_1[0]
-getitem_16 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_15)
-mul_2 = silu_1 * getitem_16
+getitem_19 = chunk_1[0]
+getitem_20 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_19)
+mul_2 = silu_1 * getitem_20
 cumsum_1 = torch.cumsum(getitem_8, 0, dtype = torch.int32)
 _grouped_mm_1 = torch._grouped_mm(mul_2, l_self_parameters_down_, offs = cumsum_1)
 combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_1, top_w_1, <layout>, '', 1)
-getitem_17 = combine_default[0]
-return (getitem_17,)""",
+getitem_21 = combine_default[0]
+return (getitem_21,)""",
     )
 
 
@@ -81,45 +85,49 @@ top_w = topk[0]
 top_i = topk[1]
 sum_1 = top_w.sum(-1, keepdim = True)
 top_w_1 = top_w / sum_1
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '<group>', 2)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '<group>', 2, False)
 getitem_6 = dispatch_default[0]
 getitem_7 = dispatch_default[1]
-getitem_8 = dispatch_default[2]
-getitem_9 = dispatch_default[3]
+getitem_8 = dispatch_default[3]
+getitem_9 = dispatch_default[2]
 getitem_10 = dispatch_default[4]
 getitem_11 = dispatch_default[5]
 getitem_12 = dispatch_default[6]
-getitem_13 = l_self_parameters_gate_up_[slice(0, 2, None)]
-getitem_14 = l_self_parameters_down_[slice(0, 2, None)]
-transpose = getitem_13.transpose(-2, -1)
-getitem_15 = dispatch_default[7]
-tolist = getitem_15.tolist()
+getitem_13 = dispatch_default[8]
+getitem_14 = dispatch_default[9]
+getitem_15 = dispatch_default[10]
+getitem_16 = dispatch_default[11]
+getitem_17 = l_self_parameters_gate_up_[slice(0, 2, None)]
+getitem_18 = l_self_parameters_down_[slice(0, 2, None)]
+transpose = getitem_17.transpose(-2, -1)
+getitem_19 = dispatch_default[7]
+tolist = getitem_19.tolist()
 split = torch.functional.split(getitem_6, tolist)
-getitem_16 = split[0]
-getitem_17 = transpose[0]
-mm = torch.mm(getitem_16, getitem_17)
-getitem_18 = split[1]
-getitem_19 = transpose[1]
-mm_1 = torch.mm(getitem_18, getitem_19)
+getitem_20 = split[0]
+getitem_21 = transpose[0]
+mm = torch.mm(getitem_20, getitem_21)
+getitem_22 = split[1]
+getitem_23 = transpose[1]
+mm_1 = torch.mm(getitem_22, getitem_23)
 cat = torch.cat([mm, mm_1])
 chunk_1 = cat.chunk(2, dim = -1)
-getitem_20 = chunk_1[0]
-getitem_21 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_20)
-mul_2 = silu_1 * getitem_21
-transpose_1 = getitem_14.transpose(-2, -1)
-tolist_1 = getitem_15.tolist()
+getitem_24 = chunk_1[0]
+getitem_25 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_24)
+mul_2 = silu_1 * getitem_25
+transpose_1 = getitem_18.transpose(-2, -1)
+tolist_1 = getitem_19.tolist()
 split_1 = torch.functional.split(mul_2, tolist_1)
-getitem_22 = split_1[0]
-getitem_23 = transpose_1[0]
-mm_2 = torch.mm(getitem_22, getitem_23)
-getitem_24 = split_1[1]
-getitem_25 = transpose_1[1]
-mm_3 = torch.mm(getitem_24, getitem_25)
+getitem_26 = split_1[0]
+getitem_27 = transpose_1[0]
+mm_2 = torch.mm(getitem_26, getitem_27)
+getitem_28 = split_1[1]
+getitem_29 = transpose_1[1]
+mm_3 = torch.mm(getitem_28, getitem_29)
 cat_1 = torch.cat([mm_2, mm_3])
 combine_default = torch.ops.moe_ops.combine.default(cat_1, top_w_1, <layout>, '<group>', 2)
-getitem_26 = combine_default[0]
-return (getitem_26,)""",
+getitem_30 = combine_default[0]
+return (getitem_30,)""",
     )
 
 

@@ -47,14 +47,18 @@ top_1 = top / add
 input_1 = torch._C._nn.linear(l_x_, shared.0.weight, shared.0.bias)
 input_2 = torch.nn.functional.silu(input_1, inplace = False)
 input_3 = torch._C._nn.linear(input_2, shared.2.weight, shared.2.bias)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '', 1)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '', 1, False)
 getitem_4 = dispatch_default[0]
 getitem_5 = dispatch_default[1]
-getitem_6 = dispatch_default[2]
-getitem_7 = dispatch_default[3]
+getitem_6 = dispatch_default[3]
+getitem_7 = dispatch_default[2]
 getitem_8 = dispatch_default[4]
 getitem_9 = dispatch_default[5]
 getitem_10 = dispatch_default[6]
+getitem_11 = dispatch_default[8]
+getitem_12 = dispatch_default[9]
+getitem_13 = dispatch_default[10]
+getitem_14 = dispatch_default[11]
 to_2 = getitem_5.to(torch.int64)
 cumsum_1 = torch.cumsum(to_2, 0, dtype = torch.int32)
 transpose_3 = l_self_parameters_w1_.transpose(-2, -1)
@@ -66,8 +70,8 @@ _grouped_mm_4 = torch._grouped_mm(getitem_4, transpose_4, offs = cumsum_1)
 mul_2 = silu_2 * _grouped_mm_4
 _grouped_mm_5 = torch._grouped_mm(mul_2, transpose_5, offs = cumsum_1)
 combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_5, top_1, <layout>, '', 1)
-getitem_11 = combine_default[0]
-add_1 = input_3 + getitem_11
+getitem_15 = combine_default[0]
+add_1 = input_3 + getitem_15
 return (add_1,)""",
     )
 
@@ -88,49 +92,53 @@ topk = logits.topk(2, dim = 1)
 top_v = topk[0]
 top_i = topk[1]
 softmax = torch.softmax(top_v, dim = 1)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '<group>', 2)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '<group>', 2, False)
 getitem_29 = dispatch_default[0]
 getitem_30 = dispatch_default[1]
-getitem_31 = dispatch_default[2]
-getitem_32 = dispatch_default[3]
+getitem_31 = dispatch_default[3]
+getitem_32 = dispatch_default[2]
 getitem_33 = dispatch_default[4]
 getitem_34 = dispatch_default[5]
 getitem_35 = dispatch_default[6]
-getitem_36 = l_self_parameters_w_in_[slice(2, 4, None)]
-getitem_37 = l_self_parameters_w_out_[slice(2, 4, None)]
+getitem_36 = dispatch_default[8]
+getitem_37 = dispatch_default[9]
+getitem_38 = dispatch_default[10]
+getitem_39 = dispatch_default[11]
+getitem_40 = l_self_parameters_w_in_[slice(2, 4, None)]
+getitem_41 = l_self_parameters_w_out_[slice(2, 4, None)]
 to = getitem_30.to(torch.int64)
-getitem_38 = to[0]
-getitem_39 = dispatch_default[7]
-to_1 = getitem_39.to(torch.int64)
-getitem_40 = to_1[0]
-item_4 = getitem_40.item()
-getitem_41 = to[1]
-getitem_42 = to_1[1]
-item_5 = getitem_42.item()
+getitem_42 = to[0]
+getitem_43 = dispatch_default[7]
+to_1 = getitem_43.to(torch.int64)
+getitem_44 = to_1[0]
+item_4 = getitem_44.item()
+getitem_45 = to[1]
+getitem_46 = to_1[1]
+item_5 = getitem_46.item()
 split_2 = getitem_29.split([item_4, item_5], dim = 0)
-getitem_43 = split_2[0]
-getitem_44 = split_2[1]
-getitem_45 = getitem_36[0]
-linear_9 = torch._C._nn.linear(getitem_43, getitem_45)
-getitem_46 = getitem_36[1]
-linear_10 = torch._C._nn.linear(getitem_44, getitem_46)
+getitem_47 = split_2[0]
+getitem_48 = split_2[1]
+getitem_49 = getitem_40[0]
+linear_9 = torch._C._nn.linear(getitem_47, getitem_49)
+getitem_50 = getitem_40[1]
+linear_10 = torch._C._nn.linear(getitem_48, getitem_50)
 cat_2 = torch.cat([linear_9, linear_10], dim = 0)
 chunk_1 = cat_2.chunk(2, dim = -1)
-getitem_47 = chunk_1[0]
-getitem_48 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_47)
-mul_2 = silu_1 * getitem_48
+getitem_51 = chunk_1[0]
+getitem_52 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_51)
+mul_2 = silu_1 * getitem_52
 split_3 = mul_2.split([item_4, item_5], dim = 0)
-getitem_49 = split_3[0]
-getitem_50 = split_3[1]
-getitem_51 = getitem_37[0]
-linear_11 = torch._C._nn.linear(getitem_49, getitem_51)
-getitem_52 = getitem_37[1]
-linear_12 = torch._C._nn.linear(getitem_50, getitem_52)
+getitem_53 = split_3[0]
+getitem_54 = split_3[1]
+getitem_55 = getitem_41[0]
+linear_11 = torch._C._nn.linear(getitem_53, getitem_55)
+getitem_56 = getitem_41[1]
+linear_12 = torch._C._nn.linear(getitem_54, getitem_56)
 cat_3 = torch.cat([linear_11, linear_12], dim = 0)
 combine_default = torch.ops.moe_ops.combine.default(cat_3, softmax, <layout>, '<group>', 2)
-getitem_53 = combine_default[0]
-return (getitem_53,)""",
+getitem_57 = combine_default[0]
+return (getitem_57,)""",
     )
 
 

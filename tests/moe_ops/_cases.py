@@ -711,3 +711,83 @@ def cuda_syncs(fn) -> tuple[object, list[str]]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return result, [f"{w.filename}:{w.lineno}" for w in caught if _SYNC_WARNING in str(w.message)]
+
+
+# ----------------------------------------------------------------------------- sum_per_rank
+def _sum_tol(dtype: torch.dtype) -> dict:
+    """Per-rank sums round each rank's partial sum to the dtype before the sum over ranks."""
+    return {
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+        torch.float16: dict(rtol=4e-3, atol=4e-3),
+    }[dtype]
+
+
+def per_rank_sums(spec: Spec) -> dict:
+    """dispatch(sum_per_rank=True) + combine against the reference, forward and backward, and
+    the rows each exchange moved (``[rows sent, rows received, width]`` per all-to-all, in call
+    order)."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    E = inp.num_experts
+    x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+    w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
+    moved = []
+
+    def a2a(out, inp_, out_splits, in_splits, group):
+        moved.append([inp_.shape[0], out.shape[0], inp_.shape[1]])
+        return real(out, inp_, out_splits, in_splits, group)
+
+    real = _comm.all_to_all
+    with mock.patch.object(_comm, "all_to_all", a2a):
+        recv_x, handle = moe_ops.dispatch(x, inp.idxs[r].to(dev), E, sum_per_rank=True)
+        n_dispatch = len(moved)
+        expert_out = expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
+        out = moe_ops.combine(expert_out, handle, w)
+        n_combine = len(moved) - n_dispatch
+        g = torch.Generator().manual_seed(spec.seed + 17)
+        grads_out = [
+            torch.randn((t.shape[0], spec.Hp), generator=g, dtype=torch.float64).to(spec.dtype)
+            for t in inp.xs
+        ]
+        out.backward(grads_out[r].to(dev))
+    n_backward = len(moved) - n_dispatch - n_combine
+
+    ref_xs = [t.clone().requires_grad_(True) for t in inp.xs]
+    ref_ws = None if inp.ws is None else [t.clone().requires_grad_(True) for t in inp.ws]
+    ref_disp = reference_dispatch(ref_xs, inp.idxs, E)
+    ref_eo = [expert_fn(rx, tpe, spec.Hp) for rx, tpe in ref_disp]
+    ref_out = reference_combine(ref_eo, inp.idxs, E, ref_ws)
+    assert torch.equal(recv_x.detach().cpu(), ref_disp[r][0].detach())
+    assert out.dtype == spec.dtype and out.shape == (inp.xs[r].shape[0], spec.Hp)
+    torch.testing.assert_close(out.detach().cpu(), ref_out[r].detach(), **_sum_tol(spec.dtype))
+    live = [(o, go) for o, go in zip(ref_out, grads_out, strict=True) if o.requires_grad]
+    if live:
+        torch.autograd.backward([o for o, _ in live], [go for _, go in live])
+    ref_gx = ref_xs[r].grad if ref_xs[r].grad is not None else torch.zeros_like(ref_xs[r])
+    torch.testing.assert_close(x.grad.cpu(), ref_gx, **_sum_tol(spec.dtype))
+    if w is not None:
+        ref_gw = ref_ws[r].grad if ref_ws[r].grad is not None else torch.zeros_like(ref_ws[r])
+        torch.testing.assert_close(w.grad.cpu(), ref_gw, **_sum_tol(spec.dtype))
+    return dict(
+        moved=moved,
+        calls=(n_dispatch, n_combine, n_backward),
+        token_rows=int(handle.layout.token_send_splits.sum()) if W > 1 else 0,
+        pairs=int(handle.layout.send_splits.sum()),
+    )
+
+
+def per_rank_disagree() -> str:
+    """Rank 0 asks for per-rank sums, the others not: every rank raises before any row moves,
+    and the next call works."""
+    r, W = rank_and_world()
+    inp, spec = _good(W, seed=6)
+    inp = make_inputs(dataclasses.replace(spec, K=W + 2), W)
+    with pytest.raises(ValueError) as info:
+        moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts, sum_per_rank=r == 0)
+    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts, sum_per_rank=True)
+    out = moe_ops.combine(recv_x, handle, inp.ws[r])
+    assert out.shape == inp.xs[r].shape
+    return str(info.value)

@@ -17,6 +17,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbol
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import moe_ops
+from moe_ops._ops import DispatchOutputs
 
 T, K, E, H, HP = 6, 2, 4, 5, 3
 
@@ -60,10 +61,8 @@ _OPCHECK_CASES = {
 
 def _raw_dispatch(x, idx):
     """recv_x and the layout tensors in the order combine takes them."""
-    recv_x, _, send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits, _ = (
-        torch.ops.moe_ops.dispatch(x, idx, E, "", 1)
-    )
-    return recv_x, (pair_pos, send_pair_idx, recv_perm, send_splits, recv_splits)
+    out = DispatchOutputs(*torch.ops.moe_ops.dispatch(x, idx, E, "", 1))
+    return out.recv_x, tuple(out.layout())
 
 
 @pytest.mark.parametrize("case", list(_OPCHECK_CASES))
@@ -270,7 +269,7 @@ def test_fake_process_group_compile_graph(fake_world):
         out, tpe = torch.compile(f, backend=backend, fullgraph=True)(x, idx, w)
     assert tuple(tpe.shape) == (4,) and tuple(out.shape) == (T, H)
     (disp,) = [n for n in graphs[0].graph.nodes if n.target == torch.ops.moe_ops.dispatch.default]
-    assert disp.args[2:] == (8, dist.group.WORLD.group_name, 2)
+    assert disp.args[2:] == (8, dist.group.WORLD.group_name, 2, False)
 
 
 def test_fake_cuda_tensors_need_no_gpu():

@@ -73,3 +73,18 @@ def test_dispatch_one_bad_rank(nccl_world, W, kind):
 # for the bad rank, which the case asserts (at W = 4 one rank has none).
 def test_combine_one_bad_rank_gives_nan_rows(nccl_world):
     nccl_world(2).run(_cases.one_bad_rank_combine_nan, 0)
+
+
+PER_RANK_SPECS = {
+    "k4-bf16-Hp9": SPECS["k4-bf16-Hp9"],
+    "big-k8-bf16": Spec(T=(300, 200), K=8, E_l=4, H=64, Hp=32, dtype=bf16, seed=9),
+    "k6-f32-noweights": Spec(T=(9, 4, 0, 5), K=6, E_l=2, weights=False, seed=8),
+    "T0-everywhere-k5": Spec(T=(0,), K=5, dtype=bf16),
+}
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("name", list(PER_RANK_SPECS))
+def test_sum_per_rank(nccl_world, W, name):
+    """``sum_per_rank=True`` (Triton kernels, NCCL) against the reference, within rounding."""
+    nccl_world(W).run(_cases.per_rank_sums, PER_RANK_SPECS[name])

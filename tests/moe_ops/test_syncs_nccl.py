@@ -35,7 +35,9 @@ _EQUAL_T = Spec(T=(32,), K=4, E_l=3, H=32, dtype=bf16, seed=6)
 
 
 def _capacity_kwargs(mode: str) -> dict:
-    return {} if mode == "default" else dict(capacity="worst-case")
+    return dict(default={}, capacity=dict(capacity="worst-case"), per_rank=dict(sum_per_rank=True))[
+        mode
+    ]
 
 
 def _one_round(x, idx, w, g, E: int, kwargs: dict) -> dict[str, int]:
@@ -64,15 +66,16 @@ def count_syncs_case(spec: Spec, mode: str, triton: bool) -> dict[str, int]:
 
 
 def _want(mode: str) -> dict[str, int]:
-    return dict(dispatch=1 if mode == "default" else 0, combine=0, combine_bwd=0, dispatch_bwd=0)
+    syncs = 0 if mode == "capacity" else 1
+    return dict(dispatch=syncs, combine=0, combine_bwd=0, dispatch_bwd=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("W", [1, 2, 4])
-@pytest.mark.parametrize("mode", ["default", "capacity"])
+@pytest.mark.parametrize("mode", ["default", "capacity", "per_rank"])
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
 def test_syncs_nccl(nccl_world, W, mode, triton):
-    spec = _SPEC if mode == "default" else _EQUAL_T
+    spec = _EQUAL_T if mode == "capacity" else _SPEC
     got = nccl_world(W).run(count_syncs_case, spec, mode, triton)
     assert got == [_want(mode)] * W
 
@@ -123,6 +126,8 @@ def host_reads_case(spec: Spec, mode: str) -> dict[str, int]:
             for t in (
                 getattr(handle.layout, "send_splits", None),  # default mode only
                 getattr(handle.layout, "recv_splits", None),
+                getattr(handle.layout, "token_send_splits", None),
+                getattr(handle.layout, "token_recv_splits", None),
                 handle.tokens_per_expert_host,
             )
             if t is not None and t.numel() > 0
@@ -145,11 +150,11 @@ def host_reads_case(spec: Spec, mode: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("W", [2, 3])
-@pytest.mark.parametrize("mode", ["default", "capacity"])
+@pytest.mark.parametrize("mode", ["default", "capacity", "per_rank"])
 def test_host_reads_gloo(gloo_world, W, mode):
     spec = Spec(T=(9,), K=3, E_l=2, H=6, Hp=6, seed=7)
     for got in gloo_world(W).run(host_reads_case, spec, mode):
-        if mode == "default":
+        if mode != "capacity":
             # dispatch reads the counts it synced for (so the recorder works inside the ops)
             assert got["read_to_host"] == 1 and got["dispatch_reads"] > 0, got
         else:

@@ -1,0 +1,44 @@
+"""The "moe" backend with ``sum_per_rank=True``: the rewrite passes the option to
+``moe_ops.dispatch``, and a compiled block with more slots than ranks (K > W) matches the
+single-device block on a gloo world, forward and gradients, with the experts sharded."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+import fx_passes
+from tests.fx_passes import _loop_models as M
+from tests.fx_passes._harness import capture, ep_equal, make_x
+
+
+def test_the_rewrite_passes_the_option():
+    model = M.Block("onehot_where", num_experts=8, top_k=4)
+    for option in (False, True):
+        _, graphs, matches, _ = capture(model, make_x(), sum_per_rank=option)
+        assert len(matches) == 1
+        dispatches = [
+            n
+            for g in graphs
+            for n in g.graph.nodes
+            if n.target is torch.ops.moe_ops.dispatch.default
+        ]
+        assert [n.args[5] for n in dispatches] == [option]
+
+
+def test_compile_option_is_accepted():
+    backend = fx_passes.moe_backend(inner="aot_eager", sum_per_rank=True)
+    model = M.Block("onehot_where", num_experts=8, top_k=4)
+    torch._dynamo.reset()
+    x = make_x()
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_expert_parallel_gloo(gloo_world):
+    make = partial(M.Stack, 1, variant="onehot_where", num_experts=8, top_k=4)
+    kept = gloo_world(2).run(
+        ep_equal, make, torch.float32, 8, shard="experts", low=2e-2, sum_per_rank=True
+    )
+    assert kept[0] == kept[1] > 0

@@ -1,0 +1,104 @@
+"""``moe_ops.dispatch(..., sum_per_rank=True)``: combine sums each token's slots on the rank of
+their experts and one row per (token, rank) comes back (K > W). Gloo worlds against
+``moe_ops.reference`` (equal up to the rounding of the per-rank partial sums), the rows each
+exchange moved, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import _layout
+from moe_ops._kernels import torch_kernels
+from tests.moe_ops import _cases
+from tests.moe_ops._cases import Spec
+
+bf16, f32, f64 = torch.bfloat16, torch.float32, torch.float64
+
+SPECS = {
+    "k4-f32": Spec(K=4, E_l=2, Hp=7),
+    "k6-El1-bf16": Spec(T=(9, 4, 0, 5), K=6, E_l=1, dtype=bf16, seed=8),
+    "k5-f64-noweights": Spec(K=5, E_l=3, dtype=f64, weights=False, Hp=3),
+    "skewed-k4-bf16-w32": Spec(T=(12, 1, 7, 0), K=4, routing="skewed", dtype=bf16, w_dtype=f32),
+    "all_unused-k5": Spec(K=5, routing="all_unused"),
+    "T0-everywhere-k5": Spec(T=(0,), K=5),
+    "to_rank0-k4": Spec(K=4, routing="to_rank0", seed=2),
+}
+
+
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_matches_reference(gloo_world, W, name):
+    gloo_world(W).run(_cases.per_rank_sums, SPECS[name])
+
+
+def test_token_rows_come_back(gloo_world):
+    """Combine's exchange back and both backward payload exchanges move token rows (one per
+    token and rank, plus a spare row per rank), not one row per (token, slot); the weights and
+    the weight gradient travel as ``[K]`` rows the same way."""
+    W, spec = 2, Spec(T=(40, 33), K=6, E_l=4, H=5, Hp=7, seed=1)
+    for res in gloo_world(W).run(_cases.per_rank_sums, spec):
+        n_dispatch, n_combine, n_backward = res["calls"]
+        assert (n_dispatch, n_combine, n_backward) == (3, 2, 4)
+        tok, pairs = res["token_rows"], res["pairs"]
+        assert tok < pairs  # six slots over two ranks: tokens share ranks
+        fwd = res["moved"][n_dispatch : n_dispatch + n_combine]
+        bwd = res["moved"][n_dispatch + n_combine :]
+        # combine: the weights go out ([K] per token row), the partial sums come back
+        assert fwd[0][0] == tok + W and fwd[0][2] == spec.K
+        assert fwd[1][1] == tok + W and fwd[1][2] == spec.Hp
+        # combine's backward: the gradient's token rows go out, the weight gradient comes back;
+        # then dispatch's backward, a combine without weights (ones travel) back to x's rows
+        assert bwd[0][0] == tok + W and bwd[0][2] == spec.Hp
+        assert bwd[1][1] == tok + W and bwd[1][2] == spec.K
+        assert bwd[2][0] == tok + W and bwd[2][2] == spec.K
+        assert bwd[3][1] == tok + W and bwd[3][2] == spec.H
+
+
+def test_default_sums_stay_in_slot_order(gloo_world):
+    """Without the option combine still moves one row per pair (the slot-order contract)."""
+    res = gloo_world(2).run(_cases.count_calls, Spec(K=4, E_l=2))
+    assert res[0] == _cases.expected_calls(2, 4)
+
+
+def test_single_rank_and_k_not_above_w_unchanged():
+    """At W = 1 the option changes nothing (no token rows, the result bit for bit)."""
+    spec = Spec(K=4, E_l=3, seed=3)
+    inp = _cases.make_inputs(spec, 1)
+    x, idx, w = inp.xs[0], inp.idxs[0], inp.ws[0]
+    a, ha = moe_ops.dispatch(x, idx, inp.num_experts, sum_per_rank=True)
+    b, hb = moe_ops.dispatch(x, idx, inp.num_experts)
+    assert ha.layout.token_pos.shape == (0, 0)
+    assert torch.equal(moe_ops.combine(a * 3, ha, w), moe_ops.combine(b * 3, hb, w))
+
+
+def test_errors():
+    x, idx = torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="sum_per_rank is a default-mode option"):
+        moe_ops.dispatch(x, idx, 2, capacity="worst-case", sum_per_rank=True)
+    with pytest.raises(TypeError, match="sum_per_rank must be a bool"):
+        moe_ops.dispatch(x, idx, 2, sum_per_rank=1)
+
+
+def test_ranks_that_disagree_raise(gloo_world):
+    msgs = gloo_world(2).run(_cases.per_rank_disagree)
+    assert all("sum_per_rank" in m for m in msgs)
+
+
+def test_token_rows_leave_a_spare_row_per_rank():
+    """Token rows are laid out like the payload: a spare row after each destination's chunk
+    (the status row on the way back), not counted in the rows sent."""
+    idx = torch.tensor([[0, 3], [1, 2], [3, -1]])
+    tok = _layout.token_rows(idx, 4, 2)
+    assert tok.pos_TW.tolist() == [[0, 3], [1, 4], [-1, 5]]
+    assert tok.rows_W.tolist() == [2, 3]
+
+
+def test_scatter_into_out_keeps_other_rows():
+    """``scatter_rows(..., out=)`` writes only the rows pairs point at (the spare rows of the
+    slots dispatch sends with token rows stay -1, no slot)."""
+    src = torch.tensor([[1, 2], [3, 4]], dtype=torch.int32)
+    out = torch.full((4, 2), -1, dtype=torch.int32)
+    torch_kernels.scatter_rows(src, torch.tensor([[2], [0]]), None, 4, out=out)
+    assert out.tolist() == [[3, 4], [-1, -1], [1, 2], [-1, -1]]
