@@ -157,21 +157,9 @@ def _dispatch(
     group_name: str,
     world_size: int,
     sum_per_rank: bool = False,
-) -> tuple[
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-    Tensor,
-]:
+) -> tuple[Tensor, ...]:
+    """The op's outputs: :class:`DispatchOutputs`, in order (its schema is written from that
+    class: ``_DISPATCH_SCHEMA``)."""
     group = _comm.resolve_group(group_name, world_size)
     W, E = world_size, num_experts
     err = check_dispatch(x, topk_idx, E, W)
@@ -186,8 +174,12 @@ def _dispatch(
     return _dispatch_group(kern, x, topk_idx, E, group, sum_per_rank)
 
 
+_DISPATCH_SCHEMA = (
+    "(Tensor x, Tensor topk_idx, int num_experts, str group_name, int world_size, "
+    "bool sum_per_rank=False) -> (" + ", ".join(["Tensor"] * len(DispatchOutputs._fields)) + ")"
+)
 dispatch_op = torch.library.custom_op(
-    "moe_ops::dispatch", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE
+    "moe_ops::dispatch", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE, schema=_DISPATCH_SCHEMA
 )(_dispatch)
 
 

@@ -42,3 +42,12 @@ def test_expert_parallel_gloo(gloo_world):
         ep_equal, make, torch.float32, 8, shard="experts", low=2e-2, sum_per_rank=True
     )
     assert kept[0] == kept[1] > 0
+
+
+def test_backend_name_takes_the_option():
+    model = M.Block("onehot_where", num_experts=8, top_k=4)
+    torch._dynamo.reset()
+    x = make_x()
+    opts = {"inner": "aot_eager", "strict": True, "sum_per_rank": True}
+    out = torch.compile(model, backend="moe", options=opts, fullgraph=True)(x)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)

@@ -503,11 +503,16 @@ def _bad_combine_input(kind: str, recv_x, w):
     raise AssertionError(kind)
 
 
-def one_bad_rank_combine(bad_rank: int, kind: str) -> str:
-    """Only ``bad_rank`` passes bad input to combine: every rank raises (CPU), then it works."""
+def one_bad_rank_combine(bad_rank: int, kind: str, sum_per_rank: bool = False) -> str:
+    """Only ``bad_rank`` passes bad input to combine: every rank raises (CPU), then it works.
+    With ``sum_per_rank`` the slots (K = W + 2) are summed per rank."""
     r, W = rank_and_world()
     inp, spec = _good(W, seed=4)
-    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts)
+    if sum_per_rank:
+        spec = dataclasses.replace(spec, K=W + 2)
+        inp = make_inputs(spec, W)
+    E = inp.num_experts
+    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], E, sum_per_rank=sum_per_rank)
     assert recv_x.shape[0] > 1
     eo, w = recv_x, inp.ws[r]
     if r == bad_rank:
@@ -521,7 +526,10 @@ def one_bad_rank_combine(bad_rank: int, kind: str) -> str:
     out = moe_ops.combine(recv_x, handle, inp.ws[r])
     ref = reference_dispatch(inp.xs, inp.idxs, inp.num_experts)
     want = reference_combine([rx for rx, _ in ref], inp.idxs, inp.num_experts, inp.ws)[r]
-    assert torch.equal(out, want)
+    if sum_per_rank:
+        torch.testing.assert_close(out, want, **_sum_tol(spec.dtype))
+    else:
+        assert torch.equal(out, want)
     _next_call_works(inp, spec, r)
     return type(info.value).__name__
 

@@ -20,6 +20,7 @@ SPECS = {
     "k4-f32": Spec(K=4, E_l=2, Hp=7),
     "k6-El1-bf16": Spec(T=(9, 4, 0, 5), K=6, E_l=1, dtype=bf16, seed=8),
     "k5-f64-noweights": Spec(K=5, E_l=3, dtype=f64, weights=False, Hp=3),
+    "k4-f64-Hp2": Spec(K=4, E_l=2, dtype=f64, Hp=2, seed=4),
     "skewed-k4-bf16-w32": Spec(T=(12, 1, 7, 0), K=4, routing="skewed", dtype=bf16, w_dtype=f32),
     "all_unused-k5": Spec(K=5, routing="all_unused"),
     "T0-everywhere-k5": Spec(T=(0,), K=5),
@@ -102,3 +103,11 @@ def test_scatter_into_out_keeps_other_rows():
     out = torch.full((4, 2), -1, dtype=torch.int32)
     torch_kernels.scatter_rows(src, torch.tensor([[2], [0]]), None, 4, out=out)
     assert out.tolist() == [[3, 4], [-1, -1], [1, 2], [-1, -1]]
+
+
+@pytest.mark.parametrize("kind", ["rows_too_few", "w_shape", "eo_meta"])
+def test_combine_one_bad_rank(gloo_world, kind):
+    """A bad combine input on one rank: it raises, its peers raise ``PeerInputError`` (the
+    status rows of the partial sums), nobody hangs, and the next calls work."""
+    raised = gloo_world(2).run(_cases.one_bad_rank_combine, 0, kind, True, timeout=60)
+    assert raised[1] == "PeerInputError"
