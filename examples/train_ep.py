@@ -426,7 +426,7 @@ def _train(args, rank: int, W: int, device: torch.device) -> bool:
     if start >= args.steps:
         raise SystemExit(f"the checkpoint is at step {start}; ask for --steps > {start}")
     if not theirs:
-        backend = fx_passes.moe_backend(inner=inner)
+        backend = fx_passes.moe_backend(inner=inner, sum_per_rank=args.sum_per_rank)
         compiled = torch.compile(model, backend=backend, fullgraph=True)
         e_l = s.experts // W
         _say(
@@ -596,6 +596,11 @@ def parse_args(argv=None):
         choices=("moe", "transformers"),
         default="moe",
         help="moe: shard_experts + the moe backend; transformers: its own EP + FSDP2 (5.21+)",
+    )
+    p.add_argument(
+        "--sum-per-rank",
+        action="store_true",
+        help="moe backend: sum each token's slots on its experts' rank (top-k > W; fewer bytes)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")

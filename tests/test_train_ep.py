@@ -88,3 +88,17 @@ def test_train_ep_w2_matches_single_device_and_resumes_at_w1(tmp_path):
     corpus.write_bytes(b"other bytes " * 64)
     _, log_c = _run(tmp_path, "c", "--world-size", "1", "--steps", "4", "--resume", str(ckpt), rc=1)
     assert "changed since the checkpoint" in log_c, log_c
+
+
+@pytest.mark.skipif(under_torchrun(), reason="starts its own gloo ranks; not under torchrun")
+def test_train_ep_sum_per_rank_matches_single_device(tmp_path):
+    """``--sum-per-rank`` with top-4 of the tiny model's experts at W = 2 (K > W: combine sums
+    per rank): losses and gradient norms as on one device, within float32 rounding."""
+    a, log = _run(
+        tmp_path, "pr", "--world-size", "2", "--steps", "2", "--top-k", "4", "--sum-per-rank"
+    )
+    assert a["check"] is True, log
+    ref = a["single_device"]
+    for step, loss in a["losses"].items():
+        assert loss == pytest.approx(ref["losses"][step], rel=1e-4), (step, log)
+        assert a["grad_norms"][step] == pytest.approx(ref["norms"][step], rel=1e-3), (step, log)
