@@ -202,21 +202,29 @@ def round_trip(spec: Spec) -> None:
     assert torch.equal(out, want.to(x.dtype))
 
 
-def routing_property(idx_lists: list[list[list[int]]], E_l: int, H: int, seed: int) -> None:
-    """Hypothesis-drawn routing (``idx_lists[r][t]`` = the K ids of token t on rank r)."""
+def routing_property(
+    idx_lists: list[list[list[int]]], E_l: int, H: int, seed: int, sum_per_rank: bool = False
+) -> None:
+    """Hypothesis-drawn routing (``idx_lists[r][t]`` = the K ids of token t on rank r); with
+    ``sum_per_rank``, in float64 and equal to the reference up to rounding."""
     r, W = rank_and_world()
     K = len(next((row for rows in idx_lists for row in rows), [0]))
     idxs = [torch.tensor(rows, dtype=torch.int64).view(len(rows), K) for rows in idx_lists]
     g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn((i.shape[0], H), generator=g) for i in idxs]
-    ws = [torch.rand(i.shape, generator=g) for i in idxs]
+    dtype = torch.float64 if sum_per_rank else torch.float32
+    xs = [torch.randn((i.shape[0], H), generator=g, dtype=dtype) for i in idxs]
+    ws = [torch.rand(i.shape, generator=g, dtype=dtype) for i in idxs]
     E = E_l * W
-    recv_x, handle = moe_ops.dispatch(xs[r], idxs[r], E)
+    recv_x, handle = moe_ops.dispatch(xs[r], idxs[r], E, sum_per_rank=sum_per_rank)
     ref = reference_dispatch(xs, idxs, E)
     assert torch.equal(recv_x, ref[r][0]) and torch.equal(handle.tokens_per_expert, ref[r][1])
     eo = [rx * 3 - 1 for rx, _ in ref]
     out = moe_ops.combine(recv_x * 3 - 1, handle, ws[r])
-    assert torch.equal(out, reference_combine(eo, idxs, E, ws)[r])
+    want = reference_combine(eo, idxs, E, ws)[r]
+    if sum_per_rank:
+        torch.testing.assert_close(out, want, **_sum_tol(dtype))
+    else:
+        assert torch.equal(out, want)
 
 
 def gradcheck_case(which: str, seed: int, checked_rank: int = 0) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import moe_ops
 from moe_ops import _layout
@@ -111,3 +113,25 @@ def test_combine_one_bad_rank(gloo_world, kind):
     status rows of the partial sums), nobody hangs, and the next calls work."""
     raised = gloo_world(2).run(_cases.one_bad_rank_combine, 0, kind, True, timeout=60)
     assert raised[1] == "PeerInputError"
+
+
+@st.composite
+def _routing(draw, world_size):
+    """Routing with more slots than ranks: every rank's ``[T, K]`` ids (-1: unused)."""
+    E_l = draw(st.integers(1, 3))
+    K = draw(st.integers(world_size + 1, world_size + 3))
+    ids = st.lists(st.integers(-1, E_l * world_size - 1), min_size=K, max_size=K)
+    per_rank = [draw(st.lists(ids, max_size=6)) for _ in range(world_size)]
+    return per_rank, E_l, draw(st.integers(1, 4)), draw(st.integers(0, 2**16))
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_routing_property(gloo_world, data):
+    idx_lists, E_l, H, seed = data.draw(_routing(2))
+    gloo_world(2).run(_cases.routing_property, idx_lists, E_l, H, seed, True)
