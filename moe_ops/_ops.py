@@ -342,7 +342,14 @@ def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False):
     ctx = torch.library.get_ctx()
     N = ctx.new_dynamic_size()
     torch._check(N <= T * K)
-    R = N if world_size == 1 else ctx.new_dynamic_size()
+    if world_size == 1:
+        R, perm_rows = N, 0
+    else:
+        # R is written as recv_perm's length minus W, not the other way round: the backward
+        # graphs get recv_perm (saved) but not always a tensor of R rows, and a compiler can
+        # only name the rows of what it is given (inductor cannot solve "R + W" for R)
+        perm_rows = ctx.new_dynamic_size(min=world_size)
+        R = perm_rows - world_size
     i64 = dict(dtype=torch.int64, device=x.device)
     cpu64 = dict(dtype=torch.int64, device="cpu")
     W = world_size
@@ -362,7 +369,7 @@ def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False):
         tokens_per_expert=torch.empty(num_experts // world_size, **i64),
         send_pair_idx=torch.empty(N, **i64),
         pair_pos=torch.empty((T, K), **i64),
-        recv_perm=torch.empty(R + world_size if world_size > 1 else 0, **i64),
+        recv_perm=torch.empty(perm_rows, **i64),
         send_splits=torch.empty(world_size, **cpu64),
         recv_splits=torch.empty(world_size, **cpu64),
         tokens_per_expert_host=torch.empty(num_experts // world_size, **cpu64),

@@ -143,10 +143,10 @@ def grads_equal(model, compile_fn, x, *, atol, rtol):
 
 
 def _compile_moe(model, **options):
-    """``model`` compiled with the strict "moe" backend (aot_eager; more of
-    :func:`fx_passes.moe_backend`'s ``options``); returns it and the backend
+    """``model`` compiled with the strict "moe" backend (aot_eager unless ``options`` say
+    otherwise; they are :func:`fx_passes.moe_backend`'s); returns it and the backend
     (``backend.matches``)."""
-    backend = fx_passes.moe_backend(inner="aot_eager", strict=True, **options)
+    backend = fx_passes.moe_backend(**{"inner": "aot_eager", "strict": True, **options})
     torch._dynamo.reset()
     return torch.compile(model, backend=backend, fullgraph=True), backend
 

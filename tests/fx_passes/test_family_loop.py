@@ -366,6 +366,15 @@ def test_expert_parallel_gloo(gloo_world, W, layers):
     assert kept == [full // W] * W
 
 
+def test_expert_parallel_gloo_inductor(gloo_world):
+    """Through inductor, training: the per-expert segments' backward gets dispatch's layout
+    but no tensor of R rows, so R must be nameable from what it gets (recv_perm's length)."""
+    make = partial(M.Stack, 1, variant="onehot_where")
+    gloo_world(2).run(
+        ep_equal, make, f32, 8, shard="experts", low=2e-2, inner="inductor", timeout=300
+    )
+
+
 def test_expert_parallel_gloo_family_c_bf16(gloo_world):
     make = partial(M.Stack, 1, variant="mask_loop")
     gloo_world(2).run(ep_equal, make, bf16, shard="experts", low=2e-2)

@@ -51,3 +51,19 @@ def test_backend_name_takes_the_option():
     opts = {"inner": "aot_eager", "strict": True, "sum_per_rank": True}
     out = torch.compile(model, backend="moe", options=opts, fullgraph=True)(x)
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_expert_parallel_gloo_inductor(gloo_world):
+    """The same through inductor (the combine's weights output has an unbacked size)."""
+    make = partial(M.Stack, 1, variant="onehot_where", num_experts=8, top_k=3)
+    gloo_world(2).run(
+        ep_equal,
+        make,
+        torch.float32,
+        8,
+        shard="experts",
+        low=2e-2,
+        sum_per_rank=True,
+        inner="inductor",
+        timeout=300,
+    )
