@@ -7,16 +7,19 @@
 ``out[T, H']`` and ``returned_rows``: the rows that came back to this rank in send order, with one
 status row per destination chunk (``[N + W, H']``); combine's backward needs them for the weight
 gradient. When ``W = 1`` nothing moves and ``returned_rows`` is ``[0, H']``: the backward uses
-``expert_out`` itself.
+``expert_out`` itself. When dispatch had ``sum_per_rank`` (the layout has token rows) the second
+output is the weights that reached this rank with the token rows (``[Rt + W, K]``), which the
+backward needs with ``expert_out`` (see :func:`_for_backward`).
 
 ``_combine_backward(grad_out, returned_rows?, topk_weights?, *Layout, group_name, world_size)``
 returns ``grad_expert_out[R, H']`` and ``grad_topk_weights[T, K]`` (``[0, 0]`` when not asked for).
 
 Host syncs: dispatch reads the counts once (``_comm.read_to_host``); combine and both backwards
-reuse the CPU split tensors (``send_splits``, ``recv_splits``: the exchange sizes are read from
-them on the host) and never sync: what they need on the device was computed by dispatch on the
-device (``recv_perm``), and constants are written with fills, never by assigning a Python scalar
-(which copies it from pageable memory). All three carry ``torch.Tag.cudagraph_unsafe``.
+reuse the CPU split tensors (``send_splits``, ``recv_splits``, and the token splits: the
+exchange sizes are read from them on the host) and never sync: what they need on the device was
+computed by dispatch on the device (``recv_perm``), and constants are written with fills, never
+by assigning a Python scalar (which copies it from pageable memory). All three carry
+``torch.Tag.cudagraph_unsafe``.
 """
 
 from __future__ import annotations
