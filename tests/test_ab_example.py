@@ -1,6 +1,7 @@
 """``examples/ab_dispatch_combine.py`` on 2 gloo ranks: another tree (this one, copied) is renamed,
-registers its ops beside the installed ones, agrees with them bit for bit and gets timed; the
-seed PR's algorithm beside them, forward only."""
+registers its ops beside the installed ones, agrees with them bit for bit and gets timed; this
+tree with ``sum_per_rank=True`` (K = 3 > W: equal up to rounding) and the seed PR's algorithm
+(forward only) beside them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(under_torchrun(), reason="starts its own gloo ranks; not under torchrun")
 def test_ab_example_runs_two_trees():
-    argv = ["--tree", f"copy={ROOT}", "--seed", "--world-size", "2", "--cpu"]
+    argv = ["--tree", f"copy={ROOT}", "--sum-per-rank", "--seed", "--world-size", "2", "--cpu"]
     argv += ["--iters", "2", "--warmup", "1", "--shapes", "40,16,3,4"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "ab_dispatch_combine.py"), *argv],
@@ -35,8 +36,10 @@ def test_ab_example_runs_two_trees():
     assert [c.strip() for c in header.strip("|").split("|")][2:] == [
         "this",
         "copy",
+        "per_rank",
         "seed",
         "copy / this",
+        "per_rank / this",
         "seed / this",
     ], header
     rows = [line for line in lines if line.startswith("| T=40 H=16 top-3/4")]
@@ -44,6 +47,7 @@ def test_ab_example_runs_two_trees():
     ratio = r"\d+\.\d+"
     for row in rows:
         _, name, *cells = [c.strip() for c in row.strip("|").split("|")]
-        assert re.fullmatch(ratio, cells[-2]), row  # the copy of this tree: timed both passes
+        # the copy of this tree and sum_per_rank: timed both passes
+        assert re.fullmatch(ratio, cells[-3]) and re.fullmatch(ratio, cells[-2]), row
         # the seed PR's algorithm has no backward
         assert re.fullmatch(ratio, cells[-1]) if name == "fwd" else cells[-1] == "n/a", row
