@@ -10,9 +10,10 @@ all-to-all):
   input is bad still takes part (flag set, counts zero) and every rank learns of it from the
   same call.
 * :func:`rows_to_experts`: rows in send order -> the rows received, source-major (dispatch
-  forward, combine backward; the caller regroups them by expert). :func:`rows_to_ranks`: the same
-  without spare rows (dispatch's rows sent once per (token, rank), and their slots).
-* :func:`rows_to_sources`: the way back (combine forward, dispatch backward). Each chunk carries
+  forward, its token rows and their slots too, the routing weights with ``sum_per_rank``, combine
+  backward; the caller regroups them by expert).
+* :func:`rows_to_sources` and :func:`rows_back`: the way back (combine forward, dispatch
+  backward, and the weight gradient with ``sum_per_rank``). Each chunk carries
   one extra status row so that a rank whose combine input is bad can still complete the exchange
   with the right sizes and tell its peers (no hang, no broken connection, and on CPU every rank
   raises; on GPU reading the flag would cost a host sync, so the bad rank's rows are NaN instead).
@@ -171,16 +172,9 @@ def rows_to_experts(
     (``M >= N + W``; rows past ``N + W`` are not sent). Returns the rows received, source-major,
     with one (unwritten) spare row after each source's chunk: ``[R + W, ...]``.
     """
-    return rows_to_ranks(rows_M, _with_spare_row(send_splits), _with_spare_row(recv_splits), group)
-
-
-def rows_to_ranks(
-    rows: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
-) -> Tensor:
-    """Payload exchange with exact splits (no spare rows): ``rows`` in send order (rows past
-    ``sum(send_splits)`` are not sent); returns the rows received, source-major."""
-    recv = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
-    all_to_all(recv, rows[: sum(send_splits)], recv_splits, send_splits, group)
+    send, recv_W = _with_spare_row(send_splits), _with_spare_row(recv_splits)
+    recv = rows_M.new_empty((sum(recv_W), *rows_M.shape[1:]))
+    all_to_all(recv, rows_M[: sum(send)], recv_W, send, group)
     return recv
 
 

@@ -136,20 +136,19 @@ def num_recv_rows(send_pair_idx: Tensor, recv_perm: Tensor, world_size: int):
     return send_pair_idx.shape[0] if world_size == 1 else recv_perm.shape[0] - world_size
 
 
-def _to_experts(
-    kern, src_TH, pair_pos, topk_weights, send_pair_idx, recv_perm, send_splits, recv_splits, group
-) -> Tensor:
+def _to_experts(kern, src_TH, topk_weights, lay: Layout, group) -> Tensor:
     """Rows of the pairs (``src[t]`` times ``w[t, k]``) to their experts, expert-major ``[R, H]``
     (combine's backward; dispatch does the same in two halves around its host read)."""
     W = 1 if group is None else group.size()
     spare = 0 if group is None else W
-    rows = kern.scatter_rows(src_TH, pair_pos, topk_weights, send_pair_idx.shape[0] + spare)
+    N = lay.send_pair_idx.shape[0]
+    rows = kern.scatter_rows(src_TH, lay.pair_pos, topk_weights, N + spare)
     if group is None:
         return rows
-    recv = _comm.rows_to_experts(rows, send_splits.tolist(), recv_splits.tolist(), group)
+    recv = _comm.rows_to_experts(rows, lay.send_splits.tolist(), lay.recv_splits.tolist(), group)
     del rows  # the send buffer's memory can serve the regrouped rows
-    R = recv_perm.shape[0] - W
-    return kern.gather_rows(recv, recv_perm[:R])
+    R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, W)
+    return kern.gather_rows(recv, lay.recv_perm[:R])
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -390,31 +389,12 @@ def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False):
 
 
 def _combine(
-    expert_out: Tensor,
-    topk_weights: Tensor | None,
-    pair_pos: Tensor,
-    send_pair_idx: Tensor,
-    recv_perm: Tensor,
-    send_splits: Tensor,
-    recv_splits: Tensor,
-    token_pos: Tensor,
-    slot_rows: Tensor,
-    token_send_splits: Tensor,
-    token_recv_splits: Tensor,
-    group_name: str,
-    world_size: int,
+    expert_out: Tensor, topk_weights: Tensor | None, *layout_group
 ) -> tuple[Tensor, Tensor]:
-    lay = Layout(
-        pair_pos,
-        send_pair_idx,
-        recv_perm,
-        send_splits,
-        recv_splits,
-        token_pos,
-        slot_rows,
-        token_send_splits,
-        token_recv_splits,
-    )
+    """``layout_group``: the :class:`Layout` fields, then group_name and world_size (the op's
+    schema: ``_COMBINE_SCHEMA``)."""
+    lay, (group_name, world_size) = Layout(*layout_group[:-2]), layout_group[-2:]
+    pair_pos, send_pair_idx, recv_perm = lay.pair_pos, lay.send_pair_idx, lay.recv_perm
     group = _comm.resolve_group(group_name, world_size)
     R = num_recv_rows(send_pair_idx, recv_perm, world_size)
     err = check_combine(expert_out, topk_weights, pair_pos, R)
@@ -435,8 +415,8 @@ def _combine(
             return out, recv_w
         rows = _comm.rows_to_sources(
             expert_out,
-            send_splits.tolist(),
-            recv_splits.tolist(),
+            lay.send_splits.tolist(),
+            lay.recv_splits.tolist(),
             recv_perm,
             err is not None,
             group.rank(),
@@ -473,9 +453,14 @@ def _combine_per_rank(
     return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
 
 
-combine_op = torch.library.custom_op("moe_ops::combine", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE)(
-    _combine
+_LAYOUT_ARGS = ", ".join(f"Tensor {name}" for name in Layout._fields)
+_COMBINE_SCHEMA = (
+    f"(Tensor expert_out, Tensor? topk_weights, {_LAYOUT_ARGS}, str group_name, "
+    f"SymInt world_size) -> (Tensor, Tensor)"
 )
+combine_op = torch.library.custom_op(
+    "moe_ops::combine", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE, schema=_COMBINE_SCHEMA
+)(_combine)
 
 
 @combine_op.register_fake
@@ -498,52 +483,20 @@ def _(expert_out, topk_weights, *layout_group):
 
 
 def _combine_backward(
-    grad_out: Tensor,
-    returned_rows: Tensor | None,
-    topk_weights: Tensor | None,
-    pair_pos: Tensor,
-    send_pair_idx: Tensor,
-    recv_perm: Tensor,
-    send_splits: Tensor,
-    recv_splits: Tensor,
-    token_pos: Tensor,
-    slot_rows: Tensor,
-    token_send_splits: Tensor,
-    token_recv_splits: Tensor,
-    group_name: str,
-    world_size: int,
+    grad_out: Tensor, returned_rows: Tensor | None, topk_weights: Tensor | None, *layout_group
 ) -> tuple[Tensor, Tensor]:
     """Combine's gradients: w.r.t. expert_out; w.r.t. topk_weights if ``returned_rows`` is given.
+    ``layout_group`` as for :func:`_combine`.
 
     Summing per rank, ``returned_rows`` is expert_out itself and ``topk_weights`` the weights
     that reached this rank with the token rows (what :func:`_for_backward` saved)."""
-    lay = Layout(
-        pair_pos,
-        send_pair_idx,
-        recv_perm,
-        send_splits,
-        recv_splits,
-        token_pos,
-        slot_rows,
-        token_send_splits,
-        token_recv_splits,
-    )
+    lay, (group_name, world_size) = Layout(*layout_group[:-2]), layout_group[-2:]
     group = _comm.resolve_group(group_name, world_size)
     kern = _kernels.for_device(grad_out.device)
     if group is not None and lay.sums_per_rank:
         return _combine_backward_per_rank(kern, grad_out, returned_rows, topk_weights, lay, group)
-    grad_expert_out = _to_experts(
-        kern,
-        grad_out,
-        pair_pos,
-        topk_weights,
-        send_pair_idx,
-        recv_perm,
-        send_splits,
-        recv_splits,
-        group,
-    )
-    grad_w = _autograd.weight_grad(kern, grad_out, returned_rows, pair_pos, topk_weights)
+    grad_expert_out = _to_experts(kern, grad_out, topk_weights, lay, group)
+    grad_w = _autograd.weight_grad(kern, grad_out, returned_rows, lay.pair_pos, topk_weights)
     return grad_expert_out, grad_w
 
 
@@ -556,7 +509,6 @@ def _combine_backward_per_rank(
     ``expert_out`` is None: not asked for here, but the exchange runs on every rank)."""
     send_tok, recv_tok = lay.token_send_splits.tolist(), lay.token_recv_splits.tolist()
     W = len(send_tok)
-    T, K = lay.pair_pos.shape
     R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, W)
     g_rows = kern.scatter_rows(grad_out, lay.token_pos, None, sum(send_tok) + W)
     g_recv = _comm.rows_to_experts(g_rows, send_tok, recv_tok, group)
@@ -566,19 +518,25 @@ def _combine_backward_per_rank(
         gw_recv = recv_w.new_zeros(recv_w.shape)
     else:
         gw_recv = kern.slot_dot(g_recv, expert_out, lay.slot_rows, recv_w.dtype)
-    gw_back = _comm.rows_to_ranks(gw_recv, _spare(recv_tok), _spare(send_tok), group)
+    # back like the partial sums: the spare rows have no slot (0, the status "input good")
+    gw_back = _comm.rows_back(
+        gw_recv, send_tok, recv_tok, None, False, group.rank(), group, "combine", True
+    )
     if expert_out is None:
         return grad_expert_out, grad_out.new_empty((0, 0))
     # slot k's gradient comes from the one rank of its expert; the others send exact zeros
     return grad_expert_out, kern.combine_rows(gw_back, lay.token_pos, None, recv_w.dtype)
 
 
-def _spare(splits: list[int]) -> list[int]:
-    return [n + 1 for n in splits]
-
-
+_COMBINE_BACKWARD_SCHEMA = (
+    f"(Tensor grad_out, Tensor? returned_rows, Tensor? topk_weights, {_LAYOUT_ARGS}, "
+    f"str group_name, SymInt world_size) -> (Tensor, Tensor)"
+)
 combine_backward_op = torch.library.custom_op(
-    "moe_ops::_combine_backward", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE
+    "moe_ops::_combine_backward",
+    mutates_args=(),
+    tags=_NOT_CUDAGRAPH_SAFE,
+    schema=_COMBINE_BACKWARD_SCHEMA,
 )(_combine_backward)
 
 
