@@ -60,12 +60,13 @@ def test_token_rows_come_back(gloo_world):
 
 
 def test_default_sums_stay_in_slot_order(gloo_world):
-    """Without the option combine still moves one row per pair (the slot-order contract)."""
+    """Without the option combine keeps the slot-order path: its collective counts (summing per
+    rank adds the weights' exchange to combine and one more exchange to each backward)."""
     res = gloo_world(2).run(_cases.count_calls, Spec(K=4, E_l=2))
     assert res[0] == _cases.expected_calls(2, 4)
 
 
-def test_single_rank_and_k_not_above_w_unchanged():
+def test_single_rank_unchanged():
     """At W = 1 the option changes nothing (no token rows, the result bit for bit)."""
     spec = Spec(K=4, E_l=3, seed=3)
     inp = _cases.make_inputs(spec, 1)
