@@ -36,7 +36,8 @@ What each column measures, per rank (T tokens per rank, top-K of E experts, hidd
 * syncs: device -> host synchronizations counted with ``torch.cuda.set_sync_debug_mode("warn")``
   over one call (n/a on CPU).
 * sync-free rows (third table): ``moe_ops.dispatch(..., capacity=--capacity, overflow="drop",
-  transport=--transport)`` (fixed-size buffers, no host sync; the transport in parentheses)
+  transport=--transport)`` (fixed-size buffers, no host sync; the transport in parentheses;
+  with ``--sum-per-rank`` too, where the padded transport then moves token rows, K > 1)
   beside the default mode; "CUDA graph": dispatch + combine
   captured once per input set and the graph replays timed (no host work at all); syncs counted
   over dispatch + combine.
@@ -305,10 +306,12 @@ def _bench_sync_free(args, meter: _Meter, group, xs, idxs, ws, E, gen) -> dict:
     device, S = meter.device, len(xs)
     cap = args.capacity if args.capacity == "worst-case" else int(args.capacity)
 
+    opts = dict(
+        capacity=cap, overflow="drop", transport=args.transport, sum_per_rank=args.sum_per_rank
+    )
+
     def disp(i):
-        return moe_ops.dispatch(
-            xs[i], idxs[i], E, group=group, capacity=cap, overflow="drop", transport=args.transport
-        )
+        return moe_ops.dispatch(xs[i], idxs[i], E, group=group, **opts)
 
     handles = [disp(i)[1] for i in range(S)]
     C = handles[0].capacity
@@ -342,15 +345,7 @@ def _bench_sync_free(args, meter: _Meter, group, xs, idxs, ws, E, gen) -> dict:
         go = [torch.randn(x.shape, device=device, generator=gen).to(x.dtype) for x in xs]
 
         def fb(i):
-            recv, h = moe_ops.dispatch(
-                xg[i],
-                idxs[i],
-                E,
-                group=group,
-                capacity=cap,
-                overflow="drop",
-                transport=args.transport,
-            )
+            recv, h = moe_ops.dispatch(xg[i], idxs[i], E, group=group, **opts)
             moe_ops.combine(recv, h, wg[i]).backward(go[i])
             xg[i].grad = wg[i].grad = None
 
@@ -627,7 +622,8 @@ def main(argv=None):
     p.add_argument(
         "--sum-per-rank",
         action="store_true",
-        help="moe_ops.dispatch(..., sum_per_rank=True): combine sums per rank (K > W)",
+        help="moe_ops.dispatch(..., sum_per_rank=True), both modes: combine sums per rank "
+        "(default mode: K > W; capacity mode: K > 1)",
     )
     p.add_argument("--out", help="also write the tables (markdown) and rows (.json) here")
     args = p.parse_args(argv)

@@ -264,9 +264,10 @@ def moe_backend(
             ``"max-autotune"``, ...), for ``inner="inductor"``. Modes with CUDA graphs
             (``"reduce-overhead"``, ``"max-autotune"``) need ``capacity`` (``ValueError``
             otherwise): the default ops read row counts on the host and cannot be captured.
-        sum_per_rank: with the default ops, :func:`moe_ops.dispatch`'s option (K > W: combine
-            sums each token's slots on the rank of their experts and sends one row per (token,
-            rank) back; fewer bytes, equal up to rounding). Ignored with ``capacity``.
+        sum_per_rank: :func:`moe_ops.dispatch`'s option (default ops: K > W; capacity-mode
+            ops: the padded transport, K > 1): combine sums each token's slots on the rank of
+            their experts and one row per (token, rank) comes back; fewer bytes, equal up to
+            rounding, not bit for bit.
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout),

@@ -15,11 +15,11 @@ With ``capacity=`` (opt-in, see ``fuse.fuse_moe_routing``) the pair is the sync-
 (``t`` the transport, ``moe_ops._api._transport``; ``C`` the capacity, ``W * T * K`` for
 ``"worst-case"``)::
 
-    recv_x, tokens_per_expert, _, pair_pos, recv_index, num_recv, splits = \
-        torch.ops.moe_ops.dispatch_fixed(x, topk_idx, E, C, False, g, W, t)
+    d = torch.ops.moe_ops.dispatch_fixed(x, topk_idx, E, C, False, g, W, t, sum_per_rank)
+    recv_x, tokens_per_expert = d[0], d[1]           # moe_ops._capacity_ops.DispatchOutputs
     expert_out = <local experts on recv_x>           # [C, H']: no host read of the counts
-    out, _ = torch.ops.moe_ops.combine_fixed(expert_out, topk_weights, pair_pos, recv_index,
-                                             num_recv, splits, C, g, W, t)
+    out, _ = torch.ops.moe_ops.combine_fixed(expert_out, topk_weights, *layout, C, g, W, t)
+                                                     # layout: moe_ops._capacity_ops.Layout's
 
 Rank ``r`` runs global experts ``r * E_l + j``. New nodes carry ``meta["example_value"]`` (or
 ``meta["val"]`` in graphs that use it) computed in the graph's fake mode.
@@ -49,6 +49,8 @@ from fx_passes.experts import (
 from fx_passes.graph import call, check_removable, graph_order, is_param_slice, val
 from fx_passes.group import resolve_group
 from fx_passes.match import MoEMatch, StackedExperts
+from moe_ops._capacity_ops import DispatchOutputs as CapacityOutputs
+from moe_ops._capacity_ops import Layout as CapacityLayout
 from moe_ops._ops import DispatchOutputs, Layout
 
 log = logging.getLogger("fx_passes")
@@ -111,7 +113,7 @@ def emit_routed(
     rewrite). ``capacity`` (None, an int, or ``"worst-case"``) picks the sync-free capacity-mode
     ops; when the experts cannot run on its padded rows without a host read (no grouped form), the
     block keeps the default ops and ``info["capacity_fallback"]`` says why. ``sum_per_rank``
-    is :func:`moe_ops.dispatch`'s option of that name (default ops only). Returns the node
+    is :func:`moe_ops.dispatch`'s option of that name (both ops). Returns the node
     holding the routed output, in ``match.output``'s dtype.
     """
     info = {} if info is None else info
@@ -130,7 +132,18 @@ def emit_routed(
         if why is None:
             before, saved = set(graph.nodes), dict(info)
             out = _emit_capacity(
-                graph, match, env, x, idx, w, group_name, world_size, rank, info, capacity
+                graph,
+                match,
+                env,
+                x,
+                idx,
+                w,
+                group_name,
+                world_size,
+                rank,
+                info,
+                capacity,
+                sum_per_rank,
             )
             if isinstance(out, Node):
                 return out
@@ -196,7 +209,7 @@ def _finish(graph: fx.Graph, match: MoEMatch, env: Callable[[Node], Node], out: 
 
 
 def _emit_capacity(
-    graph, match, env, x, idx, w, group_name, world_size, rank, info, capacity
+    graph, match, env, x, idx, w, group_name, world_size, rank, info, capacity, sum_per_rank
 ) -> Node | str:
     """dispatch_fixed -> grouped local experts on ``[C, H]`` -> combine_fixed, or why not (the
     caller erases what was emitted)."""
@@ -208,11 +221,15 @@ def _emit_capacity(
     d = call(
         graph,
         torch.ops.moe_ops.dispatch_fixed.default,
-        (x, idx, E, C, False, group_name, world_size, transport),
+        (x, idx, E, C, False, group_name, world_size, transport, sum_per_rank),
     )
-    recv_x, tpe, _, pair_pos, recv_index, num_recv, splits = (
-        call(graph, operator.getitem, (d, i)) for i in range(7)
-    )
+    fields = CapacityOutputs._fields
+
+    def output(name: str) -> Node:
+        return call(graph, operator.getitem, (d, fields.index(name)))
+
+    recv_x, tpe = output("recv_x"), output("tokens_per_expert")
+    layout = [output(name) for name in CapacityLayout._fields]
     before = set(graph.nodes)
     if isinstance(match.body, StackedExperts):
         expert_out = emit_stacked(
@@ -231,18 +248,7 @@ def _emit_capacity(
     c = call(
         graph,
         torch.ops.moe_ops.combine_fixed.default,
-        (
-            expert_out,
-            w,
-            pair_pos,
-            recv_index,
-            num_recv,
-            splits,
-            C,
-            group_name,
-            world_size,
-            transport,
-        ),
+        (expert_out, w, *layout, C, group_name, world_size, transport),
     )
     return _finish(graph, match, env, call(graph, operator.getitem, (c, 0)))
 

@@ -78,9 +78,10 @@ def fuse_moe_routing(
             or stacked experts with no ``tolist``/``split`` by counts); otherwise the block keeps
             the default ops, logged at warning level and kept in
             ``match.rewritten["capacity_fallback"]``.
-        sum_per_rank: :func:`moe_ops.dispatch`'s option for the default ops (K > W: combine
-            sums each token's slots on the rank of their experts and one row per (token, rank)
-            comes back; equal up to rounding, not bit for bit).
+        sum_per_rank: :func:`moe_ops.dispatch`'s option (default ops: K > W; capacity-mode
+            ops: the padded transport, K > 1): combine sums each token's slots on the rank of
+            their experts and one row per (token, rank) comes back; equal up to rounding, not
+            bit for bit.
         strict: raise when matching, checking or rewriting a block fails with an exception
             (a ``RuntimeError`` naming the block, from the exception) instead of leaving the
             block alone with the exception as its reason.

@@ -148,14 +148,19 @@ def dispatch(
             ``moe_ops._capacity_ops``). On one host of 4 H200 it was slower than ``"padded"``
             (docs/notes_gpu.md) and its kernel refused 256 experts. At W > 1 every rank must
             pass the same transport.
-        sum_per_rank: default mode, K > W only (elsewhere it changes nothing): :func:`combine`
-            (and dispatch's backward) sums each token's slots on the rank that holds their
-            experts and sends one row per (token, rank) back instead of one per (token, slot),
-            K / min(K, W) times fewer rows at most, as dispatch sends them; combine's backward
-            sends the gradient's token rows the same way. Sums then run per rank in slot order
-            (the partial sums rounded to expert_out's dtype), then over ranks in rank order:
-            equal to the slot-order sum up to that rounding, no longer bit-identical across W.
-            Every rank must pass the same value.
+        sum_per_rank: :func:`combine` (and dispatch's backward) sums each token's slots on the
+            rank that holds their experts and sends one row per (token, rank) back instead of
+            one per (token, slot), as dispatch sends them; combine's backward sends the
+            gradient's token rows the same way, and the weights travel to the experts' ranks
+            (one small exchange in combine). Default mode: K > W only (elsewhere it changes
+            nothing), K / min(K, W) times fewer rows at most. Capacity mode: the padded transport
+            with K > 1 only; dispatch then sends each token's row once per rank that keeps one of
+            its pairs, with the rows its slots take there (one small exchange more), in chunks of
+            ``min(C, T)`` rows per peer instead of ``min(C, T * K)``: K times fewer bytes each
+            way at ``capacity="worst-case"``. Sums then run per rank in slot order (the partial
+            sums rounded to expert_out's dtype), then over ranks in rank order: equal to the
+            slot-order sum up to that rounding, no longer bit-identical across W. Every rank
+            must pass the same value.
 
     Returns:
         ``recv_x``: ``[R, H]``, one row per (token, slot) pair from any rank routed to one of this
@@ -191,13 +196,8 @@ def dispatch(
             f"moe_ops.dispatch: sum_per_rank must be a bool, got {type(sum_per_rank).__name__}"
         )
     if capacity is not None or overflow != "error" or transport is not None:
-        if sum_per_rank:
-            raise ValueError(
-                "moe_ops.dispatch: sum_per_rank is a default-mode option; the capacity mode "
-                "(capacity, overflow, transport) sums in slot order"
-            )
         args = (x, topk_idx, num_experts, group_name, world_size)
-        return _dispatch_capacity(*args, capacity, overflow, transport)
+        return _dispatch_capacity(*args, capacity, overflow, transport, sum_per_rank)
     out = _ops.DispatchOutputs(
         *_ops.DIRECT.dispatch(x, topk_idx, num_experts, group_name, world_size, sum_per_rank)
     )
@@ -234,7 +234,7 @@ def _transport(
 
 
 def _dispatch_capacity(
-    x, topk_idx, num_experts, group_name, world_size, capacity, overflow, transport
+    x, topk_idx, num_experts, group_name, world_size, capacity, overflow, transport, sum_per_rank
 ):
     if overflow not in ("error", "drop"):
         raise ValueError(f"moe_ops.dispatch: overflow must be 'error' or 'drop', got {overflow!r}")
@@ -252,11 +252,8 @@ def _dispatch_capacity(
         raise ValueError(f"moe_ops.dispatch: capacity must be >= 0 rows, got {capacity}")
     transport = _transport(x, world_size, transport, group_name)
     drop = overflow == "drop"
-    out = _capacity_ops.DispatchOutputs(
-        *_capacity_ops.DIRECT.dispatch(
-            x, topk_idx, num_experts, capacity, drop, group_name, world_size, transport
-        )
-    )
+    args = (x, topk_idx, num_experts, capacity, drop, group_name, world_size, transport)
+    out = _capacity_ops.DispatchOutputs(*_capacity_ops.DIRECT.dispatch(*args, sum_per_rank))
     handle = DispatchHandle(
         out.tokens_per_expert,
         out.layout(),

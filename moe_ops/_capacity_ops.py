@@ -62,22 +62,38 @@ class Layout(NamedTuple):
     num_recv     [1]           int64, R
     splits       [3, W * E_l]  int64 ("nvshmem"): rows sent per (destination, expert), then
                                received splits and offsets per (expert, source) ([0, 0] otherwise)
+
+    With ``sum_per_rank`` (the padded transport, K > 1; else both ``[0, 0]``), rows travel once
+    per (token, rank) in chunks of ``S = min(C, T)`` rows per peer, and ``pair_pos`` is the row of
+    each kept pair in recv_x on its expert's rank:
+
+    token_pos    [T, W]        int64, row of token t in this rank's token-row buffers (chunk of
+                               rank d first), -1 when none of its kept pairs goes to rank d
+    slot_rows    [W * S, K]    int64, for each token row received (source-major) the row of
+                               recv_x of each of its slots, -1 for slots not kept here
     """
 
     pair_pos: Tensor
     recv_index: Tensor
     num_recv: Tensor
     splits: Tensor
+    token_pos: Tensor
+    slot_rows: Tensor
+
+    @property
+    def sums_per_rank(self) -> bool:
+        """Combine sums slots per rank (the layout has token rows); a static fact of the shapes."""
+        return self.token_pos.shape[1] > 0
 
 
 class DispatchOutputs(NamedTuple):
     """What ``dispatch_fixed(x[T, H], topk_idx[T, K], num_experts, capacity, drop, group_name,
-    world_size, transport)`` returns.
+    world_size, transport, sum_per_rank)`` returns.
 
     recv_x             [C, H]  rows for this rank's experts, expert-major; rows >= R are zero
     tokens_per_expert  [E_l]   int64, kept rows per local expert (sum R <= C)
     num_dropped        []      int64, this rank's (token, slot) pairs that did not fit
-    pair_pos, recv_index, num_recv, splits: see :class:`Layout`
+    pair_pos, recv_index, num_recv, splits, token_pos, slot_rows: see :class:`Layout`
     """
 
     recv_x: Tensor
@@ -87,13 +103,28 @@ class DispatchOutputs(NamedTuple):
     recv_index: Tensor
     num_recv: Tensor
     splits: Tensor
+    token_pos: Tensor
+    slot_rows: Tensor
 
     def layout(self) -> Layout:
-        return Layout(self.pair_pos, self.recv_index, self.num_recv, self.splits)
+        return Layout(*(getattr(self, name) for name in Layout._fields))
+
+
+def sums_per_rank(world_size: int, K: int, transport: str, sum_per_rank: bool) -> bool:
+    """Whether ``sum_per_rank`` changes anything: with the padded transport and K > 1 (the other
+    transports, and one slot per token, send pair rows)."""
+    return sum_per_rank and world_size > 1 and K > 1 and transport == "padded"
+
+
+def token_chunk_rows(capacity: int, T: int) -> int:
+    """S with ``sum_per_rank``: rows per peer of the token rows. A rank sends a token to a peer
+    only for kept pairs, and the peer keeps at most C rows."""
+    return chunk_rows(capacity, T, 1)
 
 
 def back_rows(transport: str, capacity: int, T: int, K: int, W: int) -> int:
-    """Rows that come back to a rank in combine_fixed (its ``returned_rows``)."""
+    """Rows that come back to a rank in combine_fixed (its ``returned_rows``) when it sums in
+    slot order."""
     if transport == "padded":
         return W * chunk_rows(capacity, T, K)
     if transport == "nvshmem":
@@ -124,6 +155,11 @@ def _rank_in_expert(topk_idx_TK: Tensor, E: int, kern):
     return valid_P, g_P, pos_P - excl_cumsum(counts_E, 0)[g_P], counts_E, bad
 
 
+def _no_token_layout(device: torch.device) -> tuple[Tensor, Tensor]:
+    """``token_pos`` and ``slot_rows`` when combine sums in slot order."""
+    return tuple(torch.zeros((0, 0), dtype=_I64, device=device) for _ in range(2))
+
+
 def _layout_local(topk_idx_TK, E, C, kern):
     """W = 1 (few ops: their host time is on the critical path): the send order is the
     expert-major receive order, so a pair fits iff its send row is < C."""
@@ -139,53 +175,66 @@ def _layout_local(topk_idx_TK, E, C, kern):
     recv_index = torch.zeros(0, dtype=_I64, device=dev)
     splits = torch.zeros((0, 0), dtype=_I64, device=dev)
     out = (tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits)
+    out += _no_token_layout(dev)
     flags = dict(
         overflow=num_dropped,
         need_W=counts_E.sum().view(1),
         bad_W=bad.view(1),
         S_W=None,
+        per_rank_W=None,
         bad_here=bad,
     )
     return out, flags
 
 
-def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, group, kern):
-    """Everything dispatch_fixed returns but the rows, plus the group-wide flags."""
+def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, group, kern):
+    """Everything dispatch_fixed returns but the rows, plus the group-wide flags; with
+    ``per_rank`` (:func:`sums_per_rank`) also the token rows' slots to send (``[T, W, K]``, -1
+    where the slot's expert is on another rank or the pair was dropped), else None."""
     T, K = topk_idx_TK.shape
     dev = topk_idx_TK.device
     E_l = E // W
     valid_P, g_P, j_P, counts_E, bad = _rank_in_expert(topk_idx_TK, E, kern)
-    # Host values (T, the bad-input flag) reach the device as kernel arguments (full, add), never
-    # as a tensor built from host memory: that copy would sync, and fails in CUDA-graph capture.
+    # Host values (T, the flags) reach the device as kernel arguments (full, add), never as a
+    # tensor built from host memory: that copy would sync, and fails in CUDA-graph capture.
     bad_1 = (bad.to(_I64) + int(bad_input)).view(1)
     if W == 1:
         counts_sde = counts_E.view(1, 1, E)
-        T_W = torch.full((1,), T, dtype=_I64, device=dev)
+        T_W, per_rank_W = torch.full((1,), T, dtype=_I64, device=dev), None
         bad_W = bad_1
     else:
-        row = torch.cat([counts_E, torch.full((1,), T, dtype=_I64, device=dev), bad_1])
+        T_1 = torch.full((1,), T, dtype=_I64, device=dev)
+        per_rank_1 = torch.full((1,), int(per_rank), dtype=_I64, device=dev)
+        row = torch.cat([counts_E, T_1, bad_1, per_rank_1])
         every = _comm.gather_rows_of_counts(row, W, group)
         counts_sde = every[:, :E].reshape(W, W, E_l)  # [source, destination, local expert]
-        T_W, bad_W = every[:, E], every[:, E + 1]
+        T_W, bad_W, per_rank_W = every[:, E], every[:, E + 1], every[:, E + 2]
     # receiver-side expert-major offset of chunk (source, expert), then what fits
     before_e = excl_cumsum(counts_sde.sum(0), 1)  # [destination, expert]
     off_sde = before_e[None] + excl_cumsum(counts_sde, 0)
     kept_sde = (C - off_sde).clamp(min=0).minimum(counts_sde)
     kept_de = kept_sde[rank]
     keep_P = valid_P & (j_P < kept_de.reshape(E)[g_P])
-    if transport == "padded":
-        S = chunk_rows(C, T, K)
-        base_de = excl_cumsum(kept_de, 1) + torch.arange(W, device=dev)[:, None] * S
+    slots_TWK = None
+    if per_rank:
+        # each kept pair's row in recv_x on its expert's rank (the receiver's expert-major order)
+        pair_pos = torch.where(keep_P, off_sde[rank].reshape(E)[g_P] + j_P, -1).view(T, K)
+        token_pos, slots_TWK = _token_chunks(pair_pos, (g_P // E_l).view(T, K), W, C)
     else:
-        base_de = excl_cumsum(kept_de.reshape(E), 0)
-    pair_pos = torch.where(keep_P, base_de.reshape(E)[g_P] + j_P, -1).view(T, K)
+        if transport == "padded":
+            S = chunk_rows(C, T, K)
+            base_de = excl_cumsum(kept_de, 1) + torch.arange(W, device=dev)[:, None] * S
+        else:
+            base_de = excl_cumsum(kept_de.reshape(E), 0)
+        pair_pos = torch.where(keep_P, base_de.reshape(E)[g_P] + j_P, -1).view(T, K)
+        token_pos = None
     num_dropped = (counts_sde[rank] - kept_de).sum()
     kept_se = kept_sde[:, rank]  # what reaches me: [source, expert]
     tokens_per_expert = kept_se.sum(0)
     num_recv = tokens_per_expert.sum().view(1)
     recv_index = torch.zeros(0, dtype=_I64, device=dev)
     splits = torch.zeros((0, 0), dtype=_I64, device=dev)
-    if transport == "padded":
+    if transport == "padded" and not per_rank:
         S = chunk_rows(C, T, K)
         base_se = excl_cumsum(kept_se, 1) + torch.arange(W, device=dev)[:, None] * S
         kc = kept_se.t().reshape(-1)  # chunks in expert-major order (expert, source)
@@ -200,10 +249,33 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, group, kern)
         splits[0] = kept_de.reshape(E)
     overflow = (counts_sde - kept_sde).sum()
     need_W = counts_sde.sum((0, 2))  # rows each rank would receive
-    S_W = (T_W * K).clamp(max=C)
-    flags = dict(overflow=overflow, need_W=need_W, bad_W=bad_W, S_W=S_W, bad_here=bad)
-    out = (tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits)
-    return out, flags
+    S_W = (T_W * (1 if per_rank else K)).clamp(max=C)
+    flags = dict(
+        overflow=overflow,
+        need_W=need_W,
+        bad_W=bad_W,
+        S_W=S_W,
+        per_rank_W=per_rank_W,
+        bad_here=bad,
+    )
+    # with token rows, slot_rows comes from the receiving side, after the exchange
+    token_layout = (token_pos, None) if per_rank else _no_token_layout(dev)
+    out = (tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits, *token_layout)
+    return out, flags, slots_TWK
+
+
+def _token_chunks(pair_pos_TK: Tensor, dest_TK: Tensor, W: int, C: int) -> tuple[Tensor, Tensor]:
+    """Where each token's row goes with ``sum_per_rank``: ``token_pos[T, W]`` (see
+    :class:`Layout`; a token's row goes to rank d when one of its kept pairs does, at the next row
+    of d's chunk in token order) and the slots it carries there (``[T, W, K]``: the pair's row in
+    recv_x on rank d, -1 for the slots that do not go there)."""
+    T, K = pair_pos_TK.shape
+    arange_W = torch.arange(W, device=pair_pos_TK.device)
+    to_d = (dest_TK[:, None, :] == arange_W[None, :, None]) & (pair_pos_TK[:, None, :] >= 0)
+    has_TW = to_d.any(2)
+    rows_TW = torch.cumsum(has_TW, 0) - 1 + arange_W * token_chunk_rows(C, T)
+    token_pos = torch.where(has_TW, rows_TW, -1)
+    return token_pos, torch.where(to_d, pair_pos_TK[:, None, :], -1)
 
 
 def _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E):
@@ -221,7 +293,14 @@ def _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E):
         S_W = flags["S_W"]
         torch._assert_async(
             (S_W[0] == S_W).all(),
-            "moe_ops.dispatch: capacity > T * K needs the same number of tokens T on every rank",
+            "moe_ops.dispatch: capacity > T * K (with sum_per_rank: > T) needs the same number "
+            "of tokens T on every rank",
+        )
+        per_rank_W = flags["per_rank_W"]
+        torch._assert_async(
+            (per_rank_W[0] == per_rank_W).all(),
+            "moe_ops.dispatch: the ranks of the group passed different sum_per_rank; pass the "
+            "same value on every rank",
         )
     if not drop:
         torch._assert_async(
@@ -238,11 +317,19 @@ def _raise_on_cpu(flags, rank, C, drop, equal_chunks, topk_idx, E) -> None:
         if flags["bad_here"] > 0:
             raise bad_id_error(topk_idx, E)
         _comm.raise_if_peer_bad([int(b > 0) for b in bad_W], rank, "dispatch")
+    per_rank_W = [] if equal_chunks else flags["per_rank_W"].tolist()
+    if len(set(per_rank_W)) > 1:
+        raise ValueError(
+            f"moe_ops.dispatch: the ranks of the group passed different sum_per_rank (True on "
+            f"rank(s) {[r for r, p in enumerate(per_rank_W) if p]}); pass the same value on "
+            f"every rank"
+        )
     S_W = [] if equal_chunks else flags["S_W"].tolist()
     if len(set(S_W)) > 1:
         raise ValueError(
-            f"moe_ops.dispatch: with capacity={C} > T * K every rank must pass the same number "
-            f"of tokens T (rows per peer min(C, T * K) differ across ranks: {S_W})"
+            f"moe_ops.dispatch: with capacity={C} > T * K (with sum_per_rank: > T) every rank "
+            f"must pass the same number of tokens T (rows per peer min(C, T * K), or min(C, T), "
+            f"differ across ranks: {S_W})"
         )
     if not drop and flags["overflow"] > 0:
         raise ValueError(
@@ -322,98 +409,145 @@ def _dispatch_fixed(
     group_name: str,
     world_size: int,
     transport: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    sum_per_rank: bool = False,
+) -> tuple[Tensor, ...]:
+    """The op's outputs: :class:`DispatchOutputs`, in order (``_DISPATCH_SCHEMA``)."""
     group = _group(group_name, world_size, transport)
     W, E, C = world_size, num_experts, capacity
     err = check_dispatch(x, topk_idx, E, W)
     if err is not None and W == 1:
         raise err
     rank = group.rank() if group is not None else 0
+    per_rank = err is None and sums_per_rank(W, topk_idx.shape[-1], transport, sum_per_rank)
     if err is not None:  # still take part in the count exchange, flagged bad, so peers know
         topk_idx = torch.full((0, 1), -1, dtype=_I64, device=x.device)
     kern = _kernels.for_device(x.device)
     if transport == "local":
         lay, flags = _layout_local(topk_idx, E, C, kern)
     else:
-        bad_input = err is not None
-        lay, flags = _layout_fixed(topk_idx, E, C, W, rank, transport, bad_input, group, kern)
+        lay, flags, slots_TWK = _layout_fixed(
+            topk_idx, E, C, W, rank, transport, err is not None, per_rank, group, kern
+        )
     if err is not None:
         raise err
     if transport != "local":  # before any row moves
         _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
-    tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits = lay
-    recv_x = _to_experts(
-        kern,
-        x,
-        pair_pos,
-        None,
-        recv_index,
-        num_recv,
-        splits,
-        C,
-        W,
-        transport,
-        group,
-        group_name,
-        "dispatch",
-        splits[1:] if transport == "nvshmem" else None,
-    )
+    tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits, token_pos, _ = lay
+    if per_rank:
+        recv_x, slot_rows = _tokens_to_experts(kern, x, token_pos, slots_TWK, num_recv, C, group)
+        lay = (*lay[:-1], slot_rows)
+    else:
+        recv_x = _to_experts(
+            kern,
+            x,
+            pair_pos,
+            None,
+            recv_index,
+            num_recv,
+            splits,
+            C,
+            W,
+            transport,
+            group,
+            group_name,
+            "dispatch",
+            splits[1:] if transport == "nvshmem" else None,
+        )
     if transport == "local":  # after the row scatter is queued: its host time hides this
         _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
-    return DispatchOutputs(
-        recv_x, tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits
-    )
+    return DispatchOutputs(recv_x, *lay)
 
 
-dispatch_fixed_op = torch.library.custom_op("moe_ops::dispatch_fixed", mutates_args=())(
-    _dispatch_fixed
+def _tokens_to_experts(kern, x_TH, token_pos_TW, slots_TWK, num_recv, C, group):
+    """Dispatch's rows with ``sum_per_rank``: each token's row goes once to every rank that keeps
+    one of its pairs, with the rows of recv_x its slots take there; returns ``recv_x [C, H]``
+    (zero tail) and ``slot_rows`` (:class:`Layout`). Two equal-chunk exchanges: the slots, then
+    the rows."""
+    T, W = token_pos_TW.shape
+    K = slots_TWK.shape[2]
+    M = W * token_chunk_rows(C, T)
+    rows = kern.scatter_rows(x_TH, token_pos_TW, None, M)  # rows no token takes are never read
+    slots = torch.full((M, K), -1, dtype=_I64, device=x_TH.device)
+    kern.scatter_rows(slots_TWK.reshape(T * W, K), token_pos_TW.reshape(-1, 1), None, M, out=slots)
+    slot_rows = _comm.exchange_equal_chunks(slots, group)
+    recv = _comm.exchange_equal_chunks(rows, group)
+    del rows  # its memory can serve recv_x
+    return kern.zero_tail(kern.scatter_rows(recv, slot_rows, None, C), num_recv), slot_rows
+
+
+_DISPATCH_SCHEMA = (
+    "(Tensor x, Tensor topk_idx, int num_experts, SymInt capacity, bool drop, str group_name, "
+    "SymInt world_size, str transport, bool sum_per_rank=False) -> ("
+    + ", ".join(["Tensor"] * len(DispatchOutputs._fields))
+    + ")"
 )
+dispatch_fixed_op = torch.library.custom_op(
+    "moe_ops::dispatch_fixed", mutates_args=(), schema=_DISPATCH_SCHEMA
+)(_dispatch_fixed)
 
 
 @dispatch_fixed_op.register_fake
-def _(x, topk_idx, num_experts, capacity, drop, group_name, world_size, transport):
+def _(
+    x, topk_idx, num_experts, capacity, drop, group_name, world_size, transport, sum_per_rank=False
+):
     err = check_dispatch(x, topk_idx, num_experts, world_size)
     if err is not None:
         raise err
     T, K = topk_idx.shape
     E, W, C = num_experts, world_size, capacity
     i64 = dict(dtype=_I64, device=x.device)
+    if sums_per_rank(W, K, transport, sum_per_rank):
+        token_pos = torch.empty((T, W), **i64)
+        slot_rows = torch.empty((W * token_chunk_rows(C, T), K), **i64)
+    else:
+        token_pos, slot_rows = torch.empty((0, 0), **i64), torch.empty((0, 0), **i64)
+    per_rank = token_pos.shape[1] > 0
     return DispatchOutputs(
         recv_x=x.new_empty((C, x.shape[1])),
         tokens_per_expert=torch.empty(E // W, **i64),
         num_dropped=torch.empty((), **i64),
         pair_pos=torch.empty((T, K), **i64),
-        recv_index=torch.empty(C if transport == "padded" else 0, **i64),
+        recv_index=torch.empty(C if transport == "padded" and not per_rank else 0, **i64),
         num_recv=torch.empty(1, **i64),
         splits=torch.empty((3, E) if transport == "nvshmem" else (0, 0), **i64),
+        token_pos=token_pos,
+        slot_rows=slot_rows,
     )
 
 
 # ----------------------------------------------------------------------------- combine
+# Combine sums each token's rows in slot order on the token's rank, or, with ``sum_per_rank``,
+# per rank first: the weights travel to the experts' ranks with the token rows' order (ones when
+# None: every rank issues the same exchanges), each rank sums the weighted rows of every token
+# row it received in slot order, and one row per (token, rank) comes back, summed in rank order.
+
+
+def _split(layout_static: tuple) -> tuple[Layout, int, str, int, str]:
+    """combine's arguments after ``topk_weights``: the :class:`Layout` and the static ones."""
+    n = len(Layout._fields)
+    return (Layout(*layout_static[:n]), *layout_static[n:])
+
+
 def _combine_fixed(
-    expert_out: Tensor,
-    topk_weights: Tensor | None,
-    pair_pos: Tensor,
-    recv_index: Tensor,
-    num_recv: Tensor,
-    splits: Tensor,
-    capacity: int,
-    group_name: str,
-    world_size: int,
-    transport: str,
+    expert_out: Tensor, topk_weights: Tensor | None, *layout_static
 ) -> tuple[Tensor, Tensor]:
-    err = check_combine(expert_out, topk_weights, pair_pos, capacity)
+    """``layout_static``: the :class:`Layout` fields, then capacity, group_name, world_size and
+    transport (``_COMBINE_SCHEMA``)."""
+    lay, capacity, group_name, world_size, transport = _split(layout_static)
+    err = check_combine(expert_out, topk_weights, lay.pair_pos, capacity)
     if err is not None:
         raise err
     group = _group(group_name, world_size, transport)
     kern = _kernels.for_device(expert_out.device)
-    T, K = pair_pos.shape
+    if lay.sums_per_rank:
+        return _combine_per_rank(kern, expert_out, topk_weights, lay, group)
+    T, K = lay.pair_pos.shape
     rows = _to_sources(
         kern,
         expert_out,
-        recv_index,
-        num_recv,
-        splits,
+        lay.recv_index,
+        lay.num_recv,
+        lay.splits,
         T,
         K,
         capacity,
@@ -424,50 +558,70 @@ def _combine_fixed(
         "combine",
     )
     local = transport == "local"
-    return _autograd.combine_tail(kern, rows, expert_out, pair_pos, topk_weights, local)
+    return _autograd.combine_tail(kern, rows, expert_out, lay.pair_pos, topk_weights, local)
 
 
-combine_fixed_op = torch.library.custom_op("moe_ops::combine_fixed", mutates_args=())(
-    _combine_fixed
+def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, group):
+    """Combine summing per rank: ``out[T, H']`` and the weights that reached this rank with the
+    token rows (``[W * S, K]``), which the backward needs."""
+    M, K = lay.slot_rows.shape
+    if topk_weights is None:
+        topk_weights = expert_out.new_ones(tuple(lay.pair_pos.shape))
+    w_rows = kern.scatter_rows(topk_weights, lay.token_pos, None, M)
+    recv_w = _comm.exchange_equal_chunks(w_rows, group)
+    # each token row's weighted slots, summed in slot order (rows that no token took: 0)
+    partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
+    back = _comm.exchange_equal_chunks(partial, group)
+    return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
+
+
+_LAYOUT_ARGS = ", ".join(f"Tensor {name}" for name in Layout._fields)
+_STATIC_ARGS = "SymInt capacity, str group_name, SymInt world_size, str transport"
+_COMBINE_SCHEMA = (
+    f"(Tensor expert_out, Tensor? topk_weights, {_LAYOUT_ARGS}, {_STATIC_ARGS}) -> (Tensor, Tensor)"
 )
+combine_fixed_op = torch.library.custom_op(
+    "moe_ops::combine_fixed", mutates_args=(), schema=_COMBINE_SCHEMA
+)(_combine_fixed)
 
 
 @combine_fixed_op.register_fake
 def _(expert_out, topk_weights, *layout_static):
-    lay, (capacity, _, world_size, transport) = Layout(*layout_static[:4]), layout_static[4:]
+    lay, capacity, _, world_size, transport = _split(layout_static)
     err = check_combine(expert_out, topk_weights, lay.pair_pos, capacity)
     if err is not None:
         raise err
+    if lay.sums_per_rank:
+        out, _ = _autograd.fake_combine(expert_out, lay.pair_pos, 0)
+        dtype = expert_out.dtype if topk_weights is None else topk_weights.dtype
+        return out, expert_out.new_empty(tuple(lay.slot_rows.shape), dtype=dtype)
     T, K = lay.pair_pos.shape
     M = back_rows(transport, capacity, T, K, world_size)
     return _autograd.fake_combine(expert_out, lay.pair_pos, M)
 
 
 def _combine_fixed_backward(
-    grad_out: Tensor,
-    returned_rows: Tensor | None,
-    topk_weights: Tensor | None,
-    pair_pos: Tensor,
-    recv_index: Tensor,
-    num_recv: Tensor,
-    splits: Tensor,
-    capacity: int,
-    group_name: str,
-    world_size: int,
-    transport: str,
+    grad_out: Tensor, returned_rows: Tensor | None, topk_weights: Tensor | None, *layout_static
 ) -> tuple[Tensor, Tensor]:
     """Gradients of combine_fixed: ``[C, H']`` for expert_out (zero past R) and ``[T, K]`` for
-    the weights when ``returned_rows`` is given (``[0, 0]`` otherwise)."""
+    the weights when ``returned_rows`` is given (``[0, 0]`` otherwise). Summing per rank,
+    ``returned_rows`` is expert_out itself and ``topk_weights`` the weights that reached this
+    rank (what :func:`_for_backward` saved)."""
+    lay, capacity, group_name, world_size, transport = _split(layout_static)
     group = _group(group_name, world_size, transport)
     kern = _kernels.for_device(grad_out.device)
+    if lay.sums_per_rank:
+        return _combine_backward_per_rank(
+            kern, grad_out, returned_rows, topk_weights, lay, capacity, group
+        )
     grad_eo = _to_experts(
         kern,
         grad_out,
-        pair_pos,
+        lay.pair_pos,
         topk_weights,
-        recv_index,
-        num_recv,
-        splits,
+        lay.recv_index,
+        lay.num_recv,
+        lay.splits,
         capacity,
         world_size,
         transport,
@@ -475,26 +629,55 @@ def _combine_fixed_backward(
         group_name,
         "combine_bwd",
     )
-    grad_w = _autograd.weight_grad(kern, grad_out, returned_rows, pair_pos, topk_weights)
+    grad_w = _autograd.weight_grad(kern, grad_out, returned_rows, lay.pair_pos, topk_weights)
     return grad_eo, grad_w
 
 
+def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, C: int, group):
+    """The gradients of :func:`_combine_per_rank`: ``grad_out``'s token rows go to the experts'
+    ranks as dispatch's rows did, each becomes its slots' rows times their weights there
+    (``[C, H']``, zero past R), and the weight gradient comes back as one ``[K]`` row per
+    (token, rank): the exchange runs whether or not it was asked for (``expert_out`` None: zeros
+    go, and ``[0, 0]`` is returned)."""
+    M = lay.slot_rows.shape[0]
+    g_rows = kern.scatter_rows(grad_out, lay.token_pos, None, M)
+    g_recv = _comm.exchange_equal_chunks(g_rows, group)
+    del g_rows
+    grad_eo = kern.zero_tail(kern.scatter_rows(g_recv, lay.slot_rows, recv_w, C), lay.num_recv)
+    if expert_out is None:
+        gw_recv = recv_w.new_zeros(recv_w.shape)
+    else:
+        gw_recv = kern.slot_dot(g_recv, expert_out, lay.slot_rows, recv_w.dtype)
+    gw_back = _comm.exchange_equal_chunks(gw_recv, group)
+    if expert_out is None:
+        return grad_eo, grad_out.new_empty((0, 0))
+    # slot k's gradient comes from the one rank of its expert; the others send exact zeros
+    return grad_eo, kern.combine_rows(gw_back, lay.token_pos, None, recv_w.dtype)
+
+
+_COMBINE_BACKWARD_SCHEMA = (
+    f"(Tensor grad_out, Tensor? returned_rows, Tensor? topk_weights, {_LAYOUT_ARGS}, "
+    f"{_STATIC_ARGS}) -> (Tensor, Tensor)"
+)
 combine_fixed_backward_op = torch.library.custom_op(
-    "moe_ops::_combine_fixed_backward", mutates_args=()
+    "moe_ops::_combine_fixed_backward", mutates_args=(), schema=_COMBINE_BACKWARD_SCHEMA
 )(_combine_fixed_backward)
 
 
 @combine_fixed_backward_op.register_fake
 def _(grad_out, returned_rows, topk_weights, *layout_static):
-    lay, capacity = Layout(*layout_static[:4]), layout_static[4]
+    lay, capacity = _split(layout_static)[:2]
     return _autograd.fake_combine_backward(
         grad_out, returned_rows, topk_weights, lay.pair_pos, capacity
     )
 
 
 def _for_backward(expert_out, topk_weights, returned_rows, layout, static) -> tuple:
-    """What combine_fixed saves for its backward: the rows that came back (``expert_out`` with
-    the local transport, where no row moves) and the weights."""
+    """What combine_fixed saves for its backward, as (rows, weights): the rows that came back
+    (``expert_out`` with the local transport, where no row moves) and the weights; summing per
+    rank, ``expert_out`` and the weights that reached this rank."""
+    if Layout(*layout).sums_per_rank:
+        return expert_out, returned_rows
     return (expert_out if static[-1] == "local" else returned_rows), topk_weights
 
 
@@ -506,8 +689,9 @@ DIRECT = _autograd.register(
         combine_backward=combine_fixed_backward_op,
         num_layout=len(Layout._fields),
         dispatch_layout=lambda output: DispatchOutputs(*output).layout(),
-        # capacity, group_name, world_size, transport (not drop: combine needs none)
-        dispatch_static=lambda inputs: (inputs[3], *inputs[5:]),
+        # capacity, group_name, world_size, transport (not drop, nor sum_per_rank: the layout's
+        # shapes say how combine sums)
+        dispatch_static=lambda inputs: (inputs[3], *inputs[5:8]),
         for_backward=_for_backward,
     ),
     dispatch_impl=_dispatch_fixed,

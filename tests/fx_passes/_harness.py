@@ -188,6 +188,12 @@ def ep_equal(
     out = compiled(x_all[mine])
     (out * g_all[mine]).sum().backward()
     assert len(backend.matches) == blocks, backend.matches
+    if options.get("capacity") is not None:  # the capacity-mode ops ran, not the default ones
+        assert not [
+            m.rewritten["capacity_fallback"]
+            for m in backend.matches
+            if "capacity_fallback" in m.rewritten
+        ]
     t = tolerance(dtype, low)
     torch.testing.assert_close(out, ref[mine], **t)
 

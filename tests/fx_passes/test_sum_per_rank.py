@@ -1,6 +1,7 @@
 """The "moe" backend with ``sum_per_rank=True``: the rewrite passes the option to
-``moe_ops.dispatch``, and a compiled block with more slots than ranks (K > W) matches the
-single-device block on a gloo world, forward and gradients, with the experts sharded."""
+``moe_ops.dispatch`` (both modes), and a compiled block with more slots than ranks (K > W)
+matches the single-device block on a gloo world, forward and gradients, with the experts sharded
+(default ops, and the capacity-mode ops at W = 2 with K = 2)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def test_the_rewrite_passes_the_option():
         assert [n.args[5] for n in dispatches] == [option]
 
 
+def test_the_rewrite_passes_the_option_to_the_capacity_ops():
+    model = M.Block("onehot_where", num_experts=8, top_k=4).to(torch.bfloat16)
+    x = make_x(dtype=torch.bfloat16)  # grouped_mm: the capacity ops' experts
+    for option in (False, True):
+        _, graphs, matches, _ = capture(model, x, capacity="worst-case", sum_per_rank=option)
+        assert len(matches) == 1 and "capacity_fallback" not in matches[0].rewritten
+        dispatches = [
+            n
+            for g in graphs
+            for n in g.graph.nodes
+            if n.target is torch.ops.moe_ops.dispatch_fixed.default
+        ]
+        assert [n.args[8] for n in dispatches] == [option]
+
+
 def test_compile_option_is_accepted():
     backend = fx_passes.moe_backend(inner="aot_eager", sum_per_rank=True)
     model = M.Block("onehot_where", num_experts=8, top_k=4)
@@ -42,6 +58,20 @@ def test_expert_parallel_gloo(gloo_world):
         ep_equal, make, torch.float32, 8, shard="experts", low=2e-2, sum_per_rank=True
     )
     assert kept[0] == kept[1] > 0
+
+
+def test_expert_parallel_gloo_capacity(gloo_world):
+    """Capacity-mode ops with per-rank sums: K = 2 at W = 2 (token rows from K > 1 on)."""
+    make = partial(M.Stack, 1, variant="onehot_where", num_experts=8, top_k=2)
+    gloo_world(2).run(
+        ep_equal,
+        make,
+        torch.bfloat16,
+        8,
+        shard="experts",
+        capacity="worst-case",
+        sum_per_rank=True,
+    )
 
 
 def test_backend_name_takes_the_option():

@@ -645,9 +645,12 @@ def _padded_expert_fn(recv_x, tokens_per_expert, Hp):
     return expert_fn(recv_x, torch.cat([tokens_per_expert, pad]), Hp)
 
 
-def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -> int:
+def fixed_case(
+    spec: Spec, capacity, drop: bool, transport: str | None = None, sum_per_rank: bool = False
+) -> int:
     """Capacity-mode dispatch + experts + combine + backward against the reference (with the
-    dropped pairs removed). Returns this rank's ``num_dropped``."""
+    dropped pairs removed): dispatch and (without ``sum_per_rank``) combine bit for bit. Returns
+    this rank's ``num_dropped``."""
     r, W = rank_and_world()
     inp = make_inputs(spec, W)
     dev = device()
@@ -662,9 +665,17 @@ def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -
     w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
     overflow = "drop" if drop else "error"
     recv_x, handle = moe_ops.dispatch(
-        x, inp.idxs[r].to(dev), E, capacity=capacity, overflow=overflow, transport=transport
+        x,
+        inp.idxs[r].to(dev),
+        E,
+        capacity=capacity,
+        overflow=overflow,
+        transport=transport,
+        sum_per_rank=sum_per_rank,
     )
     assert handle.transport == (transport or ("local" if W == 1 else "padded"))
+    per_rank = handle.layout.sums_per_rank
+    assert per_rank == (sum_per_rank and W > 1 and K > 1 and handle.transport == "padded")
     expert_out = _padded_expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
     out = moe_ops.combine(expert_out, handle, w)
 
@@ -681,7 +692,10 @@ def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -
     assert torch.equal(recv_x[:R].detach().cpu(), ref_disp[r][0].detach())
     assert not recv_x[R:].any()
     assert out.shape == (T, spec.Hp)
-    assert torch.equal(out.detach().cpu(), ref_out[r].detach())
+    if per_rank:
+        torch.testing.assert_close(out.detach().cpu(), ref_out[r].detach(), **_sum_tol(spec.dtype))
+    else:
+        assert torch.equal(out.detach().cpu(), ref_out[r].detach())
 
     g = torch.Generator().manual_seed(spec.seed + 17)
     grads_out = [
@@ -691,11 +705,12 @@ def fixed_case(spec: Spec, capacity, drop: bool, transport: str | None = None) -
     live = [(o, go) for o, go in zip(ref_out, grads_out, strict=True) if o.requires_grad]
     if live:
         torch.autograd.backward([o for o, _ in live], [go for _, go in live])
+    tol = _sum_tol(spec.dtype) if per_rank else _bwd_tol(spec.dtype)
     ref_gx = ref_xs[r].grad if ref_xs[r].grad is not None else torch.zeros_like(ref_xs[r])
-    torch.testing.assert_close(x.grad.cpu(), ref_gx, **_bwd_tol(spec.dtype))
+    torch.testing.assert_close(x.grad.cpu(), ref_gx, **tol)
     if w is not None:
         ref_gw = ref_ws[r].grad if ref_ws[r].grad is not None else torch.zeros_like(ref_ws[r])
-        torch.testing.assert_close(w.grad.cpu(), ref_gw, **_bwd_tol(spec.dtype))
+        torch.testing.assert_close(w.grad.cpu(), ref_gw, **tol)
     return want_dropped
 
 
@@ -740,10 +755,10 @@ def _sum_tol(dtype: torch.dtype) -> dict:
     }[dtype]
 
 
-def per_rank_sums(spec: Spec) -> dict:
+def per_rank_sums(spec: Spec, capacity=None) -> dict:
     """dispatch(sum_per_rank=True) + combine against the reference, forward and backward, and
     the rows each exchange moved (``[rows sent, rows received, width]`` per all-to-all, in call
-    order)."""
+    order). With ``capacity``: the capacity mode, at a capacity that drops nothing."""
     r, W = rank_and_world()
     inp = make_inputs(spec, W)
     dev = device()
@@ -758,9 +773,14 @@ def per_rank_sums(spec: Spec) -> dict:
 
     real = _comm.all_to_all
     with mock.patch.object(_comm, "all_to_all", a2a):
-        recv_x, handle = moe_ops.dispatch(x, inp.idxs[r].to(dev), E, sum_per_rank=True)
+        recv_x, handle = moe_ops.dispatch(
+            x, inp.idxs[r].to(dev), E, capacity=capacity, sum_per_rank=True
+        )
         n_dispatch = len(moved)
-        expert_out = expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
+        if capacity is None:
+            expert_out = expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
+        else:
+            expert_out = _padded_expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
         out = moe_ops.combine(expert_out, handle, w)
         n_combine = len(moved) - n_dispatch
         g = torch.Generator().manual_seed(spec.seed + 17)
@@ -776,7 +796,9 @@ def per_rank_sums(spec: Spec) -> dict:
     ref_disp = reference_dispatch(ref_xs, inp.idxs, E)
     ref_eo = [expert_fn(rx, tpe, spec.Hp) for rx, tpe in ref_disp]
     ref_out = reference_combine(ref_eo, inp.idxs, E, ref_ws)
-    assert torch.equal(recv_x.detach().cpu(), ref_disp[r][0].detach())
+    R = ref_disp[r][0].shape[0]
+    assert torch.equal(recv_x[:R].detach().cpu(), ref_disp[r][0].detach())
+    assert not recv_x[R:].any()  # the capacity mode's padding
     assert out.dtype == spec.dtype and out.shape == (inp.xs[r].shape[0], spec.Hp)
     torch.testing.assert_close(out.detach().cpu(), ref_out[r].detach(), **_sum_tol(spec.dtype))
     live = [(o, go) for o, go in zip(ref_out, grads_out, strict=True) if o.requires_grad]
@@ -787,23 +809,24 @@ def per_rank_sums(spec: Spec) -> dict:
     if w is not None:
         ref_gw = ref_ws[r].grad if ref_ws[r].grad is not None else torch.zeros_like(ref_ws[r])
         torch.testing.assert_close(w.grad.cpu(), ref_gw, **_sum_tol(spec.dtype))
-    return dict(
-        moved=moved,
-        calls=(n_dispatch, n_combine, n_backward),
-        token_rows=int(handle.layout.token_send_splits.sum()) if W > 1 else 0,
-        pairs=int(handle.layout.send_splits.sum()),
-    )
+    res = dict(moved=moved, calls=(n_dispatch, n_combine, n_backward))
+    if capacity is None:
+        res["token_rows"] = int(handle.layout.token_send_splits.sum()) if W > 1 else 0
+        res["pairs"] = int(handle.layout.send_splits.sum())
+    return res
 
 
-def per_rank_disagree() -> str:
+def per_rank_disagree(capacity=None) -> str:
     """Rank 0 asks for per-rank sums, the others not: every rank raises before any row moves,
     and the next call works."""
     r, W = rank_and_world()
     inp, spec = _good(W, seed=6)
-    inp = make_inputs(dataclasses.replace(spec, K=W + 2), W)
+    same_T = {} if capacity is None else dict(T=(6,))  # the capacity mode's symmetric buffers
+    inp = make_inputs(dataclasses.replace(spec, K=W + 2, **same_T), W)
+    args = (inp.xs[r], inp.idxs[r], inp.num_experts)
     with pytest.raises(ValueError) as info:
-        moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts, sum_per_rank=r == 0)
-    recv_x, handle = moe_ops.dispatch(inp.xs[r], inp.idxs[r], inp.num_experts, sum_per_rank=True)
+        moe_ops.dispatch(*args, capacity=capacity, sum_per_rank=r == 0)
+    recv_x, handle = moe_ops.dispatch(*args, capacity=capacity, sum_per_rank=True)
     out = moe_ops.combine(recv_x, handle, inp.ws[r])
     assert out.shape == inp.xs[r].shape
     return str(info.value)

@@ -45,19 +45,23 @@ def test_matches_reference_single_rank(name, cap):
     assert fixed_case(spec, capacity, drop=False) == 0
 
 
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
 @pytest.mark.parametrize("W", [2, 3])
 @pytest.mark.parametrize("name", ["k2-f32", "k4-f64-Hp7", "to_rank0-bf16", "skewed-El3-noweights"])
-def test_matches_reference_gloo(gloo_world, W, name):
+def test_matches_reference_gloo(gloo_world, W, name, sum_per_rank):
     spec = SPECS[name]
     for capacity in ("worst-case", exact_capacity(spec, W)):
-        assert gloo_world(W).run(fixed_case, spec, capacity, False) == [0] * W
+        dropped = gloo_world(W).run(fixed_case, spec, capacity, False, None, sum_per_rank)
+        assert dropped == [0] * W
 
 
-def test_uneven_tokens_gloo(gloo_world):
-    """Ranks with different T work when the capacity is at most T * K everywhere."""
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
+def test_uneven_tokens_gloo(gloo_world, sum_per_rank):
+    """Ranks with different T work when the capacity is at most T * K (with sum_per_rank: at
+    most T) everywhere."""
     spec = Spec(T=(9, 4), K=2, seed=6)
-    capacity = min(exact_capacity(spec, 2), 8)
-    gloo_world(2).run(fixed_case, spec, capacity, True)
+    capacity = min(exact_capacity(spec, 2), 4 if sum_per_rank else 8)
+    gloo_world(2).run(fixed_case, spec, capacity, True, None, sum_per_rank)
 
 
 # ----------------------------------------------------------------------------- overflow
@@ -69,17 +73,27 @@ def test_drop_single_rank(capacity):
     assert dropped == max(n_valid - capacity, 0) and dropped > 0
 
 
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
 @pytest.mark.parametrize("capacity", [1, 4, 7])
-def test_drop_gloo(gloo_world, capacity):
+def test_drop_gloo(gloo_world, capacity, sum_per_rank):
     spec = Spec(T=(6, 6), K=2, routing="to_rank0", seed=9, unused=0.0)
-    dropped = gloo_world(2).run(fixed_case, spec, capacity, True)
+    dropped = gloo_world(2).run(fixed_case, spec, capacity, True, None, sum_per_rank)
     assert sum(dropped) == 2 * 6 * 2 - capacity  # rank 0 receives every pair, keeps C
 
 
-def test_drop_every_pair_of_a_rank_gloo(gloo_world):
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
+def test_drop_every_pair_of_a_rank_gloo(gloo_world, sum_per_rank):
     """Rank 0's pairs come after rank 1's for none of the experts: with C = 0 all are dropped."""
     spec = Spec(T=(4, 4), K=2, seed=10, unused=0.0)
-    assert gloo_world(2).run(fixed_case, spec, 0, True) == [8, 8]
+    assert gloo_world(2).run(fixed_case, spec, 0, True, None, sum_per_rank) == [8, 8]
+
+
+@pytest.mark.parametrize("capacity", [3, 11, "worst-case"])
+def test_sum_per_rank_drop_three_ranks(gloo_world, capacity):
+    """Per-rank sums with pairs dropped mid-chunk on three ranks, K = 4 (tokens with kept and
+    dropped slots on one rank)."""
+    spec = Spec(T=(7, 7, 7), K=4, E_l=2, routing="skewed", seed=12, unused=0.1)
+    gloo_world(3).run(fixed_case, spec, capacity, True, None, True)
 
 
 def overflow_error_case(capacity: int) -> str:
@@ -172,7 +186,9 @@ class _HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_host_reads(spec: Spec, capacity, overflow: str) -> dict[str, int]:
+def count_host_reads(
+    spec: Spec, capacity, overflow: str, sum_per_rank: bool = False
+) -> dict[str, int]:
     """Reads of device values to the host in capacity-mode dispatch + combine + backward.
 
     ``_capacity_ops._raise_on_cpu`` is replaced by a no-op: it is the CPU stand-in of the CUDA
@@ -186,8 +202,14 @@ def count_host_reads(spec: Spec, capacity, overflow: str) -> dict[str, int]:
     reads = _HostReads()
     with sync as sync_mock, cpu_checks as checks_mock, reads:
         recv_x, handle = moe_ops.dispatch(
-            x, inp.idxs[r], inp.num_experts, capacity=capacity, overflow=overflow
+            x,
+            inp.idxs[r],
+            inp.num_experts,
+            capacity=capacity,
+            overflow=overflow,
+            sum_per_rank=sum_per_rank,
         )
+        assert handle.layout.sums_per_rank == (sum_per_rank and W > 1)
         out = moe_ops.combine(recv_x * 2, handle, w)
         out.sum().backward()
     assert x.grad is not None and w.grad is not None
@@ -205,9 +227,10 @@ def test_no_host_reads_single_rank(overflow):
     assert counts == dict(read_to_host=0, reads=0, checks=1)
 
 
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
 @pytest.mark.parametrize("overflow", ["error", "drop"])
-def test_no_host_reads_gloo(gloo_world, overflow):
-    for counts in gloo_world(2).run(count_host_reads, _COUNT_SPEC, 20, overflow):
+def test_no_host_reads_gloo(gloo_world, overflow, sum_per_rank):
+    for counts in gloo_world(2).run(count_host_reads, _COUNT_SPEC, 20, overflow, sum_per_rank):
         assert counts == dict(read_to_host=0, reads=0, checks=1)
 
 
@@ -266,15 +289,12 @@ def test_opcheck():
     idx = torch.randint(-1, E, (T, K), generator=g)
     args = (x, idx, E, 9, True, "", 1, "local")
     torch.library.opcheck(torch.ops.moe_ops.dispatch_fixed, args)
-    recv, tpe, nd, pair_pos, recv_index, num_recv, splits = torch.ops.moe_ops.dispatch_fixed(*args)
+    out = _capacity_ops.DispatchOutputs(*torch.ops.moe_ops.dispatch_fixed(*args))
     w = torch.rand(T, K, generator=g, requires_grad=True)
     cargs = (
-        recv.detach().requires_grad_(),
+        out.recv_x.detach().requires_grad_(),
         w,
-        pair_pos,
-        recv_index,
-        num_recv,
-        splits,
+        *out.layout(),
         9,
         "",
         1,

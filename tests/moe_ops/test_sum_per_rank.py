@@ -1,7 +1,8 @@
 """``moe_ops.dispatch(..., sum_per_rank=True)``: combine sums each token's slots on the rank of
-their experts and one row per (token, rank) comes back (K > W). Gloo worlds against
-``moe_ops.reference`` (equal up to the rounding of the per-rank partial sums), the rows each
-exchange moved, and the errors."""
+their experts and one row per (token, rank) comes back (default mode: K > W; capacity mode: the
+padded transport, K > 1). Gloo worlds against ``moe_ops.reference`` (equal up to the rounding of
+the per-rank partial sums), the rows each exchange moved, and the errors. The capacity mode's
+results with dropped pairs: ``test_fixed_capacity.py``."""
 
 from __future__ import annotations
 
@@ -79,15 +80,33 @@ def test_single_rank_unchanged():
 
 def test_errors():
     x, idx = torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64)
-    with pytest.raises(ValueError, match="sum_per_rank is a default-mode option"):
-        moe_ops.dispatch(x, idx, 2, capacity="worst-case", sum_per_rank=True)
-    with pytest.raises(TypeError, match="sum_per_rank must be a bool"):
-        moe_ops.dispatch(x, idx, 2, sum_per_rank=1)
+    for capacity in (None, "worst-case"):
+        with pytest.raises(TypeError, match="sum_per_rank must be a bool"):
+            moe_ops.dispatch(x, idx, 2, capacity=capacity, sum_per_rank=1)
 
 
-def test_ranks_that_disagree_raise(gloo_world):
-    msgs = gloo_world(2).run(_cases.per_rank_disagree)
+@pytest.mark.parametrize("capacity", [None, "worst-case"])
+def test_ranks_that_disagree_raise(gloo_world, capacity):
+    msgs = gloo_world(2).run(_cases.per_rank_disagree, capacity)
     assert all("sum_per_rank" in m for m in msgs)
+
+
+@pytest.mark.parametrize("capacity", ["worst-case", "exact"])
+def test_capacity_mode_moves_token_rows(gloo_world, capacity):
+    """Capacity mode: every exchange after the count all-gather moves ``S = min(C, T)`` rows per
+    peer (token rows), not ``min(C, T * K)``: the slots and the payload in dispatch, the weights
+    and the partial sums in combine, the gradient's token rows and the weight gradient in
+    combine's backward, then dispatch's backward (a combine without weights)."""
+    W, spec = 2, Spec(T=(12, 12), K=4, E_l=3, H=5, Hp=7, seed=3)
+    if capacity == "exact":
+        capacity = _cases.exact_capacity(spec, W)
+    C = W * 12 * spec.K if capacity == "worst-case" else capacity
+    S = min(C, 12)
+    assert C > S  # rows per peer: the tokens, fewer than the capacity
+    for res in gloo_world(W).run(_cases.per_rank_sums, spec, capacity):
+        assert res["calls"] == (3, 2, 4)
+        widths = [spec.K, spec.H, spec.K, spec.Hp, spec.Hp, spec.K, spec.K, spec.H]
+        assert res["moved"][1:] == [[W * S, W * S, width] for width in widths]
 
 
 def test_token_rows_leave_a_spare_row_per_rank():
