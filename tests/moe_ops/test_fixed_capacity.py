@@ -432,3 +432,15 @@ def test_nccl_transports(nccl_world, W, transport, drop):
     capacity = exact_capacity(spec, W) - (20 if drop else 0)
     dropped = nccl_world(W).run(fixed_case, spec, capacity, drop, transport)
     assert (sum(dropped) >= 20) if drop else dropped == [0] * W
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("capacity", ["worst-case", "exact-20", 100])
+def test_nccl_sum_per_rank(nccl_world, W, capacity):
+    """``sum_per_rank`` with the padded transport on GPUs (Triton kernels, NCCL), with and
+    without dropped pairs, and with C < T (chunks of C rows)."""
+    spec = Spec(T=(300,), K=8, E_l=4, H=64, Hp=32, dtype=bf16, seed=9)
+    if capacity == "exact-20":
+        capacity = exact_capacity(spec, W) - 20
+    nccl_world(W).run(fixed_case, spec, capacity, True, None, True)
