@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import _autograd, _comm, _kernels
+from moe_ops import _autograd, _comm, _kernels, _layout
 from moe_ops._checks import bad_id_error, check_combine, check_dispatch
 from moe_ops._layout import chunk_rows, excl_cumsum
 
@@ -160,182 +160,124 @@ def _no_token_layout(device: torch.device) -> tuple[Tensor, Tensor]:
     return tuple(torch.zeros((0, 0), dtype=_I64, device=device) for _ in range(2))
 
 
-def _layout_local(topk_idx_TK, E, C, kern):
-    """W = 1 (few ops: their host time is on the critical path): the send order is the
-    expert-major receive order, so a pair fits iff its send row is < C."""
-    lay = kern.send_layout(topk_idx_TK, E, 1)
-    counts_E, bad, pos_TK = lay.counts_bad[:E], lay.counts_bad[E], lay.send_pos
-    pair_pos = torch.where(pos_TK < C, pos_TK, -1)
-    kept_end = torch.cumsum(counts_E, 0).clamp(max=C)
-    tokens_per_expert = torch.diff(kept_end, prepend=kept_end.new_zeros(1))
-    total = counts_E.sum()
-    num_recv = total.clamp(max=C).view(1)
-    num_dropped = total - total.clamp(max=C)
-    dev = pos_TK.device
-    recv_index = torch.zeros(0, dtype=_I64, device=dev)
-    splits = torch.zeros((0, 0), dtype=_I64, device=dev)
-    out = (tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits)
-    out += _no_token_layout(dev)
-    flags = dict(
-        overflow=num_dropped,
-        need_W=counts_E.sum().view(1),
-        bad_W=bad.view(1),
-        S_W=None,
-        per_rank_W=None,
-        bad_here=bad,
-    )
-    return out, flags
-
-
 def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, group, kern):
-    """Everything dispatch_fixed returns but the rows, plus the group-wide flags; with
-    ``per_rank`` (:func:`sums_per_rank`) also the token rows' slots to send (``[T, W, K]``, -1
-    where the slot's expert is on another rank or the pair was dropped), else None."""
+    """Everything dispatch_fixed returns but the rows (with ``per_rank``, :func:`sums_per_rank`,
+    ``slot_rows`` is the slots this rank sends: the receiving side's come with the rows), the
+    :class:`~moe_ops._layout.FixedPlan` and every rank's count row (for the checks)."""
     T, K = topk_idx_TK.shape
     dev = topk_idx_TK.device
-    E_l = E // W
-    valid_P, g_P, j_P, counts_E, bad = _rank_in_expert(topk_idx_TK, E, kern)
-    # Host values (T, the flags) reach the device as kernel arguments (full, add), never as a
-    # tensor built from host memory: that copy would sync, and fails in CUDA-graph capture.
-    bad_1 = (bad.to(_I64) + int(bad_input)).view(1)
-    if W == 1:
-        counts_sde = counts_E.view(1, 1, E)
-        T_W, per_rank_W = torch.full((1,), T, dtype=_I64, device=dev), None
-        bad_W = bad_1
-    else:
-        T_1 = torch.full((1,), T, dtype=_I64, device=dev)
-        per_rank_1 = torch.full((1,), int(per_rank), dtype=_I64, device=dev)
-        row = torch.cat([counts_E, T_1, bad_1, per_rank_1])
-        every = _comm.gather_rows_of_counts(row, W, group)
-        counts_sde = every[:, :E].reshape(W, W, E_l)  # [source, destination, local expert]
-        T_W, bad_W, per_rank_W = every[:, E], every[:, E + 1], every[:, E + 2]
-    # receiver-side expert-major offset of chunk (source, expert), then what fits
-    before_e = excl_cumsum(counts_sde.sum(0), 1)  # [destination, expert]
-    off_sde = before_e[None] + excl_cumsum(counts_sde, 0)
-    kept_sde = (C - off_sde).clamp(min=0).minimum(counts_sde)
-    kept_de = kept_sde[rank]
-    keep_P = valid_P & (j_P < kept_de.reshape(E)[g_P])
-    slots_TWK = None
-    if per_rank:
-        # each kept pair's row in recv_x on its expert's rank (the receiver's expert-major order)
-        pair_pos = torch.where(keep_P, off_sde[rank].reshape(E)[g_P] + j_P, -1).view(T, K)
-        token_pos, slots_TWK = _token_chunks(pair_pos, (g_P // E_l).view(T, K), W, C)
-    else:
-        if transport == "padded":
-            S = chunk_rows(C, T, K)
-            base_de = excl_cumsum(kept_de, 1) + torch.arange(W, device=dev)[:, None] * S
-        else:
-            base_de = excl_cumsum(kept_de.reshape(E), 0)
-        pair_pos = torch.where(keep_P, base_de.reshape(E)[g_P] + j_P, -1).view(T, K)
-        token_pos = None
-    num_dropped = (counts_sde[rank] - kept_de).sum()
-    kept_se = kept_sde[:, rank]  # what reaches me: [source, expert]
-    tokens_per_expert = kept_se.sum(0)
-    num_recv = tokens_per_expert.sum().view(1)
+    lay = kern.send_layout(topk_idx_TK, E, 1)
+    # This rank's count row: counts per expert, bad ids, T, sum_per_rank. Host values reach the
+    # device as kernel arguments (fill, add), never as a tensor built from host memory: that
+    # copy would sync, and fails in CUDA-graph capture.
+    row = torch.empty(E + 3, dtype=_I64, device=dev)
+    row[: E + 1].copy_(lay.counts_bad)
+    if bad_input:
+        row[E + _layout.FIXED_BAD : E + _layout.FIXED_BAD + 1].add_(1)
+    row[E + _layout.FIXED_T :].fill_(T)
+    row[E + _layout.FIXED_PER_RANK :].fill_(int(per_rank))
+    every = row.view(1, -1) if W == 1 else _comm.gather_rows_of_counts(row, W, group)
+    plan = kern.fixed_plan(every, E, C, rank, 1 if per_rank else K)
     recv_index = torch.zeros(0, dtype=_I64, device=dev)
     splits = torch.zeros((0, 0), dtype=_I64, device=dev)
-    if transport == "padded" and not per_rank:
-        S = chunk_rows(C, T, K)
-        base_se = excl_cumsum(kept_se, 1) + torch.arange(W, device=dev)[:, None] * S
-        kc = kept_se.t().reshape(-1)  # chunks in expert-major order (expert, source)
-        shift = base_se.t().reshape(-1) - excl_cumsum(kc, 0)
-        pad = (C - num_recv).clamp(min=0)
-        reps = torch.cat([kc, pad])
-        shift_C = torch.repeat_interleave(torch.cat([shift, pad * 0]), reps, output_size=C)
-        rows_C = torch.arange(C, device=dev)
-        recv_index = torch.where(rows_C < num_recv, rows_C + shift_C, 0)
-    elif transport == "nvshmem":
-        splits = torch.zeros((3, E), dtype=_I64, device=dev)
-        splits[0] = kept_de.reshape(E)
-    overflow = (counts_sde - kept_sde).sum()
-    need_W = counts_sde.sum((0, 2))  # rows each rank would receive
-    S_W = (T_W * (1 if per_rank else K)).clamp(max=C)
-    flags = dict(
-        overflow=overflow,
-        need_W=need_W,
-        bad_W=bad_W,
-        S_W=S_W,
-        per_rank_W=per_rank_W,
-        bad_here=bad,
-    )
-    # with token rows, slot_rows comes from the receiving side, after the exchange
-    token_layout = (token_pos, None) if per_rank else _no_token_layout(dev)
-    out = (tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits, *token_layout)
-    return out, flags, slots_TWK
+    if per_rank:
+        S = token_chunk_rows(C, T)
+        pair_pos, token_pos, slots = kern.fixed_token_rows(topk_idx_TK, lay.send_pos, plan, W, S)
+        token_layout = (token_pos, slots)
+    else:
+        # each pair's row in the buffer its rows travel in: chunks of S rows per destination
+        # (padded), else recv_x's order, expert-major (local, nvshmem)
+        g, j, keep = _layout.kept_pairs(topk_idx_TK, lay.send_pos, plan)
+        if transport == "padded":
+            S = chunk_rows(C, T, K)
+            kept_de = plan.kept_E.view(W, E // W)
+            base_E = excl_cumsum(kept_de, 1) + torch.arange(W, device=dev)[:, None] * S
+            recv_index = _padded_recv_index(plan, C, S)
+        else:
+            base_E = excl_cumsum(plan.kept_E, 0)
+        if transport == "nvshmem":
+            splits = torch.zeros((3, E), dtype=_I64, device=dev)
+            splits[0] = plan.kept_E
+        pair_pos = torch.where(keep, base_E.reshape(E)[g] + j, -1)
+        token_layout = _no_token_layout(dev)
+    out = (plan.tokens_per_expert, plan.num_dropped, pair_pos, recv_index, plan.num_recv, splits)
+    return out + token_layout, plan, every
 
 
-def _token_chunks(pair_pos_TK: Tensor, dest_TK: Tensor, W: int, C: int) -> tuple[Tensor, Tensor]:
-    """Where each token's row goes with ``sum_per_rank``: ``token_pos[T, W]`` (see
-    :class:`Layout`; a token's row goes to rank d when one of its kept pairs does, at the next row
-    of d's chunk in token order) and the slots it carries there (``[T, W, K]``: the pair's row in
-    recv_x on rank d, -1 for the slots that do not go there)."""
-    T, K = pair_pos_TK.shape
-    arange_W = torch.arange(W, device=pair_pos_TK.device)
-    to_d = (dest_TK[:, None, :] == arange_W[None, :, None]) & (pair_pos_TK[:, None, :] >= 0)
-    has_TW = to_d.any(2)
-    rows_TW = torch.cumsum(has_TW, 0) - 1 + arange_W * token_chunk_rows(C, T)
-    token_pos = torch.where(has_TW, rows_TW, -1)
-    return token_pos, torch.where(to_d, pair_pos_TK[:, None, :], -1)
+def _padded_recv_index(plan, C: int, S: int) -> Tensor:
+    """``recv_index`` of the padded transport in slot order: for each row of recv_x, its row in
+    the received buffer (source-major chunks of S rows, each expert-major)."""
+    kept_se = plan.kept_se
+    W = kept_se.shape[0]
+    dev = kept_se.device
+    base_se = excl_cumsum(kept_se, 1) + torch.arange(W, device=dev)[:, None] * S
+    kc = kept_se.t().reshape(-1)  # chunks in expert-major order (expert, source)
+    shift = base_se.t().reshape(-1) - excl_cumsum(kc, 0)
+    pad = (C - plan.num_recv).clamp(min=0)
+    reps = torch.cat([kc, pad])
+    shift_C = torch.repeat_interleave(torch.cat([shift, pad * 0]), reps, output_size=C)
+    rows_C = torch.arange(C, device=dev)
+    return torch.where(rows_C < plan.num_recv, rows_C + shift_C, 0)
 
 
-def _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E):
-    """Bad ids anywhere, unequal chunks, overflow: raise on the CPU, assert on the device on CUDA
-    (reading a flag there would be the host sync this mode avoids)."""
+def _check_group_flags(plan, every, rank, C, drop, transport, topk_idx, E):
+    """Bad ids anywhere, unequal chunks or sum_per_rank, overflow: raise on the CPU, assert on
+    the device on CUDA (reading a flag there would be the host sync this mode avoids)."""
+    W = every.shape[0]
     equal_chunks = transport != "padded" or W == 1
-    if flags["bad_W"].device.type == "cpu":
-        _raise_on_cpu(flags, rank, C, drop, equal_chunks, topk_idx, E)
+    if every.device.type == "cpu":
+        _raise_on_cpu(plan, every, rank, C, drop, equal_chunks, topk_idx, E)
         return
     torch._assert_async(
-        (flags["bad_W"] == 0).all(),
-        "moe_ops.dispatch: topk_idx values must be expert ids in [0, num_experts) or -1",
+        plan.ok[0], "moe_ops.dispatch: topk_idx values must be expert ids in [0, num_experts) or -1"
     )
     if not equal_chunks:
-        S_W = flags["S_W"]
         torch._assert_async(
-            (S_W[0] == S_W).all(),
+            plan.ok[1],
             "moe_ops.dispatch: capacity > T * K (with sum_per_rank: > T) needs the same number "
             "of tokens T on every rank",
         )
-        per_rank_W = flags["per_rank_W"]
         torch._assert_async(
-            (per_rank_W[0] == per_rank_W).all(),
+            plan.ok[2],
             "moe_ops.dispatch: the ranks of the group passed different sum_per_rank; pass the "
             "same value on every rank",
         )
     if not drop:
         torch._assert_async(
-            flags["overflow"] == 0,
+            plan.ok[3],
             "moe_ops.dispatch: capacity too small for the rows routed to a rank "
             "(overflow='error'); pass a larger capacity, capacity='worst-case', or overflow='drop'",
         )
 
 
-def _raise_on_cpu(flags, rank, C, drop, equal_chunks, topk_idx, E) -> None:
+def _raise_on_cpu(plan, every, rank, C, drop, equal_chunks, topk_idx, E) -> None:
     """The CPU side of :func:`_check_group_flags`: reads the flags (no device involved)."""
-    bad_W = flags["bad_W"].tolist()
-    if any(bad_W):
-        if flags["bad_here"] > 0:
+    ok = plan.ok.tolist()
+    if not ok[0]:
+        bad_W = every[:, E + _layout.FIXED_BAD].tolist()
+        if bad_W[rank]:
             raise bad_id_error(topk_idx, E)
         _comm.raise_if_peer_bad([int(b > 0) for b in bad_W], rank, "dispatch")
-    per_rank_W = [] if equal_chunks else flags["per_rank_W"].tolist()
-    if len(set(per_rank_W)) > 1:
+    if not equal_chunks and not ok[2]:
+        per_rank_W = every[:, E + _layout.FIXED_PER_RANK].tolist()
         raise ValueError(
             f"moe_ops.dispatch: the ranks of the group passed different sum_per_rank (True on "
             f"rank(s) {[r for r, p in enumerate(per_rank_W) if p]}); pass the same value on "
             f"every rank"
         )
-    S_W = [] if equal_chunks else flags["S_W"].tolist()
-    if len(set(S_W)) > 1:
+    if not equal_chunks and not ok[1]:
+        T_W = every[:, E + _layout.FIXED_T].tolist()
         raise ValueError(
             f"moe_ops.dispatch: with capacity={C} > T * K (with sum_per_rank: > T) every rank "
-            f"must pass the same number of tokens T (rows per peer min(C, T * K), or min(C, T), "
-            f"differ across ranks: {S_W})"
+            f"must pass the same number of tokens T (T per rank: {T_W})"
         )
-    if not drop and flags["overflow"] > 0:
+    if not drop and not ok[3]:
+        W = every.shape[0]
+        need_W = every[:, :E].reshape(W, W, E // W).sum((0, 2)).tolist()
         raise ValueError(
             f"moe_ops.dispatch: capacity={C} rows is too small: the ranks of the group would "
-            f"receive {flags['need_W'].tolist()} rows; pass a larger capacity, "
-            f"capacity='worst-case', or overflow='drop'"
+            f"receive {need_W} rows; pass a larger capacity, capacity='worst-case', or "
+            f"overflow='drop'"
         )
 
 
@@ -422,19 +364,18 @@ def _dispatch_fixed(
     if err is not None:  # still take part in the count exchange, flagged bad, so peers know
         topk_idx = torch.full((0, 1), -1, dtype=_I64, device=x.device)
     kern = _kernels.for_device(x.device)
-    if transport == "local":
-        lay, flags = _layout_local(topk_idx, E, C, kern)
-    else:
-        lay, flags, slots_TWK = _layout_fixed(
-            topk_idx, E, C, W, rank, transport, err is not None, per_rank, group, kern
-        )
+    bad_input = err is not None
+    lay, plan, every = _layout_fixed(
+        topk_idx, E, C, W, rank, transport, bad_input, per_rank, group, kern
+    )
     if err is not None:
         raise err
+    checks = (plan, every, rank, C, drop, transport, topk_idx, E)
     if transport != "local":  # before any row moves
-        _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
+        _check_group_flags(*checks)
     tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits, token_pos, _ = lay
     if per_rank:
-        recv_x, slot_rows = _tokens_to_experts(kern, x, token_pos, slots_TWK, num_recv, C, group)
+        recv_x, slot_rows = _tokens_to_experts(kern, x, token_pos, lay[-1], num_recv, C, group)
         lay = (*lay[:-1], slot_rows)
     else:
         recv_x = _to_experts(
@@ -454,21 +395,16 @@ def _dispatch_fixed(
             splits[1:] if transport == "nvshmem" else None,
         )
     if transport == "local":  # after the row scatter is queued: its host time hides this
-        _check_group_flags(flags, W, rank, C, drop, transport, topk_idx, E)
+        _check_group_flags(*checks)
     return DispatchOutputs(recv_x, *lay)
 
 
-def _tokens_to_experts(kern, x_TH, token_pos_TW, slots_TWK, num_recv, C, group):
+def _tokens_to_experts(kern, x_TH, token_pos_TW, slots, num_recv, C, group):
     """Dispatch's rows with ``sum_per_rank``: each token's row goes once to every rank that keeps
-    one of its pairs, with the rows of recv_x its slots take there; returns ``recv_x [C, H]``
-    (zero tail) and ``slot_rows`` (:class:`Layout`). Two equal-chunk exchanges: the slots, then
-    the rows."""
-    T, W = token_pos_TW.shape
-    K = slots_TWK.shape[2]
-    M = W * token_chunk_rows(C, T)
-    rows = kern.scatter_rows(x_TH, token_pos_TW, None, M)  # rows no token takes are never read
-    slots = torch.full((M, K), -1, dtype=_I64, device=x_TH.device)
-    kern.scatter_rows(slots_TWK.reshape(T * W, K), token_pos_TW.reshape(-1, 1), None, M, out=slots)
+    one of its pairs, with the rows of recv_x its slots take there (``slots``, from
+    ``fixed_token_rows``); returns ``recv_x [C, H]`` (zero tail) and the slots received
+    (``slot_rows``, :class:`Layout`). Two equal-chunk exchanges: the slots, then the rows."""
+    rows = kern.scatter_rows(x_TH, token_pos_TW, None, slots.shape[0])  # others never read
     slot_rows = _comm.exchange_equal_chunks(slots, group)
     recv = _comm.exchange_equal_chunks(rows, group)
     del rows  # its memory can serve recv_x

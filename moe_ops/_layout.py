@@ -107,6 +107,49 @@ def token_rows(
     return TokenRows(pos_TW, rows_W, slots.to(torch.int32).view(T * W, K))
 
 
+# The capacity mode's count row, all-gathered: counts per global expert, then these columns.
+FIXED_BAD, FIXED_T, FIXED_PER_RANK = 0, 1, 2  # after the E counts: bad ids, T, sum_per_rank
+
+
+class FixedPlan(NamedTuple):
+    """What the capacity mode decides from every rank's count row (both kernel sets'
+    ``fixed_plan``). Receivers take rows expert-major (local expert, source rank, token, slot);
+    rows at positions >= C do not fit, so the kept pairs of one (source, expert) are a prefix of
+    them in pair order.
+
+    start_E            int64 ``[E]``, this rank's first send-order row of each global expert
+    kept_E             int64 ``[E]``, how many of this rank's pairs of each expert fit
+    off_E              int64 ``[E]``, row in recv_x on the expert's rank of this rank's first
+                       pair of each expert
+    kept_se            int64 ``[W, E_l]``, rows that reach this rank from each source for each
+                       of its experts
+    tokens_per_expert  int64 ``[E_l]``, rows of recv_x per local expert (``kept_se.sum(0)``)
+    num_recv           int64 ``[1]``, R
+    num_dropped        int64 ``[]``, this rank's pairs that do not fit
+    ok                 int64 ``[4]``, nonzero when good: no bad id on any rank; the same rows per
+                       peer (``min(C, T * rows_per_token)``) on every rank; the same
+                       sum_per_rank on every rank; nothing overflows anywhere
+    """
+
+    start_E: Tensor
+    kept_E: Tensor
+    off_E: Tensor
+    kept_se: Tensor
+    tokens_per_expert: Tensor
+    num_recv: Tensor
+    num_dropped: Tensor
+    ok: Tensor
+
+
+def kept_pairs(topk_idx_TK: Tensor, send_pos_TK: Tensor, plan: FixedPlan):
+    """Each pair's expert (0 where unused), its rank among this rank's pairs of that expert, and
+    whether it fits (``[T, K]`` each)."""
+    valid = send_pos_TK >= 0
+    g = torch.where(valid, topk_idx_TK.to(torch.int64), 0)
+    j = send_pos_TK - plan.start_E[g]
+    return g, j, valid & (j < plan.kept_E[g])
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of combine: float32 for half types, the dtype itself otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -13,7 +13,15 @@ import torch
 from torch import Tensor
 
 from moe_ops import _layout
-from moe_ops._layout import SendLayout, acc_dtype
+from moe_ops._layout import (
+    FIXED_BAD,
+    FIXED_PER_RANK,
+    FIXED_T,
+    FixedPlan,
+    SendLayout,
+    acc_dtype,
+    excl_cumsum,
+)
 
 
 def send_layout(
@@ -163,3 +171,64 @@ def zero_tail(dst_MH: Tensor, n: Tensor) -> Tensor:
     """``dst[n:] = 0`` in place, with ``n`` an int64 tensor on the device (no host sync)."""
     tail_M = torch.arange(dst_MH.shape[0], device=dst_MH.device) >= n.reshape(1)
     return dst_MH.masked_fill_(tail_M[:, None], 0)  # a fill, not boolean-mask indexing
+
+
+# ----------------------------------------------------------------------------- capacity mode
+def fixed_plan(
+    every_WX: Tensor, num_experts: int, capacity: int, rank: int, rows_per_token: int
+) -> FixedPlan:
+    """The capacity mode's :class:`~moe_ops._layout.FixedPlan` from every rank's count row
+    (``every_WX[s]``: rank s's counts per global expert, then the ``FIXED_*`` columns)."""
+    W, E, C = every_WX.shape[0], num_experts, capacity
+    counts_sde = every_WX[:, :E].reshape(W, W, E // W)  # [source, destination, local expert]
+    before_e = excl_cumsum(counts_sde.sum(0), 1)  # [destination, expert]
+    off_sde = before_e[None] + excl_cumsum(counts_sde, 0)
+    kept_sde = (C - off_sde).clamp(min=0).minimum(counts_sde)
+    mine_E = counts_sde[rank].reshape(E)
+    kept_E = kept_sde[rank].reshape(E)
+    kept_se = kept_sde[:, rank]
+    tokens_per_expert = kept_se.sum(0)
+    S_W = (every_WX[:, E + FIXED_T] * rows_per_token).clamp(max=C)
+    per_rank_W = every_WX[:, E + FIXED_PER_RANK]
+    ok = torch.stack(
+        [
+            (every_WX[:, E + FIXED_BAD] == 0).all(),
+            (S_W[0] == S_W).all(),
+            (per_rank_W == per_rank_W[0]).all(),
+            (counts_sde == kept_sde).all(),
+        ]
+    ).to(torch.int64)
+    return FixedPlan(
+        start_E=excl_cumsum(mine_E, 0),
+        kept_E=kept_E,
+        off_E=off_sde[rank].reshape(E),
+        kept_se=kept_se,
+        tokens_per_expert=tokens_per_expert,
+        num_recv=tokens_per_expert.sum().view(1),
+        num_dropped=(mine_E - kept_E).sum(),
+        ok=ok,
+    )
+
+
+def fixed_token_rows(
+    topk_idx_TK: Tensor, send_pos_TK: Tensor, plan: FixedPlan, W: int, S: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The capacity mode's token rows (``sum_per_rank``): each kept pair's row in recv_x on its
+    expert's rank (``pair_pos [T, K]``, -1 if unused or dropped); ``token_pos [T, W]``, the row
+    of token t in this rank's token-row buffers of ``S`` rows per peer (the next row of rank d's
+    chunk in token order when one of t's kept pairs goes to d, else -1); and the slots sent with
+    the rows (``[W * S, K]``: the kept pairs' rows in recv_x there, -1 elsewhere and in rows no
+    token takes)."""
+    T, K = topk_idx_TK.shape
+    E_l = plan.kept_E.shape[0] // W
+    g, j, keep = _layout.kept_pairs(topk_idx_TK, send_pos_TK, plan)
+    pair_pos = torch.where(keep, plan.off_E[g] + j, -1)
+    arange_W = torch.arange(W, device=g.device)
+    to_d = keep[:, None, :] & (g[:, None, :] // E_l == arange_W[None, :, None])  # [T, W, K]
+    has_TW = to_d.any(2)
+    rows_TW = torch.cumsum(has_TW, 0) - 1 + arange_W * S
+    token_pos = torch.where(has_TW, rows_TW, -1)
+    slots_TWK = torch.where(to_d, pair_pos[:, None, :], -1)
+    slots = torch.full((W * S, K), -1, dtype=torch.int64, device=g.device)
+    scatter_rows(slots_TWK.view(T * W, K), token_pos.view(-1, 1), None, W * S, out=slots)
+    return pair_pos, token_pos, slots

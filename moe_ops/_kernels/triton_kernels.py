@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moe_ops import _layout
-from moe_ops._layout import SendLayout, TokenRows
+from moe_ops._layout import FixedPlan, SendLayout, TokenRows
 
 _SB = 128  # pairs ranked at a time by the layout kernel
 
@@ -831,3 +831,201 @@ def zero_tail(dst_MH: Tensor, n: Tensor) -> Tensor:
     grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
     _launch_zero_tail(grid, dst_MH, n.reshape(1), M, H, BM, BH, num_warps=nw)
     return dst_MH
+
+
+@triton.jit
+def _fixed_plan_kernel(
+    every_ptr,
+    start_ptr,
+    kept_ptr,
+    off_ptr,
+    kept_se_ptr,
+    tpe_ptr,
+    num_recv_ptr,
+    num_dropped_ptr,
+    ok_ptr,
+    W,
+    E,
+    E_l,
+    C,
+    rank,
+    rows_per_token,
+    BE: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """One program: the plan, destination by destination (``every`` is ``[W, E + 3]``)."""
+    X = E + 3
+    e = tl.arange(0, BE)
+    em = e < E_l
+    tpe = tl.zeros([BE], dtype=tl.int64)
+    overflow = tl.zeros([BE], dtype=tl.int64)
+    dropped = tl.zeros([BE], dtype=tl.int64)
+    sent = tl.zeros([1], dtype=tl.int64)  # this rank's pairs of the destinations before d
+    for d in range(0, W):
+        total = tl.zeros([BE], dtype=tl.int64)
+        for s in range(0, W):
+            total += tl.load(every_ptr + s * X + d * E_l + e, mask=em, other=0)
+        ahead = tl.cumsum(total, axis=0) - total  # rows of the experts before e at rank d
+        for s in range(0, W):
+            cnt = tl.load(every_ptr + s * X + d * E_l + e, mask=em, other=0)
+            kept = tl.minimum(tl.maximum(C - ahead, 0), cnt)
+            overflow += cnt - kept
+            mine = em & ((e * 0 + s) == rank)  # (a vector compare: interpreter-safe)
+            tl.store(off_ptr + d * E_l + e, ahead, mask=mine)
+            tl.store(kept_ptr + d * E_l + e, kept, mask=mine)
+            dropped += tl.where(mine, cnt - kept, 0)
+            to_me = em & ((e * 0 + d) == rank)
+            tl.store(kept_se_ptr + s * E_l + e, kept, mask=to_me)
+            tpe += tl.where(to_me, kept, 0)
+            ahead += cnt
+        cnt = tl.load(every_ptr + rank * X + d * E_l + e, mask=em, other=0)
+        tl.store(
+            start_ptr + d * E_l + e, tl.sum(sent, axis=0) + tl.cumsum(cnt, axis=0) - cnt, mask=em
+        )
+        sent += tl.sum(cnt, axis=0)
+    tl.store(tpe_ptr + e, tpe, mask=em)
+    tl.store(num_recv_ptr, tl.sum(tpe, axis=0))
+    tl.store(num_dropped_ptr, tl.sum(dropped, axis=0))
+    w = tl.arange(0, BW)
+    wm = w < W
+    bad = tl.load(every_ptr + w * X + E, mask=wm, other=0)
+    rows = tl.minimum(tl.load(every_ptr + w * X + E + 1, mask=wm, other=0) * rows_per_token, C)
+    rows0 = tl.minimum(tl.load(every_ptr + E + 1) * rows_per_token, C)
+    per_rank = tl.load(every_ptr + w * X + E + 2, mask=wm, other=0)
+    per_rank0 = tl.load(every_ptr + E + 2)
+    tl.store(ok_ptr + 0, (tl.max(bad, axis=0) == 0).to(tl.int64))
+    tl.store(ok_ptr + 1, (tl.sum((wm & (rows != rows0)).to(tl.int32), axis=0) == 0).to(tl.int64))
+    tl.store(
+        ok_ptr + 2, (tl.sum((wm & (per_rank != per_rank0)).to(tl.int32), axis=0) == 0).to(tl.int64)
+    )
+    tl.store(ok_ptr + 3, (tl.sum(overflow, axis=0) == 0).to(tl.int64))
+
+
+_launch_fixed_plan = _Launcher(_fixed_plan_kernel)
+
+
+def fixed_plan(
+    every_WX: Tensor, num_experts: int, capacity: int, rank: int, rows_per_token: int
+) -> FixedPlan:
+    """:func:`moe_ops._kernels.torch_kernels.fixed_plan` in one kernel of one program."""
+    W, E = every_WX.shape[0], num_experts
+    E_l = E // W
+    dev = every_WX.device
+    i64 = dict(dtype=torch.int64, device=dev)
+    plan = FixedPlan(
+        start_E=torch.empty(E, **i64),
+        kept_E=torch.empty(E, **i64),
+        off_E=torch.empty(E, **i64),
+        kept_se=torch.empty((W, E_l), **i64),
+        tokens_per_expert=torch.empty(E_l, **i64),
+        num_recv=torch.empty(1, **i64),
+        num_dropped=torch.empty((), **i64),
+        ok=torch.empty(4, **i64),
+    )
+    BE = max(16, triton.next_power_of_2(E_l))
+    BW = max(2, triton.next_power_of_2(W))
+    _launch_fixed_plan(
+        (1,), every_WX.contiguous(), *plan, W, E, E_l, capacity, rank, rows_per_token, BE, BW
+    )
+    return plan
+
+
+@triton.jit
+def _fixed_token_rows_kernel(
+    idx_ptr,
+    send_pos_ptr,
+    start_ptr,
+    kept_ptr,
+    off_ptr,
+    pair_pos_ptr,
+    token_pos_ptr,
+    slots_ptr,
+    T,
+    K,
+    E_l,
+    W,
+    S,
+    BT: tl.constexpr,
+    KP: tl.constexpr,
+):
+    """One program: destination by destination, the tokens in blocks of BT in order (a running
+    count of the rows taken), then -1 into the rest of the destination's chunk."""
+    k = tl.arange(0, KP)
+    km = k < K
+    for d in range(0, W):
+        taken = tl.zeros([1], dtype=tl.int64)
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT).to(tl.int64)
+            tm = t < T
+            m = tm[:, None] & km[None, :]
+            sp = tl.load(send_pos_ptr + t[:, None] * K + k[None, :], mask=m, other=-1)
+            valid = sp >= 0
+            g = tl.where(valid, tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=0), 0)
+            g = g.to(tl.int64)
+            to_d = valid & (g // E_l == d)
+            j = sp - tl.load(start_ptr + g, mask=to_d, other=0)
+            keep = to_d & (j < tl.load(kept_ptr + g, mask=to_d, other=0))
+            dest = tl.where(keep, tl.load(off_ptr + g, mask=to_d, other=0) + j, -1)
+            # each pair once: at its destination's turn, or at the first turn when unused
+            tl.store(
+                pair_pos_ptr + t[:, None] * K + k[None, :],
+                dest,
+                mask=m & (to_d | (~valid & ((k[None, :] * 0 + d) == 0))),
+            )
+            has = tl.max(keep.to(tl.int32), axis=1)
+            row = d * S + tl.sum(taken, axis=0) + tl.cumsum(has, axis=0).to(tl.int64) - 1
+            tl.store(token_pos_ptr + t * W + d, tl.where(has > 0, row, -1), mask=tm)
+            tl.store(
+                slots_ptr + row[:, None] * K + k[None, :],
+                dest,
+                mask=(has > 0)[:, None] & km[None, :],
+            )
+            taken += tl.sum(has, axis=0)
+        for r0 in range(0, S, BT):
+            r = r0 + tl.arange(0, BT).to(tl.int64)
+            rm = (r >= tl.sum(taken, axis=0)) & (r < S)
+            minus = tl.full([BT, KP], -1, dtype=tl.int64)
+            tl.store(
+                slots_ptr + (d * S + r)[:, None] * K + k[None, :],
+                minus,
+                mask=rm[:, None] & km[None, :],
+            )
+
+
+_launch_fixed_token_rows = _Launcher(_fixed_token_rows_kernel)
+
+
+def fixed_token_rows(
+    topk_idx_TK: Tensor, send_pos_TK: Tensor, plan: FixedPlan, W: int, S: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`moe_ops._kernels.torch_kernels.fixed_token_rows` in one kernel of one program."""
+    T, K = topk_idx_TK.shape
+    dev = topk_idx_TK.device
+    i64 = dict(dtype=torch.int64, device=dev)
+    pair_pos = torch.empty((T, K), **i64)
+    token_pos = torch.empty((T, W), **i64)
+    slots = torch.empty((W * S, K), **i64)
+    if W * S == 0 and T * K == 0:
+        return pair_pos, token_pos, slots
+    KP = max(2, triton.next_power_of_2(K))
+    BT = max(16, min(128, 2048 // KP))
+    _launch_fixed_token_rows(
+        (1,),
+        topk_idx_TK.contiguous(),
+        send_pos_TK.contiguous(),
+        plan.start_E,
+        plan.kept_E,
+        plan.off_E,
+        pair_pos,
+        token_pos,
+        slots,
+        T,
+        K,
+        plan.kept_E.shape[0] // W,
+        W,
+        S,
+        BT,
+        KP,
+        num_warps=4,
+    )
+    return pair_pos, token_pos, slots

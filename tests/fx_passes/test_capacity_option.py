@@ -39,7 +39,7 @@ def test_worst_case_emits_capacity_ops_and_grouped_mm():
     # T * K = 8 * 2 = 16 rows at W = 1, no host read of the counts, one grouped_mm per linear
     (
         FileCheck()
-        .check("moe_ops.dispatch_fixed(l_x_, idx, 4, 16, False, '', 1, 'local')")
+        .check("moe_ops.dispatch_fixed(l_x_, idx, 4, 16, False, '', 1, 'local', False)")
         .check("torch.cumsum(")
         .check("torch._grouped_mm(")
         .check("moe_ops.combine_fixed(")
@@ -58,7 +58,7 @@ def test_int_capacity_is_passed_through_and_overflow_raises():
     torch.manual_seed(0)
     model = L.Block("onehot_where").to(bf16)
     _, code, _ = _capture(model, _x(), 40)
-    FileCheck().check(", 4, 40, False, '', 1, 'local')").check(", 40, '', 1, 'local')").run(code)
+    FileCheck().check(", 4, 40, False, '', 1, 'local', False)").check(", 40, '', 1, 'local')").run(code)
     compiled = torch.compile(
         model, backend=fx_passes.moe_backend(inner="aot_eager", capacity=3), fullgraph=True
     )

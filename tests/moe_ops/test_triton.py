@@ -105,6 +105,49 @@ def test_token_rows_matches_torch(T, K, E, W, dtype):
     assert torch.equal(row[:, 1].cpu(), ref.rows_W) and row[:, ::2].eq(7).all()
 
 
+def _count_rows(idxs: list, E: int, per_rank: int) -> torch.Tensor:
+    """Every rank's capacity-mode count row (counts, bad ids, T, sum_per_rank) on the CPU."""
+    rows = []
+    for idx in idxs:
+        counts_bad = ref_k.send_layout(idx, E, 1).counts_bad
+        rows.append(torch.cat([counts_bad, torch.tensor([idx.shape[0], per_rank])]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    "W,E_l,T,K,C",
+    [
+        (2, 128, 128, 8, 2048),  # decode, worst case
+        (4, 64, 128, 8, 300),  # drops
+        (3, 5, 700, 4, 50),  # C < T
+        (1, 8, 40, 2, 30),
+        (2, 4, 0, 3, 10),  # no tokens
+        (8, 4, 3000, 6, 10**6),
+    ],
+)
+def test_fixed_plan_and_token_rows_match_torch(W, E_l, T, K, C):
+    """The capacity mode's plan and token rows (``sum_per_rank``) on every rank of a made-up
+    group, with a bad id on one rank and unequal T on another."""
+    E = W * E_l
+    idxs = [_routing(T, K, E, seed=s) for s in range(W)]
+    every = _count_rows(idxs, E, 1)
+    if W > 2:
+        every[1, E + _layout.FIXED_BAD] = 1
+        every[2, E + _layout.FIXED_T] += 1
+    for rank in range(W):
+        for per_token in (K, 1):  # the token rows below take the plan of sum_per_rank
+            plan_g = _kernels().fixed_plan(every.cuda(), E, C, rank, per_token)
+            plan_r = ref_k.fixed_plan(every, E, C, rank, per_token)
+            for name, a, b in zip(plan_r._fields, plan_g, plan_r, strict=True):
+                assert torch.equal(a.cpu(), b), name
+        S = min(C, T)
+        send_pos = ref_k.send_layout(idxs[rank], E, 1).send_pos
+        got = _kernels().fixed_token_rows(idxs[rank].cuda(), send_pos.cuda(), plan_g, W, S)
+        ref = ref_k.fixed_token_rows(idxs[rank], send_pos, plan_r, W, S)
+        for name, a, b in zip(("pair_pos", "token_pos", "slots"), got, ref, strict=True):
+            assert torch.equal(a.cpu(), b), name
+
+
 def _received_counts(W: int, E_l: int, high: int, zeros: float, seed: int):
     """Rows per (source, local expert) in ``[0, high]``, a share of them 0: on the CPU, and on
     the GPU as dispatch passes them (the count columns of the received count rows, a strided
