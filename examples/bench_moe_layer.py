@@ -15,7 +15,8 @@ backend (also with ``sum_per_rank=True``: with K > W combine sums each token's s
 of their experts), and the "moe" backend with ``capacity="worst-case"`` (the sync-free
 capacity-mode ops: the host is not held back by a read of the row counts); on GPUs also
 the last with inductor's CUDA graphs (``moe_backend(capacity="worst-case",
-mode="reduce-overhead")``) and, for the transformers block, ``torch.compile(mode=
+mode="reduce-overhead")``; both also with ``sum_per_rank=True``: token rows and sums per rank,
+K > 1) and, for the transformers block, ``torch.compile(mode=
 "reduce-overhead")``. Each timed call is one step (``torch.compiler.cudagraph_mark_step_begin``);
 forward + backward starts from no gradients, as a training step after ``zero_grad`` would. A
 footnote says when inductor skipped CUDA graphs for a mode (then that row ran without them).
@@ -419,10 +420,17 @@ def _modes(group, device: torch.device):
         "moe backend, sum_per_rank": lambda m: moe(m, sum_per_rank=True),
         # sync-free dispatch_fixed/combine_fixed on W * T * K padded rows (no host read)
         "moe backend, capacity=worst-case": lambda m: moe(m, "worst-case"),
+        # the same with token rows (min(C, T) per peer) and sums per rank (K > 1)
+        "moe backend, capacity=worst-case, sum_per_rank": lambda m: moe(
+            m, "worst-case", sum_per_rank=True
+        ),
     }
     if device.type == "cuda":  # inductor's CUDA graphs (what mode="reduce-overhead" turns on)
         modes[_CG_COMPILE] = lambda m: torch.compile(m, mode="reduce-overhead")
         modes[_CG_MOE] = lambda m: moe(m, "worst-case", mode="reduce-overhead")
+        modes[_CG_MOE + ", sum_per_rank"] = lambda m: moe(
+            m, "worst-case", mode="reduce-overhead", sum_per_rank=True
+        )
     return modes
 
 

@@ -948,48 +948,48 @@ def _fixed_token_rows_kernel(
     BT: tl.constexpr,
     KP: tl.constexpr,
 ):
-    """One program: destination by destination, the tokens in blocks of BT in order (a running
-    count of the rows taken), then -1 into the rest of the destination's chunk."""
+    """Program d: destination d, the tokens in blocks of BT in order (a running count of the
+    rows taken), then -1 into the rest of d's chunk."""
+    d = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, KP)
     km = k < K
-    for d in range(0, W):
-        taken = tl.zeros([1], dtype=tl.int64)
-        for t0 in range(0, T, BT):
-            t = t0 + tl.arange(0, BT).to(tl.int64)
-            tm = t < T
-            m = tm[:, None] & km[None, :]
-            sp = tl.load(send_pos_ptr + t[:, None] * K + k[None, :], mask=m, other=-1)
-            valid = sp >= 0
-            g = tl.where(valid, tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=0), 0)
-            g = g.to(tl.int64)
-            to_d = valid & (g // E_l == d)
-            j = sp - tl.load(start_ptr + g, mask=to_d, other=0)
-            keep = to_d & (j < tl.load(kept_ptr + g, mask=to_d, other=0))
-            dest = tl.where(keep, tl.load(off_ptr + g, mask=to_d, other=0) + j, -1)
-            # each pair once: at its destination's turn, or at the first turn when unused
-            tl.store(
-                pair_pos_ptr + t[:, None] * K + k[None, :],
-                dest,
-                mask=m & (to_d | (~valid & ((k[None, :] * 0 + d) == 0))),
-            )
-            has = tl.max(keep.to(tl.int32), axis=1)
-            row = d * S + tl.sum(taken, axis=0) + tl.cumsum(has, axis=0).to(tl.int64) - 1
-            tl.store(token_pos_ptr + t * W + d, tl.where(has > 0, row, -1), mask=tm)
-            tl.store(
-                slots_ptr + row[:, None] * K + k[None, :],
-                dest,
-                mask=(has > 0)[:, None] & km[None, :],
-            )
-            taken += tl.sum(has, axis=0)
-        for r0 in range(0, S, BT):
-            r = r0 + tl.arange(0, BT).to(tl.int64)
-            rm = (r >= tl.sum(taken, axis=0)) & (r < S)
-            minus = tl.full([BT, KP], -1, dtype=tl.int64)
-            tl.store(
-                slots_ptr + (d * S + r)[:, None] * K + k[None, :],
-                minus,
-                mask=rm[:, None] & km[None, :],
-            )
+    taken = tl.zeros([1], dtype=tl.int64)
+    for t0 in range(0, T, BT):
+        t = t0 + tl.arange(0, BT).to(tl.int64)
+        tm = t < T
+        m = tm[:, None] & km[None, :]
+        sp = tl.load(send_pos_ptr + t[:, None] * K + k[None, :], mask=m, other=-1)
+        valid = sp >= 0
+        g = tl.where(valid, tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=0), 0)
+        g = g.to(tl.int64)
+        to_d = valid & (g // E_l == d)
+        j = sp - tl.load(start_ptr + g, mask=to_d, other=0)
+        keep = to_d & (j < tl.load(kept_ptr + g, mask=to_d, other=0))
+        dest = tl.where(keep, tl.load(off_ptr + g, mask=to_d, other=0) + j, -1)
+        # each pair once: at its destination's turn, or at the first turn when unused
+        tl.store(
+            pair_pos_ptr + t[:, None] * K + k[None, :],
+            dest,
+            mask=m & (to_d | (~valid & ((k[None, :] * 0 + d) == 0))),
+        )
+        has = tl.max(keep.to(tl.int32), axis=1)
+        row = d * S + tl.sum(taken, axis=0) + tl.cumsum(has, axis=0).to(tl.int64) - 1
+        tl.store(token_pos_ptr + t * W + d, tl.where(has > 0, row, -1), mask=tm)
+        tl.store(
+            slots_ptr + row[:, None] * K + k[None, :],
+            dest,
+            mask=(has > 0)[:, None] & km[None, :],
+        )
+        taken += tl.sum(has, axis=0)
+    for r0 in range(0, S, BT):
+        r = r0 + tl.arange(0, BT).to(tl.int64)
+        rm = (r >= tl.sum(taken, axis=0)) & (r < S)
+        minus = tl.full([BT, KP], -1, dtype=tl.int64)
+        tl.store(
+            slots_ptr + (d * S + r)[:, None] * K + k[None, :],
+            minus,
+            mask=rm[:, None] & km[None, :],
+        )
 
 
 _launch_fixed_token_rows = _Launcher(_fixed_token_rows_kernel)
@@ -998,7 +998,8 @@ _launch_fixed_token_rows = _Launcher(_fixed_token_rows_kernel)
 def fixed_token_rows(
     topk_idx_TK: Tensor, send_pos_TK: Tensor, plan: FixedPlan, W: int, S: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`moe_ops._kernels.torch_kernels.fixed_token_rows` in one kernel of one program."""
+    """:func:`moe_ops._kernels.torch_kernels.fixed_token_rows` in one kernel, a program per
+    destination."""
     T, K = topk_idx_TK.shape
     dev = topk_idx_TK.device
     i64 = dict(dtype=torch.int64, device=dev)
@@ -1010,7 +1011,7 @@ def fixed_token_rows(
     KP = max(2, triton.next_power_of_2(K))
     BT = max(16, min(128, 2048 // KP))
     _launch_fixed_token_rows(
-        (1,),
+        (W,),
         topk_idx_TK.contiguous(),
         send_pos_TK.contiguous(),
         plan.start_E,
