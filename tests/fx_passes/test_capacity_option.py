@@ -58,7 +58,9 @@ def test_int_capacity_is_passed_through_and_overflow_raises():
     torch.manual_seed(0)
     model = L.Block("onehot_where").to(bf16)
     _, code, _ = _capture(model, _x(), 40)
-    FileCheck().check(", 4, 40, False, '', 1, 'local', False)").check(", 40, '', 1, 'local')").run(code)
+    FileCheck().check(", 4, 40, False, '', 1, 'local', False)").check(", 40, '', 1, 'local')").run(
+        code
+    )
     compiled = torch.compile(
         model, backend=fx_passes.moe_backend(inner="aot_eager", capacity=3), fullgraph=True
     )

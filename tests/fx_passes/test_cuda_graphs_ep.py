@@ -1,6 +1,7 @@
 """A whole rewritten block in CUDA graphs at W = 2 with NCCL: ``moe_backend(capacity=
-"worst-case", mode="reduce-overhead")`` on a sharded transformers 5 block, replayed on new
-routing and compared with the single-device block in eager. Marked ``gpu``; needs 2 GPUs."""
+"worst-case", mode="reduce-overhead")`` on a sharded transformers 5 block (top-2, and top-4
+with ``sum_per_rank=True``: token rows, sums per rank), replayed on new routing and compared with
+the single-device block in eager. Marked ``gpu``; needs 2 GPUs."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ pytestmark = pytest.mark.gpu
 _TOL = dict(atol=3e-2, rtol=3e-2)
 
 
-def _qwen3_block():
+def _qwen3_block(top_k: int = 2):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.Qwen3MoeConfig(
         hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512,
+        vocab_size=64, num_experts=8, num_experts_per_tok=top_k, moe_intermediate_size=512,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
@@ -27,15 +28,18 @@ def _qwen3_block():
     return model.model.layers[0].mlp.cuda()
 
 
-def _graph_replays_equal_eager(steps: int) -> bool:
+def _graph_replays_equal_eager(steps: int, sum_per_rank: bool = False) -> bool:
     import torch.distributed as dist
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
 
     rank = dist.get_rank()
-    ref_block, block = _qwen3_block(), _qwen3_block()
+    top_k = 4 if sum_per_rank else 2
+    ref_block, block = _qwen3_block(top_k), _qwen3_block(top_k)
     fx_passes.shard_experts(block)
-    backend = fx_passes.moe_backend(strict=True, capacity="worst-case", mode="reduce-overhead")
+    backend = fx_passes.moe_backend(
+        strict=True, capacity="worst-case", mode="reduce-overhead", sum_per_rank=sum_per_rank
+    )
     torch._dynamo.reset()
     cudagraph_trees.reset_cudagraph_trees()
     skips = counters["inductor"]["cudagraph_skips"]
@@ -59,5 +63,7 @@ def _graph_replays_equal_eager(steps: int) -> bool:
     return manager is not None and any(manager.roots.values())
 
 
-def test_sharded_block_in_cuda_graphs_at_w2_nccl(nccl_world):
-    assert all(nccl_world(2).run(_graph_replays_equal_eager, 4)), "no CUDA graph was recorded"
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
+def test_sharded_block_in_cuda_graphs_at_w2_nccl(nccl_world, sum_per_rank):
+    recorded = nccl_world(2).run(_graph_replays_equal_eager, 4, sum_per_rank)
+    assert all(recorded), "no CUDA graph was recorded"
