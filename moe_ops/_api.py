@@ -155,7 +155,7 @@ def dispatch(
             (one small exchange in combine). Default mode: K > W only (elsewhere it changes
             nothing), K / min(K, W) times fewer rows at most. Capacity mode: the padded transport
             with K > 1 only; dispatch then sends each token's row once per rank that keeps one of
-            its pairs, with the rows its slots take there (one small exchange more), in chunks of
+            its pairs, with the rows its slots take there (in the same exchange), in chunks of
             ``min(C, T)`` rows per peer instead of ``min(C, T * K)``: K times fewer bytes each
             way at ``capacity="worst-case"``. Sums then run per rank in slot order (the partial
             sums rounded to expert_out's dtype), then over ranks in rank order: equal to the

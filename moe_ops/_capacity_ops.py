@@ -18,6 +18,9 @@ Transports (the rows' way to their experts and back):
 * ``"padded"``: one ``all_to_all_single`` with ``S = min(C, T * K)`` rows per peer each way
   (every rank must pass the same T when ``C > T * K``): sizes known in advance, so it works with
   gloo and NCCL, at the price of moving ``W * S`` rows instead of the real count.
+  With ``sum_per_rank`` (K > 1) the rows are token rows: ``S = min(C, T)`` per peer, each
+  carrying the rows of recv_x its slots take (K int64 in its first columns), and combine sends
+  the weights, then one partial sum per token row back (see :class:`Layout`).
 * ``"nvshmem"``: ``torch.ops.symm_mem.all_to_all_vdev_2d`` (rows with device-side split sizes,
   received expert-major) and ``all_to_all_vdev_2d_offset`` for the way back, through persistent
   symmetric-memory buffers (CUDA, NVSHMEM; every rank must pass the same T).
@@ -162,8 +165,9 @@ def _no_token_layout(device: torch.device) -> tuple[Tensor, Tensor]:
 
 def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, group, kern):
     """Everything dispatch_fixed returns but the rows (with ``per_rank``, :func:`sums_per_rank`,
-    ``slot_rows`` is the slots this rank sends: the receiving side's come with the rows), the
-    :class:`~moe_ops._layout.FixedPlan` and every rank's count row (for the checks)."""
+    not ``pair_pos``, ``token_pos`` and ``slot_rows`` either: None, see
+    :func:`_tokens_to_experts`), the :class:`~moe_ops._layout.FixedPlan`, every rank's count row
+    (for the checks) and the pairs' send order."""
     T, K = topk_idx_TK.shape
     dev = topk_idx_TK.device
     lay = kern.send_layout(topk_idx_TK, E, 1)
@@ -180,10 +184,8 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, gr
     plan = kern.fixed_plan(every, E, C, rank, 1 if per_rank else K)
     recv_index = torch.zeros(0, dtype=_I64, device=dev)
     splits = torch.zeros((0, 0), dtype=_I64, device=dev)
-    if per_rank:
-        S = token_chunk_rows(C, T)
-        pair_pos, token_pos, slots = kern.fixed_token_rows(topk_idx_TK, lay.send_pos, plan, W, S)
-        token_layout = (token_pos, slots)
+    if per_rank:  # the token rows come with the payload (_tokens_to_experts)
+        pair_pos, token_layout = None, (None, None)
     else:
         # each pair's row in the buffer its rows travel in: chunks of S rows per destination
         # (padded), else recv_x's order, expert-major (local, nvshmem)
@@ -201,7 +203,7 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, gr
         pair_pos = torch.where(keep, base_E.reshape(E)[g] + j, -1)
         token_layout = _no_token_layout(dev)
     out = (plan.tokens_per_expert, plan.num_dropped, pair_pos, recv_index, plan.num_recv, splits)
-    return out + token_layout, plan, every
+    return out + token_layout, plan, every, lay.send_pos
 
 
 def _padded_recv_index(plan, C: int, S: int) -> Tensor:
@@ -365,7 +367,7 @@ def _dispatch_fixed(
         topk_idx = torch.full((0, 1), -1, dtype=_I64, device=x.device)
     kern = _kernels.for_device(x.device)
     bad_input = err is not None
-    lay, plan, every = _layout_fixed(
+    lay, plan, every, send_pos = _layout_fixed(
         topk_idx, E, C, W, rank, transport, bad_input, per_rank, group, kern
     )
     if err is not None:
@@ -373,42 +375,65 @@ def _dispatch_fixed(
     checks = (plan, every, rank, C, drop, transport, topk_idx, E)
     if transport != "local":  # before any row moves
         _check_group_flags(*checks)
-    tokens_per_expert, num_dropped, pair_pos, recv_index, num_recv, splits, token_pos, _ = lay
+    out = DispatchOutputs(None, *lay)
     if per_rank:
-        recv_x, slot_rows = _tokens_to_experts(kern, x, token_pos, lay[-1], num_recv, C, group)
-        lay = (*lay[:-1], slot_rows)
-    else:
-        recv_x = _to_experts(
-            kern,
-            x,
-            pair_pos,
-            None,
-            recv_index,
-            num_recv,
-            splits,
-            C,
-            W,
-            transport,
-            group,
-            group_name,
-            "dispatch",
-            splits[1:] if transport == "nvshmem" else None,
+        pair_pos, token_pos, recv_x, slot_rows = _tokens_to_experts(
+            kern, x, topk_idx, send_pos, plan, C, group
         )
+        return out._replace(
+            recv_x=recv_x, pair_pos=pair_pos, token_pos=token_pos, slot_rows=slot_rows
+        )
+    recv_x = _to_experts(
+        kern,
+        x,
+        out.pair_pos,
+        None,
+        out.recv_index,
+        out.num_recv,
+        out.splits,
+        C,
+        W,
+        transport,
+        group,
+        group_name,
+        "dispatch",
+        out.splits[1:] if transport == "nvshmem" else None,
+    )
     if transport == "local":  # after the row scatter is queued: its host time hides this
         _check_group_flags(*checks)
-    return DispatchOutputs(recv_x, *lay)
+    return out._replace(recv_x=recv_x)
 
 
-def _tokens_to_experts(kern, x_TH, token_pos_TW, slots, num_recv, C, group):
+def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, group):
     """Dispatch's rows with ``sum_per_rank``: each token's row goes once to every rank that keeps
-    one of its pairs, with the rows of recv_x its slots take there (``slots``, from
-    ``fixed_token_rows``); returns ``recv_x [C, H]`` (zero tail) and the slots received
-    (``slot_rows``, :class:`Layout`). Two equal-chunk exchanges: the slots, then the rows."""
-    rows = kern.scatter_rows(x_TH, token_pos_TW, None, slots.shape[0])  # others never read
-    slot_rows = _comm.exchange_equal_chunks(slots, group)
-    recv = _comm.exchange_equal_chunks(rows, group)
-    del rows  # its memory can serve recv_x
-    return kern.zero_tail(kern.scatter_rows(recv, slot_rows, None, C), num_recv), slot_rows
+    one of its pairs, with the rows of recv_x its slots take there (``fixed_token_rows``), in one
+    equal-chunk exchange (the slots in the first columns of each row). Returns ``pair_pos``,
+    ``token_pos``, ``recv_x [C, H]`` (zero tail) and the slots received (``slot_rows``)."""
+    T, H = x_TH.shape
+    K, W = topk_idx_TK.shape[1], group.size()
+    S = token_chunk_rows(C, T)
+    send, rows, slots = _packed_rows(W * S, H, K, x_TH.dtype, x_TH.device)
+    pair_pos, token_pos, _ = kern.fixed_token_rows(
+        topk_idx_TK, send_pos_TK, plan, W, S, slots_out=slots
+    )
+    kern.scatter_rows(x_TH, token_pos, None, W * S, out=rows)  # rows no token takes: not read
+    recv = _comm.exchange_equal_chunks(send, group)
+    del send, rows, slots  # their memory can serve recv_x
+    slot_rows = recv.view(_I64)[:, :K].contiguous()
+    recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C)
+    return pair_pos, token_pos, kern.zero_tail(recv_x, plan.num_recv), slot_rows
+
+
+def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.device):
+    """A send buffer for M token rows of H columns with K int64 slots each, in one tensor of the
+    rows' dtype: ``(buffer [M, X + H], its rows [M, H], its slots [M, K] int64)``, the slots in
+    the first X columns (whole rows a multiple of 8 bytes, so that they view as int64)."""
+    elt = dtype.itemsize
+    X = -(-8 * K // elt)
+    while (X + H) * elt % 8:
+        X += 1
+    buf = torch.empty((M, X + H), dtype=dtype, device=device)
+    return buf, buf[:, X:], buf.view(_I64)[:, :K]
 
 
 _DISPATCH_SCHEMA = (

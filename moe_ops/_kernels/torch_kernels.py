@@ -211,14 +211,19 @@ def fixed_plan(
 
 
 def fixed_token_rows(
-    topk_idx_TK: Tensor, send_pos_TK: Tensor, plan: FixedPlan, W: int, S: int
+    topk_idx_TK: Tensor,
+    send_pos_TK: Tensor,
+    plan: FixedPlan,
+    W: int,
+    S: int,
+    slots_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The capacity mode's token rows (``sum_per_rank``): each kept pair's row in recv_x on its
     expert's rank (``pair_pos [T, K]``, -1 if unused or dropped); ``token_pos [T, W]``, the row
     of token t in this rank's token-row buffers of ``S`` rows per peer (the next row of rank d's
     chunk in token order when one of t's kept pairs goes to d, else -1); and the slots sent with
     the rows (``[W * S, K]``: the kept pairs' rows in recv_x there, -1 elsewhere and in rows no
-    token takes)."""
+    token takes; written into ``slots_out`` when given, whose rows may be strided)."""
     T, K = topk_idx_TK.shape
     E_l = plan.kept_E.shape[0] // W
     g, j, keep = _layout.kept_pairs(topk_idx_TK, send_pos_TK, plan)
@@ -229,6 +234,9 @@ def fixed_token_rows(
     rows_TW = torch.cumsum(has_TW, 0) - 1 + arange_W * S
     token_pos = torch.where(has_TW, rows_TW, -1)
     slots_TWK = torch.where(to_d, pair_pos[:, None, :], -1)
-    slots = torch.full((W * S, K), -1, dtype=torch.int64, device=g.device)
+    if slots_out is None:
+        slots = torch.full((W * S, K), -1, dtype=torch.int64, device=g.device)
+    else:
+        slots = slots_out.fill_(-1)
     scatter_rows(slots_TWK.view(T * W, K), token_pos.view(-1, 1), None, W * S, out=slots)
     return pair_pos, token_pos, slots

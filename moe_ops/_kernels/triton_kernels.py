@@ -515,6 +515,8 @@ def _scatter_rows_kernel(
     K,
     n_fill,
     fill_value,
+    src_stride,
+    dst_stride,
     HAS_W: tl.constexpr,
     ACC: tl.constexpr,
     BM: tl.constexpr,
@@ -522,7 +524,8 @@ def _scatter_rows_kernel(
     FILL: tl.constexpr,
 ):
     """Programs ``[0, cdiv(M, BM) * cdiv(H, BH))`` move the rows; with ``FILL`` the programs
-    after them write ``fill_value`` into the ``n_fill`` rows ``fill[i]`` of dst."""
+    after them write ``fill_value`` into the ``n_fill`` rows ``fill[i]`` of dst. Rows of src and
+    dst are ``src_stride`` and ``dst_stride`` elements apart (columns contiguous)."""
     pid = tl.program_id(0)
     nhb = tl.cdiv(H, BH)
     cols = (pid % nhb) * BH + tl.arange(0, BH)
@@ -534,11 +537,17 @@ def _scatter_rows_kernel(
             im = i < n_fill
             p = tl.load(fill_ptr + i, mask=im, other=0)
             v = (tl.zeros([BM, BH], dtype=tl.float32) + fill_value).to(dst_ptr.dtype.element_ty)
-            tl.store(dst_ptr + p[:, None] * H + cols[None, :], v, mask=im[:, None] & cm[None, :])
+            tl.store(
+                dst_ptr + p[:, None] * dst_stride + cols[None, :],
+                v,
+                mask=im[:, None] & cm[None, :],
+            )
             return
     rows = (pid // nhb) * BM + tl.arange(0, BM).to(tl.int64)
     rm = rows < M
-    x = tl.load(src_ptr + rows[:, None] * H + cols[None, :], mask=rm[:, None] & cm[None, :])
+    x = tl.load(
+        src_ptr + rows[:, None] * src_stride + cols[None, :], mask=rm[:, None] & cm[None, :]
+    )
     for k in range(K):
         p = tl.load(pos_ptr + rows * K + k, mask=rm, other=-1)
         if HAS_W:
@@ -546,7 +555,11 @@ def _scatter_rows_kernel(
             v = (x.to(ACC) * w[:, None]).to(dst_ptr.dtype.element_ty)
         else:
             v = x
-        tl.store(dst_ptr + p[:, None] * H + cols[None, :], v, mask=(p >= 0)[:, None] & cm[None, :])
+        tl.store(
+            dst_ptr + p[:, None] * dst_stride + cols[None, :],
+            v,
+            mask=(p >= 0)[:, None] & cm[None, :],
+        )
 
 
 _launch_scatter = _Launcher(_scatter_rows_kernel)
@@ -558,7 +571,8 @@ def scatter_rows(
     """``dst[pos[m, k]] = src[m]`` (times ``w[m, k]`` in the accumulation dtype, then cast back).
 
     ``pos_MK`` int64 ``[M, K]`` (-1: skip). Returns ``dst`` ``[num_rows, H]`` in src's dtype
-    (``out`` if given); rows no pair points at are left as they were.
+    (``out`` if given: rows may be strided, columns contiguous); rows no pair points at are left
+    as they were. ``src_MH`` may have strided rows too.
     """
     H = src_MH.shape[1]
     dst = src_MH.new_empty((num_rows, H)) if out is None else out
@@ -583,11 +597,15 @@ def _scatter(src_MH, pos_MK, w_MK, dst, fill_rows, value) -> None:
         M = 0
     if (M == 0 and n_fill == 0) or H == 0 or dst.shape[0] == 0:
         return
+    if src_MH.stride(1) != 1:
+        src_MH = src_MH.contiguous()
+    if dst.stride(1) != 1:
+        raise ValueError("moe_ops: scatter_rows needs contiguous columns in out")
     BM, BH, nw = _row_block(H, src_MH.element_size())
     grid = ((triton.cdiv(M, BM) + triton.cdiv(n_fill, BM)) * triton.cdiv(H, BH),)
     _launch_scatter(
         grid,
-        src_MH.contiguous(),
+        src_MH,
         pos_MK.contiguous(),
         w_MK.contiguous() if w_MK is not None else pos_MK,
         dst,
@@ -597,6 +615,8 @@ def _scatter(src_MH, pos_MK, w_MK, dst, fill_rows, value) -> None:
         K,
         n_fill,
         float(value),
+        src_MH.stride(0),
+        dst.stride(0),
         w_MK is not None,
         _acc_tl(src_MH.dtype),
         BM,
@@ -945,6 +965,7 @@ def _fixed_token_rows_kernel(
     E_l,
     W,
     S,
+    slots_stride,
     BT: tl.constexpr,
     KP: tl.constexpr,
 ):
@@ -976,7 +997,7 @@ def _fixed_token_rows_kernel(
         row = d * S + tl.sum(taken, axis=0) + tl.cumsum(has, axis=0).to(tl.int64) - 1
         tl.store(token_pos_ptr + t * W + d, tl.where(has > 0, row, -1), mask=tm)
         tl.store(
-            slots_ptr + row[:, None] * K + k[None, :],
+            slots_ptr + row[:, None] * slots_stride + k[None, :],
             dest,
             mask=(has > 0)[:, None] & km[None, :],
         )
@@ -986,7 +1007,7 @@ def _fixed_token_rows_kernel(
         rm = (r >= tl.sum(taken, axis=0)) & (r < S)
         minus = tl.full([BT, KP], -1, dtype=tl.int64)
         tl.store(
-            slots_ptr + (d * S + r)[:, None] * K + k[None, :],
+            slots_ptr + (d * S + r)[:, None] * slots_stride + k[None, :],
             minus,
             mask=rm[:, None] & km[None, :],
         )
@@ -996,7 +1017,12 @@ _launch_fixed_token_rows = _Launcher(_fixed_token_rows_kernel)
 
 
 def fixed_token_rows(
-    topk_idx_TK: Tensor, send_pos_TK: Tensor, plan: FixedPlan, W: int, S: int
+    topk_idx_TK: Tensor,
+    send_pos_TK: Tensor,
+    plan: FixedPlan,
+    W: int,
+    S: int,
+    slots_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`moe_ops._kernels.torch_kernels.fixed_token_rows` in one kernel, a program per
     destination."""
@@ -1005,7 +1031,9 @@ def fixed_token_rows(
     i64 = dict(dtype=torch.int64, device=dev)
     pair_pos = torch.empty((T, K), **i64)
     token_pos = torch.empty((T, W), **i64)
-    slots = torch.empty((W * S, K), **i64)
+    slots = torch.empty((W * S, K), **i64) if slots_out is None else slots_out
+    if slots.stride(1) != 1:
+        raise ValueError("moe_ops: fixed_token_rows needs contiguous columns in slots_out")
     if W * S == 0 and T * K == 0:
         return pair_pos, token_pos, slots
     KP = max(2, triton.next_power_of_2(K))
@@ -1025,6 +1053,7 @@ def fixed_token_rows(
         plan.kept_E.shape[0] // W,
         W,
         S,
+        slots.stride(0),
         BT,
         KP,
         num_warps=4,

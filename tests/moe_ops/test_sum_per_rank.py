@@ -94,18 +94,23 @@ def test_ranks_that_disagree_raise(gloo_world, capacity):
 @pytest.mark.parametrize("capacity", ["worst-case", "exact"])
 def test_capacity_mode_moves_token_rows(gloo_world, capacity):
     """Capacity mode: every exchange after the count all-gather moves ``S = min(C, T)`` rows per
-    peer (token rows), not ``min(C, T * K)``: the slots and the payload in dispatch, the weights
-    and the partial sums in combine, the gradient's token rows and the weight gradient in
-    combine's backward, then dispatch's backward (a combine without weights)."""
+    peer (token rows), not ``min(C, T * K)``: the payload with its slots (K int64 in the first
+    columns of each row) in dispatch, the weights and the partial sums in combine, the
+    gradient's token rows and the weight gradient in combine's backward, then dispatch's
+    backward (a combine without weights)."""
     W, spec = 2, Spec(T=(12, 12), K=4, E_l=3, H=5, Hp=7, seed=3)
     if capacity == "exact":
         capacity = _cases.exact_capacity(spec, W)
     C = W * 12 * spec.K if capacity == "worst-case" else capacity
     S = min(C, 12)
     assert C > S  # rows per peer: the tokens, fewer than the capacity
+    elt = spec.dtype.itemsize
     for res in gloo_world(W).run(_cases.per_rank_sums, spec, capacity):
-        assert res["calls"] == (3, 2, 4)
-        widths = [spec.K, spec.H, spec.K, spec.Hp, spec.Hp, spec.K, spec.K, spec.H]
+        assert res["calls"] == (2, 2, 4)
+        packed = res["moved"][1][2]  # the rows and their slots, whole rows of 8-byte multiples
+        assert spec.H + 8 * spec.K // elt <= packed < spec.H + 8 * spec.K // elt + 8
+        assert packed * elt % 8 == 0
+        widths = [packed, spec.K, spec.Hp, spec.Hp, spec.K, spec.K, spec.H]
         assert res["moved"][1:] == [[W * S, W * S, width] for width in widths]
 
 
