@@ -214,8 +214,9 @@ def weight_grad(
 ) -> Tensor:
     """``grad_topk_weights[t, k] = <grad_out[t], row(t, k)>``; ``[0, 0]`` when not asked for
     (``returned_rows`` None)."""
-    if returned_rows is None:
-        return grad_out.new_empty((0, 0))
+    if returned_rows is None:  # the dtype the fake gives it
+        dtype = grad_out.dtype if topk_weights is None else topk_weights.dtype
+        return grad_out.new_empty((0, 0), dtype=dtype)
     return kern.slot_dot(grad_out, returned_rows, pair_pos_TK, topk_weights.dtype)
 
 

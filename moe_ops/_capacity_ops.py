@@ -8,9 +8,10 @@ rows per peer of the padded transport.
 
 Which pairs are kept: the receiver lays its rows out expert-major (local expert, then source
 rank, then token, then slot), as in the default mode; rows at positions ``>= C`` of that order
-do not fit. Every rank learns every rank's counts per expert (one all-gather of ``[E + 2]``
-int64 per rank, on the device), so a sender knows which of its own pairs fit without asking:
-kept pairs of one (destination, expert) are a prefix of them in pair order.
+do not fit. Every rank learns every rank's counts per expert (one all-gather of ``[E + 3]``
+int64 per rank, on the device: the counts, bad ids, T, and K when summing per rank), so a sender
+knows which of its own pairs fit without asking: kept pairs of one (destination, expert) are a
+prefix of them in pair order (``moe_ops._layout.FixedPlan``).
 
 Transports (the rows' way to their experts and back):
 
@@ -18,9 +19,10 @@ Transports (the rows' way to their experts and back):
 * ``"padded"``: one ``all_to_all_single`` with ``S = min(C, T * K)`` rows per peer each way
   (every rank must pass the same T when ``C > T * K``): sizes known in advance, so it works with
   gloo and NCCL, at the price of moving ``W * S`` rows instead of the real count.
-  With ``sum_per_rank`` (K > 1) the rows are token rows: ``S = min(C, T)`` per peer, each
-  carrying the rows of recv_x its slots take (K int64 in its first columns), and combine sends
-  the weights, then one partial sum per token row back (see :class:`Layout`).
+  With ``sum_per_rank`` (K > 1) the rows are token rows: ``S = min(C, T)`` per peer (every rank
+  must pass the same T when ``C > T``, and the same K), each carrying the rows of recv_x its
+  slots take (K int64 in its first columns), and combine sends the weights, then one partial
+  sum per token row back (see :class:`Layout`).
 * ``"nvshmem"``: ``torch.ops.symm_mem.all_to_all_vdev_2d`` (rows with device-side split sizes,
   received expert-major) and ``all_to_all_vdev_2d_offset`` for the way back, through persistent
   symmetric-memory buffers (CUDA, NVSHMEM; every rank must pass the same T).
@@ -37,7 +39,10 @@ compiles, NCCL communicators and NVSHMEM buffers are created on first use).
 
 ``combine_fixed(expert_out[C, H'], topk_weights?, *Layout, capacity, group_name, world_size,
 transport)`` returns ``out[T, H']`` and the rows that came back (``[W * S, H']`` padded,
-``[T * K, H']`` nvshmem, ``[0, H']`` local), which its backward needs for the weight gradient.
+``[T * K, H']`` nvshmem, ``[0, H']`` local), which its backward needs for the weight gradient;
+with ``sum_per_rank`` the second output is the weights that reached this rank with the token
+rows (``[W * S, K]``, in the accumulation dtype of expert_out), which the backward needs with
+expert_out.
 """
 
 from __future__ import annotations
@@ -146,18 +151,6 @@ def _group(group_name: str, world_size: int, transport: str):
 
 
 # ----------------------------------------------------------------------------- layout
-def _rank_in_expert(topk_idx_TK: Tensor, E: int, kern):
-    """Valid mask ``[P]``, expert id ``[P]`` (0 where invalid), rank of each valid pair among the
-    pairs of its expert in pair order ``[P]``, counts ``[E]`` and the bad-id count (0-d)."""
-    ids_P = topk_idx_TK.reshape(-1).to(_I64)
-    lay = kern.send_layout(topk_idx_TK, E, 1)
-    counts_E, bad = lay.counts_bad[:E], lay.counts_bad[E]
-    pos_P = lay.send_pos.reshape(-1)
-    valid_P = pos_P >= 0
-    g_P = torch.where(valid_P, ids_P, 0)
-    return valid_P, g_P, pos_P - excl_cumsum(counts_E, 0)[g_P], counts_E, bad
-
-
 def _no_token_layout(device: torch.device) -> tuple[Tensor, Tensor]:
     """``token_pos`` and ``slot_rows`` when combine sums in slot order."""
     return tuple(torch.zeros((0, 0), dtype=_I64, device=device) for _ in range(2))
@@ -179,7 +172,7 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, gr
     if bad_input:
         row[E + _layout.FIXED_BAD : E + _layout.FIXED_BAD + 1].add_(1)
     row[E + _layout.FIXED_T :].fill_(T)
-    row[E + _layout.FIXED_PER_RANK :].fill_(int(per_rank))
+    row[E + _layout.FIXED_PER_RANK :].fill_(K if per_rank else 0)  # the slots' width
     every = row.view(1, -1) if W == 1 else _comm.gather_rows_of_counts(row, W, group)
     plan = kern.fixed_plan(every, E, C, rank, 1 if per_rank else K)
     recv_index = torch.zeros(0, dtype=_I64, device=dev)
@@ -241,8 +234,8 @@ def _check_group_flags(plan, every, rank, C, drop, transport, topk_idx, E):
         )
         torch._assert_async(
             plan.ok[2],
-            "moe_ops.dispatch: the ranks of the group passed different sum_per_rank; pass the "
-            "same value on every rank",
+            "moe_ops.dispatch: the ranks of the group passed different sum_per_rank, or "
+            "different K with sum_per_rank; pass the same on every rank",
         )
     if not drop:
         torch._assert_async(
@@ -261,11 +254,11 @@ def _raise_on_cpu(plan, every, rank, C, drop, equal_chunks, topk_idx, E) -> None
             raise bad_id_error(topk_idx, E)
         _comm.raise_if_peer_bad([int(b > 0) for b in bad_W], rank, "dispatch")
     if not equal_chunks and not ok[2]:
-        per_rank_W = every[:, E + _layout.FIXED_PER_RANK].tolist()
+        K_W = every[:, E + _layout.FIXED_PER_RANK].tolist()
         raise ValueError(
-            f"moe_ops.dispatch: the ranks of the group passed different sum_per_rank (True on "
-            f"rank(s) {[r for r, p in enumerate(per_rank_W) if p]}); pass the same value on "
-            f"every rank"
+            f"moe_ops.dispatch: the ranks of the group passed different sum_per_rank, or "
+            f"different K with sum_per_rank (K of the ranks summing per rank, 0 for the others: "
+            f"{K_W}); pass the same sum_per_rank and topk_idx with the same K on every rank"
         )
     if not equal_chunks and not ok[1]:
         T_W = every[:, E + _layout.FIXED_T].tolist()
@@ -526,9 +519,12 @@ def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, group):
     """Combine summing per rank: ``out[T, H']`` and the weights that reached this rank with the
     token rows (``[W * S, K]``), which the backward needs."""
     M, K = lay.slot_rows.shape
+    # in the accumulation dtype whatever the caller passed (the multiply runs in it anyway), so
+    # that every rank sends rows of the same size, also when some pass None
+    adt = _layout.acc_dtype(expert_out.dtype)
     if topk_weights is None:
-        topk_weights = expert_out.new_ones(tuple(lay.pair_pos.shape))
-    w_rows = kern.scatter_rows(topk_weights, lay.token_pos, None, M)
+        topk_weights = expert_out.new_ones(tuple(lay.pair_pos.shape), dtype=adt)
+    w_rows = kern.scatter_rows(topk_weights.to(adt), lay.token_pos, None, M)
     recv_w = _comm.exchange_equal_chunks(w_rows, group)
     # each token row's weighted slots, summed in slot order (rows that no token took: 0)
     partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
@@ -554,7 +550,7 @@ def _(expert_out, topk_weights, *layout_static):
         raise err
     if lay.sums_per_rank:
         out, _ = _autograd.fake_combine(expert_out, lay.pair_pos, 0)
-        dtype = expert_out.dtype if topk_weights is None else topk_weights.dtype
+        dtype = _layout.acc_dtype(expert_out.dtype)
         return out, expert_out.new_empty(tuple(lay.slot_rows.shape), dtype=dtype)
     T, K = lay.pair_pos.shape
     M = back_rows(transport, capacity, T, K, world_size)
@@ -611,7 +607,7 @@ def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, 
         gw_recv = kern.slot_dot(g_recv, expert_out, lay.slot_rows, recv_w.dtype)
     gw_back = _comm.exchange_equal_chunks(gw_recv, group)
     if expert_out is None:
-        return grad_eo, grad_out.new_empty((0, 0))
+        return grad_eo, recv_w.new_empty((0, 0))
     # slot k's gradient comes from the one rank of its expert; the others send exact zeros
     return grad_eo, kern.combine_rows(gw_back, lay.token_pos, None, recv_w.dtype)
 

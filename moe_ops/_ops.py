@@ -8,8 +8,9 @@
 status row per destination chunk (``[N + W, H']``); combine's backward needs them for the weight
 gradient. When ``W = 1`` nothing moves and ``returned_rows`` is ``[0, H']``: the backward uses
 ``expert_out`` itself. When dispatch had ``sum_per_rank`` (the layout has token rows) the second
-output is the weights that reached this rank with the token rows (``[Rt + W, K]``), which the
-backward needs with ``expert_out`` (see :func:`_for_backward`).
+output is the weights that reached this rank with the token rows (``[Rt + W, K]``, in the
+accumulation dtype of expert_out), which the backward needs with ``expert_out`` (see
+:func:`_for_backward`).
 
 ``_combine_backward(grad_out, returned_rows?, topk_weights?, *Layout, group_name, world_size)``
 returns ``grad_expert_out[R, H']`` and ``grad_topk_weights[T, K]`` (``[0, 0]`` when not asked for).
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from moe_ops import _autograd, _comm, _kernels
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
-from moe_ops._layout import COUNTS, STATUS, SUMS_PER_RANK, TOKEN_ROWS
+from moe_ops._layout import COUNTS, STATUS, SUMS_PER_RANK, TOKEN_ROWS, acc_dtype
 
 # The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
 # split tensors (combine, its backward): a CUDA graph would replay the first call's sizes. Tagged
@@ -439,9 +440,12 @@ def _combine_per_rank(
     send_tok, recv_tok = lay.token_send_splits.tolist(), lay.token_recv_splits.tolist()
     W = len(send_tok)
     T, K = lay.pair_pos.shape
+    # in the accumulation dtype whatever the caller passed (the multiply runs in it anyway), so
+    # that every rank sends rows of the same size, also when some pass None
+    adt = acc_dtype(expert_out.dtype)
     if topk_weights is None:
-        topk_weights = expert_out.new_ones((T, K))
-    w_rows = kern.scatter_rows(topk_weights, lay.token_pos, None, sum(send_tok) + W)
+        topk_weights = expert_out.new_ones((T, K), dtype=adt)
+    w_rows = kern.scatter_rows(topk_weights.to(adt), lay.token_pos, None, sum(send_tok) + W)
     recv_w = _comm.rows_to_experts(w_rows, send_tok, recv_tok, group)
     # each token row's weighted slots, summed in slot order; the spare rows, which have no slot,
     # come out 0: the status "input good" (see _comm.rows_back)
@@ -476,7 +480,7 @@ def _(expert_out, topk_weights, *layout_group):
     )
     if lay.sums_per_rank:
         out, _ = _autograd.fake_combine(expert_out, lay.pair_pos, 0)
-        dtype = expert_out.dtype if topk_weights is None else topk_weights.dtype
+        dtype = acc_dtype(expert_out.dtype)
         return out, expert_out.new_empty(tuple(lay.slot_rows.shape), dtype=dtype)
     M = 0 if world_size == 1 else lay.send_pair_idx.shape[0] + world_size
     return _autograd.fake_combine(expert_out, lay.pair_pos, M)
@@ -523,7 +527,7 @@ def _combine_backward_per_rank(
         gw_recv, send_tok, recv_tok, None, False, group.rank(), group, "combine", True
     )
     if expert_out is None:
-        return grad_expert_out, grad_out.new_empty((0, 0))
+        return grad_expert_out, recv_w.new_empty((0, 0))
     # slot k's gradient comes from the one rank of its expert; the others send exact zeros
     return grad_expert_out, kern.combine_rows(gw_back, lay.token_pos, None, recv_w.dtype)
 

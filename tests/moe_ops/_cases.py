@@ -816,17 +816,64 @@ def per_rank_sums(spec: Spec, capacity=None) -> dict:
     return res
 
 
-def per_rank_disagree(capacity=None) -> str:
-    """Rank 0 asks for per-rank sums, the others not: every rank raises before any row moves,
-    and the next call works."""
+def per_rank_disagree(capacity=None, what: str = "option") -> str:
+    """Rank 0 asks for per-rank sums, the others not (``what="option"``), or every rank does
+    with a K of its own (``"K"``, capacity mode): every rank raises before any row moves, and
+    the next call works."""
     r, W = rank_and_world()
     inp, spec = _good(W, seed=6)
     same_T = {} if capacity is None else dict(T=(6,))  # the capacity mode's symmetric buffers
     inp = make_inputs(dataclasses.replace(spec, K=W + 2, **same_T), W)
     args = (inp.xs[r], inp.idxs[r], inp.num_experts)
     with pytest.raises(ValueError) as info:
-        moe_ops.dispatch(*args, capacity=capacity, sum_per_rank=r == 0)
+        if what == "K":
+            idx = inp.idxs[r][:, : 2 + r]
+            moe_ops.dispatch(args[0], idx, args[2], capacity=capacity, sum_per_rank=True)
+        else:
+            moe_ops.dispatch(*args, capacity=capacity, sum_per_rank=r == 0)
     recv_x, handle = moe_ops.dispatch(*args, capacity=capacity, sum_per_rank=True)
     out = moe_ops.combine(recv_x, handle, inp.ws[r])
     assert out.shape == inp.xs[r].shape
     return str(info.value)
+
+
+def fixed_fake_matches_real(spec: Spec, capacity: int, sum_per_rank: bool) -> None:
+    """The capacity-mode ops' fake kernels against the real ones on this rank's inputs: the same
+    shapes and dtypes for dispatch, combine and combine's backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe_ops import _capacity_ops
+
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    group = torch.distributed.group.WORLD
+    static = (capacity, group.group_name, W, "padded")
+    x, idx, w = inp.xs[r], inp.idxs[r], inp.ws[r]
+    args = (x, idx, inp.num_experts, capacity, True, *static[1:], sum_per_rank)
+    real_d = _capacity_ops.DispatchOutputs(*torch.ops.moe_ops.dispatch_fixed(*args))
+    eo = real_d.recv_x * 2
+    real_c = torch.ops.moe_ops.combine_fixed(eo, w, *real_d.layout(), *static)
+    g = torch.ones(x.shape[0], eo.shape[1], dtype=eo.dtype)
+    real_b = torch.ops.moe_ops._combine_fixed_backward(
+        g, *_capacity_ops._for_backward(eo, w, real_c[1], real_d.layout(), static),
+        *real_d.layout(), *static,
+    )  # fmt: skip
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = lambda t: mode.from_tensor(t)  # noqa: E731
+        fargs = (fake(x), fake(idx), *args[2:])
+        fake_d = _capacity_ops.DispatchOutputs(*torch.ops.moe_ops.dispatch_fixed(*fargs))
+        feo = fake_d.recv_x * 2
+        fake_c = torch.ops.moe_ops.combine_fixed(feo, fake(w), *fake_d.layout(), *static)
+        fake_b = torch.ops.moe_ops._combine_fixed_backward(
+            fake(g),
+            *_capacity_ops._for_backward(feo, fake(w), fake_c[1], fake_d.layout(), static),
+            *fake_d.layout(), *static,
+        )  # fmt: skip
+    assert real_d.layout().sums_per_rank == (sum_per_rank and spec.K > 1)
+    for name, a, b in zip(
+        [*real_d._fields, "out", "returned", "grad_eo", "grad_w"],
+        [*real_d, *real_c, *real_b],
+        [*fake_d, *fake_c, *fake_b],
+        strict=True,
+    ):
+        assert (tuple(a.shape), a.dtype) == (tuple(b.shape), b.dtype), name

@@ -121,7 +121,7 @@ def test_overflow_error_gloo(gloo_world):
     assert msgs[0] == msgs[1]
 
 
-def bad_id_case(bad_rank: int) -> None:
+def bad_id_case(bad_rank: int, sum_per_rank: bool = False) -> None:
     r, W = rank_and_world()
     spec = Spec(T=(5, 5), K=2, seed=3)
     inp = make_inputs(spec, W)
@@ -132,15 +132,25 @@ def bad_id_case(bad_rank: int) -> None:
     else:
         exc, frag = moe_ops.PeerInputError, f"rank(s) [{bad_rank}]"
     with pytest.raises(exc, match=re.escape(frag)):
-        moe_ops.dispatch(inp.xs[r], idx, inp.num_experts, capacity="worst-case", overflow="drop")
+        moe_ops.dispatch(
+            inp.xs[r],
+            idx,
+            inp.num_experts,
+            capacity="worst-case",
+            overflow="drop",
+            sum_per_rank=sum_per_rank,
+        )
 
 
 def test_bad_ids_single_rank():
     bad_id_case(0)
 
 
-def test_bad_ids_gloo(gloo_world):
-    gloo_world(2).run(bad_id_case, 1)
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
+def test_bad_ids_gloo(gloo_world, sum_per_rank):
+    """The bad rank flags itself (and does not sum per rank); its peers raise ``PeerInputError``,
+    not the disagreement on ``sum_per_rank``."""
+    gloo_world(2).run(bad_id_case, 1, sum_per_rank)
 
 
 def unequal_chunks_case() -> None:

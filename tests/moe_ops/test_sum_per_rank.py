@@ -91,6 +91,21 @@ def test_ranks_that_disagree_raise(gloo_world, capacity):
     assert all("sum_per_rank" in m for m in msgs)
 
 
+def test_capacity_mode_ranks_with_different_K_raise(gloo_world):
+    """With sum_per_rank the slots' width is K: ranks that differ raise (K travels in the count
+    row), before any row moves."""
+    msgs = gloo_world(2).run(_cases.per_rank_disagree, "worst-case", "K")
+    assert all("different K" in m and "[2, 3]" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
+def test_capacity_mode_fake_matches_real(gloo_world, sum_per_rank):
+    """Fake kernels (torch.compile) give the real ops' shapes and dtypes at W = 2, bf16 rows
+    with float32 weights (combine's second output with sum_per_rank: the weights received)."""
+    spec = Spec(T=(6, 6), K=3, E_l=2, dtype=bf16, w_dtype=f32, seed=4)
+    gloo_world(2).run(_cases.fixed_fake_matches_real, spec, 20, sum_per_rank)
+
+
 @pytest.mark.parametrize("capacity", ["worst-case", "exact"])
 def test_capacity_mode_moves_token_rows(gloo_world, capacity):
     """Capacity mode: every exchange after the count all-gather moves ``S = min(C, T)`` rows per

@@ -106,7 +106,8 @@ def test_token_rows_matches_torch(T, K, E, W, dtype):
 
 
 def _count_rows(idxs: list, E: int, per_rank: int) -> torch.Tensor:
-    """Every rank's capacity-mode count row (counts, bad ids, T, sum_per_rank) on the CPU."""
+    """Every rank's capacity-mode count row (counts, bad ids, T, and K when summing per rank) on
+    the CPU."""
     rows = []
     for idx in idxs:
         counts_bad = ref_k.send_layout(idx, E, 1).counts_bad
@@ -127,13 +128,15 @@ def _count_rows(idxs: list, E: int, per_rank: int) -> torch.Tensor:
 )
 def test_fixed_plan_and_token_rows_match_torch(W, E_l, T, K, C):
     """The capacity mode's plan and token rows (``sum_per_rank``) on every rank of a made-up
-    group, with a bad id on one rank and unequal T on another."""
+    group, with a bad id on one rank, unequal T on another and, on a third, no per-rank sums;
+    the slots also into a buffer with strided rows."""
     E = W * E_l
     idxs = [_routing(T, K, E, seed=s) for s in range(W)]
-    every = _count_rows(idxs, E, 1)
-    if W > 2:
+    every = _count_rows(idxs, E, K)
+    if W > 3:
         every[1, E + _layout.FIXED_BAD] = 1
         every[2, E + _layout.FIXED_T] += 1
+        every[3, E + _layout.FIXED_PER_RANK] = 0
     for rank in range(W):
         for per_token in (K, 1):  # the token rows below take the plan of sum_per_rank
             plan_g = _kernels().fixed_plan(every.cuda(), E, C, rank, per_token)
@@ -146,6 +149,12 @@ def test_fixed_plan_and_token_rows_match_torch(W, E_l, T, K, C):
         ref = ref_k.fixed_token_rows(idxs[rank], send_pos, plan_r, W, S)
         for name, a, b in zip(("pair_pos", "token_pos", "slots"), got, ref, strict=True):
             assert torch.equal(a.cpu(), b), name
+        wide = torch.full((W * S, K + 3), 7, dtype=torch.int64, device="cuda")
+        _kernels().fixed_token_rows(
+            idxs[rank].cuda(), send_pos.cuda(), plan_g, W, S, slots_out=wide[:, 1 : K + 1]
+        )
+        assert torch.equal(wide[:, 1 : K + 1].cpu(), ref[2])
+        assert wide[:, 0].eq(7).all() and wide[:, K + 1 :].eq(7).all()
 
 
 def _received_counts(W: int, E_l: int, high: int, zeros: float, seed: int):
@@ -217,6 +226,12 @@ def test_row_kernels_match_torch(dtype):
     assert torch.equal(k.gather_rows(xc, (send_idx // K).cuda(), w_N).cpu(), ref_w)
     assert torch.equal(ref_k.scatter_rows(x, pos, None, N), ref)
     assert torch.equal(ref_k.scatter_rows(x, pos, w, N), ref_w)
+    # strided rows: from the last H columns of a wider source into those of a wider buffer
+    wide_x = torch.randn(T, H + 5).to(dtype).cuda()
+    wide_x[:, 5:] = xc
+    wide_out = torch.full((N, H + 3), 2.0, dtype=dtype, device="cuda")
+    k.scatter_rows(wide_x[:, 5:], posc, wc, N, out=wide_out[:, 3:])
+    assert torch.equal(wide_out[:, 3:].cpu(), ref_w) and wide_out[:, :3].eq(2).all()
     perm = torch.randperm(N)
     placed = k.place_rows(ref.cuda(), perm.cuda(), torch.empty_like(ref, device="cuda"))
     assert torch.equal(placed.cpu(), ref_k.place_rows(ref, perm, torch.empty_like(ref)))
