@@ -601,15 +601,16 @@ def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, 
     g_recv = _comm.exchange_equal_chunks(g_rows, group)
     del g_rows
     grad_eo = kern.zero_tail(kern.scatter_rows(g_recv, lay.slot_rows, recv_w, C), lay.num_recv)
-    if expert_out is None:
-        gw_recv = recv_w.new_zeros(recv_w.shape)
-    else:
-        gw_recv = kern.slot_dot(g_recv, expert_out, lay.slot_rows, recv_w.dtype)
-    gw_back = _comm.exchange_equal_chunks(gw_recv, group)
-    if expert_out is None:
-        return grad_eo, recv_w.new_empty((0, 0))
-    # slot k's gradient comes from the one rank of its expert; the others send exact zeros
-    return grad_eo, kern.combine_rows(gw_back, lay.token_pos, None, recv_w.dtype)
+    grad_w = _autograd.per_rank_weight_grad(
+        kern,
+        g_recv,
+        expert_out,
+        recv_w,
+        lay.slot_rows,
+        lay.token_pos,
+        lambda gw: _comm.exchange_equal_chunks(gw, group),
+    )
+    return grad_eo, grad_w
 
 
 _COMBINE_BACKWARD_SCHEMA = (

@@ -518,18 +518,17 @@ def _combine_backward_per_rank(
     g_recv = _comm.rows_to_experts(g_rows, send_tok, recv_tok, group)
     del g_rows
     grad_expert_out = kern.scatter_rows(g_recv, lay.slot_rows, recv_w, R)
-    if expert_out is None:
-        gw_recv = recv_w.new_zeros(recv_w.shape)
-    else:
-        gw_recv = kern.slot_dot(g_recv, expert_out, lay.slot_rows, recv_w.dtype)
-    # back like the partial sums: the spare rows have no slot (0, the status "input good")
-    gw_back = _comm.rows_back(
-        gw_recv, send_tok, recv_tok, None, False, group.rank(), group, "combine", True
+
+    def back(gw_recv):  # like the partial sums: the spare rows have no slot (0, "input good")
+        rank = group.rank()
+        return _comm.rows_back(
+            gw_recv, send_tok, recv_tok, None, False, rank, group, "combine", True
+        )
+
+    grad_w = _autograd.per_rank_weight_grad(
+        kern, g_recv, expert_out, recv_w, lay.slot_rows, lay.token_pos, back
     )
-    if expert_out is None:
-        return grad_expert_out, recv_w.new_empty((0, 0))
-    # slot k's gradient comes from the one rank of its expert; the others send exact zeros
-    return grad_expert_out, kern.combine_rows(gw_back, lay.token_pos, None, recv_w.dtype)
+    return grad_expert_out, grad_w
 
 
 _COMBINE_BACKWARD_SCHEMA = (
