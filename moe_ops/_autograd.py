@@ -2,14 +2,16 @@
 share: the autograd formulas, the combine tail and the weight gradient.
 
 Both modes have three ops of the same shape: ``dispatch``, ``combine`` and combine's backward.
-Their combine takes ``(expert_out, topk_weights, *layout, *static)`` and returns
+Their combine takes ``(expert_out, topk_weights, *layout, *static, unweighted=False)`` (with
+``unweighted`` every rank passes no weights, so none need travel) and returns
 ``(out, returned_rows)``; their combine backward takes ``(grad_out, returned_rows or None,
 topk_weights, *layout, *static)`` and returns ``(grad_expert_out, grad_topk_weights)``. ``layout``
 is the mode's tuple of tensors that dispatch computed (its first is ``pair_pos``), ``static`` the
 mode's ints and strings (group, world size, ...). A :class:`Mode` says how to find them, and
 :func:`register` gives both ops their autograd:
 
-* dispatch's backward is the mode's combine without weights;
+* dispatch's backward is the mode's combine without weights, called with ``unweighted=True``
+  (every rank passes None there, so a combine that sums per rank need not send the ones);
 * combine's backward is the mode's combine-backward op. It needs the rows that came back to this
   rank (``returned_rows``) for the weight gradient, or ``expert_out`` itself when no row moved.
 
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from moe_ops import _kernels
+from moe_ops._layout import acc_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +46,10 @@ class Mode:
 
     combine, combine_backward: the mode's ops (see the module docstring).
     num_layout: how many layout tensors combine takes after ``topk_weights``.
+    num_static: how many non-tensor arguments combine takes after the layout (then, optionally,
+        ``unweighted``: see :func:`register`).
     dispatch_layout: dispatch's outputs -> the layout tensors, in combine's order.
-    dispatch_static: dispatch's inputs -> combine's trailing non-tensor arguments.
+    dispatch_static: dispatch's inputs -> combine's non-tensor arguments after the layout.
     for_backward: ``(expert_out, topk_weights, returned_rows, layout, static)`` -> what combine
         saves for its backward, ``(rows, weights)``: the mode's combine backward takes them as
         its ``returned_rows`` (when the weight gradient is wanted) and ``topk_weights``. Mostly
@@ -54,6 +59,7 @@ class Mode:
     combine: Any
     combine_backward: Any
     num_layout: int
+    num_static: int
     dispatch_layout: Callable[[tuple], tuple]
     dispatch_static: Callable[[tuple], tuple]
     for_backward: Callable[[Tensor, Tensor | None, Tensor, tuple, tuple], tuple]
@@ -145,12 +151,14 @@ def register(
         if grad_recv_x is None:  # recv_x took no part in the loss
             return (None,) * ctx.num_inputs
         with _kernels.use_kernels(ctx.kernels):
-            grad_x, _ = direct.combine(grad_recv_x, None, *ctx.saved_tensors, *ctx.static)
+            args = (grad_recv_x, None, *ctx.saved_tensors, *ctx.static)
+            grad_x, _ = direct.combine(*args, True)  # unweighted on every rank
         return (grad_x,) + (None,) * (ctx.num_inputs - 1)
 
     def combine_setup_context(ctx, inputs, output):
         expert_out, topk_weights = inputs[:2]
-        layout, static = inputs[2 : 2 + mode.num_layout], inputs[2 + mode.num_layout :]
+        layout = inputs[2 : 2 + mode.num_layout]
+        static = inputs[2 + mode.num_layout : 2 + mode.num_layout + mode.num_static]
         rows, weights = mode.for_backward(expert_out, topk_weights, output[1], layout, static)
         ctx.save_for_backward(rows, weights, *layout)
         # ``returned_rows`` never gets a gradient: without these, autograd (eager, or the
@@ -159,19 +167,19 @@ def register(
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
         ctx.static = static
+        ctx.num_inputs = len(inputs)
         ctx.kernels = _kernels.current()
 
     def combine_backward(ctx, grad_out, _grad_returned):
         rows, weights, *layout = ctx.saved_tensors
         if grad_out is None:  # out took no part in the loss
-            return (None,) * (2 + len(layout) + len(ctx.static))
+            return (None,) * ctx.num_inputs
         want_w = weights is not None and ctx.needs_input_grad[1]
         with _kernels.use_kernels(ctx.kernels):
             grad_expert_out, grad_w = direct_combine_backward(
                 grad_out, rows if want_w else None, weights, *layout, *ctx.static
             )
-        rest = (None,) * (len(layout) + len(ctx.static))
-        return (grad_expert_out, grad_w if want_w else None) + rest
+        return (grad_expert_out, grad_w if want_w else None) + (None,) * (ctx.num_inputs - 2)
 
     dispatch_op.register_autograd(dispatch_backward, setup_context=dispatch_setup_context)
     mode.combine.register_autograd(combine_backward, setup_context=combine_setup_context)
@@ -218,6 +226,31 @@ def weight_grad(
         dtype = grad_out.dtype if topk_weights is None else topk_weights.dtype
         return grad_out.new_empty((0, 0), dtype=dtype)
     return kern.slot_dot(grad_out, returned_rows, pair_pos_TK, topk_weights.dtype)
+
+
+def per_rank_weights(
+    kern,
+    expert_out: Tensor,
+    topk_weights: Tensor | None,
+    token_pos: Tensor,
+    send_rows: int,
+    recv_shape: tuple[int, int],
+    send: Callable[[Tensor], Tensor],
+    unweighted: bool,
+) -> Tensor:
+    """The weights of the token rows a combine that sums per rank received (both modes), in the
+    accumulation dtype whatever the caller passed (the multiply runs in it anyway), so that every
+    rank sends rows of the same size, also when some pass None (ones travel then). With
+    ``unweighted`` (every rank passes None: dispatch's backward) nothing travels: ones of
+    ``recv_shape``."""
+    adt = acc_dtype(expert_out.dtype)
+    if unweighted:
+        if topk_weights is not None:
+            raise ValueError("moe_ops: combine with unweighted=True takes topk_weights=None")
+        return expert_out.new_ones(recv_shape, dtype=adt)
+    if topk_weights is None:
+        topk_weights = expert_out.new_ones(tuple(token_pos.shape[:1]) + recv_shape[1:], dtype=adt)
+    return send(kern.scatter_rows(topk_weights.to(adt), token_pos, None, send_rows))
 
 
 def per_rank_weight_grad(

@@ -38,8 +38,9 @@ overflow is reported on CUDA by ``torch._assert_async``. Warm up once before cap
 compiles, NCCL communicators and NVSHMEM buffers are created on first use).
 
 ``combine_fixed(expert_out[C, H'], topk_weights?, *Layout, capacity, group_name, world_size,
-transport)`` returns ``out[T, H']`` and the rows that came back (``[W * S, H']`` padded,
-``[T * K, H']`` nvshmem, ``[0, H']`` local), which its backward needs for the weight gradient;
+transport, unweighted=False)`` returns ``out[T, H']`` and the rows that came back (``[W * S, H']``
+padded, ``[T * K, H']`` nvshmem, ``[0, H']`` local), which its backward needs for the weight
+gradient;
 with ``sum_per_rank`` the second output is the weights that reached this rank with the token
 rows (``[W * S, K]``, in the accumulation dtype of expert_out), which the backward needs with
 expert_out.
@@ -476,25 +477,29 @@ def _(
 # row it received in slot order, and one row per (token, rank) comes back, summed in rank order.
 
 
-def _split(layout_static: tuple) -> tuple[Layout, int, str, int, str]:
-    """combine's arguments after ``topk_weights``: the :class:`Layout` and the static ones."""
+def _split(layout_static: tuple) -> tuple[Layout, int, str, int, str, bool]:
+    """combine's arguments after ``topk_weights``: the :class:`Layout`, capacity, group_name,
+    world_size, transport and ``unweighted`` (False when not given; the backward takes no such
+    argument)."""
     n = len(Layout._fields)
-    return (Layout(*layout_static[:n]), *layout_static[n:])
+    capacity, group_name, world_size, transport, *unweighted = layout_static[n:]
+    unweighted = bool(unweighted and unweighted[0])
+    return Layout(*layout_static[:n]), capacity, group_name, world_size, transport, unweighted
 
 
 def _combine_fixed(
     expert_out: Tensor, topk_weights: Tensor | None, *layout_static
 ) -> tuple[Tensor, Tensor]:
-    """``layout_static``: the :class:`Layout` fields, then capacity, group_name, world_size and
-    transport (``_COMBINE_SCHEMA``)."""
-    lay, capacity, group_name, world_size, transport = _split(layout_static)
+    """``layout_static``: the :class:`Layout` fields, then capacity, group_name, world_size,
+    transport and optionally ``unweighted`` (``_COMBINE_SCHEMA``)."""
+    lay, capacity, group_name, world_size, transport, unweighted = _split(layout_static)
     err = check_combine(expert_out, topk_weights, lay.pair_pos, capacity)
     if err is not None:
         raise err
     group = _group(group_name, world_size, transport)
     kern = _kernels.for_device(expert_out.device)
     if lay.sums_per_rank:
-        return _combine_per_rank(kern, expert_out, topk_weights, lay, group)
+        return _combine_per_rank(kern, expert_out, topk_weights, lay, unweighted, group)
     T, K = lay.pair_pos.shape
     rows = _to_sources(
         kern,
@@ -515,17 +520,20 @@ def _combine_fixed(
     return _autograd.combine_tail(kern, rows, expert_out, lay.pair_pos, topk_weights, local)
 
 
-def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, group):
+def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, group):
     """Combine summing per rank: ``out[T, H']`` and the weights that reached this rank with the
     token rows (``[W * S, K]``), which the backward needs."""
-    M, K = lay.slot_rows.shape
-    # in the accumulation dtype whatever the caller passed (the multiply runs in it anyway), so
-    # that every rank sends rows of the same size, also when some pass None
-    adt = _layout.acc_dtype(expert_out.dtype)
-    if topk_weights is None:
-        topk_weights = expert_out.new_ones(tuple(lay.pair_pos.shape), dtype=adt)
-    w_rows = kern.scatter_rows(topk_weights.to(adt), lay.token_pos, None, M)
-    recv_w = _comm.exchange_equal_chunks(w_rows, group)
+    M = lay.slot_rows.shape[0]
+    recv_w = _autograd.per_rank_weights(
+        kern,
+        expert_out,
+        topk_weights,
+        lay.token_pos,
+        M,
+        tuple(lay.slot_rows.shape),
+        lambda w_rows: _comm.exchange_equal_chunks(w_rows, group),
+        unweighted,
+    )
     # each token row's weighted slots, summed in slot order (rows that no token took: 0)
     partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
     back = _comm.exchange_equal_chunks(partial, group)
@@ -534,8 +542,11 @@ def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, group):
 
 _LAYOUT_ARGS = ", ".join(f"Tensor {name}" for name in Layout._fields)
 _STATIC_ARGS = "SymInt capacity, str group_name, SymInt world_size, str transport"
+# unweighted: every rank passes topk_weights=None (dispatch's backward), so a combine that sums
+# per rank sends no weights
 _COMBINE_SCHEMA = (
-    f"(Tensor expert_out, Tensor? topk_weights, {_LAYOUT_ARGS}, {_STATIC_ARGS}) -> (Tensor, Tensor)"
+    f"(Tensor expert_out, Tensor? topk_weights, {_LAYOUT_ARGS}, {_STATIC_ARGS}, "
+    f"bool unweighted=False) -> (Tensor, Tensor)"
 )
 combine_fixed_op = torch.library.custom_op(
     "moe_ops::combine_fixed", mutates_args=(), schema=_COMBINE_SCHEMA
@@ -544,7 +555,7 @@ combine_fixed_op = torch.library.custom_op(
 
 @combine_fixed_op.register_fake
 def _(expert_out, topk_weights, *layout_static):
-    lay, capacity, _, world_size, transport = _split(layout_static)
+    lay, capacity, _, world_size, transport, _ = _split(layout_static)
     err = check_combine(expert_out, topk_weights, lay.pair_pos, capacity)
     if err is not None:
         raise err
@@ -564,7 +575,7 @@ def _combine_fixed_backward(
     the weights when ``returned_rows`` is given (``[0, 0]`` otherwise). Summing per rank,
     ``returned_rows`` is expert_out itself and ``topk_weights`` the weights that reached this
     rank (what :func:`_for_backward` saved)."""
-    lay, capacity, group_name, world_size, transport = _split(layout_static)
+    lay, capacity, group_name, world_size, transport, _ = _split(layout_static)
     group = _group(group_name, world_size, transport)
     kern = _kernels.for_device(grad_out.device)
     if lay.sums_per_rank:
@@ -646,6 +657,7 @@ DIRECT = _autograd.register(
         combine=combine_fixed_op,
         combine_backward=combine_fixed_backward_op,
         num_layout=len(Layout._fields),
+        num_static=4,
         dispatch_layout=lambda output: DispatchOutputs(*output).layout(),
         # capacity, group_name, world_size, transport (not drop, nor sum_per_rank: the layout's
         # shapes say how combine sums)

@@ -3,14 +3,14 @@
 (``moe_ops._autograd``). Shape letters: see ``moe_ops._layout``. What the ops return, in order:
 :class:`DispatchOutputs` and :class:`Layout` (what combine takes).
 
-``combine(expert_out[R, H'], topk_weights[T, K]?, *Layout, group_name, world_size)`` returns
-``out[T, H']`` and ``returned_rows``: the rows that came back to this rank in send order, with one
-status row per destination chunk (``[N + W, H']``); combine's backward needs them for the weight
-gradient. When ``W = 1`` nothing moves and ``returned_rows`` is ``[0, H']``: the backward uses
-``expert_out`` itself. When dispatch had ``sum_per_rank`` (the layout has token rows) the second
-output is the weights that reached this rank with the token rows (``[Rt + W, K]``, in the
-accumulation dtype of expert_out), which the backward needs with ``expert_out`` (see
-:func:`_for_backward`).
+``combine(expert_out[R, H'], topk_weights[T, K]?, *Layout, group_name, world_size,
+unweighted=False)`` returns ``out[T, H']`` and ``returned_rows``: the rows that came back to this
+rank in send order, with one status row per destination chunk (``[N + W, H']``); combine's
+backward needs them for the weight gradient. When ``W = 1`` nothing moves and ``returned_rows``
+is ``[0, H']``: the backward uses ``expert_out`` itself. When dispatch had ``sum_per_rank`` (the
+layout has token rows) the second output is the weights that reached this rank with the token
+rows (``[Rt + W, K]``, in the accumulation dtype of expert_out), which the backward needs with
+``expert_out`` (see :func:`_for_backward`).
 
 ``_combine_backward(grad_out, returned_rows?, topk_weights?, *Layout, group_name, world_size)``
 returns ``grad_expert_out[R, H']`` and ``grad_topk_weights[T, K]`` (``[0, 0]`` when not asked for).
@@ -392,9 +392,9 @@ def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False):
 def _combine(
     expert_out: Tensor, topk_weights: Tensor | None, *layout_group
 ) -> tuple[Tensor, Tensor]:
-    """``layout_group``: the :class:`Layout` fields, then group_name and world_size (the op's
-    schema: ``_COMBINE_SCHEMA``)."""
-    lay, (group_name, world_size) = Layout(*layout_group[:-2]), layout_group[-2:]
+    """``layout_group``: the :class:`Layout` fields, then group_name, world_size and optionally
+    ``unweighted`` (the op's schema: ``_COMBINE_SCHEMA``)."""
+    lay, group_name, world_size, unweighted = _split(layout_group)
     pair_pos, send_pair_idx, recv_perm = lay.pair_pos, lay.send_pair_idx, lay.recv_perm
     group = _comm.resolve_group(group_name, world_size)
     R = num_recv_rows(send_pair_idx, recv_perm, world_size)
@@ -410,7 +410,8 @@ def _combine(
             expert_out = torch.empty((R, width), dtype=dtype, device=pair_pos.device)
             topk_weights = None
         if lay.sums_per_rank:
-            out, recv_w = _combine_per_rank(expert_out, topk_weights, lay, err is not None, group)
+            args = (expert_out, topk_weights, lay, err is not None, unweighted, group)
+            out, recv_w = _combine_per_rank(*args)
             if err is not None:
                 raise err
             return out, recv_w
@@ -432,21 +433,23 @@ def _combine(
 
 
 def _combine_per_rank(
-    expert_out: Tensor, topk_weights: Tensor | None, lay: Layout, bad: bool, group
+    expert_out: Tensor, topk_weights: Tensor | None, lay: Layout, bad: bool, unweighted, group
 ) -> tuple[Tensor, Tensor]:
     """Combine summing per rank: returns ``out[T, H']`` and the weights received with the token
     rows (``[Rt + W, K]``), which the backward needs."""
     kern = _kernels.for_device(expert_out.device)
     send_tok, recv_tok = lay.token_send_splits.tolist(), lay.token_recv_splits.tolist()
     W = len(send_tok)
-    T, K = lay.pair_pos.shape
-    # in the accumulation dtype whatever the caller passed (the multiply runs in it anyway), so
-    # that every rank sends rows of the same size, also when some pass None
-    adt = acc_dtype(expert_out.dtype)
-    if topk_weights is None:
-        topk_weights = expert_out.new_ones((T, K), dtype=adt)
-    w_rows = kern.scatter_rows(topk_weights.to(adt), lay.token_pos, None, sum(send_tok) + W)
-    recv_w = _comm.rows_to_experts(w_rows, send_tok, recv_tok, group)
+    recv_w = _autograd.per_rank_weights(
+        kern,
+        expert_out,
+        topk_weights,
+        lay.token_pos,
+        sum(send_tok) + W,
+        tuple(lay.slot_rows.shape),
+        lambda w_rows: _comm.rows_to_experts(w_rows, send_tok, recv_tok, group),
+        unweighted,
+    )
     # each token row's weighted slots, summed in slot order; the spare rows, which have no slot,
     # come out 0: the status "input good" (see _comm.rows_back)
     partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
@@ -457,10 +460,20 @@ def _combine_per_rank(
     return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
 
 
+def _split(layout_group: tuple) -> tuple[Layout, str, int, bool]:
+    """combine's arguments after ``topk_weights``: the :class:`Layout`, group_name, world_size
+    and ``unweighted`` (False when not given; the backward takes no such argument)."""
+    n = len(Layout._fields)
+    group_name, world_size, *unweighted = layout_group[n:]
+    return Layout(*layout_group[:n]), group_name, world_size, bool(unweighted and unweighted[0])
+
+
 _LAYOUT_ARGS = ", ".join(f"Tensor {name}" for name in Layout._fields)
+# unweighted: every rank passes topk_weights=None (dispatch's backward), so a combine that sums
+# per rank sends no weights
 _COMBINE_SCHEMA = (
     f"(Tensor expert_out, Tensor? topk_weights, {_LAYOUT_ARGS}, str group_name, "
-    f"SymInt world_size) -> (Tensor, Tensor)"
+    f"SymInt world_size, bool unweighted=False) -> (Tensor, Tensor)"
 )
 combine_op = torch.library.custom_op(
     "moe_ops::combine", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE, schema=_COMBINE_SCHEMA
@@ -469,7 +482,7 @@ combine_op = torch.library.custom_op(
 
 @combine_op.register_fake
 def _(expert_out, topk_weights, *layout_group):
-    lay, (_, world_size) = Layout(*layout_group[:-2]), layout_group[-2:]
+    lay, _, world_size, _ = _split(layout_group)
     R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, world_size)
     err = check_combine(expert_out, topk_weights, lay.pair_pos, R)
     if err is not None:
@@ -494,7 +507,7 @@ def _combine_backward(
 
     Summing per rank, ``returned_rows`` is expert_out itself and ``topk_weights`` the weights
     that reached this rank with the token rows (what :func:`_for_backward` saved)."""
-    lay, (group_name, world_size) = Layout(*layout_group[:-2]), layout_group[-2:]
+    lay, group_name, world_size, _ = _split(layout_group)
     group = _comm.resolve_group(group_name, world_size)
     kern = _kernels.for_device(grad_out.device)
     if group is not None and lay.sums_per_rank:
@@ -545,7 +558,7 @@ combine_backward_op = torch.library.custom_op(
 
 @combine_backward_op.register_fake
 def _(grad_out, returned_rows, topk_weights, *layout_group):
-    lay, (_, world_size) = Layout(*layout_group[:-2]), layout_group[-2:]
+    lay, _, world_size, _ = _split(layout_group)
     R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, world_size)
     return _autograd.fake_combine_backward(grad_out, returned_rows, topk_weights, lay.pair_pos, R)
 
@@ -566,8 +579,9 @@ DIRECT = _autograd.register(
         combine=combine_op,
         combine_backward=combine_backward_op,
         num_layout=len(Layout._fields),
+        num_static=2,  # group_name, world_size
         dispatch_layout=lambda output: DispatchOutputs(*output).layout(),
-        dispatch_static=lambda inputs: tuple(inputs[3:5]),  # group_name, world_size
+        dispatch_static=lambda inputs: tuple(inputs[3:5]),
         for_backward=_for_backward,
     ),
     dispatch_impl=_dispatch,
