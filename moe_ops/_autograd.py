@@ -249,7 +249,7 @@ def per_rank_weights(
             raise ValueError("moe_ops: combine with unweighted=True takes topk_weights=None")
         return expert_out.new_ones(recv_shape, dtype=adt)
     if topk_weights is None:
-        topk_weights = expert_out.new_ones(tuple(token_pos.shape[:1]) + recv_shape[1:], dtype=adt)
+        topk_weights = expert_out.new_ones((token_pos.shape[0], recv_shape[1]), dtype=adt)
     return send(kern.scatter_rows(topk_weights.to(adt), token_pos, None, send_rows))
 
 

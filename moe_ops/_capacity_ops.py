@@ -168,12 +168,13 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, gr
     # This rank's count row: counts per expert, bad ids, T, sum_per_rank. Host values reach the
     # device as kernel arguments (fill, add), never as a tensor built from host memory: that
     # copy would sync, and fails in CUDA-graph capture.
-    row = torch.empty(E + 3, dtype=_I64, device=dev)
-    row[: E + 1].copy_(lay.counts_bad)
+    bad, T_col, per_rank_col = (E + c for c in _layout.FIXED_COLUMNS)
+    row = torch.empty(E + len(_layout.FIXED_COLUMNS), dtype=_I64, device=dev)
+    row[: E + 1].copy_(lay.counts_bad)  # the counts, then the bad-id count (FIXED_BAD is 0)
     if bad_input:
-        row[E + _layout.FIXED_BAD : E + _layout.FIXED_BAD + 1].add_(1)
-    row[E + _layout.FIXED_T :].fill_(T)
-    row[E + _layout.FIXED_PER_RANK :].fill_(K if per_rank else 0)  # the slots' width
+        row[bad : bad + 1].add_(1)
+    row[T_col : T_col + 1].fill_(T)
+    row[per_rank_col : per_rank_col + 1].fill_(K if per_rank else 0)  # the slots' width
     every = row.view(1, -1) if W == 1 else _comm.gather_rows_of_counts(row, W, group)
     plan = kern.fixed_plan(every, E, C, rank, 1 if per_rank else K)
     recv_index = torch.zeros(0, dtype=_I64, device=dev)

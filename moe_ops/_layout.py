@@ -107,8 +107,9 @@ def token_rows(
     return TokenRows(pos_TW, rows_W, slots.to(torch.int32).view(T * W, K))
 
 
-# The capacity mode's count row, all-gathered: counts per global expert, then these columns.
-FIXED_BAD, FIXED_T, FIXED_PER_RANK = 0, 1, 2  # after the E counts: bad ids, T, sum_per_rank
+# The capacity mode's count row, all-gathered: counts per global expert, then these columns (after
+# the E counts): bad ids, T, and K when the rank sums per rank (else 0).
+FIXED_COLUMNS = FIXED_BAD, FIXED_T, FIXED_PER_RANK = 0, 1, 2
 
 
 class FixedPlan(NamedTuple):
@@ -128,7 +129,8 @@ class FixedPlan(NamedTuple):
     num_dropped        int64 ``[]``, this rank's pairs that do not fit
     ok                 int64 ``[4]``, nonzero when good: no bad id on any rank; the same rows per
                        peer (``min(C, T * rows_per_token)``) on every rank; the same
-                       sum_per_rank on every rank; nothing overflows anywhere
+                       ``FIXED_PER_RANK`` column on every rank (sum_per_rank, and K with it);
+                       nothing overflows anywhere
     """
 
     start_E: Tensor

@@ -865,7 +865,10 @@ def _fixed_plan_kernel(
     num_dropped_ptr,
     ok_ptr,
     W,
-    E,
+    X,
+    col_bad,
+    col_T,
+    col_per_rank,
     E_l,
     C,
     rank,
@@ -873,8 +876,8 @@ def _fixed_plan_kernel(
     BE: tl.constexpr,
     BW: tl.constexpr,
 ):
-    """One program: the plan, destination by destination (``every`` is ``[W, E + 3]``)."""
-    X = E + 3
+    """One program: the plan, destination by destination (``every`` is ``[W, X]``: the counts,
+    then the columns ``col_*``, ``moe_ops._layout.FIXED_COLUMNS`` after them)."""
     e = tl.arange(0, BE)
     em = e < E_l
     tpe = tl.zeros([BE], dtype=tl.int64)
@@ -908,11 +911,12 @@ def _fixed_plan_kernel(
     tl.store(num_dropped_ptr, tl.sum(dropped, axis=0))
     w = tl.arange(0, BW)
     wm = w < W
-    bad = tl.load(every_ptr + w * X + E, mask=wm, other=0)
-    rows = tl.minimum(tl.load(every_ptr + w * X + E + 1, mask=wm, other=0) * rows_per_token, C)
-    rows0 = tl.minimum(tl.load(every_ptr + E + 1) * rows_per_token, C)
-    per_rank = tl.load(every_ptr + w * X + E + 2, mask=wm, other=0)
-    per_rank0 = tl.load(every_ptr + E + 2)
+    bad = tl.load(every_ptr + w * X + col_bad, mask=wm, other=0)
+    T_w = tl.load(every_ptr + w * X + col_T, mask=wm, other=0)
+    rows = tl.minimum(T_w * rows_per_token, C)
+    rows0 = tl.minimum(tl.load(every_ptr + col_T) * rows_per_token, C)
+    per_rank = tl.load(every_ptr + w * X + col_per_rank, mask=wm, other=0)
+    per_rank0 = tl.load(every_ptr + col_per_rank)
     tl.store(ok_ptr + 0, (tl.max(bad, axis=0) == 0).to(tl.int64))
     tl.store(ok_ptr + 1, (tl.sum((wm & (rows != rows0)).to(tl.int32), axis=0) == 0).to(tl.int64))
     tl.store(
@@ -944,9 +948,10 @@ def fixed_plan(
     )
     BE = max(16, triton.next_power_of_2(E_l))
     BW = max(2, triton.next_power_of_2(W))
-    _launch_fixed_plan(
-        (1,), every_WX.contiguous(), *plan, W, E, E_l, capacity, rank, rows_per_token, BE, BW
-    )
+    every = every_WX.contiguous()
+    cols = (E + c for c in _layout.FIXED_COLUMNS)
+    args = (W, every.shape[1], *cols, E_l, capacity, rank, rows_per_token, BE, BW)
+    _launch_fixed_plan((1,), every, *plan, *args)
     return plan
 
 
