@@ -451,7 +451,7 @@ def _tables(rows):
         case = f"T={r['T']} H={r['H']} top-{r['K']}/{r['E']} {r['routing']} {r['dtype']} W={r['W']}"
         if r.get("sum_per_rank"):
             case += " sum_per_rank"
-        cp = r["copy_ms"]
+        cp, a2a, seed = r["copy_ms"], r["a2a_ms"], r.get("seed_d+c_ms")
         modes = [
             (
                 "default",
@@ -497,6 +497,8 @@ def _tables(rows):
                     _f(c),
                     _f(dc),
                     f"{dc / cp:.2f}",
+                    f"{dc / (2 * a2a):.2f}",
+                    _f(seed and seed / dc, "{:.1f}"),
                     _f(fb),
                     _f(peak, "{:.0f}"),
                     _f(syncs, "{}"),
@@ -511,6 +513,8 @@ def _tables(rows):
         "combine ms",
         "d+c ms",
         "d+c / copy",
+        "d+c / (2 a2a)",
+        "seed / ours",
         "fwd+bwd ms",
         "peak extra MiB (d+c)",
         "syncs (d+c fwd)",
