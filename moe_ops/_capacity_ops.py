@@ -538,6 +538,7 @@ def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, g
     # each token row's weighted slots, summed in slot order (rows that no token took: 0)
     partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
     back = _comm.exchange_equal_chunks(partial, group)
+    del partial  # sent: its memory can serve the output
     return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
 
 

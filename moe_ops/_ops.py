@@ -457,6 +457,7 @@ def _combine_per_rank(
     back = _comm.rows_back(
         partial, send_tok, recv_tok, spares, bad, group.rank(), group, "combine", not bad
     )
+    del partial  # sent: its memory can serve the output
     return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
 
 

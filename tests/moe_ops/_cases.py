@@ -816,6 +816,40 @@ def per_rank_sums(spec: Spec, capacity=None) -> dict:
     return res
 
 
+def partial_sums_alive(spec: Spec, capacity=None) -> list[int]:
+    """Forward dispatch(sum_per_rank=True) + combine; for each ``combine_rows`` call inside
+    combine, how many earlier calls' outputs were still alive. Combine sums per rank
+    (``partial``), sends the sums, then sums what came back: the partial sums must be freed by
+    then, or the output's memory comes on top of them at the peak."""
+    import weakref
+
+    from moe_ops import _kernels
+
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    kern = _kernels.for_device(dev)
+    x, idx = inp.xs[r].to(dev), inp.idxs[r].to(dev)
+    w = None if inp.ws is None else inp.ws[r].to(dev)
+    alive, outputs = [], []
+
+    def combine_rows(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in outputs))
+        out = real(*args, **kwargs)
+        outputs.append(weakref.ref(out))
+        return out
+
+    real = kern.combine_rows
+    with torch.no_grad():
+        recv_x, handle = moe_ops.dispatch(
+            x, idx, inp.num_experts, capacity=capacity, sum_per_rank=True
+        )
+        with mock.patch.object(kern, "combine_rows", combine_rows):
+            out = moe_ops.combine(recv_x * 2, handle, w)
+    assert out.shape == x.shape
+    return alive
+
+
 def per_rank_disagree(capacity=None, what: str = "option") -> str:
     """Rank 0 asks for per-rank sums, the others not (``what="option"``), or every rank does
     with a K of its own (``"K"``, capacity mode): every rank raises before any row moves, and

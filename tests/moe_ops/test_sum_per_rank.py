@@ -60,6 +60,15 @@ def test_token_rows_come_back(gloo_world):
         assert bwd[2][1] == tok + W and bwd[2][2] == spec.H
 
 
+@pytest.mark.parametrize("capacity", [None, "worst-case"])
+def test_partial_sums_freed_before_the_output(gloo_world, capacity):
+    """Combine's peak memory: the partial sums it sent are gone when the output is allocated
+    (two ``combine_rows`` calls: the partial sums, then the sum of what came back)."""
+    spec = Spec(T=(6,), K=4, E_l=2, seed=5)
+    for alive in gloo_world(2).run(_cases.partial_sums_alive, spec, capacity):
+        assert alive == [0, 0]
+
+
 def test_default_sums_stay_in_slot_order(gloo_world):
     """Without the option combine keeps the slot-order path: its collective counts (summing per
     rank adds the weights' exchange to combine and one more exchange to each backward)."""
