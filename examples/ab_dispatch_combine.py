@@ -15,8 +15,9 @@ timing every version once in a rotated order (after a device sync and a barrier;
 GPUs, ``time.perf_counter`` on CPU; the slowest rank's time). Prints the median (p25 / min) per
 version and each version's median over this tree's. The versions' outputs must agree bit for bit.
 ``--seed`` adds the seed PR's algorithm as ``bench_dispatch_combine.py`` writes it (forward only;
-equal up to rounding: it sums the slots in another order); ``--sum-per-rank`` adds this tree with
-``moe_ops.dispatch(..., sum_per_rank=True)`` as "per_rank" (equal up to rounding).
+equal up to rounding: it sums the slots in another order); ``--sum-per-rank`` adds every tree with
+``moe_ops.dispatch(..., sum_per_rank=True)`` as "per_rank" (this tree) and "NAME_per_rank"
+(equal up to rounding).
 """
 
 from __future__ import annotations
@@ -85,17 +86,22 @@ class _SeedPR:
 
 
 class _PerRank:
-    """This tree with ``moe_ops.dispatch(..., sum_per_rank=True)``."""
+    """A tree's moe_ops with ``dispatch(..., sum_per_rank=True)``."""
+
+    def __init__(self, ops):
+        self.ops = ops
 
     def dispatch(self, x, idx, E):
-        return moe_ops.dispatch(x, idx, E, sum_per_rank=True)
+        return self.ops.dispatch(x, idx, E, sum_per_rank=True)
 
     def combine(self, y, handle, w):
-        return moe_ops.combine(y, handle, w)
+        return self.ops.combine(y, handle, w)
 
 
-# versions whose sums run in another order than this tree's default: equal up to rounding
-_ROUNDED = ("seed", "per_rank")
+def _rounded(version: str) -> bool:
+    """Versions whose sums run in another order than this tree's default: equal up to
+    rounding."""
+    return version == "seed" or version.endswith("per_rank")
 
 
 def _time(device, group, fn) -> float:
@@ -125,8 +131,11 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
             if not name.isidentifier() or not tree:
                 raise SystemExit(f"--tree takes NAME=DIR, got {spec!r}")
             versions[name] = _import_tree(name, tree, tmp)
-        if args.sum_per_rank:
-            versions["per_rank"] = _PerRank()
+        if args.sum_per_rank:  # every tree's, this one's first
+            trees = list(versions.items())
+            versions["per_rank"] = _PerRank(moe_ops)
+            for name, ops in trees[1:]:
+                versions[f"{name}_per_rank"] = _PerRank(ops)
         if args.seed:
             versions["seed"] = _SeedPR()
         rows = _compare(args, device, group, versions)
@@ -169,7 +178,7 @@ def _compare(args, device, group, versions) -> list[list]:
         step = functools.partial(_step, x=x, idx=idx, w=w, E=E)
         outs = {name: step(m, False) for name, m in versions.items()}
         for name, out in outs.items():
-            same = _close if name in _ROUNDED else torch.equal
+            same = _close if _rounded(name) else torch.equal
             if not same(out, outs["this"]):
                 raise SystemExit(f"{name} and this tree differ at T={T} H={H} top-{K}/{E}")
         for backward in (False, True):
@@ -210,7 +219,7 @@ def main(argv=None):
     p.add_argument(
         "--sum-per-rank",
         action="store_true",
-        help="also this tree with dispatch(..., sum_per_rank=True) (as per_rank)",
+        help="also every tree with dispatch(..., sum_per_rank=True) (this one as per_rank)",
     )
     p.add_argument("--shapes", help="'T,H,K,E;...' (tokens per rank, hidden, top-k, experts)")
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))

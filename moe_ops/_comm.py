@@ -6,9 +6,9 @@ all-to-all):
 
 * :func:`exchange_counts`: the count row, ``[W, 2 + E_l]`` int64 per rank (``moe_ops._layout``;
   the layout kernels write it, :func:`bad_count_row` on bad input): a status flag, the token
-  rows, then the counts per local expert. Its shape depends only on E and W, so a rank whose
-  input is bad still takes part (flag set, counts zero) and every rank learns of it from the
-  same call.
+  rows, then the counts per local expert; then W round columns (``sum_per_rank``). Its shape
+  depends only on E and W, so a rank whose input is bad still takes part (flag set, counts
+  zero) and every rank learns of it from the same call.
 * :func:`rows_to_experts`: rows in send order -> the rows received, source-major (dispatch
   forward, its token rows and their slots too, the routing weights with ``sum_per_rank``, combine
   backward; the caller regroups them by expert).
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops._layout import COUNTS, write_count_row
+from moe_ops._layout import COUNTS, count_width, write_count_row
 
 _OK, _BAD = 0, 1
 
@@ -123,15 +123,16 @@ def bad_count_row(local_experts: int, world_size: int, device: torch.device) -> 
     1, no rows; from tensors made by fills (never a copy from pageable host memory, which would
     sync)."""
     i64 = dict(dtype=torch.int64, device=device)
-    row = torch.empty((world_size, COUNTS + local_experts), **i64)
-    return write_count_row(
-        row, torch.zeros(world_size * local_experts, **i64), torch.ones((), **i64)
-    )
+    row = torch.full((world_size, count_width(local_experts, world_size)), -1, **i64)
+    zeros = torch.zeros(world_size * local_experts, **i64)
+    write_count_row(row[:, : COUNTS + local_experts], zeros, torch.ones((), **i64))
+    return row
 
 
 def exchange_counts(send_WC: Tensor, group: dist.ProcessGroup, out: Tensor | None = None) -> Tensor:
-    """Send row d of ``send_WC`` (the count row) to rank d; returns the ``[W, 2 + E_l]``
-    rows received, one per source rank (in ``out`` if given)."""
+    """Send row d of ``send_WC`` (the count row and the round columns,
+    ``moe_ops._layout.count_width``) to rank d; returns the rows received, one per source rank
+    (in ``out`` if given)."""
     recv = torch.empty_like(send_WC) if out is None else out
     all_to_all(recv, send_WC, [], [], group)
     return recv
@@ -223,13 +224,17 @@ def rows_back(
     group: dist.ProcessGroup,
     what: str,
     status_written: bool = False,
+    *,
+    check_peers: bool = True,
 ) -> Tensor:
     """The exchange back to the sources of rows already laid out source-major with a spare row
     after each source's chunk (``buf`` ``[sum(recv_splits) + W, ...]``; ``status_W``: the spare
     rows; None when ``status_written``). Writes the status rows unless ``status_written`` (every
     row NaN when this rank's input is ``bad``), exchanges, and returns ``[sum(send_splits) + W,
     ...]`` in send order with the peers' status rows; on the CPU it raises ``PeerInputError``
-    when a peer flagged bad input. The status "input good" is 0."""
+    when a peer flagged bad input (with ``check_peers``; else the caller reads
+    :func:`peer_status` once every exchange of the call is done). The status "input good" is
+    0."""
     W = len(send_splits)
     # Status rows are written with a fill (the value a kernel argument). ``buf[pos] = value``
     # would copy the Python scalar to the device as a 0-d tensor from pageable memory: a host
@@ -241,16 +246,17 @@ def rows_back(
         buf.index_fill_(0, status_W, _OK)
     out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
     all_to_all(out, buf, _with_spare_row(send_splits), _with_spare_row(recv_splits), group)
-    if out.device.type == "cpu":
-        _raise_on_bad_status_rows(out, send_splits, my_rank, what)
+    if check_peers and out.device.type == "cpu":
+        raise_if_peer_bad(peer_status(out, send_splits), my_rank, what)
     return out
 
 
-def _raise_on_bad_status_rows(out: Tensor, send_splits: list[int], my_rank: int, what: str):
-    """CPU only: read the status rows that came back and raise if a peer flagged bad input (on
-    CUDA this read would be a host sync; the bad rank's rows are NaN there instead)."""
+def peer_status(out: Tensor, send_splits: list[int]) -> list[int]:
+    """CPU only: the status rows that came back with :func:`rows_back` (nonzero: that peer's
+    input was bad). On CUDA this read would be a host sync; the bad rank's rows are NaN there
+    instead."""
     status = out[spare_rows(send_splits, out.device), 0]
-    raise_if_peer_bad([0 if s == _OK else 1 for s in status.tolist()], my_rank, what)
+    return [0 if s == _OK else 1 for s in status.tolist()]
 
 
 # ----------------------------------------------------------------------------- capacity mode

@@ -38,6 +38,17 @@ from torch import Tensor
 # go once per (token, rank) (-1 when they go once per (token, slot)), then the pairs for each of
 # rank d's local experts.
 STATUS, TOKEN_ROWS, COUNTS = 0, 1, 2
+# The count exchange sends W more columns after the count row (row d, ``[W]``): with
+# ``sum_per_rank``, the token rows sent to rank d from each of this rank's rounds (combine sums
+# per rank in rounds of tokens: :func:`round_rows`), -1 past its last round (all -1: one round).
+# Every rank sends them whatever its options, so the exchange has one size on every rank.
+
+
+def count_width(local_experts: int, world_size: int) -> int:
+    """Columns per row of dispatch's count exchange: the count row, then the round columns."""
+    return COUNTS + local_experts + world_size
+
+
 # Added to the status of a rank whose combine will sum per rank (``sum_per_rank`` with K > W), so
 # that ranks that disagree raise before any row moves; the status is bad when it is nonzero
 # modulo this.
@@ -105,6 +116,35 @@ def token_rows(
     pos_TW = torch.where(has_WT, ends_WT - 1 + rank_W[:, None], -1).t()  # spare rows counted
     rows_W = has_WT.sum(1) if rows_out is None else torch.sum(has_WT, 1, out=rows_out)
     return TokenRows(pos_TW, rows_W, slots.to(torch.int32).view(T * W, K))
+
+
+def round_rows(pos_TW: Tensor, rounds: int, out_WJ: Tensor) -> None:
+    """The round columns (``out_WJ``, ``[W, W]``, may be strided): token rows sent to each rank
+    from each of ``rounds`` rounds of this rank's tokens (token t is in round
+    ``t * rounds // T``; the rows to one rank are in token order, so a round's rows are a
+    contiguous run of them), -1 past the last round; all -1 for one round."""
+    out_WJ.fill_(-1)
+    if rounds == 1:
+        return
+    T, W = pos_TW.shape
+    round_T = torch.arange(T, device=pos_TW.device) * rounds // T
+    sent_TW = (pos_TW >= 0).to(torch.int64)
+    per_round = torch.zeros((rounds, W), dtype=torch.int64, device=pos_TW.device)
+    out_WJ[:, :rounds].copy_(per_round.index_add_(0, round_T, sent_TW).t())
+
+
+def round_token_pos(pos_TW: Tensor, rows_WJ: Tensor) -> Tensor:
+    """Each token row's position in its round's buffer (by destination, one spare row after
+    each destination's chunk, like the whole buffer ``pos_TW`` indexes), -1 where ``pos_TW``
+    is; ``rows_WJ``: :func:`round_rows`' columns of this rank's rounds (all >= 0)."""
+    T, W = pos_TW.shape
+    rounds = rows_WJ.shape[1]
+    whole_W = excl_cumsum(rows_WJ.sum(1) + 1, 0)  # each destination's chunk, whole buffer
+    earlier_WJ = excl_cumsum(rows_WJ, 1)  # rows of earlier rounds in that chunk
+    in_round_WJ = excl_cumsum(rows_WJ + 1, 0)  # the chunk in the round's buffer
+    shift_JW = (whole_W[:, None] + earlier_WJ - in_round_WJ).t()
+    round_T = torch.arange(T, device=pos_TW.device) * rounds // T
+    return torch.where(pos_TW >= 0, pos_TW - shift_JW[round_T], -1)
 
 
 # The capacity mode's count row, all-gathered: counts per global expert, then these columns (after

@@ -30,9 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import _autograd, _comm, _kernels
+from moe_ops import _autograd, _comm, _kernels, _layout
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
-from moe_ops._layout import COUNTS, STATUS, SUMS_PER_RANK, TOKEN_ROWS, acc_dtype
+from moe_ops._layout import COUNTS, STATUS, SUMS_PER_RANK, TOKEN_ROWS, acc_dtype, count_width
 
 # The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
 # split tensors (combine, its backward): a CUDA graph would replay the first call's sizes. Tagged
@@ -65,6 +65,16 @@ class Layout(NamedTuple):
                                     slots, -1 for slots whose expert is on another rank
     token_send_splits  [W]          int64 on the CPU, token rows sent to each rank
     token_recv_splits  [W]          int64 on the CPU, token rows received from each rank
+
+    Large payloads go back in rounds of tokens (:func:`_rounds`; without ``sum_per_rank`` CPU
+    ``[0]`` and ``[0, 0]``):
+
+    round_splits       [2, W, W]    int64 on the CPU: ``[0, j]`` token rows sent to each rank in
+                                    this rank's round j (-1 past its last round), ``[1, j]``
+                                    token rows received from each rank in round j (-1 past the
+                                    last round of any rank); all -1 when every rank has one
+    round_pos          [T, W]       int64, ``token_pos`` within the round's buffer
+                                    (``_layout.round_token_pos``); ``[0, W]`` without rounds
     """
 
     pair_pos: Tensor
@@ -76,6 +86,8 @@ class Layout(NamedTuple):
     slot_rows: Tensor
     token_send_splits: Tensor
     token_recv_splits: Tensor
+    round_splits: Tensor
+    round_pos: Tensor
 
     @property
     def sums_per_rank(self) -> bool:
@@ -91,7 +103,8 @@ class DispatchOutputs(NamedTuple):
     send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits: see :class:`Layout`
     tokens_per_expert_host  [E_l]   int64 on the CPU, ``tokens_per_expert`` as read by the one
                                     sync (per-expert loops size their segments from it)
-    token_pos, slot_rows, token_send_splits, token_recv_splits: see :class:`Layout`
+    token_pos, slot_rows, token_send_splits, token_recv_splits, round_splits, round_pos: see
+    :class:`Layout`
     """
 
     recv_x: Tensor
@@ -106,19 +119,11 @@ class DispatchOutputs(NamedTuple):
     slot_rows: Tensor
     token_send_splits: Tensor
     token_recv_splits: Tensor
+    round_splits: Tensor
+    round_pos: Tensor
 
     def layout(self) -> Layout:
-        return Layout(
-            self.pair_pos,
-            self.send_pair_idx,
-            self.recv_perm,
-            self.send_splits,
-            self.recv_splits,
-            self.token_pos,
-            self.slot_rows,
-            self.token_send_splits,
-            self.token_recv_splits,
-        )
+        return Layout(*(getattr(self, name) for name in Layout._fields))
 
 
 def _no_token_layout(device: torch.device) -> dict:
@@ -129,7 +134,29 @@ def _no_token_layout(device: torch.device) -> dict:
         slot_rows=torch.empty((0, 0), device=device, **i64),
         token_send_splits=torch.empty(0, **i64),
         token_recv_splits=torch.empty(0, **i64),
+        **_no_rounds(device),
     )
+
+
+def _no_rounds(device: torch.device) -> dict:
+    i64 = dict(dtype=torch.int64)
+    return dict(
+        round_splits=torch.empty(0, **i64), round_pos=torch.empty((0, 0), device=device, **i64)
+    )
+
+
+# Combine summing per rank keeps three token-row buffers alive at its peak besides expert_out:
+# the partial sums it sends, the rows that come back and the output. For large payloads it sends
+# them in rounds of a rank's tokens (each round one exchange, its rows summed into the output
+# before the next), so the first two shrink with the rounds, at the price of one more exchange
+# per round. A rank has rounds when the most token rows it could send (T * W) take at least
+# _ROUND_BYTES: W of them, so that a round's two buffers hold at most 2 T rows (the output's
+# size twice) whatever W.
+_ROUND_BYTES = 256 << 20
+
+
+def _rounds(T: int, row_bytes: int, W: int) -> int:
+    return 1 if T == 0 or T * W * row_bytes < _ROUND_BYTES else W
 
 
 def num_recv_rows(send_pair_idx: Tensor, recv_perm: Tensor, world_size: int):
@@ -231,22 +258,25 @@ def _dispatch_group(
     """
     W, rank = group.size(), group.rank()
     T, K = topk_idx.shape
+    C = COUNTS + E // W  # the count row's columns; then the round columns
     # the count rows this rank sends and receives, read to the host at once
-    to_read = torch.empty((2, W, COUNTS + E // W), dtype=torch.int64, device=x.device)
-    lay = kern.send_layout(topk_idx, E, W, count_row=to_read[0])
+    to_read = torch.empty((2, W, count_width(E // W, W)), dtype=torch.int64, device=x.device)
+    lay = kern.send_layout(topk_idx, E, W, count_row=to_read[0][:, :C])
     tok = None
     if K > W:
         tok = kern.token_rows(topk_idx, E, W, rows_out=to_read[0][:, TOKEN_ROWS])
         if sum_per_rank:  # a scalar kernel argument: no copy from the host
             to_read[0][:, STATUS] += SUMS_PER_RANK
+            rounds = _rounds(T, x.shape[1] * x.element_size(), W)
+            _layout.round_rows(tok.pos_TW, rounds, to_read[0][:, C:])
     _comm.exchange_counts(to_read[0], group, out=to_read[1])
     host, filled = _comm.read_to_host(
         to_read, lambda: _fill_send(kern, x, lay.pair_pos, tok, W, None)
     )
     sent, got = host.tolist()
     _check_peers(got, rank, topk_idx, E, K, sum_per_rank)
-    send_splits = [sum(row[COUNTS:]) for row in sent]
-    recv_splits = [sum(row[COUNTS:]) for row in got]
+    send_splits = [sum(row[COUNTS:C]) for row in sent]
+    recv_splits = [sum(row[COUNTS:C]) for row in got]
     R = sum(recv_splits)
     # The payload exchange first, so that the GPU moves rows while the host queues the rest.
     if tok is None:
@@ -261,11 +291,11 @@ def _dispatch_group(
         recv = _comm.rows_to_experts(filled[0], send_tok, recv_tok, group)
         recv_slots = _comm.rows_to_experts(filled[1], send_tok, recv_tok, group)
     del filled  # the send buffer's memory can serve recv_x
-    counts_WEl = to_read[1, :, COUNTS:]
+    counts_WEl = to_read[1, :, COUNTS:C]
     if tok is None:
         recv_x, recv_perm, tokens_per_expert = kern.regroup_by_expert(recv, counts_WEl, R)
     else:
-        max_count = max(max(row[COUNTS:]) for row in got)
+        max_count = max(max(row[COUNTS:C]) for row in got)
         recv_perm, tokens_per_expert = kern.expert_major_rows(counts_WEl, R, max_count)
         # (received row, slot) pairs by local expert, stably: by expert, then source, token and
         # slot, the order of recv_x (the spare rows' slots are -1)
@@ -278,6 +308,7 @@ def _dispatch_group(
             slot_rows=by_expert.send_pos,
             token_send_splits=torch.tensor(send_tok, dtype=torch.int64),
             token_recv_splits=torch.tensor(recv_tok, dtype=torch.int64),
+            **_round_layout(tok.pos_TW, to_read[0][:, C:], sent, got, C, send_tok, recv_tok),
         )
     else:
         token_layout = _no_token_layout(x.device)
@@ -290,8 +321,45 @@ def _dispatch_group(
         recv_perm=recv_perm,
         send_splits=torch.tensor(send_splits, dtype=torch.int64),
         recv_splits=torch.tensor(recv_splits, dtype=torch.int64),
-        tokens_per_expert_host=host[1, :, COUNTS:].sum(0),
+        tokens_per_expert_host=host[1, :, COUNTS:C].sum(0),
         **token_layout,
+    )
+
+
+def _round_layout(
+    pos_TW: Tensor,
+    rows_WJ: Tensor,
+    sent: list,
+    got: list,
+    C: int,
+    send_tok: list[int],
+    recv_tok: list[int],
+) -> dict:
+    """:class:`Layout`'s ``round_splits`` and ``round_pos`` from the round columns this rank
+    sent (``rows_WJ`` on the device, ``sent`` as read) and received (``got``); none when every
+    rank has one round."""
+
+    def per_round(rows: list, totals: list[int]) -> list[list[int]]:  # each peer's rounds
+        return [
+            row[C:][: sum(n >= 0 for n in row[C:])] or [total]
+            for row, total in zip(rows, totals, strict=True)
+        ]
+
+    mine, theirs = per_round(sent, send_tok), per_round(got, recv_tok)
+    rounds = max(len(r) for r in theirs)  # the same on every rank: got holds every rank's rounds
+    W = len(send_tok)
+    splits = torch.full((2, W, W), -1, dtype=torch.int64)
+    if rounds == 1:
+        return dict(round_splits=splits, round_pos=pos_TW.new_empty((0, W)))
+    splits[0, : len(mine[0])] = torch.tensor(mine, dtype=torch.int64).t()
+    splits[1, :rounds] = 0
+    for s, rows_j in enumerate(theirs):
+        splits[1, : len(rows_j), s] = torch.tensor(rows_j, dtype=torch.int64)
+    if len(mine[0]) == 1:  # this rank's one round is the whole buffer
+        return dict(round_splits=splits, round_pos=pos_TW.clone())
+    return dict(
+        round_splits=splits,
+        round_pos=_layout.round_token_pos(pos_TW, rows_WJ[:, : len(mine[0])]),
     )
 
 
@@ -364,6 +432,9 @@ def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False):
             slot_rows=torch.empty((Rt_W, K), **i64),
             token_send_splits=torch.empty(W, **cpu64),
             token_recv_splits=torch.empty(W, **cpu64),
+            round_splits=torch.empty((2, W, W), **cpu64),
+            # rounds or not is known after the count exchange: T rows or none
+            round_pos=torch.empty((ctx.new_dynamic_size(), W), **i64),
         )
     else:
         token_layout = _no_token_layout(x.device)
@@ -450,6 +521,9 @@ def _combine_per_rank(
         lambda w_rows: _comm.rows_to_experts(w_rows, send_tok, recv_tok, group),
         unweighted,
     )
+    sends, recvs = lay.round_splits.tolist()  # CPU values: no sync
+    if recvs[1][0] >= 0:  # a second round
+        return _combine_in_rounds(kern, expert_out, recv_w, lay, sends, recvs, bad, group), recv_w
     # each token row's weighted slots, summed in slot order; the spare rows, which have no slot,
     # come out 0: the status "input good" (see _comm.rows_back)
     partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
@@ -459,6 +533,60 @@ def _combine_per_rank(
     )
     del partial  # sent: its memory can serve the output
     return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
+
+
+def _combine_in_rounds(
+    kern, expert_out: Tensor, recv_w: Tensor, lay: Layout, sends: list, recvs: list, bad, group
+) -> Tensor:
+    """:func:`_combine_per_rank`'s partial sums sent back in rounds (``lay.round_splits``): in
+    round j each rank sums the token rows it received in the sources' round j, sends them, and
+    sums what came back into the rows of its own round-j tokens. The same sums in the same order
+    as in one exchange; on the CPU a peer's bad input is raised once every round is done."""
+    send_tok, recv_tok = lay.token_send_splits.tolist(), lay.token_recv_splits.tolist()
+    W, T = len(send_tok), lay.token_pos.shape[0]
+    mine = sum(row[0] >= 0 for row in sends)  # this rank's rounds
+    rounds = sum(row[0] >= 0 for row in recvs)
+    # where each source's chunk starts in the received token rows, and its spare row
+    src_start = [sum(recv_tok[:s]) + s for s in range(W)]
+    spare = [a + n for a, n in zip(src_start, recv_tok, strict=True)]
+    done = [0] * W  # rows of each source's chunk in earlier rounds
+    out = expert_out.new_empty((T, expert_out.shape[1]))
+    status = []
+    for j in range(rounds):
+        send_j = sends[j] if j < mine else [0] * W
+        recv_j = recvs[j]
+        # the received rows of round j by source, each source's spare row (no slot) after them
+        pieces = []
+        for s in range(W):
+            a = src_start[s] + done[s]
+            pieces += [slice(a, a + recv_j[s]), slice(spare[s], spare[s] + 1)]
+            done[s] += recv_j[s]
+        slots_j = torch.cat([lay.slot_rows[p] for p in pieces])
+        w_j = torch.cat([recv_w[p] for p in pieces])
+        partial = kern.combine_rows(expert_out, slots_j, w_j, expert_out.dtype)
+        spares = _comm.spare_rows(recv_j, partial.device) if bad else None
+        back = _comm.rows_back(
+            partial,
+            send_j,
+            recv_j,
+            spares,
+            bad,
+            group.rank(),
+            group,
+            "combine",
+            not bad,
+            check_peers=False,
+        )
+        del partial
+        if back.device.type == "cpu":
+            status.append(_comm.peer_status(back, send_j))
+        t0, t1 = (min(T, -(-i * T // mine)) for i in (j, j + 1))
+        if t1 > t0:
+            kern.combine_rows(back, lay.round_pos[t0:t1], None, out.dtype, out=out[t0:t1])
+        del back  # summed: its memory can serve the next round
+    for st in status:
+        _comm.raise_if_peer_bad(st, group.rank(), "combine")
+    return out
 
 
 def _split(layout_group: tuple) -> tuple[Layout, str, int, bool]:

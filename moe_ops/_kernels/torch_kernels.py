@@ -29,8 +29,8 @@ def send_layout(
 ) -> SendLayout:
     """Stable sort of the pairs by global expert; see :class:`~moe_ops._layout.SendLayout`.
 
-    ``count_row``: contiguous int64 ``[W, 2 + E / W]``; if given, the count row that dispatch's
-    count exchange sends is written there (``moe_ops._layout.write_count_row``).
+    ``count_row``: int64 ``[W, 2 + E / W]``, each row contiguous; if given, the count row that
+    dispatch's count exchange sends is written there (``moe_ops._layout.write_count_row``).
     """
     T, K = topk_idx_TK.shape
     E, P = num_experts, T * K
@@ -129,9 +129,14 @@ def gather_rows(
 
 
 def combine_rows(
-    rows_MH: Tensor, pair_pos_TK: Tensor, topk_weights_TK: Tensor | None, out_dtype: torch.dtype
+    rows_MH: Tensor,
+    pair_pos_TK: Tensor,
+    topk_weights_TK: Tensor | None,
+    out_dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """``out[t] = sum_k w[t, k] * rows[pair_pos[t, k]]`` summed in slot order, ``-1`` slots add 0.
+    """``out[t] = sum_k w[t, k] * rows[pair_pos[t, k]]`` summed in slot order, ``-1`` slots add 0;
+    written into ``out`` (``[T, H]`` of ``out_dtype``) when given.
 
     Accumulates in ``acc_dtype``, so the result is bitwise reproducible and equal to the
     reference oracle's.
@@ -139,15 +144,16 @@ def combine_rows(
     T, K = pair_pos_TK.shape
     adt = acc_dtype(out_dtype)
     acc_TH = torch.zeros((T, rows_MH.shape[1]), dtype=adt, device=rows_MH.device)
-    if rows_MH.shape[0] == 0:
+    if rows_MH.shape[0] > 0:
+        for k in range(K):
+            pos_T = pair_pos_TK[:, k]
+            contrib_TH = rows_MH[pos_T.clamp(min=0)].to(adt)
+            if topk_weights_TK is not None:
+                contrib_TH = contrib_TH * topk_weights_TK[:, k, None].to(adt)
+            acc_TH += torch.where(pos_T[:, None] >= 0, contrib_TH, 0)
+    if out is None:
         return acc_TH.to(out_dtype)
-    for k in range(K):
-        pos_T = pair_pos_TK[:, k]
-        contrib_TH = rows_MH[pos_T.clamp(min=0)].to(adt)
-        if topk_weights_TK is not None:
-            contrib_TH = contrib_TH * topk_weights_TK[:, k, None].to(adt)
-        acc_TH += torch.where(pos_T[:, None] >= 0, contrib_TH, 0)
-    return acc_TH.to(out_dtype)
+    return out.copy_(acc_TH)
 
 
 def slot_dot(

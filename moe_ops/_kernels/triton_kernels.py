@@ -135,6 +135,7 @@ def _place_kernel(
     E_l,
     W,
     NB,
+    row_stride,
     NBINS: tl.constexpr,
     RB: tl.constexpr,
     BP: tl.constexpr,
@@ -148,7 +149,7 @@ def _place_kernel(
     that expert in earlier blocks, plus its rank among the block's earlier pairs of that expert
     (so the order is stable). Program 0 also writes the totals and the bad-id count, and with
     ``HAS_ROW`` the count row ``[W, 2 + E_l]`` (columns ``moe_ops._layout.STATUS``,
-    ``TOKEN_ROWS``, ``COUNTS``...).
+    ``TOKEN_ROWS``, ``COUNTS``...; rows ``row_stride`` apart).
     """
     b = tl.program_id(0)
     cols = tl.arange(0, NBINS)
@@ -174,7 +175,7 @@ def _place_kernel(
         bad_total = tl.sum(n_bad, axis=0).to(tl.int64)
         tl.store(counts_bad_ptr + E, bad_total)
         if HAS_ROW:  # row d: status (the bad-id count), token rows (-1), counts of rank d
-            C = 2 + E_l
+            C = row_stride
             tl.store(row_ptr + (cols // E_l) * C + 2 + cols % E_l, total.to(tl.int64), mask=cm)
             wm = cols < W
             tl.store(row_ptr + cols * C, tl.zeros([NBINS], dtype=tl.int64) + bad_total, mask=wm)
@@ -246,6 +247,7 @@ def send_layout(
         E // world_size,
         world_size,
         NB,
+        0 if count_row is None else count_row.stride(0),
         NBINS,
         max(1, min(triton.next_power_of_2(NB), 8192 // NBINS)),
         BP,
@@ -730,12 +732,18 @@ _launch_combine = _Launcher(_combine_kernel)
 
 
 def combine_rows(
-    rows_MH: Tensor, pair_pos_TK: Tensor, topk_weights_TK: Tensor | None, out_dtype: torch.dtype
+    rows_MH: Tensor,
+    pair_pos_TK: Tensor,
+    topk_weights_TK: Tensor | None,
+    out_dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``out[t] = sum_k w[t, k] * rows[pair_pos[t, k]]``, as ``torch_kernels.combine_rows``."""
     T, K = pair_pos_TK.shape
     H = rows_MH.shape[1]
-    out = torch.empty((T, H), dtype=out_dtype, device=rows_MH.device)
+    if out is None:
+        out = torch.empty((T, H), dtype=out_dtype, device=rows_MH.device)
+    assert out.is_contiguous() and out.shape == (T, H) and out.dtype == out_dtype
     if T == 0 or H == 0:
         return out
     BT, BH, nw = _combine_block(H)

@@ -73,6 +73,8 @@ getitem_19 = dispatch_default[8]
 getitem_20 = dispatch_default[9]
 getitem_21 = dispatch_default[10]
 getitem_22 = dispatch_default[11]
+getitem_23 = dispatch_default[12]
+getitem_24 = dispatch_default[13]
 to_2 = getitem_13.to(torch.int64)
 cumsum_1 = torch.cumsum(to_2, 0, dtype = torch.int32)
 transpose_3 = l_self_parameters_w1_.transpose(-2, -1)
@@ -84,8 +86,8 @@ _grouped_mm_4 = torch._grouped_mm(getitem_12, transpose_4, offs = cumsum_1)
 mul_2 = silu_2 * _grouped_mm_4
 _grouped_mm_5 = torch._grouped_mm(mul_2, transpose_5, offs = cumsum_1)
 combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_5, top_1, <layout>, '<group>', 2)
-getitem_23 = combine_default[0]
-add_1 = input_3 + getitem_23
+getitem_25 = combine_default[0]
+add_1 = input_3 + getitem_25
 return (add_1,)""",
     )
 
@@ -118,19 +120,21 @@ getitem_25 = dispatch_default[8]
 getitem_26 = dispatch_default[9]
 getitem_27 = dispatch_default[10]
 getitem_28 = dispatch_default[11]
-getitem_29 = dispatch_default[7]
-tolist = getitem_29.tolist()
+getitem_29 = dispatch_default[12]
+getitem_30 = dispatch_default[13]
+getitem_31 = dispatch_default[7]
+tolist = getitem_31.tolist()
 split_1 = torch.functional.split(getitem_18, tolist)
-getitem_30 = split_1[0]
-linear_5 = torch._C._nn.linear(getitem_30, experts.0.up.weight, experts.0.up.bias)
+getitem_32 = split_1[0]
+linear_5 = torch._C._nn.linear(getitem_32, experts.0.up.weight, experts.0.up.bias)
 chunk_2 = linear_5.chunk(2, dim = -1)
 a_2 = chunk_2[0]
 b_2 = chunk_2[1]
 silu_2 = torch.nn.functional.silu(a_2)
 mul_3 = silu_2 * b_2
 linear_6 = torch._C._nn.linear(mul_3, experts.0.down.weight, experts.0.down.bias)
-getitem_31 = split_1[1]
-linear_7 = torch._C._nn.linear(getitem_31, experts.1.up.weight, experts.1.up.bias)
+getitem_33 = split_1[1]
+linear_7 = torch._C._nn.linear(getitem_33, experts.1.up.weight, experts.1.up.bias)
 chunk_3 = linear_7.chunk(2, dim = -1)
 a_3 = chunk_3[0]
 b_3 = chunk_3[1]
@@ -139,8 +143,8 @@ mul_4 = silu_3 * b_3
 linear_8 = torch._C._nn.linear(mul_4, experts.1.down.weight, experts.1.down.bias)
 cat_1 = torch.cat([linear_6, linear_8])
 combine_default = torch.ops.moe_ops.combine.default(cat_1, topk_w_1, <layout>, '<group>', 2)
-getitem_32 = combine_default[0]
-return (getitem_32,)""",
+getitem_34 = combine_default[0]
+return (getitem_34,)""",
     )
 
 
@@ -235,19 +239,21 @@ getitem_29 = dispatch_default[8]
 getitem_30 = dispatch_default[9]
 getitem_31 = dispatch_default[10]
 getitem_32 = dispatch_default[11]
-getitem_33 = dispatch_default[7]
-tolist = getitem_33.tolist()
+getitem_33 = dispatch_default[12]
+getitem_34 = dispatch_default[13]
+getitem_35 = dispatch_default[7]
+tolist = getitem_35.tolist()
 split_1 = torch.functional.split(getitem_22, tolist)
-getitem_34 = split_1[0]
-linear_5 = torch._C._nn.linear(getitem_34, experts.0.up.weight, experts.0.up.bias)
+getitem_36 = split_1[0]
+linear_5 = torch._C._nn.linear(getitem_36, experts.0.up.weight, experts.0.up.bias)
 chunk_2 = linear_5.chunk(2, dim = -1)
 a_2 = chunk_2[0]
 b_2 = chunk_2[1]
 silu_2 = torch.nn.functional.silu(a_2)
 mul_2 = silu_2 * b_2
 linear_6 = torch._C._nn.linear(mul_2, experts.0.down.weight, experts.0.down.bias)
-getitem_35 = split_1[1]
-linear_7 = torch._C._nn.linear(getitem_35, experts.1.up.weight, experts.1.up.bias)
+getitem_37 = split_1[1]
+linear_7 = torch._C._nn.linear(getitem_37, experts.1.up.weight, experts.1.up.bias)
 chunk_3 = linear_7.chunk(2, dim = -1)
 a_3 = chunk_3[0]
 b_3 = chunk_3[1]
@@ -256,8 +262,8 @@ mul_3 = silu_3 * b_3
 linear_8 = torch._C._nn.linear(mul_3, experts.1.down.weight, experts.1.down.bias)
 cat_1 = torch.cat([linear_6, linear_8])
 combine_default = torch.ops.moe_ops.combine.default(cat_1, score, <layout>, '<group>', 2)
-getitem_36 = combine_default[0]
-return (getitem_36,)""",
+getitem_38 = combine_default[0]
+return (getitem_38,)""",
     )
 
 

@@ -61,27 +61,29 @@ gi21 = dispatch[8]
 gi22 = dispatch[9]
 gi23 = dispatch[10]
 gi24 = dispatch[11]
-gi25 = dispatch[7]
-tolist = gi25.tolist()
+gi25 = dispatch[12]
+gi26 = dispatch[13]
+gi27 = dispatch[7]
+tolist = gi27.tolist()
 split = torch.functional.split(gi14, tolist)
-gi26 = split[0]
-reshape_2 = gi26.reshape(-1, 16)
+gi28 = split[0]
+reshape_2 = gi28.reshape(-1, 16)
 linear_7 = torch._C._nn.linear(reshape_2, experts.0.gate.weight, None)
 silu_2 = torch.nn.functional.silu(linear_7)
 linear_8 = torch._C._nn.linear(reshape_2, experts.0.up.weight, None)
 mul_4 = silu_2 * linear_8
 linear_9 = torch._C._nn.linear(mul_4, experts.0.down.weight, None)
-gi27 = split[1]
-reshape_3 = gi27.reshape(-1, 16)
+gi29 = split[1]
+reshape_3 = gi29.reshape(-1, 16)
 linear_10 = torch._C._nn.linear(reshape_3, experts.1.gate.weight, None)
 silu_3 = torch.nn.functional.silu(linear_10)
 linear_11 = torch._C._nn.linear(reshape_3, experts.1.up.weight, None)
 mul_5 = silu_3 * linear_11
 linear_12 = torch._C._nn.linear(mul_5, experts.1.down.weight, None)
 cat = torch.cat([linear_9, linear_12])
-combine = moe_ops.combine(cat, w_2, gi16, gi17, gi18, gi19, gi20, gi21, gi22, gi23, gi24, '', 1)
-gi28 = combine[0]
-return (gi28,)""",
+combine = moe_ops.combine(cat, w_2, gi16, gi17, gi18, gi19, gi20, gi21, gi22, gi23, gi24, gi25, gi26, '', 1)
+gi30 = combine[0]
+return (gi30,)""",
     )
 
 
@@ -112,6 +114,8 @@ gi21 = dispatch[8]
 gi22 = dispatch[9]
 gi23 = dispatch[10]
 gi24 = dispatch[11]
+gi25 = dispatch[12]
+gi26 = dispatch[13]
 cumsum = torch.cumsum(gi15, 0, dtype = torch.int32)
 stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
 transpose = stack.transpose(-2, -1)
@@ -124,9 +128,9 @@ mul_4 = silu_2 * _grouped_mm_1
 stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_4, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi16, gi17, gi18, gi19, gi20, gi21, gi22, gi23, gi24, '', 1)
-gi25 = combine[0]
-return (gi25,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi16, gi17, gi18, gi19, gi20, gi21, gi22, gi23, gi24, gi25, gi26, '', 1)
+gi27 = combine[0]
+return (gi27,)""",
     )
 
 
@@ -157,6 +161,8 @@ gi25 = dispatch[8]
 gi26 = dispatch[9]
 gi27 = dispatch[10]
 gi28 = dispatch[11]
+gi29 = dispatch[12]
+gi30 = dispatch[13]
 cumsum = torch.cumsum(gi19, 0, dtype = torch.int32)
 stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
 transpose = stack.transpose(-2, -1)
@@ -169,9 +175,9 @@ mul_8 = silu_4 * _grouped_mm_1
 stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi20, gi21, gi22, gi23, gi24, gi25, gi26, gi27, gi28, '', 1)
-gi29 = combine[0]
-return (gi29,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi20, gi21, gi22, gi23, gi24, gi25, gi26, gi27, gi28, gi29, gi30, '', 1)
+gi31 = combine[0]
+return (gi31,)""",
     )
 
 
@@ -208,6 +214,8 @@ gi33 = dispatch[8]
 gi34 = dispatch[9]
 gi35 = dispatch[10]
 gi36 = dispatch[11]
+gi37 = dispatch[12]
+gi38 = dispatch[13]
 cumsum = torch.cumsum(gi27, 0, dtype = torch.int32)
 reshape_4 = gi26.reshape(-1, 16)
 stack = torch.stack([experts.2.gate.weight, experts.3.gate.weight])
@@ -221,9 +229,9 @@ mul_8 = silu_4 * _grouped_mm_1
 stack_2 = torch.stack([experts.2.down.weight, experts.3.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi28, gi29, gi30, gi31, gi32, gi33, gi34, gi35, gi36, '<group>', 2)
-gi37 = combine[0]
-return (gi37,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi28, gi29, gi30, gi31, gi32, gi33, gi34, gi35, gi36, gi37, gi38, '<group>', 2)
+gi39 = combine[0]
+return (gi39,)""",
     )
 
 

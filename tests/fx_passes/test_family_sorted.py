@@ -59,6 +59,8 @@ getitem_11 = dispatch_default[8]
 getitem_12 = dispatch_default[9]
 getitem_13 = dispatch_default[10]
 getitem_14 = dispatch_default[11]
+getitem_15 = dispatch_default[12]
+getitem_16 = dispatch_default[13]
 to_2 = getitem_5.to(torch.int64)
 cumsum_1 = torch.cumsum(to_2, 0, dtype = torch.int32)
 transpose_3 = l_self_parameters_w1_.transpose(-2, -1)
@@ -70,8 +72,8 @@ _grouped_mm_4 = torch._grouped_mm(getitem_4, transpose_4, offs = cumsum_1)
 mul_2 = silu_2 * _grouped_mm_4
 _grouped_mm_5 = torch._grouped_mm(mul_2, transpose_5, offs = cumsum_1)
 combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_5, top_1, <layout>, '', 1)
-getitem_15 = combine_default[0]
-add_1 = input_3 + getitem_15
+getitem_17 = combine_default[0]
+add_1 = input_3 + getitem_17
 return (add_1,)""",
     )
 
@@ -104,41 +106,43 @@ getitem_36 = dispatch_default[8]
 getitem_37 = dispatch_default[9]
 getitem_38 = dispatch_default[10]
 getitem_39 = dispatch_default[11]
-getitem_40 = l_self_parameters_w_in_[slice(2, 4, None)]
-getitem_41 = l_self_parameters_w_out_[slice(2, 4, None)]
+getitem_40 = dispatch_default[12]
+getitem_41 = dispatch_default[13]
+getitem_42 = l_self_parameters_w_in_[slice(2, 4, None)]
+getitem_43 = l_self_parameters_w_out_[slice(2, 4, None)]
 to = getitem_30.to(torch.int64)
-getitem_42 = to[0]
-getitem_43 = dispatch_default[7]
-to_1 = getitem_43.to(torch.int64)
-getitem_44 = to_1[0]
-item_4 = getitem_44.item()
-getitem_45 = to[1]
-getitem_46 = to_1[1]
-item_5 = getitem_46.item()
+getitem_44 = to[0]
+getitem_45 = dispatch_default[7]
+to_1 = getitem_45.to(torch.int64)
+getitem_46 = to_1[0]
+item_4 = getitem_46.item()
+getitem_47 = to[1]
+getitem_48 = to_1[1]
+item_5 = getitem_48.item()
 split_2 = getitem_29.split([item_4, item_5], dim = 0)
-getitem_47 = split_2[0]
-getitem_48 = split_2[1]
-getitem_49 = getitem_40[0]
-linear_9 = torch._C._nn.linear(getitem_47, getitem_49)
-getitem_50 = getitem_40[1]
-linear_10 = torch._C._nn.linear(getitem_48, getitem_50)
+getitem_49 = split_2[0]
+getitem_50 = split_2[1]
+getitem_51 = getitem_42[0]
+linear_9 = torch._C._nn.linear(getitem_49, getitem_51)
+getitem_52 = getitem_42[1]
+linear_10 = torch._C._nn.linear(getitem_50, getitem_52)
 cat_2 = torch.cat([linear_9, linear_10], dim = 0)
 chunk_1 = cat_2.chunk(2, dim = -1)
-getitem_51 = chunk_1[0]
-getitem_52 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_51)
-mul_2 = silu_1 * getitem_52
+getitem_53 = chunk_1[0]
+getitem_54 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_53)
+mul_2 = silu_1 * getitem_54
 split_3 = mul_2.split([item_4, item_5], dim = 0)
-getitem_53 = split_3[0]
-getitem_54 = split_3[1]
-getitem_55 = getitem_41[0]
-linear_11 = torch._C._nn.linear(getitem_53, getitem_55)
-getitem_56 = getitem_41[1]
-linear_12 = torch._C._nn.linear(getitem_54, getitem_56)
+getitem_55 = split_3[0]
+getitem_56 = split_3[1]
+getitem_57 = getitem_43[0]
+linear_11 = torch._C._nn.linear(getitem_55, getitem_57)
+getitem_58 = getitem_43[1]
+linear_12 = torch._C._nn.linear(getitem_56, getitem_58)
 cat_3 = torch.cat([linear_11, linear_12], dim = 0)
 combine_default = torch.ops.moe_ops.combine.default(cat_3, softmax, <layout>, '<group>', 2)
-getitem_57 = combine_default[0]
-return (getitem_57,)""",
+getitem_59 = combine_default[0]
+return (getitem_59,)""",
     )
 
 

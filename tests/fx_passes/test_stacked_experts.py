@@ -98,6 +98,8 @@ gi45 = dispatch[8]
 gi46 = dispatch[9]
 gi47 = dispatch[10]
 gi48 = dispatch[11]
+gi49 = dispatch[12]
+gi50 = dispatch[13]
 cumsum = torch.cumsum(gi39, 0, dtype = torch.int32)
 reshape_4 = gi38.reshape(-1, 16)
 transpose = l_self_modules_experts_parameters_stacked_gate_weight_.transpose(-2, -1)
@@ -108,9 +110,9 @@ _grouped_mm_1 = torch._grouped_mm(reshape_4, transpose_1, offs = cumsum)
 mul_8 = silu_4 * _grouped_mm_1
 transpose_2 = l_self_modules_experts_parameters_stacked_down_weight_.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi40, gi41, gi42, gi43, gi44, gi45, gi46, gi47, gi48, '', 1)
-gi49 = combine[0]
-return (gi49,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi40, gi41, gi42, gi43, gi44, gi45, gi46, gi47, gi48, gi49, gi50, '', 1)
+gi51 = combine[0]
+return (gi51,)""",
     )
 
 

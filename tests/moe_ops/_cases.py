@@ -8,6 +8,7 @@ check raises on the rank that saw it. Shape letters as in ``moe_ops._layout``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from unittest import mock
@@ -816,11 +817,13 @@ def per_rank_sums(spec: Spec, capacity=None) -> dict:
     return res
 
 
-def partial_sums_alive(spec: Spec, capacity=None) -> list[int]:
-    """Forward dispatch(sum_per_rank=True) + combine; for each ``combine_rows`` call inside
-    combine, how many earlier calls' outputs were still alive. Combine sums per rank
-    (``partial``), sends the sums, then sums what came back: the partial sums must be freed by
-    then, or the output's memory comes on top of them at the peak."""
+def buffers_alive(spec: Spec, capacity=None) -> list[int]:
+    """Forward dispatch(sum_per_rank=True) + combine. Combine sums per rank (``combine_rows``),
+    sends the sums (the default mode's ``rows_back``), then sums what came back (in rounds, for
+    large payloads, once per round). At each of these calls: how many buffers an earlier one
+    returned are still alive, the call's own inputs not counted. Each one must be freed once
+    used, or the next comes on top of it at the peak."""
+    import time
     import weakref
 
     from moe_ops import _kernels
@@ -833,21 +836,73 @@ def partial_sums_alive(spec: Spec, capacity=None) -> list[int]:
     w = None if inp.ws is None else inp.ws[r].to(dev)
     alive, outputs = [], []
 
-    def combine_rows(*args, **kwargs):
-        alive.append(sum(ref() is not None for ref in outputs))
-        out = real(*args, **kwargs)
-        outputs.append(weakref.ref(out))
-        return out
+    def watched(real):
+        def call(*args, **kwargs):
+            inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
 
-    real = kern.combine_rows
+            def others():
+                return [ref for ref in outputs if ref() is not None and id(ref()) not in inputs]
+
+            # the collective's Work may hold its tensors a moment longer, on the process group's
+            # thread: wait for that, but not for a reference this thread keeps
+            deadline = time.monotonic() + 2
+            while others() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            alive.append(len(others()))
+            out = real(*args, **kwargs)
+            outputs.append(weakref.ref(out))
+            return out
+
+        return call
+
     with torch.no_grad():
         recv_x, handle = moe_ops.dispatch(
             x, idx, inp.num_experts, capacity=capacity, sum_per_rank=True
         )
-        with mock.patch.object(kern, "combine_rows", combine_rows):
+        with contextlib.ExitStack() as stack:
+            for owner, name in [(kern, "combine_rows"), (_comm, "rows_back")]:
+                stack.enter_context(mock.patch.object(owner, name, watched(getattr(owner, name))))
             out = moe_ops.combine(recv_x * 2, handle, w)
     assert out.shape == x.shape
     return alive
+
+
+def in_rounds(fn, *args):
+    """``fn(*args)`` with combine summing per rank in rounds whatever the size: W rounds on
+    every rank with tokens (``moe_ops._ops._rounds`` patched), one on the others."""
+    from moe_ops import _ops
+
+    with mock.patch.object(_ops, "_rounds", lambda T, row_bytes, W: W if T else 1):
+        return fn(*args)
+
+
+def rounds_equal_one_exchange(spec: Spec) -> int:
+    """dispatch(sum_per_rank=True) + combine + backward with and without rounds: the same bits.
+    Returns the rounds this rank's layout had."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    results = []
+    for fn in (lambda f: f(), lambda f: in_rounds(f)):
+
+        def run():
+            x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+            w = inp.ws[r].to(dev, copy=True).requires_grad_(True)
+            recv_x, handle = moe_ops.dispatch(
+                x, inp.idxs[r].to(dev), inp.num_experts, sum_per_rank=True
+            )
+            out = moe_ops.combine(expert_fn(recv_x, handle.tokens_per_expert, spec.Hp), handle, w)
+            g = torch.Generator().manual_seed(spec.seed + r)
+            out.backward(torch.randn(out.shape, generator=g).to(out.dtype).to(dev))
+            splits = handle.layout.round_splits
+            rounds = max(1, int((splits[1, :, 0] >= 0).sum()))
+            return out.detach(), x.grad, w.grad, rounds
+
+        results.append(fn(run))
+    (a, gxa, gwa, one), (b, gxb, gwb, rounds) = results
+    assert one == 1
+    assert torch.equal(a, b) and torch.equal(gxa, gxb) and torch.equal(gwa, gwb)
+    return rounds
 
 
 def per_rank_disagree(capacity=None, what: str = "option") -> str:

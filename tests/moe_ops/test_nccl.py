@@ -88,3 +88,14 @@ PER_RANK_SPECS = {
 def test_sum_per_rank(nccl_world, W, name):
     """``sum_per_rank=True`` (Triton kernels, NCCL) against the reference, within rounding."""
     nccl_world(W).run(_cases.per_rank_sums, PER_RANK_SPECS[name])
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("name", ["big-k8-bf16", "k6-f32-noweights"])
+def test_sum_per_rank_in_rounds(nccl_world, W, name):
+    """The partial sums back in rounds of tokens (forced), against the reference, and bit for
+    bit equal to one exchange (K = 8: W rounds; a rank without tokens has one)."""
+    spec = PER_RANK_SPECS[name]
+    nccl_world(W).run(_cases.in_rounds, _cases.per_rank_sums, spec)
+    if spec.weights:
+        assert nccl_world(W).run(_cases.rounds_equal_one_exchange, spec) == [W] * W

@@ -60,13 +60,91 @@ def test_token_rows_come_back(gloo_world):
         assert bwd[2][1] == tok + W and bwd[2][2] == spec.H
 
 
-@pytest.mark.parametrize("capacity", [None, "worst-case"])
-def test_partial_sums_freed_before_the_output(gloo_world, capacity):
-    """Combine's peak memory: the partial sums it sent are gone when the output is allocated
-    (two ``combine_rows`` calls: the partial sums, then the sum of what came back)."""
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize(
+    "name", ["k4-f32", "k6-El1-bf16", "skewed-k4-bf16-w32", "T0-everywhere-k5"]
+)
+def test_rounds_match_reference(gloo_world, W, name):
+    """Combine's partial sums in rounds of tokens (forced for small payloads) against the
+    reference, forward and backward; ranks with no tokens have one round, the others W."""
+    gloo_world(W).run(_cases.in_rounds, _cases.per_rank_sums, SPECS[name])
+
+
+def test_rounds_give_the_same_bits(gloo_world):
+    """In rounds or in one exchange: the same sums in the same order, bit for bit, forward and
+    backward; one exchange back per round (a rank without tokens sends none of its own)."""
+    spec = Spec(T=(9, 4, 0), K=5, E_l=2, dtype=bf16, seed=6)
+    assert gloo_world(3).run(_cases.rounds_equal_one_exchange, spec) == [3, 3, 3]
+    res = gloo_world(3).run(_cases.in_rounds, _cases.per_rank_sums, spec)
+    for r, (n_dispatch, n_combine, n_backward) in enumerate(x["calls"] for x in res):
+        assert n_dispatch == 3
+        assert n_combine == 1 + 3  # the weights, then one exchange per round
+        # combine's backward: the gradient's token rows out, the weight gradient back; then
+        # dispatch's backward, a combine summing per rank: in rounds too
+        assert n_backward == 2 + 3
+        back = res[r]["moved"][n_dispatch + 1 : n_dispatch + n_combine]
+        assert sum(got - 3 for _, got, _ in back) == res[r]["token_rows"]  # each row once
+
+
+def test_rounds_policy():
+    """Rounds only for large payloads (the token rows a rank could send, T * W of them, at
+    least ``_ROUND_BYTES``): W of them; one for a rank without tokens."""
+    from moe_ops import _ops
+
+    row = 7168 * 2  # bf16, H = 7168
+    assert [_ops._rounds(16384, row, W) for W in (2, 4, 8)] == [2, 4, 8]
+    assert _ops._rounds(4096, 2048 * 2, 4) == 1  # 64 MiB of token rows at most
+    assert _ops._rounds(128, row, 8) == 1 and _ops._rounds(0, row, 8) == 1
+    T = -(-_ops._ROUND_BYTES // (2 * row))  # the fewest tokens with rounds at W = 2
+    assert _ops._rounds(T, row, 2) == 2 and _ops._rounds(T - 1, row, 2) == 1
+
+
+def test_round_positions():
+    """``_layout.round_rows`` and ``round_token_pos`` against a per-token count."""
+    g = torch.Generator().manual_seed(1)
+    T, W, rounds = 11, 3, 3
+    has = torch.rand((T, W), generator=g) < 0.6
+    pos = torch.full((T, W), -1, dtype=torch.int64)
+    start = 0
+    for d in range(W):  # by destination, then token, one spare row after each chunk
+        n = int(has[:, d].sum())
+        pos[has[:, d], d] = torch.arange(start, start + n)
+        start += n + 1
+    cols = torch.empty((W, W), dtype=torch.int64)
+    _layout.round_rows(pos, rounds, cols)
+    round_T = [t * rounds // T for t in range(T)]
+    want = [
+        [sum(bool(has[t, d]) for t in range(T) if round_T[t] == j) for j in range(rounds)]
+        for d in range(W)
+    ]
+    assert cols[:, :rounds].tolist() == want and (cols[:, rounds:] == -1).all()
+    local = _layout.round_token_pos(pos, cols[:, :rounds])
+    for j in range(rounds):
+        mine = [t for t in range(T) if round_T[t] == j]
+        seen, off = [], 0
+        for d in range(W):
+            rows = [int(local[t, d]) for t in mine if has[t, d]]
+            assert rows == list(range(off, off + want[d][j]))
+            seen += rows
+            off += want[d][j] + 1
+        assert all(int(local[t, d]) == -1 for t in mine for d in range(W) if not has[t, d])
+    single = torch.empty((W, W), dtype=torch.int64)
+    _layout.round_rows(pos, 1, single)
+    assert (single == -1).all()
+
+
+@pytest.mark.parametrize("how", ["one exchange", "rounds", "capacity"])
+def test_buffers_freed_once_used(gloo_world, how):
+    """Combine's peak memory: the partial sums it sent are gone when the output is allocated,
+    and in rounds each round's buffers are gone before the next round's."""
     spec = Spec(T=(6,), K=4, E_l=2, seed=5)
-    for alive in gloo_world(2).run(_cases.partial_sums_alive, spec, capacity):
-        assert alive == [0, 0]
+    capacity = "worst-case" if how == "capacity" else None
+    case = (_cases.buffers_alive, spec, capacity)
+    if how == "rounds":
+        case = (_cases.in_rounds, *case)
+    # partial sums, exchange back, sum (per round); the capacity mode's exchange is not watched
+    calls = {"one exchange": 3, "rounds": 3 * 2, "capacity": 2}[how]
+    assert gloo_world(2).run(*case) == [[0] * calls] * 2
 
 
 def test_default_sums_stay_in_slot_order(gloo_world):
@@ -161,6 +239,11 @@ def test_combine_one_bad_rank(gloo_world, kind):
     """A bad combine input on one rank: it raises, its peers raise ``PeerInputError`` (the
     status rows of the partial sums), nobody hangs, and the next calls work."""
     raised = gloo_world(2).run(_cases.one_bad_rank_combine, 0, kind, True, timeout=60)
+    assert raised[1] == "PeerInputError"
+    # in rounds: every round completes on every rank before any raises
+    raised = gloo_world(2).run(
+        _cases.in_rounds, _cases.one_bad_rank_combine, 0, kind, True, timeout=60
+    )
     assert raised[1] == "PeerInputError"
 
 

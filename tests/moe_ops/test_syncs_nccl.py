@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import moe_ops
-from moe_ops import _capacity_ops, _comm
+from moe_ops import _capacity_ops, _comm, _ops
 from tests._dist import device, under_torchrun
 from tests.moe_ops._cases import Spec, cuda_syncs, make_inputs, rank_and_world, triton_kernels
 
@@ -34,10 +34,20 @@ _SPEC = Spec(T=(40, 24, 33, 0), K=4, E_l=3, H=32, dtype=bf16, seed=5)
 _EQUAL_T = Spec(T=(32,), K=4, E_l=3, H=32, dtype=bf16, seed=6)
 
 
+_MODES = ["default", "capacity", "per_rank", "rounds"]
+
+
 def _capacity_kwargs(mode: str) -> dict:
-    return dict(default={}, capacity=dict(capacity="worst-case"), per_rank=dict(sum_per_rank=True))[
-        mode
-    ]
+    if mode == "capacity":
+        return dict(capacity="worst-case")
+    return dict(sum_per_rank=True) if mode in ("per_rank", "rounds") else {}
+
+
+def _rounds(mode: str):
+    """``mode="rounds"``: combine sums per rank in rounds of tokens, forced for small payloads."""
+    if mode != "rounds":
+        return contextlib.nullcontext()
+    return mock.patch.object(_ops, "_rounds", lambda T, row_bytes, W: W if T else 1)
 
 
 def _one_round(x, idx, w, g, E: int, kwargs: dict) -> dict[str, int]:
@@ -60,7 +70,7 @@ def count_syncs_case(spec: Spec, mode: str, triton: bool) -> dict[str, int]:
     w = inp.ws[r].to(dev, copy=True).requires_grad_(True)
     idx = inp.idxs[r].to(dev)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(r)).to(dev, spec.dtype)
-    with triton_kernels(triton):
+    with triton_kernels(triton), _rounds(mode):
         _one_round(x, idx, w, g, inp.num_experts, kwargs)  # warm-up: compiles, communicators
         return _one_round(x, idx, w, g, inp.num_experts, kwargs)
 
@@ -72,7 +82,7 @@ def _want(mode: str) -> dict[str, int]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("W", [1, 2, 4])
-@pytest.mark.parametrize("mode", ["default", "capacity", "per_rank"])
+@pytest.mark.parametrize("mode", _MODES)
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
 def test_syncs_nccl(nccl_world, W, mode, triton):
     spec = _EQUAL_T if mode == "capacity" else _SPEC
@@ -114,10 +124,10 @@ def host_reads_case(spec: Spec, mode: str) -> dict[str, int]:
     kwargs = _capacity_kwargs(mode)
     x = inp.xs[r].clone().requires_grad_(True)
     w = inp.ws[r].clone().requires_grad_(True)
-    cpu_only = mock.patch.object(_comm, "_raise_on_bad_status_rows")
+    cpu_only = mock.patch.object(_comm, "peer_status", return_value=[0] * W)
     cpu_flags = mock.patch.object(_capacity_ops, "_raise_on_cpu")
     sync = mock.patch.object(_comm, "read_to_host", wraps=_comm.read_to_host)
-    with cpu_only, cpu_flags, sync as sync_mock:
+    with cpu_only, cpu_flags, sync as sync_mock, _rounds(mode):
         with _record_reads() as seen:
             recv_x, handle = moe_ops.dispatch(x, inp.idxs[r], E, **kwargs)
         n_dispatch = len(seen)
@@ -128,6 +138,7 @@ def host_reads_case(spec: Spec, mode: str) -> dict[str, int]:
                 getattr(handle.layout, "recv_splits", None),
                 getattr(handle.layout, "token_send_splits", None),
                 getattr(handle.layout, "token_recv_splits", None),
+                getattr(handle.layout, "round_splits", None),
                 handle.tokens_per_expert_host,
             )
             if t is not None and t.numel() > 0
@@ -150,7 +161,7 @@ def host_reads_case(spec: Spec, mode: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("W", [2, 3])
-@pytest.mark.parametrize("mode", ["default", "capacity", "per_rank"])
+@pytest.mark.parametrize("mode", _MODES)
 def test_host_reads_gloo(gloo_world, W, mode):
     spec = Spec(T=(9,), K=3, E_l=2, H=6, Hp=6, seed=7)
     for got in gloo_world(W).run(host_reads_case, spec, mode):
