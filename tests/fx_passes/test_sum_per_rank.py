@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 
 import fx_passes
 from tests.fx_passes import _loop_models as M
 from tests.fx_passes._harness import capture, ep_equal, make_x
+from tests.moe_ops._cases import in_rounds
 
 
 def test_the_rewrite_passes_the_option():
@@ -83,11 +85,14 @@ def test_backend_name_takes_the_option():
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
 
 
-def test_expert_parallel_gloo_inductor(gloo_world):
-    """The same through inductor (the combine's weights output has an unbacked size)."""
+@pytest.mark.parametrize("rounds", [False, True], ids=["one exchange", "rounds"])
+def test_expert_parallel_gloo_inductor(gloo_world, rounds):
+    """The same through inductor (the combine's weights output has an unbacked size, and so has
+    the layout's round positions), also with the partial sums back in rounds (forced)."""
     make = partial(M.Stack, 1, variant="onehot_where", num_experts=8, top_k=3)
+    case = (in_rounds, ep_equal) if rounds else (ep_equal,)
     gloo_world(2).run(
-        ep_equal,
+        *case,
         make,
         torch.float32,
         8,

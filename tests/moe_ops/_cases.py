@@ -867,13 +867,13 @@ def buffers_alive(spec: Spec, capacity=None) -> list[int]:
     return alive
 
 
-def in_rounds(fn, *args):
+def in_rounds(fn, *args, **kwargs):
     """``fn(*args)`` with combine summing per rank in rounds whatever the size: W rounds on
     every rank with tokens (``moe_ops._ops._rounds`` patched), one on the others."""
     from moe_ops import _ops
 
     with mock.patch.object(_ops, "_rounds", lambda T, row_bytes, W: W if T else 1):
-        return fn(*args)
+        return fn(*args, **kwargs)
 
 
 def rounds_equal_one_exchange(spec: Spec) -> int:
