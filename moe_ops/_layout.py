@@ -39,9 +39,10 @@ from torch import Tensor
 # rank d's local experts.
 STATUS, TOKEN_ROWS, COUNTS = 0, 1, 2
 # The count exchange sends W more columns after the count row (row d, ``[W]``): with
-# ``sum_per_rank``, the token rows sent to rank d from each of this rank's rounds (combine sums
-# per rank in rounds of tokens: :func:`round_rows`), -1 past its last round (all -1: one round).
-# Every rank sends them whatever its options, so the exchange has one size on every rank.
+# ``sum_per_rank`` and more than one round (combine sums per rank in rounds of tokens; the
+# rounds are counted in the status, see SUMS_PER_RANK), the token rows sent to rank d from each
+# of this rank's rounds (:func:`round_rows`); unwritten otherwise. Every rank sends them whatever
+# its options, so the exchange has one size on every rank.
 
 
 def count_width(local_experts: int, world_size: int) -> int:
@@ -49,9 +50,9 @@ def count_width(local_experts: int, world_size: int) -> int:
     return COUNTS + local_experts + world_size
 
 
-# Added to the status of a rank whose combine will sum per rank (``sum_per_rank`` with K > W), so
-# that ranks that disagree raise before any row moves; the status is bad when it is nonzero
-# modulo this.
+# Added to the status of a rank whose combine will sum per rank (``sum_per_rank`` with K > W), once
+# per round of its tokens, so that ranks that disagree raise before any row moves and every rank
+# learns every rank's rounds; the status is bad when it is nonzero modulo this.
 SUMS_PER_RANK = 1 << 40
 
 
@@ -119,24 +120,21 @@ def token_rows(
 
 
 def round_rows(pos_TW: Tensor, rounds: int, out_WJ: Tensor) -> None:
-    """The round columns (``out_WJ``, ``[W, W]``, may be strided): token rows sent to each rank
-    from each of ``rounds`` rounds of this rank's tokens (token t is in round
+    """The round columns (``out_WJ``, ``[W, rounds]``, may be strided): token rows sent to each
+    rank from each of ``rounds`` rounds of this rank's tokens (token t is in round
     ``t * rounds // T``; the rows to one rank are in token order, so a round's rows are a
-    contiguous run of them), -1 past the last round; all -1 for one round."""
-    out_WJ.fill_(-1)
-    if rounds == 1:
-        return
+    contiguous run of them)."""
     T, W = pos_TW.shape
     round_T = torch.arange(T, device=pos_TW.device) * rounds // T
     sent_TW = (pos_TW >= 0).to(torch.int64)
     per_round = torch.zeros((rounds, W), dtype=torch.int64, device=pos_TW.device)
-    out_WJ[:, :rounds].copy_(per_round.index_add_(0, round_T, sent_TW).t())
+    out_WJ.copy_(per_round.index_add_(0, round_T, sent_TW).t())
 
 
 def round_token_pos(pos_TW: Tensor, rows_WJ: Tensor) -> Tensor:
     """Each token row's position in its round's buffer (by destination, one spare row after
     each destination's chunk, like the whole buffer ``pos_TW`` indexes), -1 where ``pos_TW``
-    is; ``rows_WJ``: :func:`round_rows`' columns of this rank's rounds (all >= 0)."""
+    is; ``rows_WJ``: :func:`round_rows`' columns of this rank's rounds."""
     T, W = pos_TW.shape
     rounds = rows_WJ.shape[1]
     whole_W = excl_cumsum(rows_WJ.sum(1) + 1, 0)  # each destination's chunk, whole buffer

@@ -265,10 +265,12 @@ def _dispatch_group(
     tok = None
     if K > W:
         tok = kern.token_rows(topk_idx, E, W, rows_out=to_read[0][:, TOKEN_ROWS])
-        if sum_per_rank:  # a scalar kernel argument: no copy from the host
-            to_read[0][:, STATUS] += SUMS_PER_RANK
+        if sum_per_rank:
             rounds = _rounds(T, x.shape[1] * x.element_size(), W)
-            _layout.round_rows(tok.pos_TW, rounds, to_read[0][:, C:])
+            # a scalar kernel argument: no copy from the host
+            to_read[0][:, STATUS] += SUMS_PER_RANK * rounds
+            if rounds > 1:
+                _layout.round_rows(tok.pos_TW, rounds, to_read[0][:, C : C + rounds])
     _comm.exchange_counts(to_read[0], group, out=to_read[1])
     host, filled = _comm.read_to_host(
         to_read, lambda: _fill_send(kern, x, lay.pair_pos, tok, W, None)
@@ -340,9 +342,10 @@ def _round_layout(
     rank has one round."""
 
     def per_round(rows: list, totals: list[int]) -> list[list[int]]:  # each peer's rounds
+        rounds = [row[STATUS] // SUMS_PER_RANK for row in rows]
         return [
-            row[C:][: sum(n >= 0 for n in row[C:])] or [total]
-            for row, total in zip(rows, totals, strict=True)
+            row[C : C + n] if n > 1 else [total]
+            for row, n, total in zip(rows, rounds, totals, strict=True)
         ]
 
     mine, theirs = per_round(sent, send_tok), per_round(got, recv_tok)
@@ -521,29 +524,24 @@ def _combine_per_rank(
         lambda w_rows: _comm.rows_to_experts(w_rows, send_tok, recv_tok, group),
         unweighted,
     )
-    sends, recvs = lay.round_splits.tolist()  # CPU values: no sync
-    if recvs[1][0] >= 0:  # a second round
-        return _combine_in_rounds(kern, expert_out, recv_w, lay, sends, recvs, bad, group), recv_w
-    # each token row's weighted slots, summed in slot order; the spare rows, which have no slot,
-    # come out 0: the status "input good" (see _comm.rows_back)
-    partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
-    spares = _comm.spare_rows(recv_tok, partial.device) if bad else None
-    back = _comm.rows_back(
-        partial, send_tok, recv_tok, spares, bad, group.rank(), group, "combine", not bad
-    )
-    del partial  # sent: its memory can serve the output
-    return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
+    return _sum_back(kern, expert_out, recv_w, lay, bad, group), recv_w
 
 
-def _combine_in_rounds(
-    kern, expert_out: Tensor, recv_w: Tensor, lay: Layout, sends: list, recvs: list, bad, group
-) -> Tensor:
-    """:func:`_combine_per_rank`'s partial sums sent back in rounds (``lay.round_splits``): in
+def _sum_back(kern, expert_out: Tensor, recv_w: Tensor, lay: Layout, bad: bool, group) -> Tensor:
+    """Each token row's weighted slots summed on this rank (in slot order; the spare rows,
+    which have no slot, come out 0: the status "input good", see ``_comm.rows_back``), sent back
+    and summed over ranks per token. For large payloads in rounds (``lay.round_splits``): in
     round j each rank sums the token rows it received in the sources' round j, sends them, and
-    sums what came back into the rows of its own round-j tokens. The same sums in the same order
-    as in one exchange; on the CPU a peer's bad input is raised once every round is done."""
+    sums what came back into the rows of its own round-j tokens, each round's buffers freed
+    before the next; the same sums in the same order as in one exchange. On the CPU a peer's
+    bad input is raised once every round is done."""
     send_tok, recv_tok = lay.token_send_splits.tolist(), lay.token_recv_splits.tolist()
     W, T = len(send_tok), lay.token_pos.shape[0]
+    sends, recvs = lay.round_splits.tolist()  # CPU values: no sync
+    if recvs[1][0] < 0:  # one round: the whole buffers
+        sends, recvs, pos = [send_tok], [recv_tok], lay.token_pos
+    else:
+        pos = lay.round_pos
     mine = sum(row[0] >= 0 for row in sends)  # this rank's rounds
     rounds = sum(row[0] >= 0 for row in recvs)
     # where each source's chunk starts in the received token rows, and its spare row
@@ -555,14 +553,16 @@ def _combine_in_rounds(
     for j in range(rounds):
         send_j = sends[j] if j < mine else [0] * W
         recv_j = recvs[j]
-        # the received rows of round j by source, each source's spare row (no slot) after them
-        pieces = []
-        for s in range(W):
-            a = src_start[s] + done[s]
-            pieces += [slice(a, a + recv_j[s]), slice(spare[s], spare[s] + 1)]
-            done[s] += recv_j[s]
-        slots_j = torch.cat([lay.slot_rows[p] for p in pieces])
-        w_j = torch.cat([recv_w[p] for p in pieces])
+        if rounds == 1:
+            slots_j, w_j = lay.slot_rows, recv_w
+        else:  # the rows received in round j by source, each source's spare row after them
+            pieces = []
+            for s in range(W):
+                a = src_start[s] + done[s]
+                pieces += [slice(a, a + recv_j[s]), slice(spare[s], spare[s] + 1)]
+                done[s] += recv_j[s]
+            slots_j = torch.cat([lay.slot_rows[p] for p in pieces])
+            w_j = torch.cat([recv_w[p] for p in pieces])
         partial = kern.combine_rows(expert_out, slots_j, w_j, expert_out.dtype)
         spares = _comm.spare_rows(recv_j, partial.device) if bad else None
         back = _comm.rows_back(
@@ -577,12 +577,12 @@ def _combine_in_rounds(
             not bad,
             check_peers=False,
         )
-        del partial
+        del partial  # sent: its memory can serve the output
         if back.device.type == "cpu":
             status.append(_comm.peer_status(back, send_j))
         t0, t1 = (min(T, -(-i * T // mine)) for i in (j, j + 1))
         if t1 > t0:
-            kern.combine_rows(back, lay.round_pos[t0:t1], None, out.dtype, out=out[t0:t1])
+            kern.combine_rows(back, pos[t0:t1], None, out.dtype, out=out[t0:t1])
         del back  # summed: its memory can serve the next round
     for st in status:
         _comm.raise_if_peer_bad(st, group.rank(), "combine")
