@@ -2,10 +2,12 @@
 
     torchrun --nproc-per-node 2 examples/profile_decode_graph.py
     torchrun --nproc-per-node 4 examples/profile_decode_graph.py --shape 128,7168,8,256
+    torchrun --nproc-per-node 4 examples/profile_decode_graph.py --transports padded,p2p
 
-Capacity mode (``capacity="worst-case"``, ``overflow="drop"``), with and without
-``sum_per_rank=True``: ``dispatch`` + ``combine`` (with routing weights) captured once, warmed
-up, then per mode: the median replay time over ``--iters`` replays (CUDA events, a barrier
+Capacity mode (``capacity="worst-case"``, ``overflow="drop"``), per transport (``--transports``:
+``padded``, NCCL's all_to_all_single; ``p2p``, reads from the peers' symmetric buffers) with and
+without ``sum_per_rank=True``: ``dispatch`` + ``combine`` (with routing weights) captured once,
+warmed up, then per mode: the median replay time over ``--iters`` replays (CUDA events, a barrier
 before each, the slowest rank), and rank 0's kernels over ``--profiled`` replays (torch.profiler,
 per replay: count and summed time of each kernel; "kernel time" is their sum, so the rest of the
 replay is launch gaps and waits between ranks). Uniform top-K routing, bf16. Needs CUDA GPUs
@@ -77,6 +79,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--profiled", type=int, default=5, help="replays under the profiler")
     p.add_argument("--top", type=int, default=12, help="kernels listed per mode")
+    p.add_argument("--transports", default="padded", help="comma-separated: padded, p2p")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode_graph.py needs CUDA GPUs (CUDA graphs, NCCL)")
@@ -90,18 +93,25 @@ def main() -> None:
     idx = torch.rand(T, E, device=device, generator=gen).topk(K, dim=1).indices
     w = torch.rand(T, K, device=device, generator=gen)
     summary, details = [], []
-    for per_rank in (False, True):
+    modes = [(t, per_rank) for t in args.transports.split(",") for per_rank in (False, True)]
+    for transport, per_rank in modes:
 
-        def dc(per_rank=per_rank):
+        def dc(per_rank=per_rank, transport=transport):
             recv_x, handle = moe_ops.dispatch(
-                x, idx, E, capacity="worst-case", overflow="drop", sum_per_rank=per_rank
+                x,
+                idx,
+                E,
+                capacity="worst-case",
+                overflow="drop",
+                transport=transport,
+                sum_per_rank=per_rank,
             )
             return moe_ops.combine(recv_x, handle, w)
 
         graph, _ = _capture(dc)
         ms = _replay_ms(graph, args.iters, device)
         kernels = _kernels(graph, args.profiled)
-        mode = "sum_per_rank" if per_rank else "slot order"
+        mode = f"{transport}, " + ("sum_per_rank" if per_rank else "slot order")
         nccl = [k for k in kernels if "nccl" in k[0].lower()]
         summary.append(
             [

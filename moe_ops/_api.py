@@ -142,7 +142,13 @@ def dispatch(
             ``handle.num_dropped`` counts them on the sending rank. Bad expert ids are reported
             the same way as overflow errors, on CUDA by a device-side assertion.
         transport: capacity mode only: how rows move. None picks ``"local"`` at W = 1 and
-            ``"padded"`` (the fixed-size ``all_to_all_single``) at W > 1. ``"nvshmem"`` is an
+            ``"padded"`` (the fixed-size ``all_to_all_single``) at W > 1. ``"p2p"`` (CUDA, W > 1,
+            every GPU of the group reachable from every other over NVLink or PCIe peer access)
+            moves the same rows without NCCL: each rank writes what it sends into its own
+            symmetric-memory buffer and reads its chunks straight from its peers' buffers after
+            a device-side barrier (``torch.distributed._symmetric_memory``; persistent buffers
+            per op, exchange and shape, allocated on first use: warm up before capturing a CUDA
+            graph). ``"nvshmem"`` is an
             experimental transport on CUDA with NVSHMEM (``torch.ops.symm_mem.all_to_all_vdev_2d``,
             device-side split sizes, every rank passes the same T; see
             ``moe_ops._capacity_ops``). On one host of 4 H200 it was slower than ``"padded"``
@@ -153,14 +159,14 @@ def dispatch(
             one per (token, slot), as dispatch sends them; combine's backward sends the
             gradient's token rows the same way, and the weights travel to the experts' ranks
             (one small exchange in combine). Default mode: K > W only (elsewhere it changes
-            nothing), K / min(K, W) times fewer rows at most. Capacity mode: the padded transport
-            with K > 1 only; dispatch then sends each token's row once per rank that keeps one of
-            its pairs, with the rows its slots take there (in the same exchange), in chunks of
-            ``min(C, T)`` rows per peer instead of ``min(C, T * K)``: K times fewer bytes each
-            way at ``capacity="worst-case"``. Sums then run per rank in slot order (the partial
-            sums rounded to expert_out's dtype), then over ranks in rank order: equal to the
-            slot-order sum up to that rounding, no longer bit-identical across W. Every rank
-            must pass the same value.
+            nothing), K / min(K, W) times fewer rows at most. Capacity mode: the padded or p2p
+            transport with K > 1 only; dispatch then sends each token's row once per rank that
+            keeps one of its pairs, with the rows its slots take there (in the same exchange), in
+            chunks of ``min(C, T)`` rows per peer instead of ``min(C, T * K)``: K times fewer
+            bytes each way at ``capacity="worst-case"``. Sums then run per rank in slot order
+            (the partial sums rounded to expert_out's dtype), then over ranks in rank order: equal
+            to the slot-order sum up to that rounding, no longer bit-identical across W. Every
+            rank must pass the same value.
 
     Returns:
         ``recv_x``: ``[R, H]``, one row per (token, slot) pair from any rank routed to one of this
@@ -220,15 +226,20 @@ def _transport(
     if transport is None:
         return "local" if world_size == 1 else "padded"
     if world_size > 1:
-        allowed, where = ("padded", "nvshmem"), f"{world_size} ranks"
+        allowed, where = ("padded", "p2p", "nvshmem"), f"{world_size} ranks"
     elif group_name:
-        allowed, where = _capacity_ops.TRANSPORTS, "a one-rank group"
+        allowed, where = ("local", "padded", "nvshmem"), "a one-rank group"
     else:
         allowed, where = ("local",), "no process group"
     if transport not in allowed:
         raise ValueError(
             f"moe_ops.dispatch: transport must be None or one of {allowed} with {where}, "
             f"got {transport!r}"
+        )
+    if transport == "p2p" and x.device.type != "cuda":
+        raise ValueError(
+            f"moe_ops.dispatch: transport='p2p' reads the peers' GPU memory directly (CUDA "
+            f"symmetric memory); x is on {x.device.type}: use transport='padded'"
         )
     return transport
 

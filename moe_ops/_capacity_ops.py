@@ -58,7 +58,8 @@ from moe_ops._checks import bad_id_error, check_combine, check_dispatch
 from moe_ops._layout import chunk_rows, excl_cumsum
 
 _I64 = torch.int64
-TRANSPORTS = ("local", "padded", "nvshmem")
+TRANSPORTS = ("local", "padded", "p2p", "nvshmem")
+EQUAL_CHUNKS = ("padded", "p2p")  # the transports that move S rows per peer
 
 
 class Layout(NamedTuple):
@@ -122,7 +123,7 @@ class DispatchOutputs(NamedTuple):
 def sums_per_rank(world_size: int, K: int, transport: str, sum_per_rank: bool) -> bool:
     """Whether ``sum_per_rank`` changes anything: with the padded transport and K > 1 (the other
     transports, and one slot per token, send pair rows)."""
-    return sum_per_rank and world_size > 1 and K > 1 and transport == "padded"
+    return sum_per_rank and world_size > 1 and K > 1 and transport in EQUAL_CHUNKS
 
 
 def token_chunk_rows(capacity: int, T: int) -> int:
@@ -134,21 +135,24 @@ def token_chunk_rows(capacity: int, T: int) -> int:
 def back_rows(transport: str, capacity: int, T: int, K: int, W: int) -> int:
     """Rows that come back to a rank in combine_fixed (its ``returned_rows``) when it sums in
     slot order."""
-    if transport == "padded":
+    if transport in EQUAL_CHUNKS:
         return W * chunk_rows(capacity, T, K)
     if transport == "nvshmem":
         return T * K
     return 0
 
 
-def _group(group_name: str, world_size: int, transport: str):
-    """The process group the rows go through; a one-rank group too, when a transport other than
-    ``"local"`` was asked for at W = 1."""
+def _group(group_name: str, world_size: int, transport: str, op: str):
+    """The exchanges of one call of ``op`` (:class:`~moe_ops._comm.EqualChunks`, None when no
+    row moves): through a one-rank group too, when a transport other than ``"local"`` was asked
+    for at W = 1."""
     if transport != "local" and world_size == 1 and group_name:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        return _resolve_process_group(group_name)
-    return _comm.resolve_group(group_name, world_size)
+        group = _resolve_process_group(group_name)
+    else:
+        group = _comm.resolve_group(group_name, world_size)
+    return None if group is None else _comm.EqualChunks(group, group_name, transport, op)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -175,7 +179,7 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, gr
         row[bad : bad + 1].add_(1)
     row[T_col : T_col + 1].fill_(T)
     row[per_rank_col : per_rank_col + 1].fill_(K if per_rank else 0)  # the slots' width
-    every = row.view(1, -1) if W == 1 else _comm.gather_rows_of_counts(row, W, group)
+    every = row.view(1, -1) if W == 1 else group.gather(row)
     plan = kern.fixed_plan(every, E, C, rank, 1 if per_rank else K)
     recv_index = torch.zeros(0, dtype=_I64, device=dev)
     splits = torch.zeros((0, 0), dtype=_I64, device=dev)
@@ -185,7 +189,7 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, gr
         # each pair's row in the buffer its rows travel in: chunks of S rows per destination
         # (padded), else recv_x's order, expert-major (local, nvshmem)
         g, j, keep = _layout.kept_pairs(topk_idx_TK, lay.send_pos, plan)
-        if transport == "padded":
+        if transport in EQUAL_CHUNKS:
             S = chunk_rows(C, T, K)
             kept_de = plan.kept_E.view(W, E // W)
             base_E = excl_cumsum(kept_de, 1) + torch.arange(W, device=dev)[:, None] * S
@@ -221,7 +225,7 @@ def _check_group_flags(plan, every, rank, C, drop, transport, topk_idx, E):
     """Bad ids anywhere, unequal chunks or sum_per_rank, overflow: raise on the CPU, assert on
     the device on CUDA (reading a flag there would be the host sync this mode avoids)."""
     W = every.shape[0]
-    equal_chunks = transport != "padded" or W == 1
+    equal_chunks = transport not in EQUAL_CHUNKS or W == 1
     if every.device.type == "cpu":
         _raise_on_cpu(plan, every, rank, C, drop, equal_chunks, topk_idx, E)
         return
@@ -302,9 +306,10 @@ def _to_experts(
     T, K = pair_pos_TK.shape
     if transport == "local":
         return kern.zero_tail(kern.scatter_rows(src_TH, pair_pos_TK, w_TK, C), num_recv)
-    if transport == "padded":
-        send = kern.scatter_rows(src_TH, pair_pos_TK, w_TK, W * chunk_rows(C, T, K))
-        recv = _comm.exchange_equal_chunks(send, group)
+    if transport in EQUAL_CHUNKS:
+        M = W * chunk_rows(C, T, K)
+        send = group.send_buffer((M, src_TH.shape[1]), src_TH.dtype, src_TH.device)
+        recv = group.exchange(kern.scatter_rows(src_TH, pair_pos_TK, w_TK, M, out=send))
         del send  # its memory can serve the gathered rows
         return kern.zero_tail(kern.gather_rows(recv, recv_index), num_recv)
     recv, out_so = _comm.nvshmem_to_experts(
@@ -330,11 +335,12 @@ def _to_sources(
     """The way back: ``[C, H']`` expert-major -> the rows in this rank's send order."""
     if transport == "local":
         return rows_CH
-    if transport == "padded":
+    if transport in EQUAL_CHUNKS:
         live = torch.arange(C, device=rows_CH.device) < num_recv
         dest_C = torch.where(live, recv_index, -1)
-        send = kern.scatter_rows(rows_CH, dest_C[:, None], None, W * chunk_rows(C, T, K))
-        return _comm.exchange_equal_chunks(send, group)
+        M = W * chunk_rows(C, T, K)
+        send = group.send_buffer((M, rows_CH.shape[1]), rows_CH.dtype, rows_CH.device)
+        return group.exchange(kern.scatter_rows(rows_CH, dest_C[:, None], None, M, out=send))
     return _comm.nvshmem_to_sources(rows_CH, T * K, splits[1:], group_name, tag).clone()
 
 
@@ -351,7 +357,7 @@ def _dispatch_fixed(
     sum_per_rank: bool = False,
 ) -> tuple[Tensor, ...]:
     """The op's outputs: :class:`DispatchOutputs`, in order (``_DISPATCH_SCHEMA``)."""
-    group = _group(group_name, world_size, transport)
+    group = _group(group_name, world_size, transport, "dispatch")
     W, E, C = world_size, num_experts, capacity
     err = check_dispatch(x, topk_idx, E, W)
     if err is not None and W == 1:
@@ -407,27 +413,30 @@ def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, group):
     T, H = x_TH.shape
     K, W = topk_idx_TK.shape[1], group.size()
     S = token_chunk_rows(C, T)
-    send, rows, slots = _packed_rows(W * S, H, K, x_TH.dtype, x_TH.device)
+    send, rows, slots = _packed_rows(W * S, H, K, x_TH.dtype, x_TH.device, group)
     pair_pos, token_pos, _ = kern.fixed_token_rows(
         topk_idx_TK, send_pos_TK, plan, W, S, slots_out=slots
     )
     kern.scatter_rows(x_TH, token_pos, None, W * S, out=rows)  # rows no token takes: not read
-    recv = _comm.exchange_equal_chunks(send, group)
+    recv = group.exchange(send)
     del send, rows, slots  # their memory can serve recv_x
     slot_rows = recv.view(_I64)[:, :K].contiguous()
     recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C)
     return pair_pos, token_pos, kern.zero_tail(recv_x, plan.num_recv), slot_rows
 
 
-def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.device):
-    """A send buffer for M token rows of H columns with K int64 slots each, in one tensor of the
-    rows' dtype: ``(buffer [M, X + H], its rows [M, H], its slots [M, K] int64)``, the slots in
-    the first X columns (whole rows a multiple of 8 bytes, so that they view as int64)."""
+def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.device, group):
+    """A send buffer of ``group`` for M token rows of H columns with K int64 slots each, in one
+    tensor of the rows' dtype: ``(buffer [M, X + H], its rows [M, H], its slots [M, K] int64)``,
+    the slots in the first X columns (whole rows a multiple of 8 bytes, so that they view as
+    int64)."""
     elt = dtype.itemsize
     X = -(-8 * K // elt)
     while (X + H) * elt % 8:
         X += 1
-    buf = torch.empty((M, X + H), dtype=dtype, device=device)
+    buf = group.send_buffer((M, X + H), dtype, device)
+    if buf is None:
+        buf = torch.empty((M, X + H), dtype=dtype, device=device)
     return buf, buf[:, X:], buf.view(_I64)[:, :K]
 
 
@@ -463,7 +472,7 @@ def _(
         tokens_per_expert=torch.empty(E // W, **i64),
         num_dropped=torch.empty((), **i64),
         pair_pos=torch.empty((T, K), **i64),
-        recv_index=torch.empty(C if transport == "padded" and not per_rank else 0, **i64),
+        recv_index=torch.empty(C if transport in EQUAL_CHUNKS and not per_rank else 0, **i64),
         num_recv=torch.empty(1, **i64),
         splits=torch.empty((3, E) if transport == "nvshmem" else (0, 0), **i64),
         token_pos=token_pos,
@@ -497,7 +506,7 @@ def _combine_fixed(
     err = check_combine(expert_out, topk_weights, lay.pair_pos, capacity)
     if err is not None:
         raise err
-    group = _group(group_name, world_size, transport)
+    group = _group(group_name, world_size, transport, "combine")
     kern = _kernels.for_device(expert_out.device)
     if lay.sums_per_rank:
         return _combine_per_rank(kern, expert_out, topk_weights, lay, unweighted, group)
@@ -532,12 +541,13 @@ def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, g
         lay.token_pos,
         M,
         tuple(lay.slot_rows.shape),
-        lambda w_rows: _comm.exchange_equal_chunks(w_rows, group),
+        group.exchange,
         unweighted,
     )
     # each token row's weighted slots, summed in slot order (rows that no token took: 0)
-    partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype)
-    back = _comm.exchange_equal_chunks(partial, group)
+    partial = group.send_buffer((M, expert_out.shape[1]), expert_out.dtype, expert_out.device)
+    partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype, out=partial)
+    back = group.exchange(partial)
     del partial  # sent: its memory can serve the output
     return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
 
@@ -578,7 +588,7 @@ def _combine_fixed_backward(
     ``returned_rows`` is expert_out itself and ``topk_weights`` the weights that reached this
     rank (what :func:`_for_backward` saved)."""
     lay, capacity, group_name, world_size, transport, _ = _split(layout_static)
-    group = _group(group_name, world_size, transport)
+    group = _group(group_name, world_size, transport, "combine_backward")
     kern = _kernels.for_device(grad_out.device)
     if lay.sums_per_rank:
         return _combine_backward_per_rank(
@@ -610,8 +620,8 @@ def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, 
     (token, rank): the exchange runs whether or not it was asked for (``expert_out`` None: zeros
     go, and ``[0, 0]`` is returned)."""
     M = lay.slot_rows.shape[0]
-    g_rows = kern.scatter_rows(grad_out, lay.token_pos, None, M)
-    g_recv = _comm.exchange_equal_chunks(g_rows, group)
+    g_rows = group.send_buffer((M, grad_out.shape[1]), grad_out.dtype, grad_out.device)
+    g_recv = group.exchange(kern.scatter_rows(grad_out, lay.token_pos, None, M, out=g_rows))
     del g_rows
     grad_eo = kern.zero_tail(kern.scatter_rows(g_recv, lay.slot_rows, recv_w, C), lay.num_recv)
     grad_w = _autograd.per_rank_weight_grad(
@@ -621,7 +631,7 @@ def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, 
         recv_w,
         lay.slot_rows,
         lay.token_pos,
-        lambda gw: _comm.exchange_equal_chunks(gw, group),
+        group.exchange,
     )
     return grad_eo, grad_w
 

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_ops import _kernels
 from moe_ops._layout import COUNTS, count_width, write_count_row
 
 _OK, _BAD = 0, 1
@@ -260,21 +261,122 @@ def peer_status(out: Tensor, send_splits: list[int]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- capacity mode
-def gather_rows_of_counts(row_C: Tensor, world_size: int, group: dist.ProcessGroup) -> Tensor:
-    """Every rank's ``row_C`` (int64): ``[W, C]``. An all-gather written as ``all_to_all_single``
-    of the row repeated W times (tiny; one collective kind for the whole module): no host sync."""
-    send = row_C.expand(world_size, row_C.shape[0]).contiguous()
-    recv = torch.empty_like(send)
-    all_to_all(recv, send, [], [], group)
-    return recv
+class EqualChunks:
+    """The equal-chunk exchanges of one capacity-mode op call (sizes known to every rank in
+    advance, so no count travels to the host), through one of two transports:
+
+    * ``"padded"``: ``all_to_all_single`` (gloo or NCCL), one collective per exchange;
+    * ``"p2p"``: CUDA symmetric memory within one NVLink (peer-to-peer) domain. A rank writes
+      what it sends into its own persistent symmetric buffer (the caller's kernel writes it there
+      directly: :meth:`send_buffer`), a device-side barrier says every rank has written, and
+      each rank reads its chunk of every peer's buffer into a fresh tensor in one kernel
+      (``pull_chunks``): no host work, no NCCL call, nothing the host waits for. A buffer is
+      reused by the next call with the same op, exchange and shape, so the first exchange of an
+      op call starts with one more barrier (every peer has finished reading the buffers of its
+      previous calls); later exchanges of the call need none (the barrier before them came after
+      those reads). Buffers are allocated and rendezvoused on first use, a collective call: warm
+      up before capturing a CUDA graph; all ranks must run the same calls in the same order, on
+      one stream each.
+
+    ``size()`` and ``rank()`` are the group's.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, group_name: str, transport: str, op: str):
+        self.group, self.group_name, self.op = group, group_name, op
+        self.p2p = transport == "p2p"
+        self._calls = 0  # exchanges so far in this op call
+        self._pending: _P2PBuffer | None = None
+
+    def size(self) -> int:
+        return self.group.size()
+
+    def rank(self) -> int:
+        return self.group.rank()
+
+    def send_buffer(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """With ``"p2p"``, this rank's symmetric buffer for what the next :meth:`exchange` sends,
+        which peers read directly: write the rows there and pass it to :meth:`exchange`. None
+        otherwise (any tensor will do)."""
+        if not self.p2p:
+            return None
+        key = (self.op, self._calls, tuple(shape), dtype, device, self.group_name)
+        buf = _p2p_buffer(key)
+        if self._calls == 0:
+            buf.handle.barrier(channel=0)  # peers are done reading this op's buffers
+        self._pending = buf
+        return buf.local
+
+    def exchange(self, send: Tensor) -> Tensor:
+        """Chunk d of ``send`` (``M / W`` rows) to rank d; returns the chunks received, one per
+        source rank."""
+        return self._move(send, gather=False)
+
+    def gather(self, row: Tensor) -> Tensor:
+        """Every rank's ``row``: ``[W, n]``."""
+        if not self.p2p:  # an all_to_all_single of the row repeated W times (tiny)
+            return self.exchange(row.expand(self.size(), row.shape[0]))
+        return self._move(row.view(1, -1), gather=True)
+
+    def _move(self, send: Tensor, gather: bool) -> Tensor:
+        if not self.p2p:
+            recv = torch.empty_like(send, memory_format=torch.contiguous_format)
+            all_to_all(recv, send.contiguous(), [], [], self.group)
+            self._calls += 1
+            return recv
+        buf = self._pending
+        if buf is None or send.data_ptr() != buf.local.data_ptr() or send.shape != buf.local.shape:
+            self.send_buffer(tuple(send.shape), send.dtype, send.device).copy_(send)
+            buf = self._pending
+        self._pending = None
+        self._calls += 1
+        buf.handle.barrier(channel=0)  # every rank's rows are in its buffer
+        W = self.size()
+        rows = send.shape[0] if gather else send.shape[0] // W
+        out = send.new_empty((W * rows, *send.shape[1:]))
+        first = 0 if gather else self.rank() * rows
+        kern = _kernels.for_device(send.device)
+        kern.pull_chunks(buf.peers, buf.peer_ptrs, out, first)
+        return out
 
 
-def exchange_equal_chunks(send_MH: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """``all_to_all_single`` with equal chunks (``M / W`` rows per peer): sizes known to every
-    rank in advance, so no count travels to the host."""
-    recv_MH = torch.empty_like(send_MH)
-    all_to_all(recv_MH, send_MH.contiguous(), [], [], group)
-    return recv_MH
+class _P2PBuffer(NamedTuple):
+    local: Tensor  # this rank's symmetric buffer
+    handle: Any  # torch's _SymmetricMemory for it
+    peers: list[Tensor]  # every rank's buffer (this rank's too), as tensors on this device
+    peer_ptrs: Tensor  # int64 [W] on the device: their addresses
+
+
+_p2p_cache: dict[tuple, _P2PBuffer] = {}
+
+
+def _p2p_buffer(key: tuple) -> _P2PBuffer:
+    """The persistent symmetric buffer of ``key`` (op, exchange, shape, dtype, device, group),
+    allocated and rendezvoused on first use (collective: every rank asks for the same keys in
+    the same order; not inside a CUDA-graph capture)."""
+    buf = _p2p_cache.get(key)
+    if buf is None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        _, _, shape, dtype, device, group_name = key
+        local = symm_mem.empty(shape, dtype=dtype, device=device)
+        handle = symm_mem.rendezvous(local, group_name)
+        offset = local.data_ptr() - handle.buffer_ptrs[handle.rank]  # bytes into the block
+        peers = [
+            handle.get_buffer(r, shape, dtype, offset // dtype.itemsize)
+            for r in range(handle.world_size)
+        ]
+        ptrs = torch.tensor([p.data_ptr() for p in peers], dtype=torch.int64, device=device)
+        buf = _p2p_cache[key] = _P2PBuffer(local, handle, peers, ptrs)
+    return buf
+
+
+def p2p_available() -> bool:
+    """Whether this PyTorch has CUDA symmetric memory (the ``"p2p"`` transport)."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and dist.is_available()
 
 
 _symm_cache: dict[tuple, Tensor] = {}

@@ -246,3 +246,14 @@ def fixed_token_rows(
         slots = slots_out.fill_(-1)
     scatter_rows(slots_TWK.view(T * W, K), token_pos.view(-1, 1), None, W * S, out=slots)
     return pair_pos, token_pos, slots
+
+
+def pull_chunks(peers: list[Tensor], peer_ptrs: Tensor, out: Tensor, first_row: int) -> Tensor:
+    """``out[r * S : (r + 1) * S] = peers[r][first_row : first_row + S]`` for every rank r, with
+    ``S = out.shape[0] / W``: the ``"p2p"`` transport's read of every rank's symmetric buffer
+    (``peers``: those buffers as tensors on this device; ``peer_ptrs``: their addresses, which
+    the Triton version reads). W copies."""
+    S = out.shape[0] // len(peers)
+    for r, peer in enumerate(peers):
+        out[r * S : (r + 1) * S].copy_(peer[first_row : first_row + S])
+    return out

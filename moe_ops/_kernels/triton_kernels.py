@@ -1072,3 +1072,47 @@ def fixed_token_rows(
         num_warps=4,
     )
     return pair_pos, token_pos, slots
+
+
+# ----------------------------------------------------------------------------- p2p transport
+@triton.jit
+def _pull_chunks_kernel(
+    ptrs_ptr, out_ptr, first_row, S, N, BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr
+):
+    """Program (r, b): rows [b * BM, (b + 1) * BM) of chunk r, read from rank r's buffer (its
+    address in ``ptrs[r]``) starting at row ``first_row``; N words a row."""
+    r = tl.program_id(0)
+    src_ptr = tl.load(ptrs_ptr + r).to(tl.pointer_type(DT))
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    live = rows < S
+    src_rows = (first_row + rows).to(tl.int64) * N
+    dst_rows = (r * S + rows).to(tl.int64) * N
+    for c0 in range(0, N, BN):
+        cols = c0 + tl.arange(0, BN)
+        mask = live[:, None] & (cols < N)[None, :]
+        v = tl.load(src_ptr + src_rows[:, None] + cols[None, :], mask=mask)
+        tl.store(out_ptr + dst_rows[:, None] + cols[None, :], v, mask=mask)
+
+
+_launch_pull = _Launcher(_pull_chunks_kernel)
+_WORDS = {1: (torch.int8, tl.int8), 2: (torch.int16, tl.int16), 4: (torch.int32, tl.int32)}
+_WORDS[8] = (torch.int64, tl.int64)
+
+
+def pull_chunks(peers: list[Tensor], peer_ptrs: Tensor, out: Tensor, first_row: int) -> Tensor:
+    """``out[r * S : (r + 1) * S] = peers[r][first_row : first_row + S]`` for every rank r, with
+    ``S = out.shape[0] / W``: the ``"p2p"`` transport's read of every rank's symmetric buffer,
+    one kernel for all ranks (``peer_ptrs``: the buffers' addresses; rows copied as words of the
+    element size)."""
+    W = peer_ptrs.shape[0]
+    S = out.shape[0] // W
+    N = out[0].numel() if out.shape[0] else 0
+    if S == 0 or N == 0:
+        return out
+    torch_word, tl_word = _WORDS[out.element_size()]
+    BM, BN, nw = _row_block(N, out.element_size())
+    grid = (W, triton.cdiv(S, BM))
+    _launch_pull(
+        grid, peer_ptrs, out.view(torch_word), first_row, S, N, BM, BN, tl_word, num_warps=nw
+    )
+    return out

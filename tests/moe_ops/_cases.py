@@ -676,7 +676,7 @@ def fixed_case(
     )
     assert handle.transport == (transport or ("local" if W == 1 else "padded"))
     per_rank = handle.layout.sums_per_rank
-    assert per_rank == (sum_per_rank and W > 1 and K > 1 and handle.transport == "padded")
+    assert per_rank == (sum_per_rank and W > 1 and K > 1 and handle.transport in ("padded", "p2p"))
     expert_out = _padded_expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
     out = moe_ops.combine(expert_out, handle, w)
 

@@ -147,8 +147,18 @@ def explicit_transport_case(transport: str) -> None:
 def local_transport_case() -> None:
     r, W = rank_and_world()
     x, idx, _, _ = _inputs()
-    with pytest.raises(ValueError, match=rf"one of \('padded', 'nvshmem'\) with {W} ranks"):
+    with pytest.raises(ValueError, match=rf"one of \('padded', 'p2p', 'nvshmem'\) with {W} ranks"):
         moe_ops.dispatch(x, idx, 2 * W, capacity=4, transport="local")
+
+
+def p2p_on_cpu_case() -> None:
+    r, W = rank_and_world()
+    x, idx, _, _ = _inputs()
+    with pytest.raises(ValueError, match=r"transport='p2p' reads the peers' GPU memory.*on cpu"):
+        moe_ops.dispatch(x, idx, 2 * W, capacity=4, transport="p2p")
+    # no rank entered an exchange: the group still works
+    _, handle = moe_ops.dispatch(x, idx, 2 * W, capacity="worst-case")
+    assert handle.transport == "padded"
 
 
 def test_explicit_padded_transport_gloo(gloo_world):
@@ -157,3 +167,8 @@ def test_explicit_padded_transport_gloo(gloo_world):
 
 def test_local_transport_needs_one_rank_gloo(gloo_world):
     gloo_world(2).run(local_transport_case)
+
+
+def test_p2p_transport_needs_cuda_gloo(gloo_world):
+    """The p2p transport reads GPU memory; CPU tensors get a clear error on every rank."""
+    gloo_world(2).run(p2p_on_cpu_case)

@@ -11,7 +11,7 @@ and the output gradient into the static inputs, replays, and compares the static
   gradients to rounding) and ``moe_ops.reference`` over every rank's inputs;
 * with ``overflow="drop"`` at a small capacity: ``num_dropped`` of the eager run.
 
-Both transports that run at W > 1 ("padded"; "nvshmem" where this torch has NVSHMEM), with the
+The transports that run at W > 1 ("padded", "p2p"; "nvshmem" where this torch has NVSHMEM), with the
 Triton kernels and with the plain torch path.
 
 Run (marked ``gpu``; each test skips, saying why, with fewer than W GPUs):
@@ -253,7 +253,7 @@ def _check_dropped(gs: GraphSpec, dropped: list[list[int]]) -> None:
 # ----------------------------------------------------------------------------- GPU (NCCL)
 @pytest.mark.gpu
 @pytest.mark.parametrize("W", [2, 4])
-@pytest.mark.parametrize("transport", ["padded", "nvshmem"])
+@pytest.mark.parametrize("transport", ["padded", "p2p", "nvshmem"])
 @pytest.mark.parametrize("capacity", ["worst-case", "drop"])
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -269,9 +269,10 @@ def test_capture_and_replay_nccl(nccl_world, W, transport, capacity, triton, bac
 @pytest.mark.parametrize("W", [2, 4])
 @pytest.mark.parametrize("capacity", ["worst-case", "drop"])
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
-def test_capture_sum_per_rank_nccl(nccl_world, W, capacity, triton):
+@pytest.mark.parametrize("transport", ["padded", "p2p"])
+def test_capture_sum_per_rank_nccl(nccl_world, W, capacity, triton, transport):
     """``sum_per_rank`` (token rows, per-rank sums) captured, forward and backward."""
-    gs = GraphSpec(capacity=capacity, triton=triton, sum_per_rank=True)
+    gs = GraphSpec(capacity=capacity, triton=triton, sum_per_rank=True, transport=transport)
     _check_dropped(gs, nccl_world(W).run(graph_case, gs, timeout=300))
 
 

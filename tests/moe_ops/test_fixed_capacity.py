@@ -425,12 +425,15 @@ def test_cuda_no_sync_fwd_bwd(overflow):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("W", [1, 2])
-@pytest.mark.parametrize("transport", ["padded", "nvshmem"])
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("transport", ["padded", "p2p", "nvshmem"])
 @pytest.mark.parametrize("drop", [False, True])
 def test_nccl_transports(nccl_world, W, transport, drop):
-    """The W > 1 transports on GPUs with NCCL: the padded all_to_all_single, and NVSHMEM's
-    all_to_all_vdev_2d / _2d_offset through symmetric memory (also run at W = 1)."""
+    """The W > 1 transports on GPUs: the padded all_to_all_single (NCCL), p2p (reads from the
+    peers' symmetric buffers), and NVSHMEM's all_to_all_vdev_2d / _2d_offset through symmetric
+    memory (also run at W = 1)."""
+    if transport == "p2p" and W == 1:
+        pytest.skip("p2p is a W > 1 transport")
     if transport == "nvshmem" and not _comm.nvshmem_available():
         pytest.skip("this PyTorch build has no usable NVSHMEM")
     if transport == "nvshmem" and W == 1:
@@ -447,10 +450,12 @@ def test_nccl_transports(nccl_world, W, transport, drop):
 @pytest.mark.gpu
 @pytest.mark.parametrize("W", [2, 4])
 @pytest.mark.parametrize("capacity", ["worst-case", "exact-20", 100])
-def test_nccl_sum_per_rank(nccl_world, W, capacity):
-    """``sum_per_rank`` with the padded transport on GPUs (Triton kernels, NCCL), with and
-    without dropped pairs, and with C < T (chunks of C rows)."""
+@pytest.mark.parametrize("transport", ["padded", "p2p"])
+def test_nccl_sum_per_rank(nccl_world, W, capacity, transport):
+    """``sum_per_rank`` with the equal-chunk transports on GPUs (Triton kernels; NCCL or the
+    peers' symmetric buffers), with and without dropped pairs, and with C < T (chunks of C
+    rows)."""
     spec = Spec(T=(300,), K=8, E_l=4, H=64, Hp=32, dtype=bf16, seed=9)
     if capacity == "exact-20":
         capacity = exact_capacity(spec, W) - 20
-    nccl_world(W).run(fixed_case, spec, capacity, True, None, True)
+    nccl_world(W).run(fixed_case, spec, capacity, True, transport, True)

@@ -1,0 +1,159 @@
+"""The ``"p2p"`` transport's protocol on the CPU: which buffer each exchange writes, when it
+waits, which chunk of which peer it reads, through dispatch, combine and both backwards.
+
+CUDA symmetric memory does not exist on the CPU, so here each rank's "symmetric buffer" is a
+file mapped into every rank's memory (``torch.from_file(shared=True)``: a write by one rank is
+seen by all, like a peer's GPU buffer over NVLink) and the device-side barrier is a gloo
+barrier. Everything above ``moe_ops._comm._p2p_buffer`` runs as on GPUs (the plain torch
+``pull_chunks``; the Triton one and the real symmetric memory are checked against NCCL in
+``test_p2p.py``, marked ``gpu``). A mistake in the protocol (a chunk read from the wrong rank
+or row, a buffer shared by two exchanges of one call, an exchange that still goes through
+``all_to_all``) shows here as a wrong result against the reference or a counted collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_ops
+from moe_ops import _api, _comm
+from tests.moe_ops._cases import Spec, exact_capacity, fixed_case, rank_and_world
+
+f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+
+
+class _FileHandle:
+    """What ``_comm`` uses of torch's ``_SymmetricMemory``: a barrier (here gloo's)."""
+
+    def __init__(self):
+        self.barriers = 0
+
+    def barrier(self, channel: int = 0) -> None:
+        self.barriers += 1
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def emulated_p2p(directory: str):
+    """``transport="p2p"`` on CPU tensors: buffers in shared files under ``directory`` (one per
+    rank and key), barriers over gloo. Yields the list of NCCL/gloo all_to_all calls made."""
+    rank, W = rank_and_world()
+    handle = _FileHandle()
+    cache: dict = {}
+
+    def file_buffer(key):
+        if key not in cache:
+            _, _, shape, dtype, _, _ = key
+            numel = 1
+            for n in shape:
+                numel *= n
+            name = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+            paths = [os.path.join(directory, f"{name}-{r}") for r in range(W)]
+            with open(paths[rank], "wb") as f:
+                f.truncate(max(numel, 1) * dtype.itemsize)
+            dist.barrier()  # every rank's file exists (the rendezvous)
+
+            def mapped(p):
+                return torch.from_file(p, shared=True, size=max(numel, 1), dtype=dtype)
+
+            peers = [mapped(p)[:numel].view(shape) for p in paths]
+            cache[key] = _comm._P2PBuffer(peers[rank], handle, peers, torch.zeros(W))
+        return cache[key]
+
+    real_transport = _api._transport
+
+    def transport(x, world_size, transport=None, group_name=""):
+        if transport == "p2p":
+            return "p2p"
+        return real_transport(x, world_size, transport, group_name)
+
+    calls = []
+    real_a2a = _comm.all_to_all
+    with (
+        mock.patch.object(_comm, "_p2p_buffer", file_buffer),
+        mock.patch.object(_api, "_transport", transport),
+        mock.patch.object(_comm, "all_to_all", lambda *a: (calls.append(1), real_a2a(*a))),
+    ):
+        yield calls, handle
+
+
+def p2p_case(directory: str, spec: Spec, capacity, drop: bool, sum_per_rank: bool) -> int:
+    with emulated_p2p(directory) as (calls, handle):
+        dropped = fixed_case(spec, capacity, drop, "p2p", sum_per_rank)
+        assert calls == [], "an exchange went through all_to_all"
+        assert handle.barriers > 0
+    return dropped
+
+
+SPECS = {
+    "k2-f32": Spec(T=(7,), K=2, dtype=f32),
+    "k4-f64-Hp7": Spec(T=(6, 6), K=4, dtype=f64, Hp=7, seed=2),
+    "to_rank0-bf16": Spec(T=(5, 5), K=2, routing="to_rank0", dtype=bf16, seed=3),
+    "skewed-El3-noweights": Spec(T=(8, 8), K=3, E_l=3, routing="skewed", weights=False, seed=4),
+}
+
+
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_matches_reference_gloo(gloo_world, tmp_path, W, name, sum_per_rank):
+    """Forward and gradients against the reference, as the padded transport is checked."""
+    spec = SPECS[name]
+    for capacity in ("worst-case", exact_capacity(spec, W)):
+        dropped = gloo_world(W).run(p2p_case, str(tmp_path), spec, capacity, False, sum_per_rank)
+        assert dropped == [0] * W
+
+
+@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
+def test_drop_gloo(gloo_world, tmp_path, sum_per_rank):
+    spec = Spec(T=(12, 12), K=4, E_l=2, dtype=f32, seed=5)
+    capacity = exact_capacity(spec, 2) - 6
+    dropped = gloo_world(2).run(p2p_case, str(tmp_path), spec, capacity, True, sum_per_rank)
+    assert sum(dropped) >= 6
+
+
+def barriers_case(directory: str) -> list[int]:
+    """Barriers per op call: one before the first exchange's writes, one per exchange."""
+    r, W = rank_and_world()
+    E, T, K, H = 2 * W, 6, 3, 4
+    g = torch.Generator().manual_seed(r)
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    idx = torch.randint(0, E, (T, K), generator=g)
+    w = torch.rand(T, K, generator=g, requires_grad=True)
+    counts = []
+    with emulated_p2p(directory) as (_, handle):
+        for sum_per_rank in (False, True):
+            before = handle.barriers
+            recv_x, h = moe_ops.dispatch(
+                x, idx, E, capacity="worst-case", transport="p2p", sum_per_rank=sum_per_rank
+            )
+            counts.append(handle.barriers - before)
+            before = handle.barriers
+            out = moe_ops.combine(recv_x, h, w)
+            counts.append(handle.barriers - before)
+            before = handle.barriers
+            out.sum().backward()
+            counts.append(handle.barriers - before)
+    return counts
+
+
+def test_barriers_per_call_gloo(gloo_world, tmp_path):
+    """Slot order: dispatch = counts + rows (3 barriers), combine = rows back (2), backward =
+    combine's backward (rows, 2) + dispatch's backward (a combine, 2). Summing per rank: dispatch
+    3; combine = weights + sums back (3); backward = gradient rows + weight gradient (3) and
+    dispatch's backward (an unweighted combine: no weights travel, sums back, 2)."""
+    for counts in gloo_world(2).run(barriers_case, str(tmp_path)):
+        assert counts == [3, 2, 4, 3, 3, 5]
+
+
+def test_rejected_on_cpu_without_emulation():
+    x, idx = torch.randn(4, 2), torch.zeros(4, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="transport must be None or one of"):
+        moe_ops.dispatch(x, idx, 2, capacity=4, transport="p2p")  # W = 1: no such transport
