@@ -142,17 +142,19 @@ def back_rows(transport: str, capacity: int, T: int, K: int, W: int) -> int:
     return 0
 
 
-def _group(group_name: str, world_size: int, transport: str, op: str):
-    """The exchanges of one call of ``op`` (:class:`~moe_ops._comm.EqualChunks`, None when no
-    row moves): through a one-rank group too, when a transport other than ``"local"`` was asked
-    for at W = 1."""
+def _group(group_name: str, world_size: int, transport: str, op: str, exchanges: int):
+    """The ``exchanges`` exchanges of one call of ``op`` (:class:`~moe_ops._comm.EqualChunks`,
+    None when no row moves): through a one-rank group too, when a transport other than
+    ``"local"`` was asked for at W = 1."""
     if transport != "local" and world_size == 1 and group_name:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         group = _resolve_process_group(group_name)
     else:
         group = _comm.resolve_group(group_name, world_size)
-    return None if group is None else _comm.EqualChunks(group, group_name, transport, op)
+    if group is None:
+        return None
+    return _comm.EqualChunks(group, group_name, transport, op, exchanges)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -173,7 +175,9 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, gr
     # device as kernel arguments (fill, add), never as a tensor built from host memory: that
     # copy would sync, and fails in CUDA-graph capture.
     bad, T_col, per_rank_col = (E + c for c in _layout.FIXED_COLUMNS)
-    row = torch.empty(E + len(_layout.FIXED_COLUMNS), dtype=_I64, device=dev)
+    n = E + len(_layout.FIXED_COLUMNS)
+    row = None if W == 1 else group.send_buffer((1, n), _I64, dev)  # p2p: peers read it there
+    row = torch.empty(n, dtype=_I64, device=dev) if row is None else row.view(n)
     row[: E + 1].copy_(lay.counts_bad)  # the counts, then the bad-id count (FIXED_BAD is 0)
     if bad_input:
         row[bad : bad + 1].add_(1)
@@ -357,7 +361,8 @@ def _dispatch_fixed(
     sum_per_rank: bool = False,
 ) -> tuple[Tensor, ...]:
     """The op's outputs: :class:`DispatchOutputs`, in order (``_DISPATCH_SCHEMA``)."""
-    group = _group(group_name, world_size, transport, "dispatch")
+    # the counts (W > 1), then the rows
+    group = _group(group_name, world_size, transport, "dispatch", 1 + (world_size > 1))
     W, E, C = world_size, num_experts, capacity
     err = check_dispatch(x, topk_idx, E, W)
     if err is not None and W == 1:
@@ -506,7 +511,9 @@ def _combine_fixed(
     err = check_combine(expert_out, topk_weights, lay.pair_pos, capacity)
     if err is not None:
         raise err
-    group = _group(group_name, world_size, transport, "combine")
+    # the rows back; summing per rank, the weights first unless every rank passes none
+    n = 1 + (lay.sums_per_rank and not unweighted)
+    group = _group(group_name, world_size, transport, "combine", n)
     kern = _kernels.for_device(expert_out.device)
     if lay.sums_per_rank:
         return _combine_per_rank(kern, expert_out, topk_weights, lay, unweighted, group)
@@ -588,7 +595,9 @@ def _combine_fixed_backward(
     ``returned_rows`` is expert_out itself and ``topk_weights`` the weights that reached this
     rank (what :func:`_for_backward` saved)."""
     lay, capacity, group_name, world_size, transport, _ = _split(layout_static)
-    group = _group(group_name, world_size, transport, "combine_backward")
+    # the gradient's rows; summing per rank, the weight gradient back too
+    n = 1 + lay.sums_per_rank
+    group = _group(group_name, world_size, transport, "combine_backward", n)
     kern = _kernels.for_device(grad_out.device)
     if lay.sums_per_rank:
         return _combine_backward_per_rank(

@@ -270,19 +270,27 @@ class EqualChunks:
       what it sends into its own persistent symmetric buffer (the caller's kernel writes it there
       directly: :meth:`send_buffer`), a device-side barrier says every rank has written, and
       each rank reads its chunk of every peer's buffer into a fresh tensor in one kernel
-      (``pull_chunks``): no host work, no NCCL call, nothing the host waits for. A buffer is
-      reused by the next call with the same op, exchange and shape, so the first exchange of an
-      op call starts with one more barrier (every peer has finished reading the buffers of its
-      previous calls); later exchanges of the call need none (the barrier before them came after
-      those reads). Buffers are allocated and rendezvoused on first use, a collective call: warm
-      up before capturing a CUDA graph; all ranks must run the same calls in the same order, on
-      one stream each.
+      (``pull_chunks``): no host work, no NCCL call, nothing the host waits for. Buffers are
+      allocated and rendezvoused on first use (a collective call: warm up before capturing a
+      CUDA graph) and reused by the next call with the same op, exchange index and shape; all
+      ranks run the same calls in the same order, on one stream each.
+
+      When may a rank overwrite its buffer? Once every peer has read it. A call of ``op`` makes
+      ``exchanges`` exchanges, each ending with a barrier that a peer enters only after its
+      reads of the exchanges before (stream order). Exchange i > 0 of a call writes after the
+      barrier of exchange i - 1 of the same call, so every peer is done with all earlier calls.
+      Exchange 0 writes after the barrier of exchange 1 of the previous call of ``op``, so every
+      peer is done with that call's exchange 0, when calls make two or more exchanges; an op
+      whose calls make one exchange waits for one more barrier before writing it.
 
     ``size()`` and ``rank()`` are the group's.
     """
 
-    def __init__(self, group: dist.ProcessGroup, group_name: str, transport: str, op: str):
+    def __init__(
+        self, group: dist.ProcessGroup, group_name: str, transport: str, op: str, exchanges: int
+    ):
         self.group, self.group_name, self.op = group, group_name, op
+        self.exchanges = exchanges  # what every call of ``op`` with these arguments makes
         self.p2p = transport == "p2p"
         self._calls = 0  # exchanges so far in this op call
         self._pending: _P2PBuffer | None = None
@@ -301,7 +309,7 @@ class EqualChunks:
             return None
         key = (self.op, self._calls, tuple(shape), dtype, device, self.group_name)
         buf = _p2p_buffer(key)
-        if self._calls == 0:
+        if self._calls == 0 and self.exchanges == 1:
             buf.handle.barrier(channel=0)  # peers are done reading this op's buffers
         self._pending = buf
         return buf.local
@@ -318,6 +326,8 @@ class EqualChunks:
         return self._move(row.view(1, -1), gather=True)
 
     def _move(self, send: Tensor, gather: bool) -> Tensor:
+        if self._calls >= self.exchanges:  # p2p's overwrite rule above would not hold
+            raise RuntimeError(f"moe_ops: {self.op} made more than {self.exchanges} exchanges")
         if not self.p2p:
             recv = torch.empty_like(send, memory_format=torch.contiguous_format)
             all_to_all(recv, send.contiguous(), [], [], self.group)

@@ -36,8 +36,8 @@ def _group_name() -> str:
     return dist.group.WORLD.group_name
 
 
-def _chunks(op: str, transport: str) -> _comm.EqualChunks:
-    return _comm.EqualChunks(dist.group.WORLD, _group_name(), transport, op)
+def _chunks(op: str, transport: str, exchanges: int = 1) -> _comm.EqualChunks:
+    return _comm.EqualChunks(dist.group.WORLD, _group_name(), transport, op, exchanges)
 
 
 def _send(rows: int, width: int, dtype: torch.dtype, salt: int) -> torch.Tensor:
@@ -70,20 +70,23 @@ def test_exchange_matches_nccl(nccl_world, W, triton):
     nccl_world(W).run(exchange_case, triton)
 
 
-def back_to_back_case(calls: int) -> None:
+def back_to_back_case(calls: int, exchanges: int) -> None:
+    """``calls`` op calls of ``exchanges`` exchanges each, issued without a host wait; before
+    each exchange one rank spins on the device, so that the others run ahead into its buffers."""
     r, W = rank_and_world()
     rows, width = 256, 1024
     got = []
     for i in range(calls):
-        if r == i % W:  # this rank falls behind: the others' next writes must wait for it
-            torch.cuda._sleep(2_000_000)
-        ex = _chunks("b2b", "p2p")
-        buf = ex.send_buffer((W * rows, width), torch.float32, torch.device("cuda"))
-        buf.copy_(_send(rows, width, torch.float32, i))
-        got.append(ex.exchange(buf))
-    for i, g in enumerate(got):
-        want = torch.cat([_send_of(s, rows, width, i).view(W, rows, width)[r] for s in range(W)])
-        assert torch.equal(g, want), f"call {i}"
+        ex = _chunks(f"b2b{exchanges}", "p2p", exchanges)
+        for j in range(exchanges):
+            if r == (i + j) % W:
+                torch.cuda._sleep(2_000_000)
+            buf = ex.send_buffer((W * rows, width), torch.float32, torch.device("cuda"))
+            buf.copy_(_send_of(r, rows, width, i * exchanges + j))
+            got.append(ex.exchange(buf))
+    for n, g in enumerate(got):
+        sent = [_send_of(s, rows, width, n).view(W, rows, width)[r] for s in range(W)]
+        assert torch.equal(g, torch.cat(sent)), f"exchange {n}"
 
 
 def _send_of(rank: int, rows: int, width: int, salt: int) -> torch.Tensor:
@@ -95,8 +98,11 @@ def _send_of(rank: int, rows: int, width: int, salt: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("W", [2, 4])
-def test_back_to_back_calls(nccl_world, W):
-    nccl_world(W).run(back_to_back_case, 12)
+@pytest.mark.parametrize("exchanges", [1, 2, 3])
+def test_back_to_back_calls(nccl_world, W, exchanges):
+    """The overwrite rule of ``moe_ops._comm.EqualChunks``: one barrier more before calls of a
+    single exchange, none for calls of two or more."""
+    nccl_world(W).run(back_to_back_case, 12, exchanges)
 
 
 def no_nccl_case() -> int:

@@ -145,12 +145,14 @@ def barriers_case(directory: str) -> list[int]:
 
 
 def test_barriers_per_call_gloo(gloo_world, tmp_path):
-    """Slot order: dispatch = counts + rows (3 barriers), combine = rows back (2), backward =
-    combine's backward (rows, 2) + dispatch's backward (a combine, 2). Summing per rank: dispatch
-    3; combine = weights + sums back (3); backward = gradient rows + weight gradient (3) and
-    dispatch's backward (an unweighted combine: no weights travel, sums back, 2)."""
+    """One barrier per exchange, and one more before an op call that makes a single exchange
+    (``moe_ops._comm.EqualChunks``). Slot order: dispatch = counts + rows (2 barriers), combine
+    = rows back (1 + 1), backward = combine's backward (rows, 1 + 1) + dispatch's backward (a
+    combine, 1 + 1). Summing per rank: dispatch 2; combine = weights + sums back (2); backward =
+    gradient rows + weight gradient (2) and dispatch's backward (an unweighted combine: no
+    weights travel, sums back, 1 + 1)."""
     for counts in gloo_world(2).run(barriers_case, str(tmp_path)):
-        assert counts == [3, 2, 4, 3, 3, 5]
+        assert counts == [2, 2, 4, 2, 2, 4]
 
 
 def test_rejected_on_cpu_without_emulation():
