@@ -23,6 +23,10 @@ Transports (the rows' way to their experts and back):
   must pass the same T when ``C > T``, and the same K), each carrying the rows of recv_x its
   slots take (K int64 in its first columns), and combine sends the weights, then one partial
   sum per token row back (see :class:`Layout`).
+* ``"p2p"``: the same chunks as ``"padded"`` (same layouts, same results), moved without NCCL:
+  each rank's kernels write what it sends into its own CUDA symmetric-memory buffer and every
+  rank reads its chunks from its peers' buffers after a device-side barrier
+  (``moe_ops._comm.EqualChunks``; CUDA, W > 1, one NVLink domain).
 * ``"nvshmem"``: ``torch.ops.symm_mem.all_to_all_vdev_2d`` (rows with device-side split sizes,
   received expert-major) and ``all_to_all_vdev_2d_offset`` for the way back, through persistent
   symmetric-memory buffers (CUDA, NVSHMEM; every rank must pass the same T).

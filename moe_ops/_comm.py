@@ -1,8 +1,8 @@
 """Communication: the count exchange, the one host sync, and the two payload exchanges.
 
 Only this module talks to ``torch.distributed``. Every collective is an ``all_to_all_single``
-issued by :func:`all_to_all` (or, in capacity mode on CUDA with NVSHMEM, a ``torch.ops.symm_mem``
-all-to-all):
+issued by :func:`all_to_all` (or, in capacity mode on CUDA, reads from the peers' symmetric
+memory after a device-side barrier, or with NVSHMEM a ``torch.ops.symm_mem`` all-to-all):
 
 * :func:`exchange_counts`: the count row, ``[W, 2 + E_l]`` int64 per rank (``moe_ops._layout``;
   the layout kernels write it, :func:`bad_count_row` on bad input): a status flag, the token
@@ -23,8 +23,9 @@ all-to-all):
 :func:`read_to_host` is the single device -> host sync of a dispatch (the send-buffer fill runs on
 the device while the host waits for it).
 
-Capacity mode (``moe_ops._capacity_ops``, no host sync): :func:`gather_rows_of_counts` (every rank's
-counts per expert), :func:`exchange_equal_chunks` (the padded transport), and
+Capacity mode (``moe_ops._capacity_ops``, no host sync): :class:`EqualChunks` (every rank's
+counts per expert, and the rows in equal chunks: the padded transport through
+``all_to_all_single``, the p2p transport through CUDA symmetric memory), and
 :func:`nvshmem_to_experts` / :func:`nvshmem_to_sources` (device-side split sizes, NVSHMEM).
 """
 
