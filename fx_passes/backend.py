@@ -242,6 +242,7 @@ def moe_backend(
     capacity: int | str | None = None,
     mode: str | None = None,
     sum_per_rank: bool = False,
+    transport: str | None = None,
 ) -> Callable:
     """A torch.compile backend that rewrites MoE routing into dispatch/combine, then compiles.
 
@@ -268,6 +269,9 @@ def moe_backend(
             ops: the padded transport, K > 1): combine sums each token's slots on the rank of
             their experts and one row per (token, rank) comes back; fewer bytes, equal up to
             rounding, not bit for bit.
+        transport: with ``capacity``, :func:`moe_ops.dispatch`'s transport (None: ``"padded"``,
+            NCCL's ``all_to_all_single``, at W > 1; ``"p2p"``: the rows are read straight from
+            the peers' CUDA symmetric memory, no NCCL call; one NVLink domain).
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout),
@@ -275,7 +279,7 @@ def moe_backend(
     code line)``. A failure of the pass on one block leaves that block alone (reported like any
     other reason) unless ``strict``, which raises a ``RuntimeError`` naming the block.
     """
-    check_capacity(capacity, "fx_passes.moe_backend")
+    check_capacity(capacity, "fx_passes.moe_backend", transport)
     compile_inner = _inner_compiler(inner, mode)
     _check_cuda_graphs_have_capacity(mode, capacity)
     rewritten: list[MoEMatch] = []
@@ -305,6 +309,7 @@ def moe_backend(
             capacity=capacity,
             strict=strict,
             sum_per_rank=sum_per_rank,
+            transport=transport,
         )
         rewritten.extend(matches)
         missed = _unrewritten_reasons(gm, matches, gm.meta.get("moe_rejected", []))
@@ -331,11 +336,12 @@ def moe_backend_entry(gm: fx.GraphModule, example_inputs, *, options=None, mode=
     keywords. ``torch.compile(..., backend="moe", mode=...)`` works too (torch.compile refuses
     ``mode`` and ``options`` together; put the mode in the options then)."""
     opts = dict(options or {})
-    unknown = set(opts) - {"inner", "strict", "group", "capacity", "mode", "sum_per_rank"}
+    known = {"inner", "strict", "group", "capacity", "mode", "sum_per_rank", "transport"}
+    unknown = set(opts) - known
     if unknown:
         raise ValueError(
             f"backend='moe': unknown options {sorted(unknown)}; expected inner, strict, group, "
-            f"capacity, mode, sum_per_rank"
+            f"capacity, mode, sum_per_rank, transport"
         )
     if mode is not None:
         if opts.get("mode", mode) != mode:
@@ -355,6 +361,7 @@ def compile_moe(
     capacity: int | str | None = None,
     mode: str | None = None,
     sum_per_rank: bool = False,
+    transport: str | None = None,
     **compile_kwargs: Any,
 ) -> Callable:
     """``torch.compile(model, backend=moe_backend(...))`` with Dynamo's capture of data-dependent
@@ -369,7 +376,13 @@ def compile_moe(
     .tolist()`` without ``torch._check`` on its length): the model is then compiled without them.
     """
     backend = moe_backend(
-        group, inner=inner, strict=strict, capacity=capacity, mode=mode, sum_per_rank=sum_per_rank
+        group,
+        inner=inner,
+        strict=strict,
+        capacity=capacity,
+        mode=mode,
+        sum_per_rank=sum_per_rank,
+        transport=transport,
     )
     compiled = torch.compile(model, backend=backend, **compile_kwargs)
     fallback: list[Callable] = []

@@ -86,8 +86,18 @@ def capacity_rows(graph: fx.Graph, x: Node, idx: Node, capacity: int | str, worl
     return call(graph, operator.mul, (call(graph, "size", (x, 0)), world_size * int(K)))
 
 
-def check_capacity(capacity: Any, where: str) -> None:
-    """Raise unless ``capacity`` is None, ``"worst-case"`` or an int >= 0."""
+def check_capacity(capacity: Any, where: str, transport: str | None = None) -> None:
+    """Raise unless ``capacity`` is None, ``"worst-case"`` or an int >= 0, and ``transport`` None
+    or (with a capacity) one of the capacity mode's transports."""
+    if transport is not None:
+        from moe_ops._capacity_ops import TRANSPORTS
+
+        if capacity is None:
+            raise ValueError(f"{where}: transport is a capacity-mode option; pass capacity too")
+        if transport not in TRANSPORTS:
+            raise ValueError(
+                f"{where}: transport must be None or one of {TRANSPORTS}, got {transport!r}"
+            )
     if capacity is None or capacity == "worst-case":
         return
     if isinstance(capacity, bool) or not isinstance(capacity, int):
@@ -106,6 +116,7 @@ def emit_routed(
     info: dict | None = None,
     capacity: int | str | None = None,
     sum_per_rank: bool = False,
+    transport: str | None = None,
 ) -> Node:
     """Insert dispatch -> local experts -> combine for ``match`` at the insertion point.
 
@@ -113,7 +124,8 @@ def emit_routed(
     rewrite). ``capacity`` (None, an int, or ``"worst-case"``) picks the sync-free capacity-mode
     ops; when the experts cannot run on its padded rows without a host read (no grouped form), the
     block keeps the default ops and ``info["capacity_fallback"]`` says why. ``sum_per_rank``
-    is :func:`moe_ops.dispatch`'s option of that name (both ops). Returns the node
+    is :func:`moe_ops.dispatch`'s option of that name (both ops), ``transport`` its capacity-mode
+    transport (None: the library's choice). Returns the node
     holding the routed output, in ``match.output``'s dtype.
     """
     info = {} if info is None else info
@@ -144,6 +156,7 @@ def emit_routed(
                 info,
                 capacity,
                 sum_per_rank,
+                transport,
             )
             if isinstance(out, Node):
                 return out
@@ -209,7 +222,19 @@ def _finish(graph: fx.Graph, match: MoEMatch, env: Callable[[Node], Node], out: 
 
 
 def _emit_capacity(
-    graph, match, env, x, idx, w, group_name, world_size, rank, info, capacity, sum_per_rank
+    graph,
+    match,
+    env,
+    x,
+    idx,
+    w,
+    group_name,
+    world_size,
+    rank,
+    info,
+    capacity,
+    sum_per_rank,
+    transport=None,
 ) -> Node | str:
     """dispatch_fixed -> grouped local experts on ``[C, H]`` -> combine_fixed, or why not (the
     caller erases what was emitted)."""
@@ -217,7 +242,7 @@ def _emit_capacity(
 
     E = match.num_experts
     C = capacity_rows(graph, x, idx, capacity, world_size)
-    transport = _transport(val(x), world_size)
+    transport = _transport(val(x), world_size, transport, group_name)
     d = call(
         graph,
         torch.ops.moe_ops.dispatch_fixed.default,
@@ -259,9 +284,10 @@ def rewrite_match(
     group: dist.ProcessGroup | None,
     capacity: int | str | None = None,
     sum_per_rank: bool = False,
+    transport: str | None = None,
 ) -> None:
     """Replace ``match`` in ``gm`` (in place) by dispatch -> local experts -> combine
-    (capacity-mode ops when ``capacity`` is not None; ``sum_per_rank``: see
+    (capacity-mode ops when ``capacity`` is not None; ``sum_per_rank``, ``transport``: see
     :func:`emit_routed`)."""
     why = check_removable(match)
     if why is not None:
@@ -289,6 +315,7 @@ def rewrite_match(
                 match.rewritten,
                 capacity,
                 sum_per_rank,
+                transport,
             )
     except BaseException:
         _erase_between(tail, first_new)  # nothing reads the new nodes yet: the graph is as it was

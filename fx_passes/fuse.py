@@ -56,6 +56,7 @@ def fuse_moe_routing(
     capacity: int | str | None = None,
     strict: bool = False,
     sum_per_rank: bool = False,
+    transport: str | None = None,
 ) -> list[MoEMatch]:
     """Rewrite every MoE block of ``gm`` (a Dynamo-level graph) into dispatch/combine, in place.
 
@@ -82,6 +83,8 @@ def fuse_moe_routing(
             ops: the padded transport, K > 1): combine sums each token's slots on the rank of
             their experts and one row per (token, rank) comes back; equal up to rounding, not
             bit for bit.
+        transport: with ``capacity``, :func:`moe_ops.dispatch`'s transport (None: ``"padded"``
+            at W > 1; ``"p2p"``: reads from the peers' CUDA symmetric memory, no NCCL call).
         strict: raise when matching, checking or rewriting a block fails with an exception
             (a ``RuntimeError`` naming the block, from the exception) instead of leaving the
             block alone with the exception as its reason.
@@ -93,7 +96,7 @@ def fuse_moe_routing(
     Returns the rewritten blocks (family, number of experts, module path); why other candidates
     were left alone is logged at debug level and kept in ``gm.meta["moe_rejected"]``.
     """
-    check_capacity(capacity, "fx_passes.fuse_moe_routing")
+    check_capacity(capacity, "fx_passes.fuse_moe_routing", transport)
     sharded = _mark_sharded(gm, example_inputs)
     rejects: list[Rejected] = []
     done: list[MoEMatch] = []
@@ -115,7 +118,7 @@ def fuse_moe_routing(
                     rejects.append(Rejected(match.family, match.module_path, why))
                     continue
                 step = "the rewrite failed"
-                rewrite_match(gm, match, own, capacity, sum_per_rank)
+                rewrite_match(gm, match, own, capacity, sum_per_rank, transport)
             except Exception as e:  # noqa: BLE001 - one block's failure must not break the compile
                 _failed(rejects, match.family, match.module_path, step, e, strict)
                 continue
@@ -142,6 +145,7 @@ def fuse_moe_routing(
             capacity=capacity,
             strict=strict,
             sum_per_rank=sum_per_rank,
+            transport=transport,
         )
         rejects += sub.meta.get("moe_rejected", [])
     gm.meta["moe_rejected"] = rejects

@@ -28,7 +28,9 @@ def _qwen3_block(top_k: int = 2):
     return model.model.layers[0].mlp.cuda()
 
 
-def _graph_replays_equal_eager(steps: int, sum_per_rank: bool = False) -> bool:
+def _graph_replays_equal_eager(
+    steps: int, sum_per_rank: bool = False, transport: str | None = None
+) -> bool:
     import torch.distributed as dist
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
@@ -38,7 +40,11 @@ def _graph_replays_equal_eager(steps: int, sum_per_rank: bool = False) -> bool:
     ref_block, block = _qwen3_block(top_k), _qwen3_block(top_k)
     fx_passes.shard_experts(block)
     backend = fx_passes.moe_backend(
-        strict=True, capacity="worst-case", mode="reduce-overhead", sum_per_rank=sum_per_rank
+        strict=True,
+        capacity="worst-case",
+        mode="reduce-overhead",
+        sum_per_rank=sum_per_rank,
+        transport=transport,
     )
     torch._dynamo.reset()
     cudagraph_trees.reset_cudagraph_trees()
@@ -63,7 +69,11 @@ def _graph_replays_equal_eager(steps: int, sum_per_rank: bool = False) -> bool:
     return manager is not None and any(manager.roots.values())
 
 
-@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
-def test_sharded_block_in_cuda_graphs_at_w2_nccl(nccl_world, sum_per_rank):
-    recorded = nccl_world(2).run(_graph_replays_equal_eager, 4, sum_per_rank)
+@pytest.mark.parametrize(
+    ("sum_per_rank", "transport"),
+    [(False, None), (True, None), (True, "p2p")],
+    ids=["slot_order", "sum_per_rank", "sum_per_rank-p2p"],
+)
+def test_sharded_block_in_cuda_graphs_at_w2_nccl(nccl_world, sum_per_rank, transport):
+    recorded = nccl_world(2).run(_graph_replays_equal_eager, 4, sum_per_rank, transport)
     assert all(recorded), "no CUDA graph was recorded"

@@ -159,3 +159,44 @@ def test_rejected_on_cpu_without_emulation():
     x, idx = torch.randn(4, 2), torch.zeros(4, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="transport must be None or one of"):
         moe_ops.dispatch(x, idx, 2, capacity=4, transport="p2p")  # W = 1: no such transport
+
+
+# ----------------------------------------------------------------------------- through the backend
+def backend_case(directory: str, make) -> int:
+    """A sharded EP block compiled with ``backend="moe"``, ``capacity="worst-case"``,
+    ``transport="p2p"``, against the single-device block (``ep_equal``), every exchange through
+    the emulated buffers."""
+    from tests.fx_passes._harness import ep_equal
+
+    with emulated_p2p(directory) as (calls, handle):
+        ep_equal(
+            make,
+            torch.bfloat16,
+            8,
+            shard="experts",
+            capacity="worst-case",
+            sum_per_rank=True,
+            transport="p2p",
+        )
+        assert calls == [], "an exchange went through all_to_all"
+        return handle.barriers
+
+
+def test_backend_transport_gloo(gloo_world, tmp_path):
+    from functools import partial
+
+    from tests.fx_passes import _loop_models as M
+
+    make = partial(M.Stack, 1, variant="onehot_where", num_experts=8, top_k=2)
+    assert all(n > 0 for n in gloo_world(2).run(backend_case, str(tmp_path), make))
+
+
+def test_backend_checks_the_transport():
+    import fx_passes
+
+    with pytest.raises(ValueError, match="transport is a capacity-mode option"):
+        fx_passes.moe_backend(transport="p2p")
+    with pytest.raises(ValueError, match=r"transport must be None or one of"):
+        fx_passes.moe_backend(capacity="worst-case", transport="nccl")
+    backend = fx_passes.moe_backend(capacity="worst-case", transport="p2p")
+    assert callable(backend)
