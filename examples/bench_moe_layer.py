@@ -16,7 +16,8 @@ of their experts), and the "moe" backend with ``capacity="worst-case"`` (the syn
 capacity-mode ops: the host is not held back by a read of the row counts); on GPUs also
 the last with inductor's CUDA graphs (``moe_backend(capacity="worst-case",
 mode="reduce-overhead")``; both also with ``sum_per_rank=True``: token rows and sums per rank,
-K > 1) and, for the transformers block, ``torch.compile(mode=
+K > 1; the latter also with ``transport="p2p"``, the rows read from the peers' symmetric
+memory) and, for the transformers block, ``torch.compile(mode=
 "reduce-overhead")``. Each timed call is one step (``torch.compiler.cudagraph_mark_step_begin``);
 forward + backward starts from no gradients, as a training step after ``zero_grad`` would. A
 footnote says when inductor skipped CUDA graphs for a mode (then that row ran without them).
@@ -434,6 +435,10 @@ def _modes(group, device: torch.device):
         modes[_CG_MOE] = lambda m: moe(m, "worst-case", mode="reduce-overhead")
         modes[_CG_MOE + ", sum_per_rank"] = lambda m: moe(
             m, "worst-case", mode="reduce-overhead", sum_per_rank=True
+        )
+        # the same with the rows read from the peers' symmetric memory (no NCCL call)
+        modes[_CG_MOE + ", sum_per_rank, p2p"] = lambda m: moe(
+            m, "worst-case", mode="reduce-overhead", sum_per_rank=True, transport="p2p"
         )
 
     return modes

@@ -138,27 +138,16 @@ def _unrewritten_reasons(
     return sorted((path, why, where) for path, (why, where) in reasons.items())
 
 
-def _check_cuda_graphs_have_capacity(mode: str | None, capacity, transport=None) -> None:
+def _check_cuda_graphs_have_capacity(mode: str | None, capacity) -> None:
     """CUDA-graph modes need the capacity-mode ops: with the default ones (which read row counts
     on the host and are tagged ``cudagraph_unsafe``) inductor's CUDA graphs fail at run time in
     torch 2.11 (an AssertionError inside cudagraph_trees when it captures the parts between them;
-    a "storage data ptrs are not allocated in pool" RuntimeError before the ops were tagged).
-    The p2p transport's persistent buffers, made during the graph trees' warm-up, land in their
-    memory pool, which they refuse ("tensor(s) in the cudagraph pool not tracked as outputs")."""
-    if mode is None:
+    a "storage data ptrs are not allocated in pool" RuntimeError before the ops were tagged)."""
+    if capacity is not None or mode is None:
         return
     from torch._inductor import list_mode_options
 
-    cuda_graphs = list_mode_options(mode).get("triton.cudagraphs")
-    if cuda_graphs and transport == "p2p":
-        raise ValueError(
-            f"fx_passes.moe_backend: mode={mode!r} (inductor's CUDA graph trees) does not work "
-            f"with transport='p2p' yet: use the padded transport there, or capture the compiled "
-            f"model with torch.cuda.graph yourself after a warm-up call"
-        )
-    if capacity is not None:
-        return
-    if cuda_graphs:
+    if list_mode_options(mode).get("triton.cudagraphs"):
         raise ValueError(
             f"fx_passes.moe_backend: mode={mode!r} uses CUDA graphs, which need the sync-free "
             f"ops: pass capacity='worst-case' too (same results; the default ops read row counts "
@@ -282,8 +271,7 @@ def moe_backend(
             rounding, not bit for bit.
         transport: with ``capacity``, :func:`moe_ops.dispatch`'s transport (None: ``"padded"``,
             NCCL's ``all_to_all_single``, at W > 1; ``"p2p"``: the rows are read straight from
-            the peers' CUDA symmetric memory, no NCCL call; one NVLink domain; not with the
-            CUDA-graph modes yet, whose memory pool would take its persistent buffers).
+            the peers' CUDA symmetric memory, no NCCL call; one NVLink domain).
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout),
@@ -293,7 +281,7 @@ def moe_backend(
     """
     check_capacity(capacity, "fx_passes.moe_backend", transport)
     compile_inner = _inner_compiler(inner, mode)
-    _check_cuda_graphs_have_capacity(mode, capacity, transport)
+    _check_cuda_graphs_have_capacity(mode, capacity)
     rewritten: list[MoEMatch] = []
     blocks_missed: list[tuple[str, str, str]] = []
 
@@ -313,7 +301,7 @@ def moe_backend(
                     f"mode={call_mode!r}); give the mode once"
                 )
             run_inner = _inner_compiler(inner, call_mode)
-            _check_cuda_graphs_have_capacity(call_mode, capacity, transport)
+            _check_cuda_graphs_have_capacity(call_mode, capacity)
         matches = fuse_moe_routing(
             gm,
             group=group,

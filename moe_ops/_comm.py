@@ -308,6 +308,8 @@ class EqualChunks:
         otherwise (any tensor will do)."""
         if not self.p2p:
             return None
+        if device.type == "cuda" and device.index is None:  # as the maker thread cannot tell
+            device = torch.device("cuda", torch.cuda.current_device())
         key = (self.op, self._calls, tuple(shape), dtype, device, self.group_name)
         buf = _p2p_buffer(key)
         if self._calls == 0 and self.exchanges == 1:
@@ -366,19 +368,40 @@ def _p2p_buffer(key: tuple) -> _P2PBuffer:
     the same order; not inside a CUDA-graph capture)."""
     buf = _p2p_cache.get(key)
     if buf is None:
-        import torch.distributed._symmetric_memory as symm_mem
+        # Made on a thread of its own: a CUDA-graph memory pool that takes this thread's
+        # allocations (inductor's CUDA graph trees warm up inside one) must not own buffers that
+        # outlive the graph.
+        made: list = []
 
-        _, _, shape, dtype, device, group_name = key
-        local = symm_mem.empty(shape, dtype=dtype, device=device)
-        handle = symm_mem.rendezvous(local, group_name)
-        offset = local.data_ptr() - handle.buffer_ptrs[handle.rank]  # bytes into the block
-        peers = [
-            handle.get_buffer(r, shape, dtype, offset // dtype.itemsize)
-            for r in range(handle.world_size)
-        ]
-        ptrs = torch.tensor([p.data_ptr() for p in peers], dtype=torch.int64, device=device)
-        buf = _p2p_cache[key] = _P2PBuffer(local, handle, peers, ptrs)
+        def make() -> None:
+            try:
+                made.append(_make_p2p_buffer(*key[2:]))
+            except BaseException as e:  # noqa: BLE001 - raised again on the calling thread
+                made.append(e)
+
+        maker = threading.Thread(target=make)
+        maker.start()
+        maker.join()
+        if isinstance(made[0], BaseException):
+            raise made[0]
+        buf = _p2p_cache[key] = made[0]
     return buf
+
+
+def _make_p2p_buffer(shape, dtype, device, group_name) -> _P2PBuffer:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    torch.cuda.set_device(device)
+    local = symm_mem.empty(shape, dtype=dtype, device=device)
+    handle = symm_mem.rendezvous(local, group_name)
+    offset = local.data_ptr() - handle.buffer_ptrs[handle.rank]  # bytes into the block
+    peers = [
+        handle.get_buffer(r, shape, dtype, offset // dtype.itemsize)
+        for r in range(handle.world_size)
+    ]
+    ptrs = torch.tensor([p.data_ptr() for p in peers], dtype=torch.int64, device=device)
+    torch.cuda.current_stream(device).synchronize()  # the table is on the device
+    return _P2PBuffer(local, handle, peers, ptrs)
 
 
 def p2p_available() -> bool:

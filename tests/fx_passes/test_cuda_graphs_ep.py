@@ -69,7 +69,11 @@ def _graph_replays_equal_eager(
     return manager is not None and any(manager.roots.values())
 
 
-@pytest.mark.parametrize("sum_per_rank", [False, True], ids=["slot_order", "sum_per_rank"])
-def test_sharded_block_in_cuda_graphs_at_w2_nccl(nccl_world, sum_per_rank):
-    recorded = nccl_world(2).run(_graph_replays_equal_eager, 4, sum_per_rank)
+@pytest.mark.parametrize(
+    ("sum_per_rank", "transport"),
+    [(False, None), (True, None), (True, "p2p")],
+    ids=["slot_order", "sum_per_rank", "sum_per_rank-p2p"],
+)
+def test_sharded_block_in_cuda_graphs_at_w2_nccl(nccl_world, sum_per_rank, transport):
+    recorded = nccl_world(2).run(_graph_replays_equal_eager, 4, sum_per_rank, transport)
     assert all(recorded), "no CUDA graph was recorded"
