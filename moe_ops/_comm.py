@@ -31,6 +31,7 @@ counts per expert, and the rows in equal chunks: the padded transport through
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -392,13 +393,16 @@ def _make_p2p_buffer(shape, dtype, device, group_name) -> _P2PBuffer:
     import torch.distributed._symmetric_memory as symm_mem
 
     torch.cuda.set_device(device)
-    local = symm_mem.empty(shape, dtype=dtype, device=device)
-    handle = symm_mem.rendezvous(local, group_name)
-    offset = local.data_ptr() - handle.buffer_ptrs[handle.rank]  # bytes into the block
+    numel = math.prod(shape)
+    # one element at least: an exchange of no rows (T = 0 everywhere) still has its barrier
+    block = symm_mem.empty(max(numel, 1), dtype=dtype, device=device)
+    handle = symm_mem.rendezvous(block, group_name)
+    offset = block.data_ptr() - handle.buffer_ptrs[handle.rank]  # bytes into the allocation
     peers = [
-        handle.get_buffer(r, shape, dtype, offset // dtype.itemsize)
+        handle.get_buffer(r, block.shape, dtype, offset // dtype.itemsize)[:numel].view(shape)
         for r in range(handle.world_size)
     ]
+    local = block[:numel].view(shape)
     ptrs = torch.tensor([p.data_ptr() for p in peers], dtype=torch.int64, device=device)
     torch.cuda.current_stream(device).synchronize()  # the table is on the device
     return _P2PBuffer(local, handle, peers, ptrs)

@@ -97,6 +97,7 @@ SPECS = {
     "k4-f64-Hp7": Spec(T=(6, 6), K=4, dtype=f64, Hp=7, seed=2),
     "to_rank0-bf16": Spec(T=(5, 5), K=2, routing="to_rank0", dtype=bf16, seed=3),
     "skewed-El3-noweights": Spec(T=(8, 8), K=3, E_l=3, routing="skewed", weights=False, seed=4),
+    "T0": Spec(T=(0,), K=2),  # exchanges of no rows: still one barrier each
 }
 
 
