@@ -266,12 +266,14 @@ def moe_backend(
             (``"reduce-overhead"``, ``"max-autotune"``) need ``capacity`` (``ValueError``
             otherwise): the default ops read row counts on the host and cannot be captured.
         sum_per_rank: :func:`moe_ops.dispatch`'s option (default ops: K > W; capacity-mode
-            ops: the padded transport, K > 1): combine sums each token's slots on the rank of
-            their experts and one row per (token, rank) comes back; fewer bytes, equal up to
-            rounding, not bit for bit.
+            ops: the padded or p2p transport, K > 1): combine sums each token's slots on the
+            rank of their experts and one row per (token, rank) comes back; fewer bytes, equal
+            up to rounding, not bit for bit.
         transport: with ``capacity``, :func:`moe_ops.dispatch`'s transport (None: ``"padded"``,
             NCCL's ``all_to_all_single``, at W > 1; ``"p2p"``: the rows are read straight from
-            the peers' CUDA symmetric memory, no NCCL call; one NVLink domain).
+            the peers' CUDA symmetric memory, no NCCL call; CUDA, W > 1, one NVLink domain:
+            elsewhere the rewrite of each block raises, which leaves the block alone with that
+            reason, or raises with ``strict``).
 
     The returned backend's ``matches`` attribute lists every block it rewrote
     (:class:`~fx_passes.MoEMatch`; ``match.summary()`` gives family, experts, module, layout),

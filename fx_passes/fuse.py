@@ -80,11 +80,12 @@ def fuse_moe_routing(
             the default ops, logged at warning level and kept in
             ``match.rewritten["capacity_fallback"]``.
         sum_per_rank: :func:`moe_ops.dispatch`'s option (default ops: K > W; capacity-mode
-            ops: the padded transport, K > 1): combine sums each token's slots on the rank of
-            their experts and one row per (token, rank) comes back; equal up to rounding, not
-            bit for bit.
+            ops: the padded or p2p transport, K > 1): combine sums each token's slots on the
+            rank of their experts and one row per (token, rank) comes back; equal up to
+            rounding, not bit for bit.
         transport: with ``capacity``, :func:`moe_ops.dispatch`'s transport (None: ``"padded"``
-            at W > 1; ``"p2p"``: reads from the peers' CUDA symmetric memory, no NCCL call).
+            at W > 1; ``"p2p"``: reads from the peers' CUDA symmetric memory, no NCCL call;
+            CUDA and W > 1 only, else the block's rewrite fails with that reason).
         strict: raise when matching, checking or rewriting a block fails with an exception
             (a ``RuntimeError`` naming the block, from the exception) instead of leaving the
             block alone with the exception as its reason.

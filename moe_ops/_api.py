@@ -130,7 +130,8 @@ def dispatch(
             and torch.compile without dynamic shapes), rows past ``tokens_per_expert.sum()``
             are zero padding. ``"worst-case"`` is ``W * T * K`` (every pair of every rank could
             come here; at W = 1 that is T * K). At W > 1 every rank must pass the same T
-            (symmetric buffers), unless C <= T * K on every rank with the padded transport.
+            (symmetric buffers), unless C <= T * K on every rank with the padded or p2p
+            transport.
             Rows reach their owners through one fixed-size ``all_to_all_single`` with
             ``min(C, T * K)`` rows per peer (gloo or NCCL); see ``transport``.
         overflow: capacity mode only: what happens to pairs that do not fit in C rows (the
@@ -143,7 +144,7 @@ def dispatch(
             the same way as overflow errors, on CUDA by a device-side assertion.
         transport: capacity mode only: how rows move. None picks ``"local"`` at W = 1 and
             ``"padded"`` (the fixed-size ``all_to_all_single``) at W > 1. ``"p2p"`` (CUDA, W > 1,
-            every GPU of the group reachable from every other over NVLink or PCIe peer access)
+            every GPU of the group in one NVLink domain)
             moves the same rows without NCCL: each rank writes what it sends into its own
             symmetric-memory buffer and reads its chunks straight from its peers' buffers after
             a device-side barrier (``torch.distributed._symmetric_memory``; persistent buffers

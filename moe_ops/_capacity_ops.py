@@ -77,7 +77,7 @@ class Layout(NamedTuple):
     splits       [3, W * E_l]  int64 ("nvshmem"): rows sent per (destination, expert), then
                                received splits and offsets per (expert, source) ([0, 0] otherwise)
 
-    With ``sum_per_rank`` (the padded transport, K > 1; else both ``[0, 0]``), rows travel once
+    With ``sum_per_rank`` (padded or p2p transport, K > 1; else both ``[0, 0]``), rows travel once
     per (token, rank) in chunks of ``S = min(C, T)`` rows per peer, and ``pair_pos`` is the row of
     each kept pair in recv_x on its expert's rank:
 
@@ -125,8 +125,8 @@ class DispatchOutputs(NamedTuple):
 
 
 def sums_per_rank(world_size: int, K: int, transport: str, sum_per_rank: bool) -> bool:
-    """Whether ``sum_per_rank`` changes anything: with the padded transport and K > 1 (the other
-    transports, and one slot per token, send pair rows)."""
+    """Whether ``sum_per_rank`` changes anything: with the padded or p2p transport and K > 1
+    (nvshmem, and one slot per token, send pair rows)."""
     return sum_per_rank and world_size > 1 and K > 1 and transport in EQUAL_CHUNKS
 
 

@@ -311,7 +311,16 @@ class EqualChunks:
             return None
         if device.type == "cuda" and device.index is None:  # as the maker thread cannot tell
             device = torch.device("cuda", torch.cuda.current_device())
-        key = (self.op, self._calls, tuple(shape), dtype, device, self.group_name)
+        # calls of one op with another number of exchanges (combine: 1 in slot order, 2 summing
+        # per rank) get buffers of their own, so the overwrite rule holds for each key
+        key = (
+            (self.op, self.exchanges),
+            self._calls,
+            tuple(shape),
+            dtype,
+            device,
+            self.group_name,
+        )
         buf = _p2p_buffer(key)
         if self._calls == 0 and self.exchanges == 1:
             buf.handle.barrier(channel=0)  # peers are done reading this op's buffers
@@ -406,15 +415,6 @@ def _make_p2p_buffer(shape, dtype, device, group_name) -> _P2PBuffer:
     ptrs = torch.tensor([p.data_ptr() for p in peers], dtype=torch.int64, device=device)
     torch.cuda.current_stream(device).synchronize()  # the table is on the device
     return _P2PBuffer(local, handle, peers, ptrs)
-
-
-def p2p_available() -> bool:
-    """Whether this PyTorch has CUDA symmetric memory (the ``"p2p"`` transport)."""
-    try:
-        import torch.distributed._symmetric_memory as symm_mem  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and dist.is_available()
 
 
 _symm_cache: dict[tuple, Tensor] = {}

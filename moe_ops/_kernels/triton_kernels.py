@@ -1079,11 +1079,12 @@ def fixed_token_rows(
 def _pull_chunks_kernel(
     ptrs_ptr, out_ptr, first_row, S, N, BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr
 ):
-    """Program (r, b): rows [b * BM, (b + 1) * BM) of chunk r, read from rank r's buffer (its
-    address in ``ptrs[r]``) starting at row ``first_row``; N words a row."""
-    r = tl.program_id(0)
+    """Program (b, r): rows [b * BM, (b + 1) * BM) of chunk r, read from rank r's buffer (its
+    address in ``ptrs[r]``) starting at row ``first_row``; N words a row. Row blocks on the first
+    grid axis, the only one without a 65535 limit."""
+    r = tl.program_id(1)
     src_ptr = tl.load(ptrs_ptr + r).to(tl.pointer_type(DT))
-    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
     live = rows < S
     src_rows = (first_row + rows).to(tl.int64) * N
     dst_rows = (r * S + rows).to(tl.int64) * N
@@ -1104,6 +1105,8 @@ def pull_chunks(peers: list[Tensor], peer_ptrs: Tensor, out: Tensor, first_row: 
     ``S = out.shape[0] / W``: the ``"p2p"`` transport's read of every rank's symmetric buffer,
     one kernel for all ranks (``peer_ptrs``: the buffers' addresses; rows copied as words of the
     element size)."""
+    if not (out.is_contiguous() and all(p.is_contiguous() for p in peers)):
+        raise ValueError("moe_ops: pull_chunks copies whole rows: contiguous tensors only")
     W = peer_ptrs.shape[0]
     S = out.shape[0] // W
     N = out[0].numel() if out.shape[0] else 0
@@ -1111,7 +1114,7 @@ def pull_chunks(peers: list[Tensor], peer_ptrs: Tensor, out: Tensor, first_row: 
         return out
     torch_word, tl_word = _WORDS[out.element_size()]
     BM, BN, nw = _row_block(N, out.element_size())
-    grid = (W, triton.cdiv(S, BM))
+    grid = (triton.cdiv(S, BM), W)
     _launch_pull(
         grid, peer_ptrs, out.view(torch_word), first_row, S, N, BM, BN, tl_word, num_warps=nw
     )

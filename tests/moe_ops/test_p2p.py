@@ -14,12 +14,14 @@ End-to-end dispatch / combine / CUDA-graph cases with this transport are in
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import moe_ops
-from moe_ops import _comm
+from moe_ops import _comm, _kernels
 from tests.moe_ops._cases import rank_and_world, triton_kernels
 
 pytestmark = pytest.mark.gpu
@@ -71,19 +73,29 @@ def test_exchange_matches_nccl(nccl_world, W, triton):
 
 
 def back_to_back_case(calls: int, exchanges: int) -> None:
-    """``calls`` op calls of ``exchanges`` exchanges each, issued without a host wait; before
-    each exchange one rank spins on the device, so that the others run ahead into its buffers."""
+    """``calls`` op calls of ``exchanges`` exchanges each, issued without a host wait; in each
+    exchange one rank spins on the device between the barrier and its read, so that the others
+    run ahead to their next writes: they must not overwrite what it has yet to read."""
     r, W = rank_and_world()
     rows, width = 256, 1024
+    kern = _kernels.for_device(torch.device("cuda"))
+    real_pull = kern.pull_chunks
+    slow = [False]
+
+    def late_pull(*args):
+        if slow[0]:
+            torch.cuda._sleep(2_000_000)
+        return real_pull(*args)
+
     got = []
-    for i in range(calls):
-        ex = _chunks(f"b2b{exchanges}", "p2p", exchanges)
-        for j in range(exchanges):
-            if r == (i + j) % W:
-                torch.cuda._sleep(2_000_000)
-            buf = ex.send_buffer((W * rows, width), torch.float32, torch.device("cuda"))
-            buf.copy_(_send_of(r, rows, width, i * exchanges + j))
-            got.append(ex.exchange(buf))
+    with mock.patch.object(kern, "pull_chunks", late_pull):
+        for i in range(calls):
+            ex = _chunks(f"b2b{exchanges}", "p2p", exchanges)
+            for j in range(exchanges):
+                slow[0] = r == (i + j) % W
+                buf = ex.send_buffer((W * rows, width), torch.float32, torch.device("cuda"))
+                buf.copy_(_send_of(r, rows, width, i * exchanges + j))
+                got.append(ex.exchange(buf))
     for n, g in enumerate(got):
         sent = [_send_of(s, rows, width, n).view(W, rows, width)[r] for s in range(W)]
         assert torch.equal(g, torch.cat(sent)), f"exchange {n}"

@@ -6,9 +6,11 @@ file mapped into every rank's memory (``torch.from_file(shared=True)``: a write 
 seen by all, like a peer's GPU buffer over NVLink) and the device-side barrier is a gloo
 barrier. Everything above ``moe_ops._comm._p2p_buffer`` runs as on GPUs (the plain torch
 ``pull_chunks``; the Triton one and the real symmetric memory are checked against NCCL in
-``test_p2p.py``, marked ``gpu``). A mistake in the protocol (a chunk read from the wrong rank
-or row, a buffer shared by two exchanges of one call, an exchange that still goes through
-``all_to_all``) shows here as a wrong result against the reference or a counted collective.
+``test_p2p.py``, marked ``gpu``). A chunk read from the wrong rank or row, or an exchange that
+still goes through ``all_to_all``, shows here as a wrong result against the reference or a
+counted collective; the barriers per op call are counted. Races (a buffer overwritten before a
+peer read it) need the device: here every op is synchronous and shows one only by chance
+(``test_p2p.py::test_back_to_back_calls`` holds a rank back between its barrier and its read).
 """
 
 from __future__ import annotations
@@ -156,10 +158,11 @@ def test_barriers_per_call_gloo(gloo_world, tmp_path):
         assert counts == [2, 2, 4, 2, 2, 4]
 
 
-def test_rejected_on_cpu_without_emulation():
+def test_rejected_at_one_rank():
+    """p2p is a W > 1 transport (CPU tensors are refused too: ``test_config.py``)."""
     x, idx = torch.randn(4, 2), torch.zeros(4, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="transport must be None or one of"):
-        moe_ops.dispatch(x, idx, 2, capacity=4, transport="p2p")  # W = 1: no such transport
+        moe_ops.dispatch(x, idx, 2, capacity=4, transport="p2p")
 
 
 # ----------------------------------------------------------------------------- through the backend
