@@ -146,7 +146,7 @@ def back_rows(transport: str, capacity: int, T: int, K: int, W: int) -> int:
     return 0
 
 
-def _group(group_name: str, world_size: int, transport: str, op: str, exchanges: int):
+def _chunks(group_name: str, world_size: int, transport: str, op: str, exchanges: int):
     """The ``exchanges`` exchanges of one call of ``op`` (:class:`~moe_ops._comm.EqualChunks`,
     None when no row moves): through a one-rank group too, when a transport other than
     ``"local"`` was asked for at W = 1."""
@@ -167,7 +167,7 @@ def _no_token_layout(device: torch.device) -> tuple[Tensor, Tensor]:
     return tuple(torch.zeros((0, 0), dtype=_I64, device=device) for _ in range(2))
 
 
-def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, group, kern):
+def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, chunks, kern):
     """Everything dispatch_fixed returns but the rows (with ``per_rank``, :func:`sums_per_rank`,
     not ``pair_pos``, ``token_pos`` and ``slot_rows`` either: None, see
     :func:`_tokens_to_experts`), the :class:`~moe_ops._layout.FixedPlan`, every rank's count row
@@ -180,14 +180,14 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, gr
     # copy would sync, and fails in CUDA-graph capture.
     bad, T_col, per_rank_col = (E + c for c in _layout.FIXED_COLUMNS)
     n = E + len(_layout.FIXED_COLUMNS)
-    row = None if W == 1 else group.send_buffer((1, n), _I64, dev)  # p2p: peers read it there
+    row = None if W == 1 else chunks.send_buffer((1, n), _I64, dev)  # p2p: peers read it there
     row = torch.empty(n, dtype=_I64, device=dev) if row is None else row.view(n)
     row[: E + 1].copy_(lay.counts_bad)  # the counts, then the bad-id count (FIXED_BAD is 0)
     if bad_input:
         row[bad : bad + 1].add_(1)
     row[T_col : T_col + 1].fill_(T)
     row[per_rank_col : per_rank_col + 1].fill_(K if per_rank else 0)  # the slots' width
-    every = row.view(1, -1) if W == 1 else group.gather(row)
+    every = row.view(1, -1) if W == 1 else chunks.gather(row)
     plan = kern.fixed_plan(every, E, C, rank, 1 if per_rank else K)
     recv_index = torch.zeros(0, dtype=_I64, device=dev)
     splits = torch.zeros((0, 0), dtype=_I64, device=dev)
@@ -302,7 +302,7 @@ def _to_experts(
     C,
     W,
     transport,
-    group,
+    chunks,
     group_name,
     tag,
     received_splits=None,
@@ -316,8 +316,8 @@ def _to_experts(
         return kern.zero_tail(kern.scatter_rows(src_TH, pair_pos_TK, w_TK, C), num_recv)
     if transport in EQUAL_CHUNKS:
         M = W * chunk_rows(C, T, K)
-        send = group.send_buffer((M, src_TH.shape[1]), src_TH.dtype, src_TH.device)
-        recv = group.exchange(kern.scatter_rows(src_TH, pair_pos_TK, w_TK, M, out=send))
+        send = chunks.send_buffer((M, src_TH.shape[1]), src_TH.dtype, src_TH.device)
+        recv = chunks.exchange(kern.scatter_rows(src_TH, pair_pos_TK, w_TK, M, out=send))
         del send  # its memory can serve the gathered rows
         return kern.zero_tail(kern.gather_rows(recv, recv_index), num_recv)
     recv, out_so = _comm.nvshmem_to_experts(
@@ -338,7 +338,7 @@ def _to_experts(
 
 
 def _to_sources(
-    kern, rows_CH, recv_index, num_recv, splits, T, K, C, W, transport, group, group_name, tag
+    kern, rows_CH, recv_index, num_recv, splits, T, K, C, W, transport, chunks, group_name, tag
 ):
     """The way back: ``[C, H']`` expert-major -> the rows in this rank's send order."""
     if transport == "local":
@@ -347,8 +347,8 @@ def _to_sources(
         live = torch.arange(C, device=rows_CH.device) < num_recv
         dest_C = torch.where(live, recv_index, -1)
         M = W * chunk_rows(C, T, K)
-        send = group.send_buffer((M, rows_CH.shape[1]), rows_CH.dtype, rows_CH.device)
-        return group.exchange(kern.scatter_rows(rows_CH, dest_C[:, None], None, M, out=send))
+        send = chunks.send_buffer((M, rows_CH.shape[1]), rows_CH.dtype, rows_CH.device)
+        return chunks.exchange(kern.scatter_rows(rows_CH, dest_C[:, None], None, M, out=send))
     return _comm.nvshmem_to_sources(rows_CH, T * K, splits[1:], group_name, tag).clone()
 
 
@@ -366,19 +366,19 @@ def _dispatch_fixed(
 ) -> tuple[Tensor, ...]:
     """The op's outputs: :class:`DispatchOutputs`, in order (``_DISPATCH_SCHEMA``)."""
     # the counts (W > 1), then the rows
-    group = _group(group_name, world_size, transport, "dispatch", 1 + (world_size > 1))
+    chunks = _chunks(group_name, world_size, transport, "dispatch", 1 + (world_size > 1))
     W, E, C = world_size, num_experts, capacity
     err = check_dispatch(x, topk_idx, E, W)
     if err is not None and W == 1:
         raise err
-    rank = group.rank() if group is not None else 0
+    rank = chunks.rank() if chunks is not None else 0
     per_rank = err is None and sums_per_rank(W, topk_idx.shape[-1], transport, sum_per_rank)
     if err is not None:  # still take part in the count exchange, flagged bad, so peers know
         topk_idx = torch.full((0, 1), -1, dtype=_I64, device=x.device)
     kern = _kernels.for_device(x.device)
     bad_input = err is not None
     lay, plan, every, send_pos = _layout_fixed(
-        topk_idx, E, C, W, rank, transport, bad_input, per_rank, group, kern
+        topk_idx, E, C, W, rank, transport, bad_input, per_rank, chunks, kern
     )
     if err is not None:
         raise err
@@ -388,7 +388,7 @@ def _dispatch_fixed(
     out = DispatchOutputs(None, *lay)
     if per_rank:
         pair_pos, token_pos, recv_x, slot_rows = _tokens_to_experts(
-            kern, x, topk_idx, send_pos, plan, C, group
+            kern, x, topk_idx, send_pos, plan, C, chunks
         )
         return out._replace(
             recv_x=recv_x, pair_pos=pair_pos, token_pos=token_pos, slot_rows=slot_rows
@@ -404,7 +404,7 @@ def _dispatch_fixed(
         C,
         W,
         transport,
-        group,
+        chunks,
         group_name,
         "dispatch",
         out.splits[1:] if transport == "nvshmem" else None,
@@ -414,28 +414,28 @@ def _dispatch_fixed(
     return out._replace(recv_x=recv_x)
 
 
-def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, group):
+def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, chunks):
     """Dispatch's rows with ``sum_per_rank``: each token's row goes once to every rank that keeps
     one of its pairs, with the rows of recv_x its slots take there (``fixed_token_rows``), in one
     equal-chunk exchange (the slots in the first columns of each row). Returns ``pair_pos``,
     ``token_pos``, ``recv_x [C, H]`` (zero tail) and the slots received (``slot_rows``)."""
     T, H = x_TH.shape
-    K, W = topk_idx_TK.shape[1], group.size()
+    K, W = topk_idx_TK.shape[1], chunks.size()
     S = token_chunk_rows(C, T)
-    send, rows, slots = _packed_rows(W * S, H, K, x_TH.dtype, x_TH.device, group)
+    send, rows, slots = _packed_rows(W * S, H, K, x_TH.dtype, x_TH.device, chunks)
     pair_pos, token_pos, _ = kern.fixed_token_rows(
         topk_idx_TK, send_pos_TK, plan, W, S, slots_out=slots
     )
     kern.scatter_rows(x_TH, token_pos, None, W * S, out=rows)  # rows no token takes: not read
-    recv = group.exchange(send)
+    recv = chunks.exchange(send)
     del send, rows, slots  # their memory can serve recv_x
     slot_rows = recv.view(_I64)[:, :K].contiguous()
     recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C)
     return pair_pos, token_pos, kern.zero_tail(recv_x, plan.num_recv), slot_rows
 
 
-def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.device, group):
-    """A send buffer of ``group`` for M token rows of H columns with K int64 slots each, in one
+def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.device, chunks):
+    """A send buffer of ``chunks`` for M token rows of H columns with K int64 slots each, in one
     tensor of the rows' dtype: ``(buffer [M, X + H], its rows [M, H], its slots [M, K] int64)``,
     the slots in the first X columns (whole rows a multiple of 8 bytes, so that they view as
     int64)."""
@@ -443,7 +443,7 @@ def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.devic
     X = -(-8 * K // elt)
     while (X + H) * elt % 8:
         X += 1
-    buf = group.send_buffer((M, X + H), dtype, device)
+    buf = chunks.send_buffer((M, X + H), dtype, device)
     if buf is None:
         buf = torch.empty((M, X + H), dtype=dtype, device=device)
     return buf, buf[:, X:], buf.view(_I64)[:, :K]
@@ -517,10 +517,10 @@ def _combine_fixed(
         raise err
     # the rows back; summing per rank, the weights first unless every rank passes none
     n = 1 + (lay.sums_per_rank and not unweighted)
-    group = _group(group_name, world_size, transport, "combine", n)
+    chunks = _chunks(group_name, world_size, transport, "combine", n)
     kern = _kernels.for_device(expert_out.device)
     if lay.sums_per_rank:
-        return _combine_per_rank(kern, expert_out, topk_weights, lay, unweighted, group)
+        return _combine_per_rank(kern, expert_out, topk_weights, lay, unweighted, chunks)
     T, K = lay.pair_pos.shape
     rows = _to_sources(
         kern,
@@ -533,7 +533,7 @@ def _combine_fixed(
         capacity,
         world_size,
         transport,
-        group,
+        chunks,
         group_name,
         "combine",
     )
@@ -541,7 +541,7 @@ def _combine_fixed(
     return _autograd.combine_tail(kern, rows, expert_out, lay.pair_pos, topk_weights, local)
 
 
-def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, group):
+def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, chunks):
     """Combine summing per rank: ``out[T, H']`` and the weights that reached this rank with the
     token rows (``[W * S, K]``), which the backward needs."""
     M = lay.slot_rows.shape[0]
@@ -552,13 +552,13 @@ def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, g
         lay.token_pos,
         M,
         tuple(lay.slot_rows.shape),
-        group.exchange,
+        chunks.exchange,
         unweighted,
     )
     # each token row's weighted slots, summed in slot order (rows that no token took: 0)
-    partial = group.send_buffer((M, expert_out.shape[1]), expert_out.dtype, expert_out.device)
+    partial = chunks.send_buffer((M, expert_out.shape[1]), expert_out.dtype, expert_out.device)
     partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype, out=partial)
-    back = group.exchange(partial)
+    back = chunks.exchange(partial)
     del partial  # sent: its memory can serve the output
     return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
 
@@ -601,11 +601,11 @@ def _combine_fixed_backward(
     lay, capacity, group_name, world_size, transport, _ = _split(layout_static)
     # the gradient's rows; summing per rank, the weight gradient back too
     n = 1 + lay.sums_per_rank
-    group = _group(group_name, world_size, transport, "combine_backward", n)
+    chunks = _chunks(group_name, world_size, transport, "combine_backward", n)
     kern = _kernels.for_device(grad_out.device)
     if lay.sums_per_rank:
         return _combine_backward_per_rank(
-            kern, grad_out, returned_rows, topk_weights, lay, capacity, group
+            kern, grad_out, returned_rows, topk_weights, lay, capacity, chunks
         )
     grad_eo = _to_experts(
         kern,
@@ -618,7 +618,7 @@ def _combine_fixed_backward(
         capacity,
         world_size,
         transport,
-        group,
+        chunks,
         group_name,
         "combine_bwd",
     )
@@ -626,15 +626,15 @@ def _combine_fixed_backward(
     return grad_eo, grad_w
 
 
-def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, C: int, group):
+def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, C: int, chunks):
     """The gradients of :func:`_combine_per_rank`: ``grad_out``'s token rows go to the experts'
     ranks as dispatch's rows did, each becomes its slots' rows times their weights there
     (``[C, H']``, zero past R), and the weight gradient comes back as one ``[K]`` row per
     (token, rank): the exchange runs whether or not it was asked for (``expert_out`` None: zeros
     go, and ``[0, 0]`` is returned)."""
     M = lay.slot_rows.shape[0]
-    g_rows = group.send_buffer((M, grad_out.shape[1]), grad_out.dtype, grad_out.device)
-    g_recv = group.exchange(kern.scatter_rows(grad_out, lay.token_pos, None, M, out=g_rows))
+    g_rows = chunks.send_buffer((M, grad_out.shape[1]), grad_out.dtype, grad_out.device)
+    g_recv = chunks.exchange(kern.scatter_rows(grad_out, lay.token_pos, None, M, out=g_rows))
     del g_rows
     grad_eo = kern.zero_tail(kern.scatter_rows(g_recv, lay.slot_rows, recv_w, C), lay.num_recv)
     grad_w = _autograd.per_rank_weight_grad(
@@ -644,7 +644,7 @@ def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, 
         recv_w,
         lay.slot_rows,
         lay.token_pos,
-        group.exchange,
+        chunks.exchange,
     )
     return grad_eo, grad_w
 
