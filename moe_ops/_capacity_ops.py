@@ -161,6 +161,12 @@ def _chunks(group_name: str, world_size: int, transport: str, op: str, exchanges
     return _comm.EqualChunks(group, group_name, transport, op, exchanges)
 
 
+def _done(chunks, result):
+    """``result``, after :meth:`~moe_ops._comm.EqualChunks.done`'s check (no check when no row
+    moves)."""
+    return result if chunks is None else chunks.done(result)
+
+
 # ----------------------------------------------------------------------------- layout
 def _no_token_layout(device: torch.device) -> tuple[Tensor, Tensor]:
     """``token_pos`` and ``slot_rows`` when combine sums in slot order."""
@@ -390,8 +396,8 @@ def _dispatch_fixed(
         pair_pos, token_pos, recv_x, slot_rows = _tokens_to_experts(
             kern, x, topk_idx, send_pos, plan, C, chunks
         )
-        return out._replace(
-            recv_x=recv_x, pair_pos=pair_pos, token_pos=token_pos, slot_rows=slot_rows
+        return chunks.done(
+            out._replace(recv_x=recv_x, pair_pos=pair_pos, token_pos=token_pos, slot_rows=slot_rows)
         )
     recv_x = _to_experts(
         kern,
@@ -411,7 +417,7 @@ def _dispatch_fixed(
     )
     if transport == "local":  # after the row scatter is queued: its host time hides this
         _check_group_flags(*checks)
-    return out._replace(recv_x=recv_x)
+    return _done(chunks, out._replace(recv_x=recv_x))
 
 
 def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, chunks):
@@ -520,7 +526,8 @@ def _combine_fixed(
     chunks = _chunks(group_name, world_size, transport, "combine", n)
     kern = _kernels.for_device(expert_out.device)
     if lay.sums_per_rank:
-        return _combine_per_rank(kern, expert_out, topk_weights, lay, unweighted, chunks)
+        out = _combine_per_rank(kern, expert_out, topk_weights, lay, unweighted, chunks)
+        return chunks.done(out)
     T, K = lay.pair_pos.shape
     rows = _to_sources(
         kern,
@@ -538,7 +545,8 @@ def _combine_fixed(
         "combine",
     )
     local = transport == "local"
-    return _autograd.combine_tail(kern, rows, expert_out, lay.pair_pos, topk_weights, local)
+    out = _autograd.combine_tail(kern, rows, expert_out, lay.pair_pos, topk_weights, local)
+    return _done(chunks, out)
 
 
 def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, chunks):
@@ -604,9 +612,10 @@ def _combine_fixed_backward(
     chunks = _chunks(group_name, world_size, transport, "combine_backward", n)
     kern = _kernels.for_device(grad_out.device)
     if lay.sums_per_rank:
-        return _combine_backward_per_rank(
+        grads = _combine_backward_per_rank(
             kern, grad_out, returned_rows, topk_weights, lay, capacity, chunks
         )
+        return chunks.done(grads)
     grad_eo = _to_experts(
         kern,
         grad_out,
@@ -623,7 +632,7 @@ def _combine_fixed_backward(
         "combine_bwd",
     )
     grad_w = _autograd.weight_grad(kern, grad_out, returned_rows, lay.pair_pos, topk_weights)
-    return grad_eo, grad_w
+    return _done(chunks, (grad_eo, grad_w))
 
 
 def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, C: int, chunks):

@@ -294,8 +294,20 @@ class EqualChunks:
         self.group, self.group_name, self.op = group, group_name, op
         self.exchanges = exchanges  # what every call of ``op`` with these arguments makes
         self.p2p = transport == "p2p"
+        self.counted = transport in ("padded", "p2p")  # nvshmem moves rows elsewhere
         self._calls = 0  # exchanges so far in this op call
         self._pending: _P2PBuffer | None = None
+
+    def done(self, result: Any) -> Any:
+        """``result``, once the call made the exchanges it declared (the overwrite rule counts
+        on every call of ``op`` making the same number; checked with the padded transport too,
+        so the CPU tests guard it)."""
+        if self.counted and self._calls != self.exchanges:
+            raise RuntimeError(
+                f"moe_ops: {self.op} made {self._calls} exchanges, not the {self.exchanges} "
+                f"it declared"
+            )
+        return result
 
     def size(self) -> int:
         return self.group.size()

@@ -204,3 +204,14 @@ def test_backend_checks_the_transport():
         fx_passes.moe_backend(capacity="worst-case", transport="nccl")
     backend = fx_passes.moe_backend(capacity="worst-case", transport="p2p")
     assert callable(backend)
+
+
+def test_a_call_must_make_the_exchanges_it_declared():
+    """The overwrite rule counts on every call of an op making the exchanges it declares: an op
+    that made fewer (or more, see ``EqualChunks._move``) raises instead of racing later."""
+    from moe_ops import _comm
+
+    chunks = _comm.EqualChunks(None, "", "padded", "some_op", 2)
+    with pytest.raises(RuntimeError, match="some_op made 0 exchanges, not the 2 it declared"):
+        chunks.done(None)
+    assert _comm.EqualChunks(None, "", "nvshmem", "op", 2).done("r") == "r"  # not counted
