@@ -137,27 +137,14 @@ def emit_routed(
             w = call(graph, "unsqueeze", (w, 1))
     e_l = match.num_experts // world_size
     local = list(range(rank * e_l, (rank + 1) * e_l))
+    args = (graph, match, env, x, idx, w, group_name, world_size, rank, info)
     if capacity is not None:
         why = None
         if not isinstance(match.body, StackedExperts):
             why = can_group(match.body, local, val(x))
         if why is None:
             before, saved = set(graph.nodes), dict(info)
-            out = _emit_capacity(
-                graph,
-                match,
-                env,
-                x,
-                idx,
-                w,
-                group_name,
-                world_size,
-                rank,
-                info,
-                capacity,
-                sum_per_rank,
-                transport,
-            )
+            out = _emit_capacity(*args, capacity, sum_per_rank, transport)
             if isinstance(out, Node):
                 return out
             why = out
@@ -166,7 +153,6 @@ def emit_routed(
             info.clear()
             info.update(saved)
         info["capacity_fallback"] = why
-    args = (graph, match, env, x, idx, w, group_name, world_size, rank, info)
     return _emit_default(*args, sum_per_rank)
 
 
@@ -234,7 +220,7 @@ def _emit_capacity(
     info,
     capacity,
     sum_per_rank,
-    transport=None,
+    transport,
 ) -> Node | str:
     """dispatch_fixed -> grouped local experts on ``[C, H]`` -> combine_fixed, or why not (the
     caller erases what was emitted)."""

@@ -237,12 +237,14 @@ def per_rank_weights(
     recv_shape: tuple[int, int],
     send: Callable[[Tensor], Tensor],
     unweighted: bool,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The weights of the token rows a combine that sums per rank received (both modes), in the
     accumulation dtype whatever the caller passed (the multiply runs in it anyway), so that every
     rank sends rows of the same size, also when some pass None (ones travel then). With
     ``unweighted`` (every rank passes None: dispatch's backward) nothing travels: ones of
-    ``recv_shape``."""
+    ``recv_shape``. ``out``: where the rows to send are written (``[send_rows, K]``), if not in
+    fresh memory."""
     adt = acc_dtype(expert_out.dtype)
     if unweighted:
         if topk_weights is not None:
@@ -250,7 +252,7 @@ def per_rank_weights(
         return expert_out.new_ones(recv_shape, dtype=adt)
     if topk_weights is None:
         topk_weights = expert_out.new_ones((token_pos.shape[0], recv_shape[1]), dtype=adt)
-    return send(kern.scatter_rows(topk_weights.to(adt), token_pos, None, send_rows))
+    return send(kern.scatter_rows(topk_weights.to(adt), token_pos, None, send_rows, out=out))
 
 
 def per_rank_weight_grad(

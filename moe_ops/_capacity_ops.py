@@ -161,6 +161,13 @@ def _chunks(group_name: str, world_size: int, transport: str, op: str, exchanges
     return _comm.EqualChunks(group, group_name, transport, op, exchanges)
 
 
+def _send_memory(chunks, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Where the next exchange's rows are written: the p2p transport's buffer, which peers read
+    directly (:meth:`~moe_ops._comm.EqualChunks.send_buffer`), else fresh memory."""
+    buf = None if chunks is None else chunks.send_buffer(shape, dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf
+
+
 def _done(chunks, result):
     """``result``, after :meth:`~moe_ops._comm.EqualChunks.done`'s check (no check when no row
     moves)."""
@@ -186,8 +193,7 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, ch
     # copy would sync, and fails in CUDA-graph capture.
     bad, T_col, per_rank_col = (E + c for c in _layout.FIXED_COLUMNS)
     n = E + len(_layout.FIXED_COLUMNS)
-    row = None if W == 1 else chunks.send_buffer((1, n), _I64, dev)  # p2p: peers read it there
-    row = torch.empty(n, dtype=_I64, device=dev) if row is None else row.view(n)
+    row = _send_memory(chunks if W > 1 else None, (1, n), _I64, dev).view(n)  # W = 1: no gather
     row[: E + 1].copy_(lay.counts_bad)  # the counts, then the bad-id count (FIXED_BAD is 0)
     if bad_input:
         row[bad : bad + 1].add_(1)
@@ -449,9 +455,7 @@ def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.devic
     X = -(-8 * K // elt)
     while (X + H) * elt % 8:
         X += 1
-    buf = chunks.send_buffer((M, X + H), dtype, device)
-    if buf is None:
-        buf = torch.empty((M, X + H), dtype=dtype, device=device)
+    buf = _send_memory(chunks, (M, X + H), dtype, device)
     return buf, buf[:, X:], buf.view(_I64)[:, :K]
 
 
@@ -552,16 +556,19 @@ def _combine_fixed(
 def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, chunks):
     """Combine summing per rank: ``out[T, H']`` and the weights that reached this rank with the
     token rows (``[W * S, K]``), which the backward needs."""
-    M = lay.slot_rows.shape[0]
+    M, K = lay.slot_rows.shape
+    adt, dev = _layout.acc_dtype(expert_out.dtype), expert_out.device
+    w_rows = None if unweighted else chunks.send_buffer((M, K), adt, dev)  # unweighted: no send
     recv_w = _autograd.per_rank_weights(
         kern,
         expert_out,
         topk_weights,
         lay.token_pos,
         M,
-        tuple(lay.slot_rows.shape),
+        (M, K),
         chunks.exchange,
         unweighted,
+        w_rows,
     )
     # each token row's weighted slots, summed in slot order (rows that no token took: 0)
     partial = chunks.send_buffer((M, expert_out.shape[1]), expert_out.dtype, expert_out.device)

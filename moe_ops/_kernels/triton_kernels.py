@@ -1096,17 +1096,19 @@ def _pull_chunks_kernel(
 
 
 _launch_pull = _Launcher(_pull_chunks_kernel)
-_WORDS = {1: (torch.int8, tl.int8), 2: (torch.int16, tl.int16), 4: (torch.int32, tl.int32)}
-_WORDS[8] = (torch.int64, tl.int64)
+_WORDS = {  # element size -> the integer type rows are copied as
+    1: (torch.int8, tl.int8),
+    2: (torch.int16, tl.int16),
+    4: (torch.int32, tl.int32),
+    8: (torch.int64, tl.int64),
+}
 
 
 def pull_chunks(peers: list[Tensor], peer_ptrs: Tensor, out: Tensor, first_row: int) -> Tensor:
     """``out[r * S : (r + 1) * S] = peers[r][first_row : first_row + S]`` for every rank r, with
     ``S = out.shape[0] / W``: the ``"p2p"`` transport's read of every rank's symmetric buffer,
     one kernel for all ranks (``peer_ptrs``: the buffers' addresses; rows copied as words of the
-    element size)."""
-    if not (out.is_contiguous() and all(p.is_contiguous() for p in peers)):
-        raise ValueError("moe_ops: pull_chunks copies whole rows: contiguous tensors only")
+    element size). Rows are contiguous: ``out`` is fresh memory, the buffers are whole."""
     W = peer_ptrs.shape[0]
     S = out.shape[0] // W
     N = out[0].numel() if out.shape[0] else 0

@@ -215,3 +215,40 @@ def test_a_call_must_make_the_exchanges_it_declared():
     with pytest.raises(RuntimeError, match="some_op made 0 exchanges, not the 2 it declared"):
         chunks.done(None)
     assert _comm.EqualChunks(None, "", "nvshmem", "op", 2).done("r") == "r"  # not counted
+
+
+def in_place_case(directory: str) -> list[list[tuple[str, bool]]]:
+    """Per forward op call, each exchange's op and whether its rows were written straight into
+    the symmetric buffer (else ``exchange`` copies them in: a payload copy more)."""
+    r, W = rank_and_world()
+    E, T, K, H = 2 * W, 6, 3, 4
+    g = torch.Generator().manual_seed(r)
+    x, idx = torch.randn(T, H, generator=g), torch.randint(0, E, (T, K), generator=g)
+    w = torch.rand(T, K, generator=g)
+    seen = []
+    real = _comm.EqualChunks._move
+
+    def watched(self, send, gather):
+        buf = self._pending
+        seen.append((self.op, buf is not None and send.data_ptr() == buf.local.data_ptr()))
+        return real(self, send, gather)
+
+    out = []
+    with emulated_p2p(directory), mock.patch.object(_comm.EqualChunks, "_move", watched):
+        for sum_per_rank in (False, True):
+            recv_x, h = moe_ops.dispatch(
+                x, idx, E, capacity="worst-case", transport="p2p", sum_per_rank=sum_per_rank
+            )
+            moe_ops.combine(recv_x, h, w)
+            out.append(list(seen))
+            seen.clear()
+    return out
+
+
+def test_forward_rows_written_in_place_gloo(gloo_world, tmp_path):
+    """Slot order: dispatch's counts and rows, combine's rows back; summing per rank: dispatch's
+    counts and token rows, combine's weights and partial sums: all written in place."""
+    slot_order = [("dispatch", True)] * 2 + [("combine", True)]
+    per_rank = [("dispatch", True)] * 2 + [("combine", True)] * 2
+    for got in gloo_world(2).run(in_place_case, str(tmp_path)):
+        assert got == [slot_order, per_rank]
