@@ -261,23 +261,20 @@ def per_rank_weight_grad(
     expert_out: Tensor | None,
     recv_w: Tensor,
     slot_rows: Tensor,
-    token_pos: Tensor,
-    send_back: Callable[[Tensor], Tensor],
+    sum_back: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """The weight gradient when combine summed per rank (both modes): on the experts' rank each
     received token row's ``[K]`` dot products (``<grad row, expert row>`` per slot, zeros when
-    ``expert_out`` is None: not asked for here, but ``send_back`` is a collective every rank
-    runs), brought back by ``send_back`` and summed over ranks per token; ``[0, 0]`` when not
+    ``expert_out`` is None: not asked for here, but ``sum_back`` is a collective every rank
+    runs), which ``sum_back`` brings back and sums over ranks per token (slot k's gradient
+    comes from the one rank of its expert; the others send exact zeros); ``[0, 0]`` when not
     asked for."""
     if expert_out is None:
         gw_recv = recv_w.new_zeros(recv_w.shape)
     else:
         gw_recv = kern.slot_dot(g_recv, expert_out, slot_rows, recv_w.dtype)
-    gw_back = send_back(gw_recv)
-    if expert_out is None:
-        return recv_w.new_empty((0, 0))
-    # slot k's gradient comes from the one rank of its expert; the others send exact zeros
-    return kern.combine_rows(gw_back, token_pos, None, recv_w.dtype)
+    grad_w = sum_back(gw_recv)
+    return recv_w.new_empty((0, 0)) if expert_out is None else grad_w
 
 
 def fake_combine(expert_out: Tensor, pair_pos_TK: Tensor, back_rows) -> tuple[Tensor, Tensor]:

@@ -52,6 +52,8 @@ expert_out.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -180,7 +182,7 @@ def _no_token_layout(device: torch.device) -> tuple[Tensor, Tensor]:
     return tuple(torch.zeros((0, 0), dtype=_I64, device=device) for _ in range(2))
 
 
-def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, chunks, kern):
+def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, checks, chunks, kern):
     """Everything dispatch_fixed returns but the rows (with ``per_rank``, :func:`sums_per_rank`,
     not ``pair_pos``, ``token_pos`` and ``slot_rows`` either: None, see
     :func:`_tokens_to_experts`), the :class:`~moe_ops._layout.FixedPlan`, every rank's count row
@@ -200,7 +202,7 @@ def _layout_fixed(topk_idx_TK, E, C, W, rank, transport, bad_input, per_rank, ch
     row[T_col : T_col + 1].fill_(T)
     row[per_rank_col : per_rank_col + 1].fill_(K if per_rank else 0)  # the slots' width
     every = row.view(1, -1) if W == 1 else chunks.gather(row)
-    plan = kern.fixed_plan(every, E, C, rank, 1 if per_rank else K)
+    plan = kern.fixed_plan(every, E, C, rank, 1 if per_rank else K, checks)
     recv_index = torch.zeros(0, dtype=_I64, device=dev)
     splits = torch.zeros((0, 0), dtype=_I64, device=dev)
     if per_rank:  # the token rows come with the payload (_tokens_to_experts)
@@ -241,52 +243,58 @@ def _padded_recv_index(plan, C: int, S: int) -> Tensor:
     return torch.where(rows_C < plan.num_recv, rows_C + shift_C, 0)
 
 
-def _check_group_flags(plan, every, rank, C, drop, transport, topk_idx, E):
-    """Bad ids anywhere, unequal chunks or sum_per_rank, overflow: raise on the CPU, assert on
-    the device on CUDA (reading a flag there would be the host sync this mode avoids)."""
-    W = every.shape[0]
-    equal_chunks = transport not in EQUAL_CHUNKS or W == 1
+# The checks of the plan's ``ok`` flags (``FixedPlan.ok[i]`` is check i), as the one device
+# assertion words them (CUDA takes messages of under 255 characters); on the CPU each raises its
+# own error, with the values (:func:`_raise_on_cpu`).
+_CHECKS = (
+    "an expert id not in [0, num_experts) or -1",
+    "unequal T across ranks at capacity > T * K",
+    "unequal sum_per_rank or K across ranks",
+    "capacity too small (overflow='error')",
+)
+
+
+def _asked_checks(W: int, drop: bool, transport: str) -> int:
+    """Which checks of ``_CHECKS`` apply (bit i: check i): bad ids always; equal chunks and
+    ``sum_per_rank`` agreement where the transport needs the same sizes on every rank;
+    overflow unless pairs that do not fit are dropped."""
+    equal_sizes = transport in EQUAL_CHUNKS and W > 1
+    return 1 | (6 if equal_sizes else 0) | (0 if drop else 8)
+
+
+@functools.cache
+def _assert_message(asked: int) -> str:
+    said = [text for i, text in enumerate(_CHECKS) if asked >> i & 1]
+    return "moe_ops.dispatch: bad input on some rank: " + " or ".join(said)
+
+
+def _check_group_flags(plan, every, rank, C, asked, topk_idx, E):
+    """Bad ids anywhere, unequal chunks or sum_per_rank, overflow (the checks ``asked``): raise
+    on the CPU; on CUDA one device assertion over all of them (reading a flag there would be the
+    host sync this mode avoids)."""
     if every.device.type == "cpu":
-        _raise_on_cpu(plan, every, rank, C, drop, equal_chunks, topk_idx, E)
+        _raise_on_cpu(plan, every, rank, C, asked, topk_idx, E)
         return
-    torch._assert_async(
-        plan.ok[0], "moe_ops.dispatch: topk_idx values must be expert ids in [0, num_experts) or -1"
-    )
-    if not equal_chunks:
-        torch._assert_async(
-            plan.ok[1],
-            "moe_ops.dispatch: capacity > T * K (with sum_per_rank: > T) needs the same number "
-            "of tokens T on every rank",
-        )
-        torch._assert_async(
-            plan.ok[2],
-            "moe_ops.dispatch: the ranks of the group passed different sum_per_rank, or "
-            "different K with sum_per_rank; pass the same on every rank",
-        )
-    if not drop:
-        torch._assert_async(
-            plan.ok[3],
-            "moe_ops.dispatch: capacity too small for the rows routed to a rank "
-            "(overflow='error'); pass a larger capacity, capacity='worst-case', or overflow='drop'",
-        )
+    torch._assert_async(plan.ok[4], _assert_message(asked))
 
 
-def _raise_on_cpu(plan, every, rank, C, drop, equal_chunks, topk_idx, E) -> None:
+def _raise_on_cpu(plan, every, rank, C, asked, topk_idx, E) -> None:
     """The CPU side of :func:`_check_group_flags`: reads the flags (no device involved)."""
     ok = plan.ok.tolist()
+    equal_sizes, drop = bool(asked & 2), not asked & 8
     if not ok[0]:
         bad_W = every[:, E + _layout.FIXED_BAD].tolist()
         if bad_W[rank]:
             raise bad_id_error(topk_idx, E)
         _comm.raise_if_peer_bad([int(b > 0) for b in bad_W], rank, "dispatch")
-    if not equal_chunks and not ok[2]:
+    if equal_sizes and not ok[2]:
         K_W = every[:, E + _layout.FIXED_PER_RANK].tolist()
         raise ValueError(
             f"moe_ops.dispatch: the ranks of the group passed different sum_per_rank, or "
             f"different K with sum_per_rank (K of the ranks summing per rank, 0 for the others: "
             f"{K_W}); pass the same sum_per_rank and topk_idx with the same K on every rank"
         )
-    if not equal_chunks and not ok[1]:
+    if equal_sizes and not ok[1]:
         T_W = every[:, E + _layout.FIXED_T].tolist()
         raise ValueError(
             f"moe_ops.dispatch: with capacity={C} > T * K (with sum_per_rank: > T) every rank "
@@ -389,12 +397,13 @@ def _dispatch_fixed(
         topk_idx = torch.full((0, 1), -1, dtype=_I64, device=x.device)
     kern = _kernels.for_device(x.device)
     bad_input = err is not None
+    asked = _asked_checks(W, drop, transport)
     lay, plan, every, send_pos = _layout_fixed(
-        topk_idx, E, C, W, rank, transport, bad_input, per_rank, chunks, kern
+        topk_idx, E, C, W, rank, transport, bad_input, per_rank, asked, chunks, kern
     )
     if err is not None:
         raise err
-    checks = (plan, every, rank, C, drop, transport, topk_idx, E)
+    checks = (plan, every, rank, C, asked, topk_idx, E)
     if transport != "local":  # before any row moves
         _check_group_flags(*checks)
     out = DispatchOutputs(None, *lay)
@@ -439,11 +448,42 @@ def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, chunks):
         topk_idx_TK, send_pos_TK, plan, W, S, slots_out=slots
     )
     kern.scatter_rows(x_TH, token_pos, None, W * S, out=rows)  # rows no token takes: not read
+    zeroed = None
+    if chunks.p2p and x_TH.device.type == "cuda":  # the send buffer is not the allocator's
+        recv_x = x_TH.new_empty((C, H))
+        zeroed = _zero_tail_meanwhile(kern, recv_x, plan.num_recv)
     recv = chunks.exchange(send)
     del send, rows, slots  # their memory can serve recv_x
     slot_rows = recv.view(_I64)[:, :K].contiguous()
-    recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C)
-    return pair_pos, token_pos, kern.zero_tail(recv_x, plan.num_recv), slot_rows
+    if zeroed is None:
+        recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C)
+        return pair_pos, token_pos, kern.zero_tail(recv_x, plan.num_recv), slot_rows
+    kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C, out=recv_x)
+    return pair_pos, token_pos, zeroed(), slot_rows
+
+
+def _zero_tail_meanwhile(kern, rows_CH: Tensor, n: Tensor) -> Callable[[], Tensor]:
+    """Zeroes ``rows_CH[n:]`` on a side stream of the CUDA device while the current stream goes
+    on (with the p2p transport the exchange's barriers and reads, which leave the GPU's memory
+    bandwidth mostly idle); returns ``join()``, which makes the current stream wait for it and
+    returns ``rows_CH``. Its writes and the caller's rows ``[0, n)`` are disjoint. In a CUDA
+    graph capture this forks and joins the graph."""
+    main = torch.cuda.current_stream(rows_CH.device)
+    side = _side_stream(rows_CH.device)
+    side.wait_stream(main)  # rows_CH and n exist
+    with torch.cuda.stream(side):
+        kern.zero_tail(rows_CH, n)
+
+    def join() -> Tensor:
+        main.wait_stream(side)
+        return rows_CH
+
+    return join
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.device, chunks):
@@ -573,9 +613,9 @@ def _combine_per_rank(kern, expert_out, topk_weights, lay: Layout, unweighted, c
     # each token row's weighted slots, summed in slot order (rows that no token took: 0)
     partial = chunks.send_buffer((M, expert_out.shape[1]), expert_out.dtype, expert_out.device)
     partial = kern.combine_rows(expert_out, lay.slot_rows, recv_w, expert_out.dtype, out=partial)
-    back = chunks.exchange(partial)
+    sum_back = chunks.exchange_sum(partial)
     del partial  # sent: its memory can serve the output
-    return kern.combine_rows(back, lay.token_pos, None, expert_out.dtype), recv_w
+    return sum_back(lay.token_pos), recv_w
 
 
 _LAYOUT_ARGS = ", ".join(f"Tensor {name}" for name in Layout._fields)
@@ -659,8 +699,7 @@ def _combine_backward_per_rank(kern, grad_out, expert_out, recv_w, lay: Layout, 
         expert_out,
         recv_w,
         lay.slot_rows,
-        lay.token_pos,
-        chunks.exchange,
+        lambda gw_recv: chunks.exchange_sum(gw_recv)(lay.token_pos),
     )
     return grad_eo, grad_w
 

@@ -342,36 +342,67 @@ class EqualChunks:
     def exchange(self, send: Tensor) -> Tensor:
         """Chunk d of ``send`` (``M / W`` rows) to rank d; returns the chunks received, one per
         source rank."""
-        return self._move(send, gather=False)
+        buf = self._arrive(send)
+        if buf is None:
+            return self._padded(send)
+        W = self.size()
+        rows = send.shape[0] // W
+        out = send.new_empty((W * rows, *send.shape[1:]))
+        kern = _kernels.for_device(send.device)
+        return kern.pull_chunks(buf.peers, buf.peer_ptrs, out, self.rank() * rows)
 
     def gather(self, row: Tensor) -> Tensor:
         """Every rank's ``row``: ``[W, n]``."""
         if not self.p2p:  # an all_to_all_single of the row repeated W times (tiny)
             return self.exchange(row.expand(self.size(), row.shape[0]))
-        return self._move(row.view(1, -1), gather=True)
+        send = row.view(1, -1)
+        buf = self._arrive(send)
+        out = send.new_empty((self.size(), send.shape[1]))
+        return _kernels.for_device(send.device).pull_chunks(buf.peers, buf.peer_ptrs, out, 0)
 
-    def _move(self, send: Tensor, gather: bool) -> Tensor:
+    def exchange_sum(self, send: Tensor) -> Callable[[Tensor], Tensor]:
+        """:meth:`exchange` of ``send`` (``[W * S, H]``) for rows that are summed per token:
+        returns ``sum_rows(pos_TW)``, which gives ``out[t]``, the sum of the received rows
+        ``pos_TW[t, r]`` (chunk r's rows are ``[r * S, (r + 1) * S)``) over the ranks r with
+        ``pos_TW[t, r] >= 0``, in rank order, accumulated in ``acc_dtype``, in ``send``'s dtype.
+        With ``"p2p"`` it is one kernel reading the rows straight from the peers' buffers (no
+        ``[W * S, H]`` copy). Two steps so that the caller can drop ``send`` in between: its
+        memory can then serve the output."""
+        kern = _kernels.for_device(send.device)
+        buf = self._arrive(send)
+        if buf is None:
+            recv = self._padded(send)
+            return lambda pos_TW: kern.combine_rows(recv, pos_TW, None, recv.dtype)
+        S = send.shape[0] // self.size()
+        first = self.rank() * S
+        return lambda pos_TW: kern.pull_sum(buf.peers, buf.peer_ptrs, pos_TW, first, S)
+
+    def _arrive(self, send: Tensor) -> _P2PBuffer | None:
+        """Counts the exchange; with ``"p2p"``, puts ``send`` in this rank's buffer (unless the
+        caller wrote it there: :meth:`send_buffer`) and waits on the device until every rank
+        has: returns the buffer, whose peers' rows are ready to read. None otherwise."""
         if self._calls >= self.exchanges:  # p2p's overwrite rule above would not hold
             raise RuntimeError(f"moe_ops: {self.op} made more than {self.exchanges} exchanges")
-        if not self.p2p:
-            recv = torch.empty_like(send, memory_format=torch.contiguous_format)
-            all_to_all(recv, send.contiguous(), [], [], self.group)
-            self._calls += 1
-            return recv
-        buf = self._pending
-        if buf is None or send.data_ptr() != buf.local.data_ptr() or send.shape != buf.local.shape:
-            self.send_buffer(tuple(send.shape), send.dtype, send.device).copy_(send)
+        buf = None
+        if self.p2p:
             buf = self._pending
-        self._pending = None
+            if (
+                buf is None
+                or send.data_ptr() != buf.local.data_ptr()
+                or send.shape != buf.local.shape
+            ):
+                self.send_buffer(tuple(send.shape), send.dtype, send.device).copy_(send)
+                buf = self._pending
+            self._pending = None
         self._calls += 1
-        buf.handle.barrier(channel=0)  # every rank's rows are in its buffer
-        W = self.size()
-        rows = send.shape[0] if gather else send.shape[0] // W
-        out = send.new_empty((W * rows, *send.shape[1:]))
-        first = 0 if gather else self.rank() * rows
-        kern = _kernels.for_device(send.device)
-        kern.pull_chunks(buf.peers, buf.peer_ptrs, out, first)
-        return out
+        if buf is not None:
+            buf.handle.barrier(channel=0)  # every rank's rows are in its buffer
+        return buf
+
+    def _padded(self, send: Tensor) -> Tensor:
+        recv = torch.empty_like(send, memory_format=torch.contiguous_format)
+        all_to_all(recv, send.contiguous(), [], [], self.group)
+        return recv
 
 
 class _P2PBuffer(NamedTuple):
@@ -382,6 +413,11 @@ class _P2PBuffer(NamedTuple):
 
 
 _p2p_cache: dict[tuple, _P2PBuffer] = {}
+_ONE_BACKEND = (
+    "moe_ops: transport={this!r} after transport={other!r} in one process: torch's symmetric "
+    "memory takes one backend per process (NVSHMEM for 'nvshmem', CUDA's for 'p2p'); use one of "
+    "the two in a process"
+)
 
 
 def _p2p_buffer(key: tuple) -> _P2PBuffer:
@@ -389,6 +425,8 @@ def _p2p_buffer(key: tuple) -> _P2PBuffer:
     allocated and rendezvoused on first use (collective: every rank asks for the same keys in
     the same order; not inside a CUDA-graph capture)."""
     buf = _p2p_cache.get(key)
+    if buf is None and _symm_cache:
+        raise ValueError(_ONE_BACKEND.format(this="p2p", other="nvshmem"))
     if buf is None:
         # Made on a thread of its own: a CUDA-graph memory pool that takes this thread's
         # allocations (inductor's CUDA graph trees warm up inside one) must not own buffers that
@@ -447,6 +485,8 @@ def _symm_buffer(
         import torch.distributed._symmetric_memory as symm_mem
 
         if symm_mem.get_backend(device) != "NVSHMEM":
+            if _p2p_cache:
+                raise ValueError(_ONE_BACKEND.format(this="nvshmem", other="p2p"))
             symm_mem.set_backend("NVSHMEM")
         buf = symm_mem.empty(shape, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, group_name)

@@ -165,10 +165,12 @@ class FixedPlan(NamedTuple):
     tokens_per_expert  int64 ``[E_l]``, rows of recv_x per local expert (``kept_se.sum(0)``)
     num_recv           int64 ``[1]``, R
     num_dropped        int64 ``[]``, this rank's pairs that do not fit
-    ok                 int64 ``[4]``, nonzero when good: no bad id on any rank; the same rows per
+    ok                 int64 ``[5]``, nonzero when good: no bad id on any rank; the same rows per
                        peer (``min(C, T * rows_per_token)``) on every rank; the same
                        ``FIXED_PER_RANK`` column on every rank (sum_per_rank, and K with it);
-                       nothing overflows anywhere
+                       nothing overflows anywhere; every check the call asked for passed
+                       (``checks``: bit i asks for ``ok[i]``), so that one device assertion
+                       covers them all
     """
 
     start_E: Tensor

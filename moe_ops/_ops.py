@@ -661,14 +661,15 @@ def _combine_backward_per_rank(
     del g_rows
     grad_expert_out = kern.scatter_rows(g_recv, lay.slot_rows, recv_w, R)
 
-    def back(gw_recv):  # like the partial sums: the spare rows have no slot (0, "input good")
+    def sum_back(gw_recv):  # like the partial sums: the spare rows have no slot (0, "input good")
         rank = group.rank()
-        return _comm.rows_back(
+        rows = _comm.rows_back(
             gw_recv, send_tok, recv_tok, None, False, rank, group, "combine", True
         )
+        return kern.combine_rows(rows, lay.token_pos, None, gw_recv.dtype)
 
     grad_w = _autograd.per_rank_weight_grad(
-        kern, g_recv, expert_out, recv_w, lay.slot_rows, lay.token_pos, back
+        kern, g_recv, expert_out, recv_w, lay.slot_rows, sum_back
     )
     return grad_expert_out, grad_w
 

@@ -235,20 +235,23 @@ def example_env(root: str) -> dict[str, str]:
 
 
 class WorldPool:
-    """Worlds started lazily per (size, backend); a world shut down by a failure is replaced."""
+    """Worlds started lazily per (size, backend, tag); a world shut down by a failure is
+    replaced. ``tag`` keeps worlds of one size and backend apart (processes whose state must not
+    meet, e.g. torch's symmetric memory, which takes one backend per process)."""
 
     def __init__(self):
-        self._worlds: dict[tuple[int, str], World | TorchrunWorld] = {}
+        self._worlds: dict[tuple, World | TorchrunWorld] = {}
 
-    def get(self, world_size: int, backend: str = "gloo") -> World | TorchrunWorld:
+    def get(self, world_size: int, backend: str = "gloo", tag: str = "") -> World | TorchrunWorld:
         if under_torchrun():
             world = self._worlds.get((0, "torchrun"))
             if world is None:
                 world = self._worlds[(0, "torchrun")] = TorchrunWorld()
             return world
-        world = self._worlds.get((world_size, backend))
+        key = (world_size, backend, tag)
+        world = self._worlds.get(key)
         if world is None or not world.alive:
-            world = self._worlds[(world_size, backend)] = World(world_size, backend)
+            world = self._worlds[key] = World(world_size, backend)
         return world
 
     def close(self) -> None:

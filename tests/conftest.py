@@ -46,13 +46,15 @@ def _no_leaked_process_group():
 
 @pytest.fixture(scope="package")
 def nccl_world(world_pool):
-    """``nccl_world(W)``: W ranks with one GPU each, joined by NCCL.
+    """``nccl_world(W)``: W ranks with one GPU each, joined by NCCL; ``nccl_world(W, tag)``:
+    processes of their own for the tag (``"nvshmem"``: torch's symmetric memory takes one
+    backend per process, and the ``"p2p"`` transport uses CUDA's).
 
     Under ``torchrun`` this is the launched world (tests for another W skip); otherwise W
     processes are spawned. Skips, saying why, when there are fewer than W GPUs.
     """
 
-    def get(world_size: int):
+    def get(world_size: int, tag: str = ""):
         if under_torchrun():
             launched = int(os.environ["WORLD_SIZE"])
             if launched != world_size:
@@ -64,7 +66,7 @@ def nccl_world(world_pool):
         found = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if found < world_size:
             pytest.skip(f"needs {world_size} CUDA GPU(s) for an NCCL world, found {found}")
-        return world_pool.get(world_size, "nccl")
+        return world_pool.get(world_size, "nccl", tag)
 
     return get
 

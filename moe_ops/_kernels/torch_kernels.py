@@ -181,10 +181,11 @@ def zero_tail(dst_MH: Tensor, n: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- capacity mode
 def fixed_plan(
-    every_WX: Tensor, num_experts: int, capacity: int, rank: int, rows_per_token: int
+    every_WX: Tensor, num_experts: int, capacity: int, rank: int, rows_per_token: int, checks: int
 ) -> FixedPlan:
     """The capacity mode's :class:`~moe_ops._layout.FixedPlan` from every rank's count row
-    (``every_WX[s]``: rank s's counts per global expert, then the ``FIXED_*`` columns)."""
+    (``every_WX[s]``: rank s's counts per global expert, then the ``FIXED_*`` columns);
+    ``checks``: which of the first four ``ok`` flags ``ok[4]`` requires (bit i: ``ok[i]``)."""
     W, E, C = every_WX.shape[0], num_experts, capacity
     counts_sde = every_WX[:, :E].reshape(W, W, E // W)  # [source, destination, local expert]
     before_e = excl_cumsum(counts_sde.sum(0), 1)  # [destination, expert]
@@ -203,7 +204,10 @@ def fixed_plan(
             (per_rank_W == per_rank_W[0]).all(),
             (counts_sde == kept_sde).all(),
         ]
-    ).to(torch.int64)
+    )
+    asked = [ok[i] for i in range(4) if checks >> i & 1]  # int indices: views, no host copy
+    ok = torch.cat([ok, torch.stack(asked).all().view(1) if asked else ok.new_ones(1)])
+    ok = ok.to(torch.int64)
     return FixedPlan(
         start_E=excl_cumsum(mine_E, 0),
         kept_E=kept_E,
@@ -257,3 +261,14 @@ def pull_chunks(peers: list[Tensor], peer_ptrs: Tensor, out: Tensor, first_row: 
     for r, peer in enumerate(peers):
         out[r * S : (r + 1) * S].copy_(peer[first_row : first_row + S])
     return out
+
+
+def pull_sum(
+    peers: list[Tensor], peer_ptrs: Tensor, pos_TW: Tensor, first_row: int, S: int
+) -> Tensor:
+    """``combine_rows(pulled, pos_TW, None, dtype)`` where ``pulled`` is what
+    :func:`pull_chunks` would read (chunks of S rows from ``first_row``): each token's rows on
+    the ranks with ``pos_TW[t, r] >= 0`` summed in rank order (the Triton version reads them
+    straight from the peers' buffers)."""
+    pulled = torch.cat([peer[first_row : first_row + S] for peer in peers])
+    return combine_rows(pulled, pos_TW, None, pulled.dtype)

@@ -28,7 +28,9 @@ None of them syncs with the host.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 
 import torch
 import triton
@@ -881,6 +883,7 @@ def _fixed_plan_kernel(
     C,
     rank,
     rows_per_token,
+    checks,
     BE: tl.constexpr,
     BW: tl.constexpr,
 ):
@@ -925,19 +928,28 @@ def _fixed_plan_kernel(
     rows0 = tl.minimum(tl.load(every_ptr + col_T) * rows_per_token, C)
     per_rank = tl.load(every_ptr + w * X + col_per_rank, mask=wm, other=0)
     per_rank0 = tl.load(every_ptr + col_per_rank)
-    tl.store(ok_ptr + 0, (tl.max(bad, axis=0) == 0).to(tl.int64))
-    tl.store(ok_ptr + 1, (tl.sum((wm & (rows != rows0)).to(tl.int32), axis=0) == 0).to(tl.int64))
-    tl.store(
-        ok_ptr + 2, (tl.sum((wm & (per_rank != per_rank0)).to(tl.int32), axis=0) == 0).to(tl.int64)
+    ok0 = tl.max(bad, axis=0) == 0
+    ok1 = tl.sum((wm & (rows != rows0)).to(tl.int32), axis=0) == 0
+    ok2 = tl.sum((wm & (per_rank != per_rank0)).to(tl.int32), axis=0) == 0
+    ok3 = tl.sum(overflow, axis=0) == 0
+    tl.store(ok_ptr + 0, ok0.to(tl.int64))
+    tl.store(ok_ptr + 1, ok1.to(tl.int64))
+    tl.store(ok_ptr + 2, ok2.to(tl.int64))
+    tl.store(ok_ptr + 3, ok3.to(tl.int64))
+    every_ok = (
+        (ok0 | ((checks & 1) == 0))
+        & (ok1 | ((checks & 2) == 0))
+        & (ok2 | ((checks & 4) == 0))
+        & (ok3 | ((checks & 8) == 0))
     )
-    tl.store(ok_ptr + 3, (tl.sum(overflow, axis=0) == 0).to(tl.int64))
+    tl.store(ok_ptr + 4, every_ok.to(tl.int64))
 
 
 _launch_fixed_plan = _Launcher(_fixed_plan_kernel)
 
 
 def fixed_plan(
-    every_WX: Tensor, num_experts: int, capacity: int, rank: int, rows_per_token: int
+    every_WX: Tensor, num_experts: int, capacity: int, rank: int, rows_per_token: int, checks: int
 ) -> FixedPlan:
     """:func:`moe_ops._kernels.torch_kernels.fixed_plan` in one kernel of one program."""
     W, E = every_WX.shape[0], num_experts
@@ -952,13 +964,13 @@ def fixed_plan(
         tokens_per_expert=torch.empty(E_l, **i64),
         num_recv=torch.empty(1, **i64),
         num_dropped=torch.empty((), **i64),
-        ok=torch.empty(4, **i64),
+        ok=torch.empty(5, **i64),
     )
     BE = max(16, triton.next_power_of_2(E_l))
     BW = max(2, triton.next_power_of_2(W))
     every = every_WX.contiguous()
     cols = (E + c for c in _layout.FIXED_COLUMNS)
-    args = (W, every.shape[1], *cols, E_l, capacity, rank, rows_per_token, BE, BW)
+    args = (W, every.shape[1], *cols, E_l, capacity, rank, rows_per_token, checks, BE, BW)
     _launch_fixed_plan((1,), every, *plan, *args)
     return plan
 
@@ -1079,45 +1091,156 @@ def fixed_token_rows(
 def _pull_chunks_kernel(
     ptrs_ptr, out_ptr, first_row, S, N, BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr
 ):
-    """Program (b, r): rows [b * BM, (b + 1) * BM) of chunk r, read from rank r's buffer (its
-    address in ``ptrs[r]``) starting at row ``first_row``; N words a row. Row blocks on the first
-    grid axis, the only one without a 65535 limit."""
+    """Program (b, r): one ``[BM, BN]`` tile (tile b, row-block major) of chunk r, read from
+    rank r's buffer (its address in ``ptrs[r]``) starting at row ``first_row``; N words a row.
+    Tiles on the first grid axis, the only one without a 65535 limit. One tile a program, no
+    loop: as many loads in flight as the GPU holds programs, which reads over NVLink need."""
     r = tl.program_id(1)
+    b = tl.program_id(0)
+    col_blocks = tl.cdiv(N, BN)
     src_ptr = tl.load(ptrs_ptr + r).to(tl.pointer_type(DT))
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    live = rows < S
+    rows = (b // col_blocks) * BM + tl.arange(0, BM)
+    cols = (b % col_blocks) * BN + tl.arange(0, BN)
+    mask = (rows < S)[:, None] & (cols < N)[None, :]
     src_rows = (first_row + rows).to(tl.int64) * N
     dst_rows = (r * S + rows).to(tl.int64) * N
-    for c0 in range(0, N, BN):
-        cols = c0 + tl.arange(0, BN)
-        mask = live[:, None] & (cols < N)[None, :]
-        v = tl.load(src_ptr + src_rows[:, None] + cols[None, :], mask=mask)
-        tl.store(out_ptr + dst_rows[:, None] + cols[None, :], v, mask=mask)
+    v = tl.load(src_ptr + src_rows[:, None] + cols[None, :], mask=mask)
+    tl.store(out_ptr + dst_rows[:, None] + cols[None, :], v, mask=mask)
 
 
 _launch_pull = _Launcher(_pull_chunks_kernel)
-_WORDS = {  # element size -> the integer type rows are copied as
+_WORDS = {  # bytes -> the integer type rows are copied as
     1: (torch.int8, tl.int8),
     2: (torch.int16, tl.int16),
     4: (torch.int32, tl.int32),
     8: (torch.int64, tl.int64),
 }
+_TL_FLOAT = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def _pull_word(row_bytes: int, tensors: list[Tensor]) -> int:
+    """The widest word (8, 4, 2 or 1 bytes) that divides a row and every tensor's address."""
+    align = functools.reduce(math.gcd, [t.data_ptr() for t in tensors], row_bytes)
+    return next(w for w in (8, 4, 2, 1) if align % w == 0)
+
+
+def _pull_tile(N: int, word: int) -> tuple[int, int]:
+    """(rows, words) of one pull program's tile: up to 2 KiB of a row, 4 KiB in all."""
+    BN = min(triton.next_power_of_2(max(N, 1)), 2048 // word)
+    return max(1, 4096 // (BN * word)), BN
 
 
 def pull_chunks(peers: list[Tensor], peer_ptrs: Tensor, out: Tensor, first_row: int) -> Tensor:
     """``out[r * S : (r + 1) * S] = peers[r][first_row : first_row + S]`` for every rank r, with
     ``S = out.shape[0] / W``: the ``"p2p"`` transport's read of every rank's symmetric buffer,
-    one kernel for all ranks (``peer_ptrs``: the buffers' addresses; rows copied as words of the
-    element size). Rows are contiguous: ``out`` is fresh memory, the buffers are whole."""
+    one kernel for all ranks (``peer_ptrs``: the buffers' addresses; rows copied as the widest
+    words that divide them). Rows are contiguous: ``out`` is fresh memory, the buffers whole."""
     W = peer_ptrs.shape[0]
     S = out.shape[0] // W
-    N = out[0].numel() if out.shape[0] else 0
-    if S == 0 or N == 0:
+    row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
+    if S == 0 or row_bytes == 0:
         return out
-    torch_word, tl_word = _WORDS[out.element_size()]
-    BM, BN, nw = _row_block(N, out.element_size())
-    grid = (triton.cdiv(S, BM), W)
+    word = _pull_word(row_bytes, [out, *peers])
+    torch_word, tl_word = _WORDS[word]
+    N = row_bytes // word
+    BM, BN = _pull_tile(N, word)
+    grid = (triton.cdiv(S, BM) * triton.cdiv(N, BN), W)
     _launch_pull(
-        grid, peer_ptrs, out.view(torch_word), first_row, S, N, BM, BN, tl_word, num_warps=nw
+        grid,
+        peer_ptrs,
+        out.view(-1).view(torch_word),
+        first_row,
+        S,
+        N,
+        BM,
+        BN,
+        tl_word,
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _pull_sum_kernel(
+    ptrs_ptr,
+    pos_ptr,
+    out_ptr,
+    first_row,
+    S,
+    T,
+    H,
+    W: tl.constexpr,
+    DT: tl.constexpr,
+    ACC: tl.constexpr,
+    BT: tl.constexpr,
+    BH: tl.constexpr,
+):
+    """``out[t] = sum_r peer_r[first_row + pos[t, r] - r * S]`` over the ranks with
+    ``pos[t, r] >= 0``, in rank order, accumulated in ACC: ``_combine_kernel`` without weights
+    over rows read straight from the peers' buffers. The loop over the W ranks is unrolled, so
+    that a program's W reads are in flight together (each crosses NVLink)."""
+    pid = tl.program_id(0)
+    nhb = tl.cdiv(H, BH)
+    tok = (pid // nhb) * BT + tl.arange(0, BT).to(tl.int64)
+    cols = (pid % nhb) * BH + tl.arange(0, BH)
+    tm = tok < T
+    cm = cols < H
+    acc = tl.zeros((BT, BH), dtype=ACC)
+    for r in tl.static_range(W):
+        src_ptr = tl.load(ptrs_ptr + r).to(tl.pointer_type(DT))
+        p = tl.load(pos_ptr + tok * W + r, mask=tm, other=-1)
+        ok = p >= 0
+        row = first_row + p - r * S
+        v = tl.load(
+            src_ptr + row[:, None] * H + cols[None, :], mask=ok[:, None] & cm[None, :], other=0
+        ).to(ACC)
+        acc += tl.where(ok[:, None], v, 0.0)
+    tl.store(
+        out_ptr + tok[:, None] * H + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=tm[:, None] & cm[None, :],
+    )
+
+
+_launch_pull_sum = _Launcher(_pull_sum_kernel)
+
+
+def pull_sum(
+    peers: list[Tensor], peer_ptrs: Tensor, pos_TW: Tensor, first_row: int, S: int
+) -> Tensor:
+    """``combine_rows(pulled, pos_TW, None, dtype)`` where ``pulled`` is what
+    :func:`pull_chunks` would read (chunks of S rows from ``first_row``), in one kernel that
+    reads each token's rows straight from the peers' buffers: no ``[W * S, H]`` copy."""
+    T, W = pos_TW.shape
+    H = peers[0].shape[1]
+    dtype = peers[0].dtype
+    out = torch.empty((T, H), dtype=dtype, device=pos_TW.device)
+    if T == 0 or H == 0:
+        return out
+    # small tiles (2 KiB of a row from each rank): many programs, many reads in flight
+    BH = min(triton.next_power_of_2(H), 2048 // dtype.itemsize)
+    BT, nw = max(1, 1024 // BH), 4
+    grid = (triton.cdiv(T, BT) * triton.cdiv(H, BH),)
+    _launch_pull_sum(
+        grid,
+        peer_ptrs,
+        pos_TW.contiguous(),
+        out,
+        first_row,
+        S,
+        T,
+        H,
+        W,
+        _TL_FLOAT[dtype],
+        _acc_tl(dtype),
+        BT,
+        BH,
+        num_warps=nw,
+        enable_fp_fusion=False,
     )
     return out

@@ -258,7 +258,7 @@ def _check_dropped(gs: GraphSpec, dropped: list[list[int]]) -> None:
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_capture_and_replay_nccl(nccl_world, W, transport, capacity, triton, backward):
-    world = nccl_world(W)
+    world = nccl_world(W, "nvshmem" if transport == "nvshmem" else "")
     if transport == "nvshmem" and not _comm.nvshmem_available():
         pytest.skip("this PyTorch build has no usable NVSHMEM")
     gs = GraphSpec(capacity=capacity, transport=transport, triton=triton, backward=backward)

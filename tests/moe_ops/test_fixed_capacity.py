@@ -443,7 +443,8 @@ def test_nccl_transports(nccl_world, W, transport, drop):
         )
     spec = Spec(T=(300,), K=4, E_l=4, H=64, Hp=32, dtype=bf16, seed=9)
     capacity = exact_capacity(spec, W) - (20 if drop else 0)
-    dropped = nccl_world(W).run(fixed_case, spec, capacity, drop, transport)
+    world = nccl_world(W, "nvshmem" if transport == "nvshmem" else "")
+    dropped = world.run(fixed_case, spec, capacity, drop, transport)
     assert (sum(dropped) >= 20) if drop else dropped == [0] * W
 
 
@@ -459,3 +460,18 @@ def test_nccl_sum_per_rank(nccl_world, W, capacity, transport):
     if capacity == "exact-20":
         capacity = exact_capacity(spec, W) - 20
     nccl_world(W).run(fixed_case, spec, capacity, True, transport, True)
+
+
+def test_device_assertion_names_the_checks_it_covers():
+    """On CUDA one ``torch._assert_async`` covers every check a dispatch asks for (the plan
+    folds them into ``ok[4]``); its message names each of them and fits CUDA's limit (messages
+    of 255 characters or more raise instead of asserting)."""
+    from moe_ops import _capacity_ops
+
+    for W, drop, transport in [(1, True, "local"), (2, False, "padded"), (4, True, "p2p")]:
+        asked = _capacity_ops._asked_checks(W, drop, transport)
+        message = _capacity_ops._assert_message(asked)
+        assert len(message) < 255
+        named = [text in message for text in _capacity_ops._CHECKS]
+        assert named == [bool(asked >> i & 1) for i in range(4)]
+        assert named[0] and named[1] == (W > 1) and named[3] == (not drop)

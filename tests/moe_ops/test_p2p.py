@@ -3,7 +3,8 @@ against NCCL's ``all_to_all_single`` (marked ``gpu``; a test for W ranks skips, 
 fewer than W GPUs).
 
 * every dtype the ops move (bf16 rows, float32 weights, int64 counts), odd widths, one row and
-  many, the Triton pull kernel and the plain torch copies: the same bits as NCCL;
+  many, the Triton pull kernel and the plain torch copies: the same bits as NCCL; the rows
+  summed per token as they are read (``exchange_sum``) too;
 * calls back to back through the same buffer (the next call's writes must wait for every peer's
   reads of the last one), with one rank held back on the device so that the others run ahead;
 * a whole op call: dispatch + combine with ``transport="p2p"`` issues no NCCL call.
@@ -31,6 +32,7 @@ SHAPES = [  # (rows per peer, width, dtype)
     (5, 3, torch.float32),
     (64, 4099, torch.bfloat16),
     (130, 7, torch.float16),
+    (128, 7168, torch.bfloat16),  # decode's token rows: 8-byte words, several column tiles
 ]
 
 
@@ -70,6 +72,30 @@ def exchange_case(triton: bool) -> None:
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
 def test_exchange_matches_nccl(nccl_world, W, triton):
     nccl_world(W).run(exchange_case, triton)
+
+
+def exchange_sum_case(triton: bool) -> None:
+    r, W = rank_and_world()
+    g = torch.Generator().manual_seed(r)
+    with triton_kernels(triton):
+        for rows, width, dtype in SHAPES:
+            if not dtype.is_floating_point:
+                continue
+            T = 2 * rows + 1  # tokens reading each row twice or not at all, -1 for some ranks
+            pos = torch.randint(0, rows, (T, W), generator=g) + torch.arange(W) * rows
+            pos = torch.where(torch.rand((T, W), generator=g) < 0.3, -1, pos).cuda()
+            send = _send(rows, width, dtype, 1) / 8
+            want = _chunks("s", "padded").exchange_sum(send)(pos)
+            got = _chunks("s", "p2p").exchange_sum(send)(pos)
+            assert torch.equal(got, want), (rows, width, dtype)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
+def test_exchange_sum_matches_nccl(nccl_world, W, triton):
+    """The sums back read straight from the peers' buffers (``pull_sum``) equal NCCL's exchange
+    followed by the combine kernel, bit for bit."""
+    nccl_world(W).run(exchange_sum_case, triton)
 
 
 def back_to_back_case(calls: int, exchanges: int) -> None:
@@ -152,3 +178,27 @@ def no_nccl_case() -> int:
 @pytest.mark.parametrize("W", [2, 4])
 def test_ops_issue_no_nccl_call(nccl_world, W):
     assert all(n > 0 for n in nccl_world(W).run(no_nccl_case))  # the padded calls were seen
+
+
+def mixed_backends_case() -> str:
+    r, W = rank_and_world()
+    E, T, K, H = 4 * W, 16, 2, 32
+    x = torch.randn(T, H, device="cuda")
+    idx = torch.randint(0, E, (T, K), device="cuda")
+    moe_ops.dispatch(x, idx, E, capacity="worst-case", transport="p2p")
+    try:
+        moe_ops.dispatch(x, idx, E, capacity="worst-case", transport="nvshmem")
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("W", [2])
+def test_p2p_then_nvshmem_is_a_clear_error(nccl_world, W):
+    """torch's symmetric memory takes one backend per process: 'nvshmem' after 'p2p' raises a
+    ValueError saying so on every rank (torch's own error would be 'Backend can not be changed
+    after use')."""
+    if not _comm.nvshmem_available():
+        pytest.skip("this PyTorch build has no usable NVSHMEM")
+    for msg in nccl_world(W, "mixed").run(mixed_backends_case):
+        assert "one backend per process" in msg, msg

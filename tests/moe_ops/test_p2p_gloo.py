@@ -226,15 +226,15 @@ def in_place_case(directory: str) -> list[list[tuple[str, bool]]]:
     x, idx = torch.randn(T, H, generator=g), torch.randint(0, E, (T, K), generator=g)
     w = torch.rand(T, K, generator=g)
     seen = []
-    real = _comm.EqualChunks._move
+    real = _comm.EqualChunks._arrive
 
-    def watched(self, send, gather):
+    def watched(self, send):
         buf = self._pending
         seen.append((self.op, buf is not None and send.data_ptr() == buf.local.data_ptr()))
-        return real(self, send, gather)
+        return real(self, send)
 
     out = []
-    with emulated_p2p(directory), mock.patch.object(_comm.EqualChunks, "_move", watched):
+    with emulated_p2p(directory), mock.patch.object(_comm.EqualChunks, "_arrive", watched):
         for sum_per_rank in (False, True):
             recv_x, h = moe_ops.dispatch(
                 x, idx, E, capacity="worst-case", transport="p2p", sum_per_rank=sum_per_rank

@@ -138,11 +138,15 @@ def test_fixed_plan_and_token_rows_match_torch(W, E_l, T, K, C):
         every[2, E + _layout.FIXED_T] += 1
         every[3, E + _layout.FIXED_PER_RANK] = 0
     for rank in range(W):
-        for per_token in (K, 1):  # the token rows below take the plan of sum_per_rank
-            plan_g = _kernels().fixed_plan(every.cuda(), E, C, rank, per_token)
-            plan_r = ref_k.fixed_plan(every, E, C, rank, per_token)
+        # the token rows below take the plan of sum_per_rank (per_token 1); every subset of
+        # the checks folded into ok[4]
+        for per_token, checks in [(K, c) for c in range(16)] + [(1, 15)]:
+            plan_g = _kernels().fixed_plan(every.cuda(), E, C, rank, per_token, checks)
+            plan_r = ref_k.fixed_plan(every, E, C, rank, per_token, checks)
             for name, a, b in zip(plan_r._fields, plan_g, plan_r, strict=True):
-                assert torch.equal(a.cpu(), b), name
+                assert torch.equal(a.cpu(), b), (name, checks)
+            want = all(plan_r.ok[i] for i in range(4) if checks >> i & 1)
+            assert bool(plan_r.ok[4]) == want, checks
         S = min(C, T)
         send_pos = ref_k.send_layout(idxs[rank], E, 1).send_pos
         got = _kernels().fixed_token_rows(idxs[rank].cuda(), send_pos.cuda(), plan_g, W, S)
