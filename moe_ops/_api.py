@@ -140,8 +140,10 @@ def dispatch(
             assertion (``torch._assert_async``) fires, which aborts the CUDA context and reports
             the message at the next synchronizing call (checking on the host would be a sync).
             ``"drop"``: those pairs are not sent, add 0 in combine, get no gradient, and
-            ``handle.num_dropped`` counts them on the sending rank. Bad expert ids are reported
-            the same way as overflow errors, on CUDA by a device-side assertion.
+            ``handle.num_dropped`` counts them on the sending rank. Bad expert ids (and, where
+            chunks must be equal, unequal T or ``sum_per_rank`` across ranks) are reported the
+            same way: on CUDA one device-side assertion covers every check that applies and
+            names them all (the same call on CPU tensors names the one that failed).
         transport: capacity mode only: how rows move. None picks ``"local"`` at W = 1 and
             ``"padded"`` (the fixed-size ``all_to_all_single``) at W > 1. ``"p2p"`` (CUDA, W > 1,
             every GPU of the group in one NVLink domain)
@@ -149,7 +151,8 @@ def dispatch(
             symmetric-memory buffer and reads its chunks straight from its peers' buffers after
             a device-side barrier (``torch.distributed._symmetric_memory``; persistent buffers
             per op, exchange and shape, allocated on first use: warm up before capturing a CUDA
-            graph). ``"nvshmem"`` is an
+            graph). It cannot share a process with ``"nvshmem"`` (torch's symmetric memory
+            takes one backend per process; the second raises ``ValueError``). ``"nvshmem"`` is an
             experimental transport on CUDA with NVSHMEM (``torch.ops.symm_mem.all_to_all_vdev_2d``,
             device-side split sizes, every rank passes the same T; see
             ``moe_ops._capacity_ops``). On one host of 4 H200 it was slower than ``"padded"``

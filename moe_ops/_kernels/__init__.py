@@ -2,8 +2,9 @@
 
 Both modules define the same functions (``send_layout``, ``token_rows``, ``expert_major_rows``,
 ``regroup_by_expert``, ``scatter_rows``, ``place_rows``, ``gather_rows``, ``combine_rows``,
-``slot_dot``, ``zero_tail``) with the same arguments and results, so an op picks its set once
-(:func:`for_device`) and calls it without forks.
+``slot_dot``, ``zero_tail``; the capacity mode's ``fixed_plan`` and ``fixed_token_rows``; the
+p2p transport's reads ``pull_chunks`` and ``pull_sum``) with the same arguments and results,
+so an op picks its set once (:func:`for_device`) and calls it without forks.
 
 The choice follows the device: Triton for CUDA tensors when Triton can be imported, plain torch
 otherwise. :func:`use_kernels` ``("torch")`` runs the plain torch set on CUDA too, within a
