@@ -16,8 +16,8 @@ of their experts), and the "moe" backend with ``capacity="worst-case"`` (the syn
 capacity-mode ops: the host is not held back by a read of the row counts); on GPUs also
 the last with inductor's CUDA graphs (``moe_backend(capacity="worst-case",
 mode="reduce-overhead")``; both also with ``sum_per_rank=True``: token rows and sums per rank,
-K > 1; the latter also with ``transport="p2p"``, the rows read from the peers' symmetric
-memory) and, for the transformers block, ``torch.compile(mode=
+K > 1; with and without CUDA graphs also with ``transport="p2p"`` at W > 1, the rows read
+from the peers' symmetric memory) and, for the transformers block, ``torch.compile(mode=
 "reduce-overhead")``. Each timed call is one step (``torch.compiler.cudagraph_mark_step_begin``);
 forward + backward starts from no gradients, as a training step after ``zero_grad`` would. A
 footnote says when inductor skipped CUDA graphs for a mode (then that row ran without them).
@@ -430,13 +430,18 @@ def _modes(group, device: torch.device):
             m, "worst-case", sum_per_rank=True
         ),
     }
+    p2p = device.type == "cuda" and group is not None and group.size() > 1
+    if p2p:  # the same with the rows read from the peers' symmetric memory
+        modes["moe backend, capacity=worst-case, sum_per_rank, p2p"] = lambda m: moe(
+            m, "worst-case", sum_per_rank=True, transport="p2p"
+        )
     if device.type == "cuda":  # inductor's CUDA graphs (what mode="reduce-overhead" turns on)
         modes[_CG_COMPILE] = lambda m: torch.compile(m, mode="reduce-overhead")
         modes[_CG_MOE] = lambda m: moe(m, "worst-case", mode="reduce-overhead")
         modes[_CG_MOE + ", sum_per_rank"] = lambda m: moe(
             m, "worst-case", mode="reduce-overhead", sum_per_rank=True
         )
-        # the same with the rows read from the peers' symmetric memory (no NCCL call)
+    if p2p:  # rows from the peers' symmetric memory (no NCCL call)
         modes[_CG_MOE + ", sum_per_rank, p2p"] = lambda m: moe(
             m, "worst-case", mode="reduce-overhead", sum_per_rank=True, transport="p2p"
         )
@@ -481,10 +486,14 @@ def main() -> None:
         help="with --profile: write each row's Chrome trace per rank into DIR",
     )
     p.add_argument(
-        "--blocks", help="comma-separated: only the blocks whose names hold one (=NAME: exactly)"
+        "--blocks",
+        help="comma-separated (semicolon-separated when it holds a ';'): only the blocks whose"
+        " names hold one (=NAME: exactly)",
     )
     p.add_argument(
-        "--modes", help="comma-separated: only the modes whose names hold one (=NAME: exactly)"
+        "--modes",
+        help="comma-separated (semicolon-separated when it holds a ';': mode names hold commas):"
+        " only the modes whose names hold one (=NAME: exactly)",
     )
     args = p.parse_args()
     if args.quick:
@@ -532,11 +541,12 @@ def main() -> None:
             notes.append(_check_ep(group, device, E, K))
 
     def wanted(name: str, spec: str | None) -> bool:
-        """Does a comma-separated ``spec`` select ``name``: a part selects the names that hold
-        it, or, written ``=part``, the one name equal to it."""
+        """Does a comma-separated ``spec`` (semicolon-separated when it holds one) select
+        ``name``: a part selects the names that hold it, or, written ``=part``, the one name
+        equal to it."""
         if spec is None:
             return True
-        parts = [part.strip() for part in spec.split(",")]
+        parts = [part.strip() for part in spec.split(";" if ";" in spec else ",")]
         return any(name == p[1:] if p.startswith("=") else p in name for p in parts)
 
     blocks = {b: make for b, make in blocks.items() if wanted(b, args.blocks)}
