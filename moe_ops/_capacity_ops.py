@@ -52,8 +52,9 @@ expert_out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -448,37 +449,38 @@ def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, chunks):
         topk_idx_TK, send_pos_TK, plan, W, S, slots_out=slots
     )
     kern.scatter_rows(x_TH, token_pos, None, W * S, out=rows)  # rows no token takes: not read
-    zeroed = None
-    if chunks.p2p and x_TH.device.type == "cuda":  # the send buffer is not the allocator's
+    if chunks.p2p and x_TH.device.type == "cuda":
+        # recv_x's padding zeroed beside the exchange (the send buffer is symmetric memory, not
+        # the allocator's, so allocating recv_x first costs no peak memory)
         recv_x = x_TH.new_empty((C, H))
-        zeroed = _zero_tail_meanwhile(kern, recv_x, plan.num_recv)
+        with _zero_tail_meanwhile(kern, recv_x, plan.num_recv):
+            recv = chunks.exchange(send)
+        slot_rows = recv.view(_I64)[:, :K].contiguous()
+        kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C, out=recv_x)
+        return pair_pos, token_pos, recv_x, slot_rows
     recv = chunks.exchange(send)
     del send, rows, slots  # their memory can serve recv_x
     slot_rows = recv.view(_I64)[:, :K].contiguous()
-    if zeroed is None:
-        recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C)
-        return pair_pos, token_pos, kern.zero_tail(recv_x, plan.num_recv), slot_rows
-    kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C, out=recv_x)
-    return pair_pos, token_pos, zeroed(), slot_rows
+    recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C)
+    return pair_pos, token_pos, kern.zero_tail(recv_x, plan.num_recv), slot_rows
 
 
-def _zero_tail_meanwhile(kern, rows_CH: Tensor, n: Tensor) -> Callable[[], Tensor]:
-    """Zeroes ``rows_CH[n:]`` on a side stream of the CUDA device while the current stream goes
-    on (with the p2p transport the exchange's barriers and reads, which leave the GPU's memory
-    bandwidth mostly idle); returns ``join()``, which makes the current stream wait for it and
-    returns ``rows_CH``. Its writes and the caller's rows ``[0, n)`` are disjoint. In a CUDA
-    graph capture this forks and joins the graph."""
+@contextlib.contextmanager
+def _zero_tail_meanwhile(kern, rows_CH: Tensor, n: Tensor) -> Iterator[None]:
+    """Zeroes ``rows_CH[n:]`` on a side stream of the CUDA device while the block runs on the
+    current stream (with the p2p transport: the exchange's barrier and reads, which leave the
+    GPU's memory bandwidth mostly idle); on leaving, also by an exception, the current stream
+    waits for it, so what comes after (the row scatter: the torch kernels rewrite all of
+    ``rows_CH``) sees the zeros. In a CUDA graph capture this forks and joins the graph."""
     main = torch.cuda.current_stream(rows_CH.device)
     side = _side_stream(rows_CH.device)
     side.wait_stream(main)  # rows_CH and n exist
     with torch.cuda.stream(side):
         kern.zero_tail(rows_CH, n)
-
-    def join() -> Tensor:
+    try:
+        yield
+    finally:
         main.wait_stream(side)
-        return rows_CH
-
-    return join
 
 
 @functools.cache

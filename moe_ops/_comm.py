@@ -272,7 +272,8 @@ class EqualChunks:
       what it sends into its own persistent symmetric buffer (the caller's kernel writes it there
       directly: :meth:`send_buffer`), a device-side barrier says every rank has written, and
       each rank reads its chunk of every peer's buffer into a fresh tensor in one kernel
-      (``pull_chunks``): no host work, no NCCL call, nothing the host waits for. Buffers are
+      (``pull_chunks``; or, for rows summed per token, sums them as it reads them:
+      :meth:`exchange_sum`): no host work, no NCCL call, nothing the host waits for. Buffers are
       allocated and rendezvoused on first use (a collective call: warm up before capturing a
       CUDA graph) and reused by the next call with the same op, exchange index and shape; all
       ranks run the same calls in the same order, on one stream each.
@@ -297,6 +298,7 @@ class EqualChunks:
         self.counted = transport in ("padded", "p2p")  # nvshmem moves rows elsewhere
         self._calls = 0  # exchanges so far in this op call
         self._pending: _P2PBuffer | None = None
+        self._unread = False  # an exchange_sum whose rows are not yet read
 
     def done(self, result: Any) -> Any:
         """``result``, once the call made the exchanges it declared (the overwrite rule counts
@@ -307,7 +309,12 @@ class EqualChunks:
                 f"moe_ops: {self.op} made {self._calls} exchanges, not the {self.exchanges} "
                 f"it declared"
             )
+        self._check_read()
         return result
+
+    def _check_read(self) -> None:
+        if self._unread:  # the overwrite rule counts on reads before the next barrier
+            raise RuntimeError(f"moe_ops: {self.op} left an exchange_sum's rows unread")
 
     def size(self) -> int:
         return self.group.size()
@@ -367,15 +374,22 @@ class EqualChunks:
         ``pos_TW[t, r] >= 0``, in rank order, accumulated in ``acc_dtype``, in ``send``'s dtype.
         With ``"p2p"`` it is one kernel reading the rows straight from the peers' buffers (no
         ``[W * S, H]`` copy). Two steps so that the caller can drop ``send`` in between: its
-        memory can then serve the output."""
+        memory can then serve the output. ``sum_rows`` must run before the call's next
+        exchange and before :meth:`done` (the overwrite rule counts on every read of an
+        exchange coming before the next barrier; checked)."""
         kern = _kernels.for_device(send.device)
         buf = self._arrive(send)
-        if buf is None:
-            recv = self._padded(send)
-            return lambda pos_TW: kern.combine_rows(recv, pos_TW, None, recv.dtype)
+        recv = self._padded(send) if buf is None else None
         S = send.shape[0] // self.size()
-        first = self.rank() * S
-        return lambda pos_TW: kern.pull_sum(buf.peers, buf.peer_ptrs, pos_TW, first, S)
+        self._unread = True
+
+        def sum_rows(pos_TW: Tensor) -> Tensor:
+            self._unread = False
+            if buf is None:
+                return kern.combine_rows(recv, pos_TW, None, recv.dtype)
+            return kern.pull_sum(buf.peers, buf.peer_ptrs, pos_TW, self.rank() * S, S)
+
+        return sum_rows
 
     def _arrive(self, send: Tensor) -> _P2PBuffer | None:
         """Counts the exchange; with ``"p2p"``, puts ``send`` in this rank's buffer (unless the
@@ -383,6 +397,7 @@ class EqualChunks:
         has: returns the buffer, whose peers' rows are ready to read. None otherwise."""
         if self._calls >= self.exchanges:  # p2p's overwrite rule above would not hold
             raise RuntimeError(f"moe_ops: {self.op} made more than {self.exchanges} exchanges")
+        self._check_read()
         buf = None
         if self.p2p:
             buf = self._pending

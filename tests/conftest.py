@@ -56,6 +56,8 @@ def nccl_world(world_pool):
 
     def get(world_size: int, tag: str = ""):
         if under_torchrun():
+            if tag:
+                pytest.skip(f"needs processes of its own ({tag!r}): not under torchrun")
             launched = int(os.environ["WORLD_SIZE"])
             if launched != world_size:
                 pytest.skip(f"torchrun launched {launched} rank(s); this test needs {world_size}")

@@ -81,10 +81,12 @@ def exchange_sum_case(triton: bool) -> None:
         for rows, width, dtype in SHAPES:
             if not dtype.is_floating_point:
                 continue
-            T = 2 * rows + 1  # tokens reading each row twice or not at all, -1 for some ranks
+            # each token a random row of each rank's chunk, or none (-1) for some ranks; random
+            # values, so that another summation order would show in the bits
+            T = 2 * rows + 1
             pos = torch.randint(0, rows, (T, W), generator=g) + torch.arange(W) * rows
             pos = torch.where(torch.rand((T, W), generator=g) < 0.3, -1, pos).cuda()
-            send = _send(rows, width, dtype, 1) / 8
+            send = torch.randn((W * rows, width), generator=g).to("cuda", dtype)
             want = _chunks("s", "padded").exchange_sum(send)(pos)
             got = _chunks("s", "p2p").exchange_sum(send)(pos)
             assert torch.equal(got, want), (rows, width, dtype)

@@ -208,7 +208,7 @@ def test_backend_checks_the_transport():
 
 def test_a_call_must_make_the_exchanges_it_declared():
     """The overwrite rule counts on every call of an op making the exchanges it declares: an op
-    that made fewer (or more, see ``EqualChunks._move``) raises instead of racing later."""
+    that made fewer (or more, see ``EqualChunks._arrive``) raises instead of racing later."""
     from moe_ops import _comm
 
     chunks = _comm.EqualChunks(None, "", "padded", "some_op", 2)
@@ -252,3 +252,37 @@ def test_forward_rows_written_in_place_gloo(gloo_world, tmp_path):
     per_rank = [("dispatch", True)] * 2 + [("combine", True)] * 2
     for got in gloo_world(2).run(in_place_case, str(tmp_path)):
         assert got == [slot_order, per_rank]
+
+
+def unread_case() -> list[str]:
+    """An ``exchange_sum`` whose rows are not summed before the next exchange, or before the
+    call ends, raises (the overwrite rule counts on each exchange's reads coming before the next
+    barrier); summed in time, it equals the exchange followed by the combine."""
+    from moe_ops import _comm, _kernels
+
+    r, W = rank_and_world()
+    group = dist.group.WORLD
+    send = torch.arange(W * 3 * 4, dtype=f32).view(W * 3, 4) + 100 * r
+    pos = torch.tensor([[0, 3 * (W - 1) + 2], [-1, 3], [1, -1]])[:, :W]
+    said = []
+    for step in ("next exchange", "done"):
+        exchanges = 2 if step == "next exchange" else 1
+        chunks = _comm.EqualChunks(group, group.group_name, "padded", "op", exchanges)
+        chunks.exchange_sum(send)
+        try:
+            chunks.exchange(send) if step == "next exchange" else chunks.done(None)
+        except RuntimeError as e:
+            said.append(str(e))
+    chunks = _comm.EqualChunks(group, group.group_name, "padded", "op", 1)
+    got = chunks.exchange_sum(send)(pos)
+    chunks.done(None)
+    want = _kernels.for_device(send.device).combine_rows(
+        _comm.EqualChunks(group, group.group_name, "padded", "x", 1).exchange(send), pos, None, f32
+    )
+    assert torch.equal(got, want)
+    return said
+
+
+def test_exchange_sum_rows_read_in_time_gloo(gloo_world):
+    for said in gloo_world(2).run(unread_case):
+        assert said == ["moe_ops: op left an exchange_sum's rows unread"] * 2
