@@ -449,20 +449,19 @@ def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, chunks):
         topk_idx_TK, send_pos_TK, plan, W, S, slots_out=slots
     )
     kern.scatter_rows(x_TH, token_pos, None, W * S, out=rows)  # rows no token takes: not read
-    if chunks.p2p and x_TH.device.type == "cuda":
-        # recv_x's padding zeroed beside the exchange (the send buffer is symmetric memory, not
-        # the allocator's, so allocating recv_x first costs no peak memory)
-        recv_x = x_TH.new_empty((C, H))
-        with _zero_tail_meanwhile(kern, recv_x, plan.num_recv):
-            recv = chunks.exchange(send)
-        slot_rows = recv.view(_I64)[:, :K].contiguous()
-        kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C, out=recv_x)
-        return pair_pos, token_pos, recv_x, slot_rows
-    recv = chunks.exchange(send)
-    del send, rows, slots  # their memory can serve recv_x
+    # With p2p on CUDA recv_x's padding is zeroed beside the exchange (the send buffer is
+    # symmetric memory, not the allocator's, so allocating recv_x first costs no peak memory);
+    # otherwise after the row scatter, in memory the send buffer may have freed.
+    beside = chunks.p2p and x_TH.device.type == "cuda"
+    recv_x = x_TH.new_empty((C, H)) if beside else None
+    with _zero_tail_meanwhile(kern, recv_x, plan.num_recv) if beside else contextlib.nullcontext():
+        recv = chunks.exchange(send)
+    del send, rows, slots
     slot_rows = recv.view(_I64)[:, :K].contiguous()
-    recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C)
-    return pair_pos, token_pos, kern.zero_tail(recv_x, plan.num_recv), slot_rows
+    recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C, out=recv_x)
+    if not beside:
+        recv_x = kern.zero_tail(recv_x, plan.num_recv)
+    return pair_pos, token_pos, recv_x, slot_rows
 
 
 @contextlib.contextmanager

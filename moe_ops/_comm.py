@@ -352,20 +352,21 @@ class EqualChunks:
         buf = self._arrive(send)
         if buf is None:
             return self._padded(send)
-        W = self.size()
-        rows = send.shape[0] // W
-        out = send.new_empty((W * rows, *send.shape[1:]))
-        kern = _kernels.for_device(send.device)
-        return kern.pull_chunks(buf.peers, buf.peer_ptrs, out, self.rank() * rows)
+        rows = send.shape[0] // self.size()
+        return self._pull(buf, send, rows, self.rank() * rows)
 
     def gather(self, row: Tensor) -> Tensor:
         """Every rank's ``row``: ``[W, n]``."""
         if not self.p2p:  # an all_to_all_single of the row repeated W times (tiny)
             return self.exchange(row.expand(self.size(), row.shape[0]))
         send = row.view(1, -1)
-        buf = self._arrive(send)
-        out = send.new_empty((self.size(), send.shape[1]))
-        return _kernels.for_device(send.device).pull_chunks(buf.peers, buf.peer_ptrs, out, 0)
+        return self._pull(self._arrive(send), send, 1, 0)
+
+    def _pull(self, buf: _P2PBuffer, send: Tensor, rows: int, first: int) -> Tensor:
+        """Rows ``[first, first + rows)`` of every rank's buffer, rank by rank, in a fresh
+        tensor."""
+        out = send.new_empty((self.size() * rows, *send.shape[1:]))
+        return _kernels.for_device(send.device).pull_chunks(buf.peers, buf.peer_ptrs, out, first)
 
     def exchange_sum(self, send: Tensor) -> Callable[[Tensor], Tensor]:
         """:meth:`exchange` of ``send`` (``[W * S, H]``) for rows that are summed per token:
