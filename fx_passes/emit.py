@@ -7,8 +7,9 @@ graph, with ``g = group_name, W = world_size``::
     d = torch.ops.moe_ops.dispatch(x, topk_idx, E, g, W, sum_per_rank)
     recv_x, tokens_per_expert = d[0], d[1]           # moe_ops._ops.DispatchOutputs
     expert_out = <local experts on recv_x>           # grouped_mm, or per-expert segments
-    out, _ = torch.ops.moe_ops.combine(expert_out, topk_weights, *layout, g, W)
-                                                     # layout: moe_ops._ops.Layout's fields of d
+    out, _ = torch.ops.moe_ops.combine(expert_out, topk_weights, *layout, g, W, False, keep)
+                                                     # layout: moe_ops._ops.Layout's fields of d;
+                                                     # keep: topk_weights requires grad
     routed = base + out                                # when the block accumulated onto a base
 
 With ``capacity=`` (opt-in, see ``fuse.fuse_moe_routing``) the pair is the sync-free capacity mode
@@ -189,10 +190,12 @@ def _emit_default(
             expert_out = emit_segments(graph, match.body, local, recv_x, tpe, env)
             info["experts"] = "segments"
             info["why_not_grouped"] = why_not
+    # the rows that come back are kept for the backward only when the weights need a gradient
+    keep_rows = w is not None and val(w).requires_grad
     c = call(
         graph,
         torch.ops.moe_ops.combine.default,
-        (expert_out, w, *layout, group_name, world_size),
+        (expert_out, w, *layout, group_name, world_size, False, keep_rows),
     )
     del tpe.meta[HOST_COUNTS]  # only for this emission (nodes in meta would outlive it)
     return _finish(graph, match, env, call(graph, operator.getitem, (c, 0)))

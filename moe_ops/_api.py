@@ -323,6 +323,9 @@ def combine(
     if topk_weights is not None and topk_weights.dim() == 1 and pair_pos.shape[1] == 1:
         topk_weights = topk_weights.unsqueeze(1)
     direct, args = handle._combine_and_args()
+    if handle.capacity is None:  # the rows that came back are kept only for a weight gradient
+        wants_grad = topk_weights is not None and topk_weights.requires_grad
+        args = (*args, False, wants_grad and torch.is_grad_enabled())
     if handle.capacity is not None:
         if expert_out.device != pair_pos.device:
             raise ValueError(

@@ -175,6 +175,12 @@ def register(
         if grad_out is None:  # out took no part in the loss
             return (None,) * ctx.num_inputs
         want_w = weights is not None and ctx.needs_input_grad[1]
+        if want_w and rows is None:
+            raise RuntimeError(
+                "moe_ops.combine: the gradient of topk_weights needs the rows that came back, "
+                "which combine ran without (keep_rows=False); moe_ops.combine keeps them when "
+                "topk_weights requires grad"
+            )
         with _kernels.use_kernels(ctx.kernels):
             grad_expert_out, grad_w = direct_combine_backward(
                 grad_out, rows if want_w else None, weights, *layout, *ctx.static

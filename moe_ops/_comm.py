@@ -192,6 +192,7 @@ def rows_to_sources(
     group: dist.ProcessGroup,
     what: str,
     kern,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Payload exchange back to the sources.
 
@@ -199,7 +200,7 @@ def rows_to_sources(
     ``[R + W]``, ``moe_ops._layout.expert_major_rows``) gives each one's row in the source-major
     buffer, then the status rows. Returns the rows this rank sent, back in send order, with one
     status row after each destination's chunk: ``[N + W, ...]``, so chunk ``d`` starts at row
-    ``sum(send_splits[:d]) + d``.
+    ``sum(send_splits[:d]) + d`` (into ``out`` if given).
     """
     W = len(send_splits)
     R = sum(recv_splits)
@@ -207,7 +208,8 @@ def rows_to_sources(
     status_W = recv_rows[R:]
     if not bad:  # the status rows written by the placing kernel
         kern.place_rows(rows_R, recv_rows[:R], buf, fill_rows=status_W, value=_OK)
-    return rows_back(buf, send_splits, recv_splits, status_W, bad, my_rank, group, what, not bad)
+    args = (buf, send_splits, recv_splits, status_W, bad, my_rank, group, what, not bad)
+    return rows_back(*args, out=out)
 
 
 def spare_rows(splits: list[int], device: torch.device) -> Tensor:
@@ -229,27 +231,35 @@ def rows_back(
     status_written: bool = False,
     *,
     check_peers: bool = True,
+    out: Tensor | None = None,
+    with_status: bool = True,
 ) -> Tensor:
     """The exchange back to the sources of rows already laid out source-major with a spare row
     after each source's chunk (``buf`` ``[sum(recv_splits) + W, ...]``; ``status_W``: the spare
     rows; None when ``status_written``). Writes the status rows unless ``status_written`` (every
     row NaN when this rank's input is ``bad``), exchanges, and returns ``[sum(send_splits) + W,
-    ...]`` in send order with the peers' status rows; on the CPU it raises ``PeerInputError``
-    when a peer flagged bad input (with ``check_peers``; else the caller reads
-    :func:`peer_status` once every exchange of the call is done). The status "input good" is
-    0."""
-    W = len(send_splits)
+    ...]`` in send order with the peers' status rows (into ``out`` if given); on the CPU it
+    raises ``PeerInputError`` when a peer flagged bad input (with ``check_peers``; else the
+    caller reads :func:`peer_status` once every exchange of the call is done). The status
+    "input good" is 0. Without ``with_status`` (an exchange whose call sent the status in an
+    earlier one) the buffers have no spare rows, and a bad rank's rows are NaN."""
+    W = len(send_splits) if with_status else 0
     # Status rows are written with a fill (the value a kernel argument). ``buf[pos] = value``
     # would copy the Python scalar to the device as a 0-d tensor from pageable memory: a host
     # sync on CUDA.
     if bad:
         buf.fill_(float("nan"))
-        buf.index_fill_(0, status_W, _BAD)
-    elif not status_written:
+        if with_status:
+            buf.index_fill_(0, status_W, _BAD)
+    elif with_status and not status_written:
         buf.index_fill_(0, status_W, _OK)
-    out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
-    all_to_all(out, buf, _with_spare_row(send_splits), _with_spare_row(recv_splits), group)
-    if check_peers and out.device.type == "cpu":
+    if out is None:
+        out = buf.new_empty((sum(send_splits) + W, *buf.shape[1:]))
+    splits = (send_splits, recv_splits)
+    if with_status:
+        splits = (_with_spare_row(send_splits), _with_spare_row(recv_splits))
+    all_to_all(out, buf, *splits, group)
+    if check_peers and with_status and out.device.type == "cpu":
         raise_if_peer_bad(peer_status(out, send_splits), my_rank, what)
     return out
 

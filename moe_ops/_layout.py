@@ -38,22 +38,38 @@ from torch import Tensor
 # go once per (token, rank) (-1 when they go once per (token, slot)), then the pairs for each of
 # rank d's local experts.
 STATUS, TOKEN_ROWS, COUNTS = 0, 1, 2
-# The count exchange sends W more columns after the count row (row d, ``[W]``): with
-# ``sum_per_rank`` and more than one round (combine sums per rank in rounds of tokens; the
-# rounds are counted in the status, see SUMS_PER_RANK), the token rows sent to rank d from each
-# of this rank's rounds (:func:`round_rows`); unwritten otherwise. Every rank sends them whatever
-# its options, so the exchange has one size on every rank.
+# The count exchange sends round columns after the count row (row d, ``[round_columns(W)]``),
+# filled only by a rank whose combine sends its rows back in more than one round of its tokens
+# (the rounds are counted in its status: SUMS_PER_RANK, PAIR_ROUNDS), unwritten otherwise: with
+# ``sum_per_rank``, the token rows sent to rank d from each of this rank's rounds
+# (:func:`round_rows`); in slot order, the pairs (:func:`pair_rounds`). Every rank sends them
+# whatever its options, so the exchange has one size on every rank.
+MAX_PAIR_ROUNDS = 8
+
+
+def round_columns(world_size: int) -> int:
+    """Round columns of the count exchange: W rounds at most with ``sum_per_rank``,
+    ``MAX_PAIR_ROUNDS`` in slot order."""
+    return max(world_size, MAX_PAIR_ROUNDS)
 
 
 def count_width(local_experts: int, world_size: int) -> int:
     """Columns per row of dispatch's count exchange: the count row, then the round columns."""
-    return COUNTS + local_experts + world_size
+    return COUNTS + local_experts + round_columns(world_size)
 
 
 # Added to the status of a rank whose combine will sum per rank (``sum_per_rank`` with K > W), once
 # per round of its tokens, so that ranks that disagree raise before any row moves and every rank
 # learns every rank's rounds; the status is bad when it is nonzero modulo this.
 SUMS_PER_RANK = 1 << 40
+# Added to the status, once per round, by a rank whose slot-order combine gets its pairs back in
+# more than one round of its tokens (so every rank learns every rank's rounds).
+PAIR_ROUNDS = 1 << 50
+
+
+def status_parts(status: int) -> tuple[int, int, int]:
+    """A count row's status as (bad, rounds summing per rank or 0, pair rounds or 0)."""
+    return status % SUMS_PER_RANK, status % PAIR_ROUNDS // SUMS_PER_RANK, status // PAIR_ROUNDS
 
 
 def write_count_row(out_WC: Tensor, counts_E: Tensor, bad: Tensor) -> Tensor:
@@ -143,6 +159,63 @@ def round_token_pos(pos_TW: Tensor, rows_WJ: Tensor) -> Tensor:
     shift_JW = (whole_W[:, None] + earlier_WJ - in_round_WJ).t()
     round_T = torch.arange(T, device=pos_TW.device) * rounds // T
     return torch.where(pos_TW >= 0, pos_TW - shift_JW[round_T], -1)
+
+
+def pair_rounds(topk_idx_TK: Tensor, num_experts: int, rounds: int) -> Tensor:
+    """Pairs per (round of this rank's tokens, global expert), int64 ``[rounds, E]`` (token t is
+    in round ``t * rounds // T``; ids outside ``[0, E)`` count nowhere). In send order a round's
+    pairs of one expert are a contiguous run of that expert's pairs."""
+    T, K = topk_idx_TK.shape
+    ids = topk_idx_TK.to(torch.int64)
+    round_T = torch.arange(T, device=ids.device) * rounds // T
+    valid = (ids >= 0) & (ids < num_experts)
+    flat = torch.where(valid, round_T[:, None] * num_experts + ids, rounds * num_experts)
+    per = torch.zeros(rounds * num_experts + 1, dtype=torch.int64, device=ids.device)
+    per.index_add_(0, flat.reshape(-1), torch.ones_like(flat).reshape(-1))
+    return per[:-1].view(rounds, num_experts)
+
+
+def round_pair_pos(send_pos_TK: Tensor, topk_idx_TK: Tensor, pairs_JE: Tensor, W: int) -> Tensor:
+    """Each pair's row in the buffer that brings its round's rows back (from each rank in rank
+    order: by local expert, then token and slot; in the first round one status row after each
+    rank's chunk), -1 where ``send_pos`` is. ``pairs_JE``: :func:`pair_rounds` of this rank's
+    rounds."""
+    T = send_pos_TK.shape[0]
+    J, E = pairs_JE.shape
+    expert_E = torch.arange(E, device=pairs_JE.device)
+    # where round j of expert g starts in round j's buffer, and in the send order
+    in_round_JE = excl_cumsum(pairs_JE, 1)
+    in_round_JE[0] += expert_E // (E // W)  # the status rows before its rank's chunk
+    in_send_JE = excl_cumsum(pairs_JE.t().reshape(-1), 0).view(E, J).t()
+    shift_JE = in_round_JE - in_send_JE
+    round_T = torch.arange(T, device=pairs_JE.device) * J // T
+    valid = send_pos_TK >= 0
+    g_TK = torch.where(valid, topk_idx_TK.to(torch.int64), 0)
+    return torch.where(valid, send_pos_TK + shift_JE[round_T[:, None], g_TK], -1)
+
+
+def round_buffer_rows(counts_WElJ: Tensor, num_rows: int) -> Tensor:
+    """On the experts' rank: the rows of ``expert_out`` that each round sends back, int64
+    ``[R + W]``, -1 for the status rows.
+
+    ``counts_WElJ[s, e, j]``: pairs of source s's round j for local expert e. ``expert_out`` is
+    expert-major (expert, source, then token order, so each (expert, source) run holds its
+    rounds in order); round j's buffer holds the rows for each source in rank order (by local
+    expert; in the first round one status row after each source's chunk), and the rounds'
+    buffers follow each other."""
+    W, E_l, J = counts_WElJ.shape
+    dev = counts_WElJ.device
+    counts_esj = counts_WElJ.permute(1, 0, 2).reshape(-1)  # expert_out's order
+    start_esj = excl_cumsum(counts_esj, 0)
+    rank_W = torch.arange(W, device=dev)
+    # status rows before each (round, source) chunk: s in the first round, all W after it
+    spares_JW = torch.cat([rank_W[None], rank_W.new_full((J - 1, W), W)]).view(J, W, 1)
+    to_JWE = excl_cumsum(counts_WElJ.permute(2, 0, 1).reshape(-1), 0).view(J, W, E_l) + spares_JW
+    shift = to_JWE.permute(2, 1, 0).reshape(-1) - start_esj
+    rows_R = torch.arange(num_rows, device=dev)
+    to_R = rows_R + torch.repeat_interleave(shift, counts_esj, output_size=num_rows)
+    out = torch.full((num_rows + W,), -1, dtype=torch.int64, device=dev)
+    return out.index_copy_(0, to_R, rows_R)
 
 
 # The capacity mode's count row, all-gathered: counts per global expert, then these columns (after

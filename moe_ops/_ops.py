@@ -32,7 +32,17 @@ from torch import Tensor
 
 from moe_ops import _autograd, _comm, _kernels, _layout
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
-from moe_ops._layout import COUNTS, STATUS, SUMS_PER_RANK, TOKEN_ROWS, acc_dtype, count_width
+from moe_ops._layout import (
+    COUNTS,
+    PAIR_ROUNDS,
+    STATUS,
+    SUMS_PER_RANK,
+    TOKEN_ROWS,
+    acc_dtype,
+    count_width,
+    round_columns,
+    status_parts,
+)
 
 # The default-mode ops read row counts on the host (dispatch) or size their exchanges from CPU
 # split tensors (combine, its backward): a CUDA graph would replay the first call's sizes. Tagged
@@ -66,15 +76,23 @@ class Layout(NamedTuple):
     token_send_splits  [W]          int64 on the CPU, token rows sent to each rank
     token_recv_splits  [W]          int64 on the CPU, token rows received from each rank
 
-    Large payloads go back in rounds of tokens (:func:`_rounds`; without ``sum_per_rank`` CPU
-    ``[0]`` and ``[0, 0]``):
+    Large payloads go back in rounds of each rank's tokens, each round one exchange whose rows
+    are summed into the output before the next (:func:`_rounds` with ``sum_per_rank``, else
+    :func:`_pair_rounds`; at W = 1 CPU ``[0]``, ``[0, 0]`` and ``[0]``). ``J`` is
+    ``_layout.round_columns(W)``; the rows are token rows with ``sum_per_rank``, pairs in slot
+    order:
 
-    round_splits       [2, W, W]    int64 on the CPU: ``[0, j]`` token rows sent to each rank in
-                                    this rank's round j (-1 past its last round), ``[1, j]``
-                                    token rows received from each rank in round j (-1 past the
-                                    last round of any rank); all -1 when every rank has one
-    round_pos          [T, W]       int64, ``token_pos`` within the round's buffer
-                                    (``_layout.round_token_pos``); ``[0, W]`` without rounds
+    round_splits       [2, J, W]    int64 on the CPU: ``[0, j]`` rows sent to each rank from
+                                    this rank's round j (-1 past its last round), ``[1, j]`` rows
+                                    received from each rank in round j (-1 past the last round
+                                    of any rank); all -1 when every rank has one
+    round_pos          [T, W|K]     int64, ``token_pos`` (``_layout.round_token_pos``) or
+                                    ``pair_pos`` (``_layout.round_pair_pos``) within the round's
+                                    buffer; no rows without rounds
+    round_rows         [R + J' W]   int64, slot order only: the rows of expert_out each round
+                                    sends back, round after round (``J'`` rounds), -1 for the
+                                    status rows (``_layout.round_buffer_rows``); ``[0]`` without
+                                    rounds
     """
 
     pair_pos: Tensor
@@ -88,6 +106,7 @@ class Layout(NamedTuple):
     token_recv_splits: Tensor
     round_splits: Tensor
     round_pos: Tensor
+    round_rows: Tensor
 
     @property
     def sums_per_rank(self) -> bool:
@@ -103,8 +122,8 @@ class DispatchOutputs(NamedTuple):
     send_pair_idx, pair_pos, recv_perm, send_splits, recv_splits: see :class:`Layout`
     tokens_per_expert_host  [E_l]   int64 on the CPU, ``tokens_per_expert`` as read by the one
                                     sync (per-expert loops size their segments from it)
-    token_pos, slot_rows, token_send_splits, token_recv_splits, round_splits, round_pos: see
-    :class:`Layout`
+    token_pos, slot_rows, token_send_splits, token_recv_splits, round_splits, round_pos,
+    round_rows: see :class:`Layout`
     """
 
     recv_x: Tensor
@@ -121,27 +140,28 @@ class DispatchOutputs(NamedTuple):
     token_recv_splits: Tensor
     round_splits: Tensor
     round_pos: Tensor
+    round_rows: Tensor
 
     def layout(self) -> Layout:
         return Layout(*(getattr(self, name) for name in Layout._fields))
 
 
-def _no_token_layout(device: torch.device) -> dict:
-    """The token-row fields of :class:`DispatchOutputs` when combine sums in slot order."""
+def _no_token_layout(device: torch.device, rounds: dict | None = None) -> dict:
+    """The token-row fields of :class:`DispatchOutputs` when combine sums in slot order, and
+    ``rounds`` (none by default: W = 1)."""
     i64 = dict(dtype=torch.int64)
+    if rounds is None:
+        rounds = dict(
+            round_splits=torch.empty(0, **i64),
+            round_pos=torch.empty((0, 0), device=device, **i64),
+            round_rows=torch.empty(0, device=device, **i64),
+        )
     return dict(
         token_pos=torch.empty((0, 0), device=device, **i64),
         slot_rows=torch.empty((0, 0), device=device, **i64),
         token_send_splits=torch.empty(0, **i64),
         token_recv_splits=torch.empty(0, **i64),
-        **_no_rounds(device),
-    )
-
-
-def _no_rounds(device: torch.device) -> dict:
-    i64 = dict(dtype=torch.int64)
-    return dict(
-        round_splits=torch.empty(0, **i64), round_pos=torch.empty((0, 0), device=device, **i64)
+        **rounds,
     )
 
 
@@ -157,6 +177,15 @@ _ROUND_BYTES = 256 << 20
 
 def _rounds(T: int, row_bytes: int, W: int) -> int:
     return 1 if T == 0 or T * W * row_bytes < _ROUND_BYTES else W
+
+
+# Combine in slot order holds, besides expert_out, the rows it sends back (regrouped by source)
+# and the rows that come back, one per pair each: twice the payload. A rank whose pairs take at
+# least _ROUND_BYTES gets them back in rounds of its tokens, so that each round's two buffers
+# hold about _ROUND_BYTES each (at most MAX_PAIR_ROUNDS rounds, one token each at least). The
+# rows' size is x's: expert_out's is not known to dispatch.
+def _pair_rounds(T: int, K: int, row_bytes: int) -> int:
+    return max(1, min(_layout.MAX_PAIR_ROUNDS, T, T * K * row_bytes // _ROUND_BYTES))
 
 
 def num_recv_rows(send_pair_idx: Tensor, recv_perm: Tensor, world_size: int):
@@ -262,15 +291,23 @@ def _dispatch_group(
     # the count rows this rank sends and receives, read to the host at once
     to_read = torch.empty((2, W, count_width(E // W, W)), dtype=torch.int64, device=x.device)
     lay = kern.send_layout(topk_idx, E, W, count_row=to_read[0][:, :C])
-    tok = None
+    tok = pairs_JE = None
+    per_rank = sum_per_rank and K > W  # combine sums per rank
+    row_bytes = x.shape[1] * x.element_size()
     if K > W:
         tok = kern.token_rows(topk_idx, E, W, rows_out=to_read[0][:, TOKEN_ROWS])
-        if sum_per_rank:
-            rounds = _rounds(T, x.shape[1] * x.element_size(), W)
-            # a scalar kernel argument: no copy from the host
-            to_read[0][:, STATUS] += SUMS_PER_RANK * rounds
-            if rounds > 1:
-                _layout.round_rows(tok.pos_TW, rounds, to_read[0][:, C : C + rounds])
+    if per_rank:
+        rounds = _rounds(T, row_bytes, W)
+        # a scalar kernel argument: no copy from the host
+        to_read[0][:, STATUS] += SUMS_PER_RANK * rounds
+        if rounds > 1:
+            _layout.round_rows(tok.pos_TW, rounds, to_read[0][:, C : C + rounds])
+    else:
+        rounds = _pair_rounds(T, K, row_bytes)
+        if rounds > 1:
+            to_read[0][:, STATUS] += PAIR_ROUNDS * rounds
+            pairs_JE = _layout.pair_rounds(topk_idx, E, rounds)
+            to_read[0][:, C : C + rounds] = pairs_JE.view(rounds, W, E // W).sum(2).t()
     _comm.exchange_counts(to_read[0], group, out=to_read[1])
     host, filled = _comm.read_to_host(
         to_read, lambda: _fill_send(kern, x, lay.pair_pos, tok, W, None)
@@ -304,7 +341,7 @@ def _dispatch_group(
         by_expert = kern.send_layout(recv_slots, E // W, 1)
         pairs = by_expert.send_pair_idx[:R]
         recv_x = kern.gather_rows(recv, pairs, per_row=K)  # each pair's token row
-    if tok is not None and sum_per_rank:
+    if per_rank:
         token_layout = dict(
             token_pos=tok.pos_TW,
             slot_rows=by_expert.send_pos,
@@ -313,7 +350,8 @@ def _dispatch_group(
             **_round_layout(tok.pos_TW, to_read[0][:, C:], sent, got, C, send_tok, recv_tok),
         )
     else:
-        token_layout = _no_token_layout(x.device)
+        pairs = (lay, topk_idx, pairs_JE, counts_WEl, sent, got, C, send_splits, recv_splits)
+        token_layout = _no_token_layout(x.device, _pair_round_layout(*pairs, group))
     N = sum(send_splits)
     return DispatchOutputs(
         recv_x=recv_x,
@@ -342,27 +380,76 @@ def _round_layout(
     rank has one round."""
 
     def per_round(rows: list, totals: list[int]) -> list[list[int]]:  # each peer's rounds
-        rounds = [row[STATUS] // SUMS_PER_RANK for row in rows]
+        rounds = [status_parts(row[STATUS])[1] for row in rows]
         return [
             row[C : C + n] if n > 1 else [total]
             for row, n, total in zip(rows, rounds, totals, strict=True)
         ]
 
     mine, theirs = per_round(sent, send_tok), per_round(got, recv_tok)
+    splits = _round_splits(mine, theirs)
+    no_rows = pos_TW.new_empty(0)
+    if splits[1, 1, 0] < 0:  # one round on every rank
+        no_pos = pos_TW.new_empty((0, pos_TW.shape[1]))
+        return dict(round_splits=splits, round_pos=no_pos, round_rows=no_rows)
+    if len(mine[0]) == 1:  # this rank's one round is the whole buffer
+        return dict(round_splits=splits, round_pos=pos_TW.clone(), round_rows=no_rows)
+    return dict(
+        round_splits=splits,
+        round_pos=_layout.round_token_pos(pos_TW, rows_WJ[:, : len(mine[0])]),
+        round_rows=no_rows,
+    )
+
+
+def _round_splits(mine: list[list[int]], theirs: list[list[int]]) -> Tensor:
+    """:class:`Layout`'s ``round_splits`` from the rows this rank sends each rank per round of
+    its own (``mine[d]``) and receives from each rank per round of theirs (``theirs[s]``)."""
+    W = len(mine)
     rounds = max(len(r) for r in theirs)  # the same on every rank: got holds every rank's rounds
-    W = len(send_tok)
-    splits = torch.full((2, W, W), -1, dtype=torch.int64)
+    splits = torch.full((2, round_columns(W), W), -1, dtype=torch.int64)
     if rounds == 1:
-        return dict(round_splits=splits, round_pos=pos_TW.new_empty((0, W)))
+        return splits
     splits[0, : len(mine[0])] = torch.tensor(mine, dtype=torch.int64).t()
     splits[1, :rounds] = 0
     for s, rows_j in enumerate(theirs):
         splits[1, : len(rows_j), s] = torch.tensor(rows_j, dtype=torch.int64)
-    if len(mine[0]) == 1:  # this rank's one round is the whole buffer
-        return dict(round_splits=splits, round_pos=pos_TW.clone())
+    return splits
+
+
+def _pair_round_layout(
+    lay, topk_idx, pairs_JE, counts_WEl, sent, got, C, send_splits, recv_splits, group
+) -> dict:
+    """:class:`Layout`'s round fields in slot order (the count rows as read: ``sent``, ``got``;
+    ``pairs_JE``: this rank's pairs per round and expert when it has rounds). When some rank has
+    rounds, each rank sends every rank its pairs per (local expert, round), which says where
+    each round's rows are in expert_out (one small exchange, after the payload's)."""
+
+    def per_round(rows: list, totals: list[int]) -> list[list[int]]:  # each peer's rounds
+        rounds = [status_parts(row[STATUS])[2] for row in rows]
+        return [
+            row[C : C + n] if n > 1 else [total]
+            for row, n, total in zip(rows, rounds, totals, strict=True)
+        ]
+
+    mine, theirs = per_round(sent, send_splits), per_round(got, recv_splits)
+    splits = _round_splits(mine, theirs)
+    T, K = topk_idx.shape
+    dev = topk_idx.device
+    if splits[1, 1, 0] < 0:  # one round on every rank
+        i64 = dict(dtype=torch.int64, device=dev)
+        empty = dict(round_pos=torch.empty((0, K), **i64), round_rows=torch.empty(0, **i64))
+        return dict(round_splits=splits, **empty)
+    W, E_l = counts_WEl.shape
+    rounds = int((splits[1, :, 0] >= 0).sum())
+    if pairs_JE is None:  # this rank's one round: every pair
+        pairs_JE = lay.counts_bad[: W * E_l].view(1, W * E_l)
+    send_WElJ = pairs_JE.new_zeros((W, E_l, rounds))
+    send_WElJ[:, :, : pairs_JE.shape[0]] = pairs_JE.view(-1, W, E_l).permute(1, 2, 0)
+    got_WElJ = _comm.exchange_counts(send_WElJ.view(W, -1), group).view(W, E_l, rounds)
     return dict(
         round_splits=splits,
-        round_pos=_layout.round_token_pos(pos_TW, rows_WJ[:, : len(mine[0])]),
+        round_pos=_layout.round_pair_pos(lay.send_pos, topk_idx, pairs_JE, W),
+        round_rows=_layout.round_buffer_rows(got_WElJ, sum(recv_splits)),
     )
 
 
@@ -386,7 +473,7 @@ def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int, per_ran
     """After the count read: raise on this rank's bad ids, on a peer's bad input, and when the
     ranks disagree on sending rows once per (token, rank) (their K differ) or on summing per
     rank."""
-    status_W = [row[STATUS] % SUMS_PER_RANK for row in got]
+    status_W = [status_parts(row[STATUS])[0] for row in got]
     if status_W[rank]:
         raise bad_id_error(topk_idx, E)
     _comm.raise_if_peer_bad(status_W, rank, "dispatch")
@@ -398,7 +485,7 @@ def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int, per_ran
             f"have K > W, the others not); pass [T, K] with the same K on every rank"
         )
     if per_token[rank]:
-        summing = [row[STATUS] >= SUMS_PER_RANK for row in got]
+        summing = [status_parts(row[STATUS])[1] > 0 for row in got]
         if len(set(summing)) > 1:
             raise ValueError(
                 f"moe_ops.dispatch: the ranks of the group passed different sum_per_rank (this "
@@ -427,20 +514,26 @@ def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False):
     i64 = dict(dtype=torch.int64, device=x.device)
     cpu64 = dict(dtype=torch.int64, device="cpu")
     W = world_size
-    if sum_per_rank and W > 1 and K > W:
-        Rt_W = ctx.new_dynamic_size()  # token rows received, plus the W spare rows
-        torch._check(Rt_W >= W)
-        token_layout = dict(
-            token_pos=torch.empty((T, W), **i64),
-            slot_rows=torch.empty((Rt_W, K), **i64),
-            token_send_splits=torch.empty(W, **cpu64),
-            token_recv_splits=torch.empty(W, **cpu64),
-            round_splits=torch.empty((2, W, W), **cpu64),
-            # rounds or not is known after the count exchange: T rows or none
-            round_pos=torch.empty((ctx.new_dynamic_size(), W), **i64),
-        )
-    else:
+    if W == 1:
         token_layout = _no_token_layout(x.device)
+    else:
+        per_rank = sum_per_rank and K > W
+        rounds = dict(
+            round_splits=torch.empty((2, round_columns(W), W), **cpu64),
+            # rounds or not is known after the count exchange: T rows or none
+            round_pos=torch.empty((ctx.new_dynamic_size(), W if per_rank else K), **i64),
+            round_rows=torch.empty(0 if per_rank else ctx.new_dynamic_size(), **i64),
+        )
+        token_layout = _no_token_layout(x.device, rounds)
+        if per_rank:
+            Rt_W = ctx.new_dynamic_size()  # token rows received, plus the W spare rows
+            torch._check(Rt_W >= W)
+            token_layout.update(
+                token_pos=torch.empty((T, W), **i64),
+                slot_rows=torch.empty((Rt_W, K), **i64),
+                token_send_splits=torch.empty(W, **cpu64),
+                token_recv_splits=torch.empty(W, **cpu64),
+            )
     return DispatchOutputs(
         recv_x=x.new_empty((R, x.shape[1])),
         tokens_per_expert=torch.empty(num_experts // world_size, **i64),
@@ -467,8 +560,8 @@ def _combine(
     expert_out: Tensor, topk_weights: Tensor | None, *layout_group
 ) -> tuple[Tensor, Tensor]:
     """``layout_group``: the :class:`Layout` fields, then group_name, world_size and optionally
-    ``unweighted`` (the op's schema: ``_COMBINE_SCHEMA``)."""
-    lay, group_name, world_size, unweighted = _split(layout_group)
+    ``unweighted`` and ``keep_rows`` (the op's schema: ``_COMBINE_SCHEMA``)."""
+    lay, group_name, world_size, unweighted, keep_rows = _split(layout_group)
     pair_pos, send_pair_idx, recv_perm = lay.pair_pos, lay.send_pair_idx, lay.recv_perm
     group = _comm.resolve_group(group_name, world_size)
     R = num_recv_rows(send_pair_idx, recv_perm, world_size)
@@ -478,17 +571,26 @@ def _combine(
             raise err
         rows = expert_out
     else:
+        keep = keep_rows and topk_weights is not None
         if err is not None:  # still complete the exchange with the right sizes, flagged bad
             width = expert_out.shape[-1] if expert_out.dim() >= 1 else 1
             dtype = expert_out.dtype if expert_out.dtype in FLOAT_DTYPES else torch.float32
             expert_out = torch.empty((R, width), dtype=dtype, device=pair_pos.device)
             topk_weights = None
+        kern = _kernels.for_device(pair_pos.device)
         if lay.sums_per_rank:
             args = (expert_out, topk_weights, lay, err is not None, unweighted, group)
             out, recv_w = _combine_per_rank(*args)
             if err is not None:
                 raise err
             return out, recv_w
+        H = expert_out.shape[1]
+        kept = expert_out.new_empty((send_pair_idx.shape[0] + world_size, H)) if keep else None
+        if lay.round_rows.shape[0] > 0:  # in rounds
+            out = _in_rounds(kern, expert_out, topk_weights, lay, err is not None, group, kept)
+            if err is not None:
+                raise err
+            return out, expert_out.new_empty((0, H)) if kept is None else kept
         rows = _comm.rows_to_sources(
             expert_out,
             lay.send_splits.tolist(),
@@ -498,12 +600,103 @@ def _combine(
             group.rank(),
             group,
             "combine",
-            _kernels.for_device(pair_pos.device),
+            kern,
+            None if kept is None else kept[: send_pair_idx.shape[0] + world_size],
         )
         if err is not None:
             raise err
+        out = kern.combine_rows(rows, pair_pos, topk_weights, expert_out.dtype)
+        return out, expert_out.new_empty((0, H)) if kept is None else kept
     kern = _kernels.for_device(rows.device)
     return _autograd.combine_tail(kern, rows, expert_out, pair_pos, topk_weights, group is None)
+
+
+def _in_rounds(
+    kern, expert_out: Tensor, topk_weights, lay: Layout, bad: bool, group, kept: Tensor | None
+) -> Tensor:
+    """Combine in slot order, in rounds: in round j each rank sends back the rows of the
+    sources' round j (``lay.round_rows``; the status rows go with the first) and sums what came
+    back into the rows of its own round-j tokens; the same sums as in one exchange. The rows
+    that came back are kept in ``kept`` if given (``[N + W]``, round after round), else freed
+    per round."""
+    W, H = group.size(), expert_out.shape[1]
+    start = 0  # the next round's rows in lay.round_rows
+
+    def rows_of_round(j: int, recv_j: list[int]) -> Tensor:
+        nonlocal start
+        n = sum(recv_j) + (W if j == 0 else 0)
+        idx = lay.round_rows[start : start + n]
+        start += n
+        if bad:
+            return expert_out.new_empty((n, H))
+        return kern.gather_rows(expert_out, idx)  # the status rows (-1) come out 0: "good"
+
+    out = expert_out.new_empty((lay.pair_pos.shape[0], H))
+    sends, recvs = lay.round_splits.tolist()  # CPU values: no sync
+    args = (kern, rows_of_round, sends, recvs, lay.round_pos, topk_weights, out, bad, group)
+    return _rounds_back(*args, kept=kept, status_each_round=False)
+
+
+def _rounds_back(
+    kern,
+    rows_of_round,
+    sends: list[list[int]],
+    recvs: list[list[int]],
+    pos_T: Tensor,
+    weights: Tensor | None,
+    out: Tensor,
+    bad: bool,
+    group,
+    *,
+    kept: Tensor | None = None,
+    status_each_round: bool = True,
+) -> Tensor:
+    """Combine's exchanges back in rounds (``sends``, ``recvs``: ``Layout.round_splits``; one
+    round when they have one row): round j exchanges ``rows_of_round(j, recv_j)`` (laid out
+    source-major with a status row after each source's chunk, in the first round only unless
+    ``status_each_round``) and sums what came back into ``out``'s rows of this rank's round-j
+    tokens (``pos_T`` their rows in the round's buffer, times ``weights``), then frees it, or
+    keeps it in ``kept``, round after round. On the CPU a peer's bad input is raised once every
+    round is done."""
+    W, T = len(sends[0]), out.shape[0]
+    mine = sum(row[0] >= 0 for row in sends)  # this rank's rounds
+    rounds = max(1, sum(row[0] >= 0 for row in recvs))
+    at = 0  # the next round's rows in kept
+    flags = []  # the peers' status rows, CPU only
+    for j in range(rounds):
+        send_j = sends[j] if j < mine else [0] * W
+        recv_j = recvs[j]
+        with_status = status_each_round or j == 0
+        rows = rows_of_round(j, recv_j)
+        spares = _comm.spare_rows(recv_j, rows.device) if bad and with_status else None
+        n_back = sum(send_j) + (W if with_status else 0)
+        into = None if kept is None else kept[at : at + n_back]
+        at += n_back
+        back = _comm.rows_back(
+            rows,
+            send_j,
+            recv_j,
+            spares,
+            bad,
+            group.rank(),
+            group,
+            "combine",
+            not bad,
+            check_peers=False,
+            out=into,
+            with_status=with_status,
+        )
+        del rows  # sent: its memory can serve the output
+        if with_status and back.device.type == "cpu":
+            flags.append(_comm.peer_status(back, send_j))
+        t0, t1 = (min(T, -(-i * T // mine)) for i in (j, j + 1))
+        if t1 > t0:
+            w = None if weights is None else weights[t0:t1]
+            kern.combine_rows(back, pos_T[t0:t1], w, out.dtype, out=out[t0:t1])
+        del back  # summed: its memory can serve the next round
+    for st in flags:
+        _comm.raise_if_peer_bad(st, group.rank(), "combine")
+    return out
 
 
 def _combine_per_rank(
@@ -533,8 +726,7 @@ def _sum_back(kern, expert_out: Tensor, recv_w: Tensor, lay: Layout, bad: bool, 
     and summed over ranks per token. For large payloads in rounds (``lay.round_splits``): in
     round j each rank sums the token rows it received in the sources' round j, sends them, and
     sums what came back into the rows of its own round-j tokens, each round's buffers freed
-    before the next; the same sums in the same order as in one exchange. On the CPU a peer's
-    bad input is raised once every round is done."""
+    before the next; the same sums in the same order as in one exchange."""
     send_tok, recv_tok = lay.token_send_splits.tolist(), lay.token_recv_splits.tolist()
     W, T = len(send_tok), lay.token_pos.shape[0]
     sends, recvs = lay.round_splits.tolist()  # CPU values: no sync
@@ -542,18 +734,14 @@ def _sum_back(kern, expert_out: Tensor, recv_w: Tensor, lay: Layout, bad: bool, 
         sends, recvs, pos = [send_tok], [recv_tok], lay.token_pos
     else:
         pos = lay.round_pos
-    mine = sum(row[0] >= 0 for row in sends)  # this rank's rounds
-    rounds = sum(row[0] >= 0 for row in recvs)
+    one_round = len(recvs) == 1
     # where each source's chunk starts in the received token rows, and its spare row
     src_start = [sum(recv_tok[:s]) + s for s in range(W)]
     spare = [a + n for a, n in zip(src_start, recv_tok, strict=True)]
     done = [0] * W  # rows of each source's chunk in earlier rounds
-    out = expert_out.new_empty((T, expert_out.shape[1]))
-    status = []
-    for j in range(rounds):
-        send_j = sends[j] if j < mine else [0] * W
-        recv_j = recvs[j]
-        if rounds == 1:
+
+    def rows_of_round(_, recv_j: list[int]) -> Tensor:
+        if one_round:
             slots_j, w_j = lay.slot_rows, recv_w
         else:  # the rows received in round j by source, each source's spare row after them
             pieces = []
@@ -563,46 +751,31 @@ def _sum_back(kern, expert_out: Tensor, recv_w: Tensor, lay: Layout, bad: bool, 
                 done[s] += recv_j[s]
             slots_j = torch.cat([lay.slot_rows[p] for p in pieces])
             w_j = torch.cat([recv_w[p] for p in pieces])
-        partial = kern.combine_rows(expert_out, slots_j, w_j, expert_out.dtype)
-        spares = _comm.spare_rows(recv_j, partial.device) if bad else None
-        back = _comm.rows_back(
-            partial,
-            send_j,
-            recv_j,
-            spares,
-            bad,
-            group.rank(),
-            group,
-            "combine",
-            not bad,
-            check_peers=False,
-        )
-        del partial  # sent: its memory can serve the output
-        if back.device.type == "cpu":
-            status.append(_comm.peer_status(back, send_j))
-        t0, t1 = (min(T, -(-i * T // mine)) for i in (j, j + 1))
-        if t1 > t0:
-            kern.combine_rows(back, pos[t0:t1], None, out.dtype, out=out[t0:t1])
-        del back  # summed: its memory can serve the next round
-    for st in status:
-        _comm.raise_if_peer_bad(st, group.rank(), "combine")
-    return out
+        return kern.combine_rows(expert_out, slots_j, w_j, expert_out.dtype)
+
+    out = expert_out.new_empty((T, expert_out.shape[1]))
+    return _rounds_back(kern, rows_of_round, sends, recvs, pos, None, out, bad, group)
 
 
-def _split(layout_group: tuple) -> tuple[Layout, str, int, bool]:
-    """combine's arguments after ``topk_weights``: the :class:`Layout`, group_name, world_size
-    and ``unweighted`` (False when not given; the backward takes no such argument)."""
+def _split(layout_group: tuple) -> tuple[Layout, str, int, bool, bool]:
+    """combine's arguments after ``topk_weights``: the :class:`Layout`, group_name, world_size,
+    ``unweighted`` and ``keep_rows`` (False and True when not given; the backward takes
+    neither)."""
     n = len(Layout._fields)
-    group_name, world_size, *unweighted = layout_group[n:]
-    return Layout(*layout_group[:n]), group_name, world_size, bool(unweighted and unweighted[0])
+    group_name, world_size, *options = layout_group[n:]
+    unweighted, keep_rows = [*options, *(False, True)[len(options) :]]
+    return Layout(*layout_group[:n]), group_name, world_size, bool(unweighted), bool(keep_rows)
 
 
 _LAYOUT_ARGS = ", ".join(f"Tensor {name}" for name in Layout._fields)
 # unweighted: every rank passes topk_weights=None (dispatch's backward), so a combine that sums
-# per rank sends no weights
+# per rank sends no weights. keep_rows: return the rows that came back, which the weight
+# gradient needs (at W > 1 in slot order, when weights are given); a caller that wants no
+# weight gradient passes False and they are freed as soon as summed. Neither changes which
+# collectives run.
 _COMBINE_SCHEMA = (
     f"(Tensor expert_out, Tensor? topk_weights, {_LAYOUT_ARGS}, str group_name, "
-    f"SymInt world_size, bool unweighted=False) -> (Tensor, Tensor)"
+    f"SymInt world_size, bool unweighted=False, bool keep_rows=True) -> (Tensor, Tensor)"
 )
 combine_op = torch.library.custom_op(
     "moe_ops::combine", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE, schema=_COMBINE_SCHEMA
@@ -611,7 +784,7 @@ combine_op = torch.library.custom_op(
 
 @combine_op.register_fake
 def _(expert_out, topk_weights, *layout_group):
-    lay, _, world_size, _ = _split(layout_group)
+    lay, _, world_size, _, keep_rows = _split(layout_group)
     R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, world_size)
     err = check_combine(expert_out, topk_weights, lay.pair_pos, R)
     if err is not None:
@@ -624,7 +797,8 @@ def _(expert_out, topk_weights, *layout_group):
         out, _ = _autograd.fake_combine(expert_out, lay.pair_pos, 0)
         dtype = acc_dtype(expert_out.dtype)
         return out, expert_out.new_empty(tuple(lay.slot_rows.shape), dtype=dtype)
-    M = 0 if world_size == 1 else lay.send_pair_idx.shape[0] + world_size
+    keep = world_size > 1 and keep_rows and topk_weights is not None
+    M = lay.send_pair_idx.shape[0] + world_size if keep else 0
     return _autograd.fake_combine(expert_out, lay.pair_pos, M)
 
 
@@ -636,14 +810,32 @@ def _combine_backward(
 
     Summing per rank, ``returned_rows`` is expert_out itself and ``topk_weights`` the weights
     that reached this rank with the token rows (what :func:`_for_backward` saved)."""
-    lay, group_name, world_size, _ = _split(layout_group)
+    lay, group_name, world_size, *_ = _split(layout_group)
     group = _comm.resolve_group(group_name, world_size)
     kern = _kernels.for_device(grad_out.device)
     if group is not None and lay.sums_per_rank:
         return _combine_backward_per_rank(kern, grad_out, returned_rows, topk_weights, lay, group)
     grad_expert_out = _to_experts(kern, grad_out, topk_weights, lay, group)
+    if returned_rows is not None and lay.round_rows.shape[0] > 0:  # they came back in rounds
+        return grad_expert_out, _round_weight_grad(kern, grad_out, returned_rows, topk_weights, lay)
     grad_w = _autograd.weight_grad(kern, grad_out, returned_rows, lay.pair_pos, topk_weights)
     return grad_expert_out, grad_w
+
+
+def _round_weight_grad(kern, grad_out: Tensor, kept: Tensor, topk_weights, lay: Layout) -> Tensor:
+    """The weight gradient from the rows that came back in rounds (:func:`_in_rounds`), round
+    by round."""
+    sends = lay.round_splits[0].tolist()
+    W, T = len(sends[0]), grad_out.shape[0]
+    mine = sum(row[0] >= 0 for row in sends)
+    at, pieces = 0, []
+    for j in range(mine):
+        t0, t1 = (min(T, -(-i * T // mine)) for i in (j, j + 1))
+        n = sum(sends[j]) + (W if j == 0 else 0)  # the status rows came with the first round
+        pos = lay.round_pos[t0:t1]
+        pieces.append(kern.slot_dot(grad_out[t0:t1], kept[at : at + n], pos, topk_weights.dtype))
+        at += n
+    return torch.cat(pieces)
 
 
 def _combine_backward_per_rank(
@@ -688,7 +880,7 @@ combine_backward_op = torch.library.custom_op(
 
 @combine_backward_op.register_fake
 def _(grad_out, returned_rows, topk_weights, *layout_group):
-    lay, _, world_size, _ = _split(layout_group)
+    lay, _, world_size, *_ = _split(layout_group)
     R = num_recv_rows(lay.send_pair_idx, lay.recv_perm, world_size)
     return _autograd.fake_combine_backward(grad_out, returned_rows, topk_weights, lay.pair_pos, R)
 
@@ -699,7 +891,8 @@ def _for_backward(expert_out, topk_weights, returned_rows, layout, static) -> tu
         return expert_out, topk_weights
     if Layout(*layout).sums_per_rank:
         return expert_out, returned_rows
-    return returned_rows, topk_weights
+    # no rows when combine ran with keep_rows=False (no weight gradient wanted)
+    return (returned_rows if returned_rows.shape[0] > 0 else None), topk_weights
 
 
 # what moe_ops.dispatch and moe_ops.combine call in the default mode

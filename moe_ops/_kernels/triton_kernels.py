@@ -651,7 +651,7 @@ def _gather_rows_kernel(
     rm = rows < M
     mask = rm[:, None] & (cols < H)[None, :]
     s = tl.load(idx_ptr + rows, mask=rm, other=0) // per_row
-    v = tl.load(src_ptr + s[:, None] * H + cols[None, :], mask=mask)
+    v = tl.load(src_ptr + s[:, None] * H + cols[None, :], mask=mask & (s >= 0)[:, None], other=0)
     if HAS_W:
         w = tl.load(w_ptr + rows, mask=rm, other=0).to(ACC)
         v = (v.to(ACC) * w[:, None]).to(dst_ptr.dtype.element_ty)
@@ -664,8 +664,8 @@ _launch_gather = _Launcher(_gather_rows_kernel)
 def gather_rows(
     src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None, per_row: int = 1
 ) -> Tensor:
-    """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype):
-    ``[M, H]``."""
+    """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype), a zero
+    row where ``idx[i]`` is negative: ``[M, H]``."""
     M = idx_M.shape[0]
     H = src_SH.shape[1]
     dst = src_SH.new_empty((M, H))

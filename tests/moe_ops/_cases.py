@@ -966,3 +966,128 @@ def fixed_fake_matches_real(spec: Spec, capacity: int, sum_per_rank: bool) -> No
         strict=True,
     ):
         assert (tuple(a.shape), a.dtype) == (tuple(b.shape), b.dtype), name
+
+
+# ----------------------------------------------------------------------------- slot-order rounds
+PAIR_ROUNDS_BY_RANK = (3, 1, 2, 4)  # rank r's rounds when forced, at most one per token
+
+
+def in_pair_rounds(fn, *args, **kwargs):
+    """``fn(*args)`` with the slot-order combine's rows back in rounds whatever the size: rank r
+    has ``PAIR_ROUNDS_BY_RANK[r % 4]`` rounds of its tokens (at most one per token; a rank with
+    one round still takes part in the others' rounds)."""
+    from moe_ops import _ops
+
+    r = rank_and_world()[0]
+    rounds = PAIR_ROUNDS_BY_RANK[r % len(PAIR_ROUNDS_BY_RANK)]
+    with mock.patch.object(_ops, "_pair_rounds", lambda T, K, row_bytes: max(1, min(rounds, T))):
+        return fn(*args, **kwargs)
+
+
+def pair_rounds_equal_one_exchange(spec: Spec) -> dict:
+    """Default-mode dispatch + combine + backward, in rounds and in one exchange: the same bits
+    (output, both gradients; and the output without grad, when the rows are not kept). Returns
+    the rounds of the call, its collectives (dispatch, combine, backward) and whether combine
+    kept the rows that came back."""
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    a2a = mock.patch.object(_comm, "all_to_all", wraps=_comm.all_to_all)
+    results = []
+    for fn in (lambda f: f(), lambda f: in_pair_rounds(f)):
+
+        def run():
+            x = inp.xs[r].to(dev, copy=True).requires_grad_(True)
+            w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
+            idx = inp.idxs[r].to(dev)
+            with a2a as calls:
+                recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
+                n_dispatch = calls.call_count
+                eo = expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
+                out = moe_ops.combine(eo, handle, w)
+                n_combine = calls.call_count - n_dispatch
+                g = torch.Generator().manual_seed(spec.seed + r)
+                out.backward(torch.randn(out.shape, generator=g).to(out.dtype).to(dev))
+                n_backward = calls.call_count - n_dispatch - n_combine
+            with torch.no_grad():
+                recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
+                eo = expert_fn(recv_x, handle.tokens_per_expert, spec.Hp)
+                no_grad = moe_ops.combine(eo, handle, w)
+            lay = handle.layout
+            rounds = max(1, int((lay.round_splits[1, :, 0] >= 0).sum()))
+            R = recv_x.shape[0]
+            # the shapes the fake kernel gives
+            assert tuple(lay.round_splits.shape) == (2, max(W, 8), W)
+            assert lay.round_pos.shape in ((0, spec.K), (x.shape[0], spec.K))
+            assert lay.round_rows.shape[0] in (0, R + W)
+            assert (lay.round_rows.shape[0] > 0) == (rounds > 1)
+            grads = (x.grad, None if w is None else w.grad)
+            calls = (n_dispatch, n_combine, n_backward)
+            return out.detach(), no_grad, grads, rounds, calls
+
+        results.append(fn(run))
+    (a, a0, ga, one, calls_one), (b, b0, gb, rounds, calls) = results
+    assert one == 1
+    assert torch.equal(a, b) and torch.equal(a0, b0) and torch.equal(a, a0)
+    for u, v in zip(ga, gb, strict=True):
+        assert (u is None and v is None) or torch.equal(u, v)
+    ref = reference_dispatch(inp.xs, inp.idxs, inp.num_experts)
+    eos = [expert_fn(rx, tpe, spec.Hp) for rx, tpe in ref]
+    assert torch.equal(a, reference_combine(eos, inp.idxs, inp.num_experts, inp.ws)[r])
+    return dict(rounds=rounds, calls_one=calls_one, calls=calls)
+
+
+def pair_round_buffers_alive(spec: Spec) -> list[int]:
+    """Forward dispatch + combine in slot order, in rounds, without grad: at each gather of a
+    round's rows, its exchange and its sum, how many buffers an earlier call returned are still
+    alive (the call's own inputs not counted): each must be freed once used."""
+    import weakref
+
+    from moe_ops import _kernels
+
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    kern = _kernels.for_device(device())
+    x, idx, w = inp.xs[r], inp.idxs[r], inp.ws[r]
+    alive, outputs = [], []
+
+    def watched(real):
+        def call(*args, **kwargs):
+            inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
+            alive.append(sum(ref() is not None and id(ref()) not in inputs for ref in outputs))
+            out = real(*args, **kwargs)
+            outputs.append(weakref.ref(out))
+            return out
+
+        return call
+
+    with torch.no_grad():
+        recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
+        eo = recv_x * 2
+        with contextlib.ExitStack() as stack:
+            for owner, name in [(kern, "gather_rows"), (_comm, "rows_back")]:
+                stack.enter_context(mock.patch.object(owner, name, watched(getattr(owner, name))))
+            out = moe_ops.combine(eo, handle, w)
+    assert out.shape == x.shape
+    return alive
+
+
+def rows_not_kept_for_weight_grad() -> str:
+    """combine run directly with ``keep_rows=False`` while the weights need a gradient: the
+    backward raises (it would otherwise be zero); the API keeps the rows then."""
+    r, W = rank_and_world()
+    inp, spec = _good(W)
+    x, idx = inp.xs[r], inp.idxs[r]
+    w = inp.ws[r].clone().requires_grad_(True)
+    recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
+    group = dist.group.WORLD
+    args = (*handle.layout, group.group_name, W)
+    out, kept = torch.ops.moe_ops.combine(recv_x * 2, w, *args, False, False)
+    assert kept.shape[0] == 0
+    with pytest.raises(RuntimeError) as info:
+        out.sum().backward()
+    out, kept = torch.ops.moe_ops.combine(recv_x * 2, w, *args)  # keep_rows=True by default
+    assert kept.shape[0] == handle.layout.send_pair_idx.shape[0] + W
+    out.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    return str(info.value)

@@ -240,7 +240,9 @@ def test_fake_process_group_traces(fake_world, tracing_mode):
     (disp,) = [n for n in gm.graph.nodes if n.target == torch.ops.moe_ops.dispatch.default]
     (comb,) = [n for n in gm.graph.nodes if n.target == torch.ops.moe_ops.combine.default]
     name = dist.group.WORLD.group_name
-    assert disp.args[2:] == (num_experts, name, W) and comb.args[-2:] == (name, W)
+    assert disp.args[2:] == (num_experts, name, W)
+    # w needs no gradient: the rows that came back are not kept (keep_rows=False)
+    assert comb.args[-4:] == (name, W, False, False)
     recv_val, tpe_val = disp.meta["val"][0], disp.meta["val"][1]
     assert free_unbacked_symbols(recv_val.shape[0]) and recv_val.shape[1] == H
     assert tuple(tpe_val.shape) == (num_experts // W,)
