@@ -728,6 +728,12 @@ def triton_kernels(on: bool):
     return moe_ops.use_kernels("auto" if on else "torch")
 
 
+def with_kernels(on: bool, fn, *args, **kwargs):
+    """``fn(*args)`` under :func:`triton_kernels` ``(on)``."""
+    with triton_kernels(on):
+        return fn(*args, **kwargs)
+
+
 _SYNC_WARNING = "called a synchronizing CUDA operation"
 
 
@@ -1033,7 +1039,7 @@ def pair_rounds_equal_one_exchange(spec: Spec) -> dict:
         assert (u is None and v is None) or torch.equal(u, v)
     ref = reference_dispatch(inp.xs, inp.idxs, inp.num_experts)
     eos = [expert_fn(rx, tpe, spec.Hp) for rx, tpe in ref]
-    assert torch.equal(a, reference_combine(eos, inp.idxs, inp.num_experts, inp.ws)[r])
+    assert torch.equal(a.cpu(), reference_combine(eos, inp.idxs, inp.num_experts, inp.ws)[r])
     return dict(rounds=rounds, calls_one=calls_one, calls=calls)
 
 

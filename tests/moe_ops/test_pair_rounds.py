@@ -43,6 +43,17 @@ def test_rounds_give_the_same_bits(gloo_world, W, name):
             assert out["calls"] == (n_dispatch + 1, J, n_backward - 1 + J)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
+def test_rounds_give_the_same_bits_nccl(nccl_world, W, triton):
+    """As above on GPUs (NCCL), bf16 rows with float32 weights, both kernel sets."""
+    spec = Spec(T=(40, 24, 33, 0), K=4, E_l=3, H=32, dtype=bf16, w_dtype=f32, seed=5)
+    case = (_cases.with_kernels, triton, _cases.pair_rounds_equal_one_exchange, spec)
+    res = nccl_world(W).run(*case)
+    assert [out["rounds"] for out in res] == [3] * W
+
+
 def test_round_buffers_freed_once_used(gloo_world):
     """Each round's rows (gathered, then exchanged) are gone before the next round's."""
     spec = Spec(T=(9, 9), K=3, E_l=2, seed=7)

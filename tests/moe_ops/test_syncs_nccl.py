@@ -34,7 +34,7 @@ _SPEC = Spec(T=(40, 24, 33, 0), K=4, E_l=3, H=32, dtype=bf16, seed=5)
 _EQUAL_T = Spec(T=(32,), K=4, E_l=3, H=32, dtype=bf16, seed=6)
 
 
-_MODES = ["default", "capacity", "per_rank", "rounds"]
+_MODES = ["default", "capacity", "per_rank", "rounds", "pair_rounds"]
 
 
 def _capacity_kwargs(mode: str) -> dict:
@@ -44,10 +44,13 @@ def _capacity_kwargs(mode: str) -> dict:
 
 
 def _rounds(mode: str):
-    """``mode="rounds"``: combine sums per rank in rounds of tokens, forced for small payloads."""
-    if mode != "rounds":
-        return contextlib.nullcontext()
-    return mock.patch.object(_ops, "_rounds", lambda T, row_bytes, W: W if T else 1)
+    """``mode="rounds"``: combine sums per rank in rounds of tokens, forced for small payloads;
+    ``"pair_rounds"``: the default mode's rows come back in rounds (three), forced too."""
+    if mode == "rounds":
+        return mock.patch.object(_ops, "_rounds", lambda T, row_bytes, W: W if T else 1)
+    if mode == "pair_rounds":
+        return mock.patch.object(_ops, "_pair_rounds", lambda T, K, row_bytes: max(1, min(3, T)))
+    return contextlib.nullcontext()
 
 
 def _one_round(x, idx, w, g, E: int, kwargs: dict) -> dict[str, int]:
