@@ -472,7 +472,7 @@ def _zero_tail_meanwhile(kern, rows_CH: Tensor, n: Tensor) -> Iterator[None]:
     waits for it, so what comes after (the row scatter: the torch kernels rewrite all of
     ``rows_CH``) sees the zeros. In a CUDA graph capture this forks and joins the graph."""
     main = torch.cuda.current_stream(rows_CH.device)
-    side = _side_stream(rows_CH.device)
+    side = _comm.side_stream(rows_CH.device)
     side.wait_stream(main)  # rows_CH and n exist
     with torch.cuda.stream(side):
         kern.zero_tail(rows_CH, n)
@@ -480,11 +480,6 @@ def _zero_tail_meanwhile(kern, rows_CH: Tensor, n: Tensor) -> Iterator[None]:
         yield
     finally:
         main.wait_stream(side)
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
 
 
 def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.device, chunks):

@@ -31,6 +31,7 @@ counts per expert, and the rows in equal chunks: the padded transport through
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -142,16 +143,22 @@ def exchange_counts(send_WC: Tensor, group: dist.ProcessGroup, out: Tensor | Non
 
 
 def all_to_all(
-    out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup
-) -> None:
-    """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)``; empty splits
-    mean equal chunks. The one place this module issues a collective (tests count calls here).
+    out: Tensor,
+    inp: Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group: dist.ProcessGroup,
+    async_op: bool = False,
+):
+    """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=group,
+    async_op=async_op)``; empty splits mean equal chunks. The one place this module issues a
+    collective (tests count calls here). Returns the work when ``async_op``.
 
     Calling the process group's ``alltoall_base`` directly, without this wrapper's checks, was
     tried: no measurable gain in a training step (docs/notes_moe_layer.md), so the public call
     stays.
     """
-    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
 
 
 def raise_if_peer_bad(status_W: list[int], my_rank: int, what: str) -> None:
@@ -232,7 +239,6 @@ def rows_back(
     *,
     check_peers: bool = True,
     out: Tensor | None = None,
-    with_status: bool = True,
 ) -> Tensor:
     """The exchange back to the sources of rows already laid out source-major with a spare row
     after each source's chunk (``buf`` ``[sum(recv_splits) + W, ...]``; ``status_W``: the spare
@@ -241,8 +247,33 @@ def rows_back(
     ...]`` in send order with the peers' status rows (into ``out`` if given); on the CPU it
     raises ``PeerInputError`` when a peer flagged bad input (with ``check_peers``; else the
     caller reads :func:`peer_status` once every exchange of the call is done). The status
-    "input good" is 0. Without ``with_status`` (an exchange whose call sent the status in an
-    earlier one) the buffers have no spare rows, and a bad rank's rows are NaN."""
+    "input good" is 0."""
+    args = (buf, send_splits, recv_splits, status_W, bad, status_written, group)
+    out, work = start_rows_back(*args, out=out)
+    work.wait()
+    if check_peers and out.device.type == "cpu":
+        raise_if_peer_bad(peer_status(out, send_splits), my_rank, what)
+    return out
+
+
+def start_rows_back(
+    buf: Tensor,
+    send_splits: list[int],
+    recv_splits: list[int],
+    status_W: Tensor | None,
+    bad: bool,
+    status_written: bool,
+    group: dist.ProcessGroup,
+    *,
+    out: Tensor | None = None,
+    with_status: bool = True,
+    beside: bool = False,
+):
+    """:func:`rows_back`'s exchange: returns the rows that come back and the work to wait for
+    (``wait()``) before reading them; no peer check. With ``beside`` the exchange runs beside
+    the caller's stream (on CUDA on a side stream; elsewhere asynchronously), else it is done
+    on return. Without ``with_status`` (an exchange whose call sent the status in an earlier
+    one) the buffers have no spare rows, and a bad rank's rows are NaN."""
     W = len(send_splits) if with_status else 0
     # Status rows are written with a fill (the value a kernel argument). ``buf[pos] = value``
     # would copy the Python scalar to the device as a 0-d tensor from pageable memory: a host
@@ -258,10 +289,45 @@ def rows_back(
     splits = (send_splits, recv_splits)
     if with_status:
         splits = (_with_spare_row(send_splits), _with_spare_row(recv_splits))
-    all_to_all(out, buf, *splits, group)
-    if check_peers and with_status and out.device.type == "cpu":
-        raise_if_peer_bad(peer_status(out, send_splits), my_rank, what)
-    return out
+    if not beside:
+        all_to_all(out, buf, *splits, group)
+        return out, _Done()
+    if out.device.type != "cuda":
+        return out, all_to_all(out, buf, *splits, group, async_op=True)
+    # A blocking collective runs on the current stream: on a side stream it leaves the caller's
+    # free (NCCL's own stream, async_op=True, stalled the host for ~2 ms at the switch from the
+    # blocking ones before it, docs/notes_gpu.md).
+    side = side_stream(out.device)
+    side.wait_stream(torch.cuda.current_stream(out.device))
+    with torch.cuda.stream(side):
+        all_to_all(out, buf, *splits, group)
+    return out, _Joined(side, buf)
+
+
+class _Done:
+    """The work of an exchange that is done."""
+
+    def wait(self) -> None:
+        pass
+
+
+class _Joined:
+    """The work of an exchange on a side stream: ``wait()`` makes the current stream wait for
+    it; until then it holds the rows being sent (allocated on the current stream, so their
+    memory is reused only after the wait)."""
+
+    def __init__(self, side: torch.cuda.Stream, buf: Tensor) -> None:
+        self.side, self.buf = side, buf
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+        self.buf = None
+
+
+@functools.cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per CUDA device for the ops' work beside the current stream."""
+    return torch.cuda.Stream(device)
 
 
 def peer_status(out: Tensor, send_splits: list[int]) -> list[int]:

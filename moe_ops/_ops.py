@@ -181,11 +181,14 @@ def _rounds(T: int, row_bytes: int, W: int) -> int:
 
 # Combine in slot order holds, besides expert_out, the rows it sends back (regrouped by source)
 # and the rows that come back, one per pair each: twice the payload. A rank whose pairs take at
-# least _ROUND_BYTES gets them back in rounds of its tokens, so that each round's two buffers
-# hold about _ROUND_BYTES each (at most MAX_PAIR_ROUNDS rounds, one token each at least). The
-# rows' size is x's: expert_out's is not known to dispatch.
+# least twice _ROUND_BYTES gets them back in MAX_PAIR_ROUNDS rounds of its tokens (one token
+# each at least). The rounds run ahead (a round's rows are gathered while the previous round's
+# exchange runs): three round buffers at once, 3/8 of the payload instead of 2. The rows' size
+# is x's: expert_out's is not known to dispatch.
 def _pair_rounds(T: int, K: int, row_bytes: int) -> int:
-    return max(1, min(_layout.MAX_PAIR_ROUNDS, T, T * K * row_bytes // _ROUND_BYTES))
+    if T * K * row_bytes < 2 * _ROUND_BYTES:
+        return 1
+    return min(_layout.MAX_PAIR_ROUNDS, T)
 
 
 def num_recv_rows(send_pair_idx: Tensor, recv_perm: Tensor, world_size: int):
@@ -634,7 +637,7 @@ def _in_rounds(
     out = expert_out.new_empty((lay.pair_pos.shape[0], H))
     sends, recvs = lay.round_splits.tolist()  # CPU values: no sync
     args = (kern, rows_of_round, sends, recvs, lay.round_pos, topk_weights, out, bad, group)
-    return _rounds_back(*args, kept=kept, status_each_round=False)
+    return _rounds_back(*args, kept=kept, status_each_round=False, ahead=True)
 
 
 def _rounds_back(
@@ -650,6 +653,7 @@ def _rounds_back(
     *,
     kept: Tensor | None = None,
     status_each_round: bool = True,
+    ahead: bool = False,
 ) -> Tensor:
     """Combine's exchanges back in rounds (``sends``, ``recvs``: ``Layout.round_splits``; one
     round when they have one row): round j exchanges ``rows_of_round(j, recv_j)`` (laid out
@@ -657,43 +661,52 @@ def _rounds_back(
     ``status_each_round``) and sums what came back into ``out``'s rows of this rank's round-j
     tokens (``pos_T`` their rows in the round's buffer, times ``weights``), then frees it, or
     keeps it in ``kept``, round after round. On the CPU a peer's bad input is raised once every
-    round is done."""
+    round is done.
+
+    One round at a time holds two buffers (the rows sent, the rows back). With ``ahead`` round
+    j + 1's rows are made while round j's exchange runs, and its exchange runs while round j is
+    summed: three buffers, and the exchanges back to back."""
     W, T = len(sends[0]), out.shape[0]
     mine = sum(row[0] >= 0 for row in sends)  # this rank's rounds
     rounds = max(1, sum(row[0] >= 0 for row in recvs))
     at = 0  # the next round's rows in kept
-    flags = []  # the peers' status rows, CPU only
-    for j in range(rounds):
+
+    def prepare(j: int) -> tuple:
+        return j, rows_of_round(j, recvs[j])
+
+    def start(ready: tuple) -> tuple:
+        nonlocal at
+        j, rows = ready
         send_j = sends[j] if j < mine else [0] * W
         recv_j = recvs[j]
         with_status = status_each_round or j == 0
-        rows = rows_of_round(j, recv_j)
         spares = _comm.spare_rows(recv_j, rows.device) if bad and with_status else None
         n_back = sum(send_j) + (W if with_status else 0)
         into = None if kept is None else kept[at : at + n_back]
         at += n_back
-        back = _comm.rows_back(
-            rows,
-            send_j,
-            recv_j,
-            spares,
-            bad,
-            group.rank(),
-            group,
-            "combine",
-            not bad,
-            check_peers=False,
-            out=into,
-            with_status=with_status,
-        )
-        del rows  # sent: its memory can serve the output
+        args = (rows, send_j, recv_j, spares, bad, not bad, group)
+        back, work = _comm.start_rows_back(*args, out=into, with_status=with_status, beside=ahead)
+        return j, back, work, send_j, with_status
+
+    flags = []  # the peers' status rows, CPU only
+    pending = start(prepare(0))
+    while pending is not None:
+        j, back, work, send_j, with_status = pending
+        pending = None
+        ready = prepare(j + 1) if ahead and j + 1 < rounds else None
+        work.wait()
+        del work  # the rows sent can go
         if with_status and back.device.type == "cpu":
             flags.append(_comm.peer_status(back, send_j))
+        if ready is not None:
+            pending, ready = start(ready), None
         t0, t1 = (min(T, -(-i * T // mine)) for i in (j, j + 1))
         if t1 > t0:
             w = None if weights is None else weights[t0:t1]
             kern.combine_rows(back, pos_T[t0:t1], w, out.dtype, out=out[t0:t1])
         del back  # summed: its memory can serve the next round
+        if not ahead and j + 1 < rounds:
+            pending = start(prepare(j + 1))
     for st in flags:
         _comm.raise_if_peer_bad(st, group.rank(), "combine")
     return out

@@ -774,9 +774,9 @@ def per_rank_sums(spec: Spec, capacity=None) -> dict:
     w = None if inp.ws is None else inp.ws[r].to(dev, copy=True).requires_grad_(True)
     moved = []
 
-    def a2a(out, inp_, out_splits, in_splits, group):
+    def a2a(out, inp_, out_splits, in_splits, group, async_op=False):
         moved.append([inp_.shape[0], out.shape[0], inp_.shape[1]])
-        return real(out, inp_, out_splits, in_splits, group)
+        return real(out, inp_, out_splits, in_splits, group, async_op)
 
     real = _comm.all_to_all
     with mock.patch.object(_comm, "all_to_all", a2a):
@@ -823,23 +823,14 @@ def per_rank_sums(spec: Spec, capacity=None) -> dict:
     return res
 
 
-def buffers_alive(spec: Spec, capacity=None) -> list[int]:
-    """Forward dispatch(sum_per_rank=True) + combine. Combine sums per rank (``combine_rows``),
-    sends the sums (the default mode's ``rows_back``), then sums what came back (in rounds, for
-    large payloads, once per round). At each of these calls: how many buffers an earlier one
-    returned are still alive, the call's own inputs not counted. Each one must be freed once
-    used, or the next comes on top of it at the peak."""
+@contextlib.contextmanager
+def watch_buffers(calls: list[tuple[object, str]], patience: float = 2.0):
+    """Within the block, each of ``calls`` (``(owner, name)`` pairs, patched) records how many
+    buffers an earlier watched call returned (the first tensor of a tuple) are still alive, its
+    own inputs not counted; yields that list."""
     import time
     import weakref
 
-    from moe_ops import _kernels
-
-    r, W = rank_and_world()
-    inp = make_inputs(spec, W)
-    dev = device()
-    kern = _kernels.for_device(dev)
-    x, idx = inp.xs[r].to(dev), inp.idxs[r].to(dev)
-    w = None if inp.ws is None else inp.ws[r].to(dev)
     alive, outputs = [], []
 
     def watched(real):
@@ -851,23 +842,41 @@ def buffers_alive(spec: Spec, capacity=None) -> list[int]:
 
             # the collective's Work may hold its tensors a moment longer, on the process group's
             # thread: wait for that, but not for a reference this thread keeps
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + patience
             while others() and time.monotonic() < deadline:
                 time.sleep(0.01)
             alive.append(len(others()))
             out = real(*args, **kwargs)
-            outputs.append(weakref.ref(out))
+            outputs.append(weakref.ref(out[0] if isinstance(out, tuple) else out))
             return out
 
         return call
 
+    with contextlib.ExitStack() as stack:
+        for owner, name in calls:
+            stack.enter_context(mock.patch.object(owner, name, watched(getattr(owner, name))))
+        yield alive
+
+
+def buffers_alive(spec: Spec, capacity=None) -> list[int]:
+    """Forward dispatch(sum_per_rank=True) + combine. Combine sums per rank (``combine_rows``),
+    sends the sums (the default mode's ``start_rows_back``), then sums what came back (in
+    rounds, for large payloads, once per round). At each of these calls: how many buffers an
+    earlier one returned are still alive, the call's own inputs not counted. Each one must be
+    freed once used, or the next comes on top of it at the peak."""
+    from moe_ops import _kernels
+
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    dev = device()
+    kern = _kernels.for_device(dev)
+    x, idx = inp.xs[r].to(dev), inp.idxs[r].to(dev)
+    w = None if inp.ws is None else inp.ws[r].to(dev)
     with torch.no_grad():
         recv_x, handle = moe_ops.dispatch(
             x, idx, inp.num_experts, capacity=capacity, sum_per_rank=True
         )
-        with contextlib.ExitStack() as stack:
-            for owner, name in [(kern, "combine_rows"), (_comm, "rows_back")]:
-                stack.enter_context(mock.patch.object(owner, name, watched(getattr(owner, name))))
+        with watch_buffers([(kern, "combine_rows"), (_comm, "start_rows_back")]) as alive:
             out = moe_ops.combine(recv_x * 2, handle, w)
     assert out.shape == x.shape
     return alive
@@ -1045,34 +1054,19 @@ def pair_rounds_equal_one_exchange(spec: Spec) -> dict:
 
 def pair_round_buffers_alive(spec: Spec) -> list[int]:
     """Forward dispatch + combine in slot order, in rounds, without grad: at each gather of a
-    round's rows, its exchange and its sum, how many buffers an earlier call returned are still
-    alive (the call's own inputs not counted): each must be freed once used."""
-    import weakref
-
+    round's rows and each start of its exchange, how many buffers an earlier call returned are
+    still alive (the call's own inputs not counted)."""
     from moe_ops import _kernels
 
     r, W = rank_and_world()
     inp = make_inputs(spec, W)
     kern = _kernels.for_device(device())
     x, idx, w = inp.xs[r], inp.idxs[r], inp.ws[r]
-    alive, outputs = [], []
-
-    def watched(real):
-        def call(*args, **kwargs):
-            inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
-            alive.append(sum(ref() is not None and id(ref()) not in inputs for ref in outputs))
-            out = real(*args, **kwargs)
-            outputs.append(weakref.ref(out))
-            return out
-
-        return call
-
     with torch.no_grad():
         recv_x, handle = moe_ops.dispatch(x, idx, inp.num_experts)
         eo = recv_x * 2
-        with contextlib.ExitStack() as stack:
-            for owner, name in [(kern, "gather_rows"), (_comm, "rows_back")]:
-                stack.enter_context(mock.patch.object(owner, name, watched(getattr(owner, name))))
+        calls = [(kern, "gather_rows"), (_comm, "start_rows_back")]
+        with watch_buffers(calls, patience=0.3) as alive:
             out = moe_ops.combine(eo, handle, w)
     assert out.shape == x.shape
     return alive

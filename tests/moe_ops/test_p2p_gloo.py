@@ -78,10 +78,15 @@ def emulated_p2p(directory: str):
 
     calls = []
     real_a2a = _comm.all_to_all
+
+    def counted_a2a(*args, **kwargs):
+        calls.append(1)
+        return real_a2a(*args, **kwargs)
+
     with (
         mock.patch.object(_comm, "_p2p_buffer", file_buffer),
         mock.patch.object(_api, "_transport", transport),
-        mock.patch.object(_comm, "all_to_all", lambda *a: (calls.append(1), real_a2a(*a))),
+        mock.patch.object(_comm, "all_to_all", counted_a2a),
     ):
         yield calls, handle
 

@@ -55,11 +55,13 @@ def test_rounds_give_the_same_bits_nccl(nccl_world, W, triton):
 
 
 def test_round_buffers_freed_once_used(gloo_world):
-    """Each round's rows (gathered, then exchanged) are gone before the next round's."""
+    """Three round buffers at most: round j + 1's rows are gathered while round j's exchange
+    runs (its rows sent and back alive), and its exchange starts while round j's rows back
+    are summed; the rows sent are gone once their exchange is done."""
     spec = Spec(T=(9, 9), K=3, E_l=2, seed=7)
     res = gloo_world(2).run(_cases.in_pair_rounds, _cases.pair_round_buffers_alive, spec)
     # rank 0: 3 rounds; every rank takes part in each: a gather and an exchange per round
-    assert res == [[0] * 6] * 2
+    assert res == [[0, 0] + [2, 1] * 2] * 2
 
 
 @pytest.mark.parametrize("kind", ["rows_too_many", "w_shape"])
@@ -76,12 +78,13 @@ def test_weight_grad_needs_kept_rows(gloo_world):
 
 
 def test_policy():
-    """Rounds when a rank's pairs take at least twice ``_ROUND_BYTES`` (one round's two
-    buffers about ``_ROUND_BYTES`` each), at most ``MAX_PAIR_ROUNDS``, at most one per token."""
+    """Rounds when a rank's pairs take at least twice ``_ROUND_BYTES``: ``MAX_PAIR_ROUNDS`` of
+    them (three round buffers at once: 3/8 of the payload), at most one per token."""
     row = 7168 * 2  # bf16, H = 7168
-    assert _ops._pair_rounds(16384, 8, row) == 7  # 1792 MiB of pairs
+    assert _ops._pair_rounds(16384, 8, row) == _layout.MAX_PAIR_ROUNDS == 8  # 1792 MiB of pairs
     assert _ops._pair_rounds(4096, 8, 2048 * 2) == 1  # 128 MiB
-    assert _ops._pair_rounds(1 << 20, 8, row) == _layout.MAX_PAIR_ROUNDS
+    T = -(-2 * _ops._ROUND_BYTES // (8 * row))  # the fewest tokens with rounds at top-8
+    assert _ops._pair_rounds(T, 8, row) == 8 and _ops._pair_rounds(T - 1, 8, row) == 1
     assert _ops._pair_rounds(0, 8, row) == 1 and _ops._pair_rounds(3, 1, 1 << 30) == 3
 
 
