@@ -4,7 +4,7 @@
 :func:`emit_routed` inserts the replacement (the check in ``verify`` runs it too). The emitted
 graph, with ``g = group_name, W = world_size``::
 
-    d = torch.ops.moe_ops.dispatch(x, topk_idx, E, g, W, sum_per_rank)
+    d = torch.ops.moe_ops.dispatch(x, topk_idx, E, g, W, sum_per_rank, low_memory)
     recv_x, tokens_per_expert = d[0], d[1]           # moe_ops._ops.DispatchOutputs
     expert_out = <local experts on recv_x>           # grouped_mm, or per-expert segments
     out, _ = torch.ops.moe_ops.combine(expert_out, topk_weights, *layout, g, W, False, keep)
@@ -87,9 +87,17 @@ def capacity_rows(graph: fx.Graph, x: Node, idx: Node, capacity: int | str, worl
     return call(graph, operator.mul, (call(graph, "size", (x, 0)), world_size * int(K)))
 
 
-def check_capacity(capacity: Any, where: str, transport: str | None = None) -> None:
-    """Raise unless ``capacity`` is None, ``"worst-case"`` or an int >= 0, and ``transport`` None
-    or (with a capacity) one of the capacity mode's transports."""
+def check_capacity(
+    capacity: Any, where: str, transport: str | None = None, low_memory: bool = False
+) -> None:
+    """Raise unless ``capacity`` is None, ``"worst-case"`` or an int >= 0, ``transport`` None
+    or (with a capacity) one of the capacity mode's transports, and ``low_memory`` (a
+    default-mode option) False with a capacity."""
+    if low_memory and capacity is not None:
+        raise ValueError(
+            f"{where}: low_memory is a default-mode option (the capacity mode's buffers have "
+            f"fixed sizes); pass capacity=None"
+        )
     if transport is not None:
         from moe_ops._capacity_ops import TRANSPORTS
 
@@ -118,6 +126,7 @@ def emit_routed(
     capacity: int | str | None = None,
     sum_per_rank: bool = False,
     transport: str | None = None,
+    low_memory: bool = False,
 ) -> Node:
     """Insert dispatch -> local experts -> combine for ``match`` at the insertion point.
 
@@ -126,7 +135,8 @@ def emit_routed(
     ops; when the experts cannot run on its padded rows without a host read (no grouped form), the
     block keeps the default ops and ``info["capacity_fallback"]`` says why. ``sum_per_rank``
     is :func:`moe_ops.dispatch`'s option of that name (both ops), ``transport`` its capacity-mode
-    transport (None: the library's choice). Returns the node
+    transport (None: the library's choice), ``low_memory`` its default-mode option. Returns the
+    node
     holding the routed output, in ``match.output``'s dtype.
     """
     info = {} if info is None else info
@@ -154,17 +164,17 @@ def emit_routed(
             info.clear()
             info.update(saved)
         info["capacity_fallback"] = why
-    return _emit_default(*args, sum_per_rank)
+    return _emit_default(*args, sum_per_rank, low_memory)
 
 
 def _emit_default(
-    graph, match, env, x, idx, w, group_name, world_size, rank, info, sum_per_rank
+    graph, match, env, x, idx, w, group_name, world_size, rank, info, sum_per_rank, low_memory
 ) -> Node:
     E = match.num_experts
     d = call(
         graph,
         torch.ops.moe_ops.dispatch.default,
-        (x, idx, E, group_name, world_size, sum_per_rank),
+        (x, idx, E, group_name, world_size, sum_per_rank, low_memory),
     )
     fields = DispatchOutputs._fields
 
@@ -274,10 +284,11 @@ def rewrite_match(
     capacity: int | str | None = None,
     sum_per_rank: bool = False,
     transport: str | None = None,
+    low_memory: bool = False,
 ) -> None:
     """Replace ``match`` in ``gm`` (in place) by dispatch -> local experts -> combine
-    (capacity-mode ops when ``capacity`` is not None; ``sum_per_rank``, ``transport``: see
-    :func:`emit_routed`)."""
+    (capacity-mode ops when ``capacity`` is not None; ``sum_per_rank``, ``transport``,
+    ``low_memory``: see :func:`emit_routed`)."""
     why = check_removable(match)
     if why is not None:
         raise ValueError(f"fx_passes: cannot rewrite {match.module_path or 'block'}: {why}")
@@ -305,6 +316,7 @@ def rewrite_match(
                 capacity,
                 sum_per_rank,
                 transport,
+                low_memory,
             )
     except BaseException:
         _erase_between(tail, first_new)  # nothing reads the new nodes yet: the graph is as it was

@@ -57,6 +57,7 @@ def fuse_moe_routing(
     strict: bool = False,
     sum_per_rank: bool = False,
     transport: str | None = None,
+    low_memory: bool = False,
 ) -> list[MoEMatch]:
     """Rewrite every MoE block of ``gm`` (a Dynamo-level graph) into dispatch/combine, in place.
 
@@ -86,6 +87,8 @@ def fuse_moe_routing(
         transport: with ``capacity``, :func:`moe_ops.dispatch`'s transport (None: ``"padded"``
             at W > 1; ``"p2p"``: reads from the peers' CUDA symmetric memory, no NCCL call;
             CUDA and W > 1 only, else the block's rewrite fails with that reason).
+        low_memory: :func:`moe_ops.dispatch`'s option (default ops, slot order): large
+            payloads come back in rounds, 1.5x the payload at the peak instead of 3x, slower.
         strict: raise when matching, checking or rewriting a block fails with an exception
             (a ``RuntimeError`` naming the block, from the exception) instead of leaving the
             block alone with the exception as its reason.
@@ -97,7 +100,7 @@ def fuse_moe_routing(
     Returns the rewritten blocks (family, number of experts, module path); why other candidates
     were left alone is logged at debug level and kept in ``gm.meta["moe_rejected"]``.
     """
-    check_capacity(capacity, "fx_passes.fuse_moe_routing", transport)
+    check_capacity(capacity, "fx_passes.fuse_moe_routing", transport, low_memory)
     sharded = _mark_sharded(gm, example_inputs)
     rejects: list[Rejected] = []
     done: list[MoEMatch] = []
@@ -119,7 +122,7 @@ def fuse_moe_routing(
                     rejects.append(Rejected(match.family, match.module_path, why))
                     continue
                 step = "the rewrite failed"
-                rewrite_match(gm, match, own, capacity, sum_per_rank, transport)
+                rewrite_match(gm, match, own, capacity, sum_per_rank, transport, low_memory)
             except Exception as e:  # noqa: BLE001 - one block's failure must not break the compile
                 _failed(rejects, match.family, match.module_path, step, e, strict)
                 continue
@@ -147,6 +150,7 @@ def fuse_moe_routing(
             strict=strict,
             sum_per_rank=sum_per_rank,
             transport=transport,
+            low_memory=low_memory,
         )
         rejects += sub.meta.get("moe_rejected", [])
     gm.meta["moe_rejected"] = rejects

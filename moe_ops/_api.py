@@ -113,6 +113,7 @@ def dispatch(
     overflow: str = "error",
     transport: str | None = None,
     sum_per_rank: bool = False,
+    low_memory: bool = False,
 ) -> tuple[Tensor, DispatchHandle]:
     """Send every (token, slot) pair's row of ``x`` to the rank that owns its expert.
 
@@ -171,6 +172,13 @@ def dispatch(
             (the partial sums rounded to expert_out's dtype), then over ranks in rank order: equal
             to the slot-order sum up to that rounding, no longer bit-identical across W. Every
             rank must pass the same value.
+        low_memory: default mode, combine in slot order (not ``sum_per_rank`` with K > W): when
+            a rank's (token, slot) rows take at least 512 MiB (at ``x``'s row size), combine
+            gets them back in 8 rounds of that rank's tokens, each round's rows gathered while
+            the round before is exchanged: the same sums in the same order (bit for bit), peak
+            extra memory of dispatch + combine 1.5x the payload instead of 3x at T=16384
+            H=7168 top-8/256, 10-25% slower there (docs/notes_gpu.md); dispatch then makes one
+            more small exchange. Ranks may differ.
 
     Returns:
         ``recv_x``: ``[R, H]``, one row per (token, slot) pair from any rank routed to one of this
@@ -201,15 +209,21 @@ def dispatch(
         err = check_dispatch(x, topk_idx, num_experts, world_size)
         dev = _real_device(x, topk_idx)
         _fail_dispatch_on_every_rank(err, dev, num_experts, group_name, world_size)
-    if not isinstance(sum_per_rank, bool):
-        raise TypeError(
-            f"moe_ops.dispatch: sum_per_rank must be a bool, got {type(sum_per_rank).__name__}"
-        )
+    for name, value in (("sum_per_rank", sum_per_rank), ("low_memory", low_memory)):
+        if not isinstance(value, bool):
+            raise TypeError(f"moe_ops.dispatch: {name} must be a bool, got {type(value).__name__}")
     if capacity is not None or overflow != "error" or transport is not None:
+        if low_memory:
+            raise ValueError(
+                "moe_ops.dispatch: low_memory is a default-mode option (the capacity mode's "
+                "buffers have fixed sizes); pass capacity=None"
+            )
         args = (x, topk_idx, num_experts, group_name, world_size)
         return _dispatch_capacity(*args, capacity, overflow, transport, sum_per_rank)
     out = _ops.DispatchOutputs(
-        *_ops.DIRECT.dispatch(x, topk_idx, num_experts, group_name, world_size, sum_per_rank)
+        *_ops.DIRECT.dispatch(
+            x, topk_idx, num_experts, group_name, world_size, sum_per_rank, low_memory
+        )
     )
     handle = DispatchHandle(
         out.tokens_per_expert,

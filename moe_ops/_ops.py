@@ -180,11 +180,11 @@ def _rounds(T: int, row_bytes: int, W: int) -> int:
 
 
 # Combine in slot order holds, besides expert_out, the rows it sends back (regrouped by source)
-# and the rows that come back, one per pair each: twice the payload. A rank whose pairs take at
-# least twice _ROUND_BYTES gets them back in MAX_PAIR_ROUNDS rounds of its tokens (one token
-# each at least). The rounds run ahead (a round's rows are gathered while the previous round's
-# exchange runs): three round buffers at once, 3/8 of the payload instead of 2. The rows' size
-# is x's: expert_out's is not known to dispatch.
+# and the rows that come back, one per pair each: twice the payload. With ``low_memory`` a rank
+# whose pairs take at least twice _ROUND_BYTES gets them back in MAX_PAIR_ROUNDS rounds of its
+# tokens (one token each at least). The rounds run ahead (a round's rows are gathered while the
+# previous round's exchange runs): three round buffers at once, 3/8 of the payload instead of 2.
+# The rows' size is x's: expert_out's is not known to dispatch.
 def _pair_rounds(T: int, K: int, row_bytes: int) -> int:
     if T * K * row_bytes < 2 * _ROUND_BYTES:
         return 1
@@ -219,6 +219,7 @@ def _dispatch(
     group_name: str,
     world_size: int,
     sum_per_rank: bool = False,
+    low_memory: bool = False,
 ) -> tuple[Tensor, ...]:
     """The op's outputs: :class:`DispatchOutputs`, in order (its schema is written from that
     class: ``_DISPATCH_SCHEMA``)."""
@@ -233,12 +234,14 @@ def _dispatch(
     kern = _kernels.for_device(x.device)
     if group is None:
         return _dispatch_one_rank(kern, x, topk_idx, E)
-    return _dispatch_group(kern, x, topk_idx, E, group, sum_per_rank)
+    return _dispatch_group(kern, x, topk_idx, E, group, sum_per_rank, low_memory)
 
 
 _DISPATCH_SCHEMA = (
     "(Tensor x, Tensor topk_idx, int num_experts, str group_name, int world_size, "
-    "bool sum_per_rank=False) -> (" + ", ".join(["Tensor"] * len(DispatchOutputs._fields)) + ")"
+    "bool sum_per_rank=False, bool low_memory=False) -> ("
+    + ", ".join(["Tensor"] * len(DispatchOutputs._fields))
+    + ")"
 )
 dispatch_op = torch.library.custom_op(
     "moe_ops::dispatch", mutates_args=(), tags=_NOT_CUDAGRAPH_SAFE, schema=_DISPATCH_SCHEMA
@@ -279,14 +282,15 @@ def _dispatch_one_rank(kern, x: Tensor, topk_idx: Tensor, E: int) -> DispatchOut
 
 
 def _dispatch_group(
-    kern, x: Tensor, topk_idx: Tensor, E: int, group, sum_per_rank: bool
+    kern, x: Tensor, topk_idx: Tensor, E: int, group, sum_per_rank: bool, low_memory: bool
 ) -> DispatchOutputs:
     """W > 1: count exchange, the one host read, the payload exchange, the regroup by expert.
 
     With more slots than ranks (K > W) a token's slots share ranks, so its row is sent once per
     rank that holds one of its experts, with the local experts its slots pick there, and
     expanded to one row per (token, slot) on arrival; otherwise once per (token, slot). With
-    ``sum_per_rank`` (and K > W) the layout also says where the token rows went, for combine.
+    ``sum_per_rank`` (and K > W) the layout also says where the token rows went, for combine;
+    with ``low_memory`` (and large payloads) where each round's rows are (:func:`_pair_rounds`).
     """
     W, rank = group.size(), group.rank()
     T, K = topk_idx.shape
@@ -306,7 +310,7 @@ def _dispatch_group(
         if rounds > 1:
             _layout.round_rows(tok.pos_TW, rounds, to_read[0][:, C : C + rounds])
     else:
-        rounds = _pair_rounds(T, K, row_bytes)
+        rounds = _pair_rounds(T, K, row_bytes) if low_memory else 1
         if rounds > 1:
             to_read[0][:, STATUS] += PAIR_ROUNDS * rounds
             pairs_JE = _layout.pair_rounds(topk_idx, E, rounds)
@@ -498,7 +502,7 @@ def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int, per_ran
 
 
 @dispatch_op.register_fake
-def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False):
+def _(x, topk_idx, num_experts, group_name, world_size, sum_per_rank=False, low_memory=False):
     err = check_dispatch(x, topk_idx, num_experts, world_size)
     if err is not None:
         raise err

@@ -987,16 +987,48 @@ def fixed_fake_matches_real(spec: Spec, capacity: int, sum_per_rank: bool) -> No
 PAIR_ROUNDS_BY_RANK = (3, 1, 2, 4)  # rank r's rounds when forced, at most one per token
 
 
-def in_pair_rounds(fn, *args, **kwargs):
-    """``fn(*args)`` with the slot-order combine's rows back in rounds whatever the size: rank r
-    has ``PAIR_ROUNDS_BY_RANK[r % 4]`` rounds of its tokens (at most one per token; a rank with
-    one round still takes part in the others' rounds)."""
+@contextlib.contextmanager
+def forced_pair_rounds(rounds: int):
+    """Within the block the slot-order combine gets its rows back in ``rounds`` rounds of this
+    rank's tokens (at most one per token) whatever the size, as if ``low_memory=True`` had been
+    passed to dispatch."""
     from moe_ops import _ops
 
+    real = _ops._dispatch_group
+
+    def low_memory_group(*args):
+        return real(*args[:-1], True)
+
+    with (
+        mock.patch.object(_ops, "_pair_rounds", lambda T, K, row_bytes: max(1, min(rounds, T))),
+        mock.patch.object(_ops, "_dispatch_group", low_memory_group),
+    ):
+        yield
+
+
+def in_pair_rounds(fn, *args, **kwargs):
+    """``fn(*args)`` with :func:`forced_pair_rounds`: rank r has ``PAIR_ROUNDS_BY_RANK[r % 4]``
+    rounds (a rank with one round still takes part in the others' rounds)."""
     r = rank_and_world()[0]
-    rounds = PAIR_ROUNDS_BY_RANK[r % len(PAIR_ROUNDS_BY_RANK)]
-    with mock.patch.object(_ops, "_pair_rounds", lambda T, K, row_bytes: max(1, min(rounds, T))):
+    with forced_pair_rounds(PAIR_ROUNDS_BY_RANK[r % len(PAIR_ROUNDS_BY_RANK)]):
         return fn(*args, **kwargs)
+
+
+def rounds_need_low_memory(spec: Spec) -> list[int]:
+    """The rounds of a large-enough payload (the size policy patched to 3 rounds) without and
+    with ``low_memory=True``."""
+    from moe_ops import _ops
+
+    r, W = rank_and_world()
+    inp = make_inputs(spec, W)
+    got = []
+    with mock.patch.object(_ops, "_pair_rounds", lambda T, K, row_bytes: 3):
+        for low_memory in (False, True):
+            _, handle = moe_ops.dispatch(
+                inp.xs[r], inp.idxs[r], inp.num_experts, low_memory=low_memory
+            )
+            got.append(max(1, int((handle.layout.round_splits[1, :, 0] >= 0).sum())))
+    return got
 
 
 def pair_rounds_equal_one_exchange(spec: Spec) -> dict:

@@ -271,7 +271,7 @@ def test_fake_process_group_compile_graph(fake_world):
         out, tpe = torch.compile(f, backend=backend, fullgraph=True)(x, idx, w)
     assert tuple(tpe.shape) == (4,) and tuple(out.shape) == (T, H)
     (disp,) = [n for n in graphs[0].graph.nodes if n.target == torch.ops.moe_ops.dispatch.default]
-    assert disp.args[2:] == (8, dist.group.WORLD.group_name, 2, False)
+    assert disp.args[2:] == (8, dist.group.WORLD.group_name, 2, False, False)
 
 
 def test_fake_cuda_tensors_need_no_gpu():

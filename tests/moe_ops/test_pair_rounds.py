@@ -1,12 +1,14 @@
-"""The default (slot-order) mode's combine with the rows back in rounds of each rank's tokens
-(large payloads; forced here for small ones): the same bits as one exchange, one exchange per
-round, each round's buffers freed before the next, errors, and the policy."""
+"""``moe_ops.dispatch(..., low_memory=True)``: the default (slot-order) mode's combine with the
+rows back in rounds of each rank's tokens (large payloads; forced here for small ones): the same
+bits as one exchange, one exchange per round, three round buffers at most, errors, and the
+policy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import moe_ops
 from moe_ops import _layout, _ops
 from tests.moe_ops import _cases
 from tests.moe_ops._cases import Spec
@@ -70,6 +72,21 @@ def test_one_bad_rank_in_rounds(gloo_world, kind):
     round), every round still runs, and the next call works."""
     res = gloo_world(3).run(_cases.in_pair_rounds, _cases.one_bad_rank_combine, 1, kind)
     assert res[0] == res[2] == "PeerInputError"
+
+
+def test_rounds_only_with_low_memory(gloo_world):
+    """Without ``low_memory`` a payload large enough for rounds still goes back in one exchange
+    (rounds are slower: 10-25% at T=16384 H=7168 top-8/256)."""
+    spec = Spec(T=(6, 5), K=2, E_l=2)
+    assert gloo_world(2).run(_cases.rounds_need_low_memory, spec) == [[1, 3]] * 2
+
+
+def test_low_memory_is_a_default_mode_option():
+    x, idx = torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="low_memory is a default-mode option"):
+        moe_ops.dispatch(x, idx, 2, capacity="worst-case", low_memory=True)
+    with pytest.raises(TypeError, match="low_memory must be a bool"):
+        moe_ops.dispatch(x, idx, 2, low_memory=1)
 
 
 def test_weight_grad_needs_kept_rows(gloo_world):

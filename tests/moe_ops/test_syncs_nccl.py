@@ -26,7 +26,14 @@ import torch
 import moe_ops
 from moe_ops import _capacity_ops, _comm, _ops
 from tests._dist import device, under_torchrun
-from tests.moe_ops._cases import Spec, cuda_syncs, make_inputs, rank_and_world, triton_kernels
+from tests.moe_ops._cases import (
+    Spec,
+    cuda_syncs,
+    forced_pair_rounds,
+    make_inputs,
+    rank_and_world,
+    triton_kernels,
+)
 
 bf16 = torch.bfloat16
 _SPEC = Spec(T=(40, 24, 33, 0), K=4, E_l=3, H=32, dtype=bf16, seed=5)
@@ -45,11 +52,12 @@ def _capacity_kwargs(mode: str) -> dict:
 
 def _rounds(mode: str):
     """``mode="rounds"``: combine sums per rank in rounds of tokens, forced for small payloads;
-    ``"pair_rounds"``: the default mode's rows come back in rounds (three), forced too."""
+    ``"pair_rounds"``: the default mode's rows come back in rounds (``low_memory``, three),
+    forced too."""
     if mode == "rounds":
         return mock.patch.object(_ops, "_rounds", lambda T, row_bytes, W: W if T else 1)
     if mode == "pair_rounds":
-        return mock.patch.object(_ops, "_pair_rounds", lambda T, K, row_bytes: max(1, min(3, T)))
+        return forced_pair_rounds(3)
     return contextlib.nullcontext()
 
 
