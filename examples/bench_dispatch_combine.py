@@ -21,7 +21,9 @@ What each column measures, per rank (T tokens per rank, top-K of E experts, hidd
 * dispatch, combine: ``moe_ops.dispatch`` alone; ``moe_ops.combine`` alone (with routing weights,
   on precomputed expert outputs); d+c: both back to back, combine on ``recv_x``. With
   ``--sum-per-rank`` dispatch gets ``sum_per_rank=True`` (K > W: combine sends one row per
-  (token, rank) back, summed on the experts' ranks; "sum_per_rank" in the case name).
+  (token, rank) back, summed on the experts' ranks; "sum_per_rank" in the case name); with
+  ``--low-memory`` ``low_memory=True`` (default mode: large payloads back in rounds; "low_memory"
+  in the case name).
   fwd+bwd: d+c and its backward (grads of x and of the routing weights).
 * seed PR: the original PR's algorithm written the straightforward way for top-k (every
   (token, slot) pair is a row): argsort by destination rank, counts all-to-all, counts to the host,
@@ -207,7 +209,7 @@ def _floors(meter: _Meter, group, send_splits, recv_splits, like, gen) -> tuple[
 def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     device = meter.device
     rank = group.rank()
-    per_rank = args.sum_per_rank
+    per_rank, low = args.sum_per_rank, args.low_memory
     gen = torch.Generator(device=device).manual_seed(1234 + 17 * rank)
     S = args.sets
     xs = [torch.randn(T, H, device=device, generator=gen).to(dtype) for _ in range(S)]
@@ -215,7 +217,9 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     ws = [torch.rand(T, K, device=device, generator=gen).softmax(-1).to(dtype) for _ in range(S)]
     handles, eos = [], []
     for s in range(S):
-        recv, h = moe_ops.dispatch(xs[s], idxs[s], E, group=group, sum_per_rank=per_rank)
+        recv, h = moe_ops.dispatch(
+            xs[s], idxs[s], E, group=group, sum_per_rank=per_rank, low_memory=low
+        )
         handles.append(h)
         eos.append(torch.randn(recv.shape, device=device, generator=gen).to(dtype))
         del recv
@@ -225,7 +229,9 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     payload = N * H * xs[0].element_size()
 
     # sanity: ours equals the seed PR's round trip (and the Triton path the torch path)
-    recv, h = moe_ops.dispatch(xs[0], idxs[0], E, group=group, sum_per_rank=per_rank)
+    recv, h = moe_ops.dispatch(
+        xs[0], idxs[0], E, group=group, sum_per_rank=per_rank, low_memory=low
+    )
     ours = moe_ops.combine(recv, h, ws[0])
     r2, st = seed_dispatch(xs[0], idxs[0], E, group)
     seed = seed_combine(r2, st, ws[0], group)
@@ -234,19 +240,24 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
 
     row = dict(T=T, H=H, K=K, E=E, routing=routing, dtype=str(dtype).split(".")[-1], W=group.size())
     row["sum_per_rank"] = per_rank
+    row["low_memory"] = low
     row["payload_MiB"] = payload / 2**20
     row["max|ours-seed|"] = check
 
     row["copy_ms"], row["a2a_ms"] = _floors(meter, group, send_splits, recv_splits, xs[0], gen)
 
     def ours_d(i):
-        return moe_ops.dispatch(xs[i], idxs[i], E, group=group, sum_per_rank=per_rank)
+        return moe_ops.dispatch(
+            xs[i], idxs[i], E, group=group, sum_per_rank=per_rank, low_memory=low
+        )
 
     def ours_c(i):
         return moe_ops.combine(eos[i], handles[i], ws[i])
 
     def ours_dc(i):
-        recv, h = moe_ops.dispatch(xs[i], idxs[i], E, group=group, sum_per_rank=per_rank)
+        recv, h = moe_ops.dispatch(
+            xs[i], idxs[i], E, group=group, sum_per_rank=per_rank, low_memory=low
+        )
         return moe_ops.combine(recv, h, ws[i])
 
     def seed_dc(i):
@@ -262,7 +273,9 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
         go = [torch.randn(T, H, device=device, generator=gen).to(dtype) for _ in range(S)]
 
         def ours_fb(i):
-            recv, h = moe_ops.dispatch(xg[i], idxs[i], E, group=group, sum_per_rank=per_rank)
+            recv, h = moe_ops.dispatch(
+                xg[i], idxs[i], E, group=group, sum_per_rank=per_rank, low_memory=low
+            )
             out = moe_ops.combine(recv, h, wg[i])
             out.backward(go[i])
             xg[i].grad = wg[i].grad = None
@@ -374,6 +387,8 @@ def _tables(rows):
         case = f"T={r['T']} H={r['H']} top-{r['K']}/{r['E']} {r['routing']} {r['dtype']} W={r['W']}"
         if r.get("sum_per_rank"):
             case += " sum_per_rank"
+        if r.get("low_memory"):
+            case += " low_memory"
         dc, cp, a2a = r["d+c_ms"], r["copy_ms"], r["a2a_ms"]
         seed = r.get("seed_d+c_ms")
         tp = r.get("torch_path_d+c_ms")
@@ -451,6 +466,8 @@ def _tables(rows):
         case = f"T={r['T']} H={r['H']} top-{r['K']}/{r['E']} {r['routing']} {r['dtype']} W={r['W']}"
         if r.get("sum_per_rank"):
             case += " sum_per_rank"
+        if r.get("low_memory"):
+            case += " low_memory"
         cp, a2a, seed = r["copy_ms"], r["a2a_ms"], r.get("seed_d+c_ms")
         modes = [
             (
@@ -628,6 +645,11 @@ def main(argv=None):
         action="store_true",
         help="moe_ops.dispatch(..., sum_per_rank=True), both modes: combine sums per rank "
         "(default mode: K > W; capacity mode: K > 1)",
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="moe_ops.dispatch(..., low_memory=True), default mode: combine's rows back in rounds",
     )
     p.add_argument("--out", help="also write the tables (markdown) and rows (.json) here")
     args = p.parse_args(argv)
