@@ -4,10 +4,12 @@
 :class:`DispatchOutputs` and :class:`Layout` (what combine takes).
 
 ``combine(expert_out[R, H'], topk_weights[T, K]?, *Layout, group_name, world_size,
-unweighted=False)`` returns ``out[T, H']`` and ``returned_rows``: the rows that came back to this
-rank in send order, with one status row per destination chunk (``[N + W, H']``); combine's
-backward needs them for the weight gradient. When ``W = 1`` nothing moves and ``returned_rows``
-is ``[0, H']``: the backward uses ``expert_out`` itself. When dispatch had ``sum_per_rank`` (the
+unweighted=False, keep_rows=True)`` returns ``out[T, H']`` and ``returned_rows``: the rows that
+came back to this rank in send order, with one status row per destination chunk (``[N + W, H']``;
+in rounds, round after round, the status rows with the first); combine's backward needs them for
+the weight gradient, so they are kept only with ``keep_rows`` and weights (else ``[0, H']``).
+When ``W = 1`` nothing moves and ``returned_rows`` is ``[0, H']``: the backward uses
+``expert_out`` itself. When dispatch had ``sum_per_rank`` (the
 layout has token rows) the second output is the weights that reached this rank with the token
 rows (``[Rt + W, K]``, in the accumulation dtype of expert_out), which the backward needs with
 ``expert_out`` (see :func:`_for_backward`).
