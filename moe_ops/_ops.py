@@ -396,9 +396,9 @@ def _round_layout(
         ]
 
     mine, theirs = per_round(sent, send_tok), per_round(got, recv_tok)
-    splits = _round_splits(mine, theirs)
+    splits, rounds = _round_splits(mine, theirs)
     no_rows = pos_TW.new_empty(0)
-    if splits[1, 1, 0] < 0:  # one round on every rank
+    if rounds == 1:  # one round on every rank
         no_pos = pos_TW.new_empty((0, pos_TW.shape[1]))
         return dict(round_splits=splits, round_pos=no_pos, round_rows=no_rows)
     if len(mine[0]) == 1:  # this rank's one round is the whole buffer
@@ -410,19 +410,20 @@ def _round_layout(
     )
 
 
-def _round_splits(mine: list[list[int]], theirs: list[list[int]]) -> Tensor:
+def _round_splits(mine: list[list[int]], theirs: list[list[int]]) -> tuple[Tensor, int]:
     """:class:`Layout`'s ``round_splits`` from the rows this rank sends each rank per round of
-    its own (``mine[d]``) and receives from each rank per round of theirs (``theirs[s]``)."""
+    its own (``mine[d]``) and receives from each rank per round of theirs (``theirs[s]``), and
+    the number of rounds."""
     W = len(mine)
     rounds = max(len(r) for r in theirs)  # the same on every rank: got holds every rank's rounds
     splits = torch.full((2, round_columns(W), W), -1, dtype=torch.int64)
     if rounds == 1:
-        return splits
+        return splits, rounds
     splits[0, : len(mine[0])] = torch.tensor(mine, dtype=torch.int64).t()
     splits[1, :rounds] = 0
     for s, rows_j in enumerate(theirs):
         splits[1, : len(rows_j), s] = torch.tensor(rows_j, dtype=torch.int64)
-    return splits
+    return splits, rounds
 
 
 def _pair_round_layout(
@@ -441,15 +442,13 @@ def _pair_round_layout(
         ]
 
     mine, theirs = per_round(sent, send_splits), per_round(got, recv_splits)
-    splits = _round_splits(mine, theirs)
-    T, K = topk_idx.shape
-    dev = topk_idx.device
-    if splits[1, 1, 0] < 0:  # one round on every rank
-        i64 = dict(dtype=torch.int64, device=dev)
+    splits, rounds = _round_splits(mine, theirs)
+    K = topk_idx.shape[1]
+    if rounds == 1:  # on every rank
+        i64 = dict(dtype=torch.int64, device=topk_idx.device)
         empty = dict(round_pos=torch.empty((0, K), **i64), round_rows=torch.empty(0, **i64))
         return dict(round_splits=splits, **empty)
     W, E_l = counts_WEl.shape
-    rounds = int((splits[1, :, 0] >= 0).sum())
     if pairs_JE is None:  # this rank's one round: every pair
         pairs_JE = lay.counts_bad[: W * E_l].view(1, W * E_l)
     send_WElJ = pairs_JE.new_zeros((W, E_l, rounds))
@@ -610,7 +609,7 @@ def _combine(
             group,
             "combine",
             kern,
-            None if kept is None else kept[: send_pair_idx.shape[0] + world_size],
+            kept,
         )
         if err is not None:
             raise err
