@@ -273,14 +273,16 @@ def ep_equal_hand_written(
     return counts
 
 
-def ep_equal_single_device(makes, tokens: int = 6) -> list[str]:
+def ep_equal_single_device(makes, tokens: int = 6) -> list[dict]:
     """On every rank of the default group, for each ``make(group)`` (a hand-written EP block
     taking its group, local experts filled by global id): the block built over the whole group,
     compiled with the strict "moe" backend (aot_eager), against the same block built on a
     one-rank group (every expert local: the single-device block) run eagerly on this rank's
     tokens. Checks the output, the input gradient and every parameter gradient (the reference's
     summed over the ranks' tokens; a local expert ``experts.j`` against global expert
-    ``experts.{rank * E_l + j}``). Returns the family that rewrote each block."""
+    ``experts.{rank * E_l + j}``). Returns, for each block, the match that rewrote it
+    (``family``, ``num_experts``, ``world_size``: the rewrite's) and the code of the graph the pass
+    handed on (``code``)."""
     rank, W = dist.get_rank(), dist.get_world_size()
     solo = [dist.new_group([r]) for r in range(W)][rank]  # every rank makes every group
     families = []
@@ -299,7 +301,15 @@ def ep_equal_single_device(makes, tokens: int = 6) -> list[str]:
         out = compiled(x_out)
         (out * dy).sum().backward()
         assert len(backend.matches) == 1, (make, backend.matches)
-        families.append(backend.matches[0].family)
+        m = backend.matches[0]
+        families.append(
+            dict(
+                family=m.family,
+                num_experts=m.num_experts,
+                world_size=m.rewritten.get("world_size"),
+                code=m.output.graph.python_code("self").src,
+            )
+        )
         t = tolerance(torch.float32)
         torch.testing.assert_close(out, ref, **t)
         torch.testing.assert_close(x_out.grad, x_ref.grad, **t)

@@ -90,7 +90,7 @@ def test_strict_raises_when_nothing_was_rewritten():
 def test_compile_moe_captures_without_fullgraph():
     """Without fullgraph=True Dynamo breaks at torch.where; compile_moe turns the capture on."""
     torch.manual_seed(0)
-    model = M.Stack(variant="eq_nonzero")
+    model = M.Stack(1, variant="eq_nonzero")
     torch._dynamo.reset()
     run = fx_passes.compile_moe(model, inner="aot_eager", strict=True)
     x = make_x(seed=3)

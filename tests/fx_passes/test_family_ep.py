@@ -199,18 +199,6 @@ def test_by_value_w1_equal_to_eager(name):
     assert "moe_ops.dispatch" in backend.matches[0].output.graph.python_code("self").src
 
 
-def test_by_value_graph_rank1_of_2():
-    """Under the fake process group each spelling's collectives, count exchange, split sizes and
-    regroup become one dispatch and one combine over the block's group."""
-    for name, make in M.BY_VALUE.items():
-        code, matches, _, _ = _capture_fake(lambda make=make: make(dist.group.WORLD), rank=1)
-        assert [m.family for m in matches] == ["ep"], (name, matches)
-        assert matches[0].rewritten["world_size"] == 2 and matches[0].num_experts == 4, name
-        assert "_c10d_functional" not in code and "autograd_function_apply" not in code, name
-        assert code.count("moe_ops.dispatch.default(") == 1, name
-        assert code.count("moe_ops.combine.default(") == 1, name
-
-
 def test_by_value_graph_fastmoe_style_rank1_of_2():
     """FastMoE style: the count exchange, the matrix's prefix sums, the scatter and gather
     Functions (row gather and exchange inside) and the ``bmm`` by the scores become one
@@ -288,10 +276,18 @@ def test_by_value_near_miss_left_unchanged(variant, reason):
 
 def test_by_value_gloo_equal_to_single_device(gloo_world):
     """At W = 2 (gloo) every spelling is rewritten by family ep and equals the single-device
-    block (the same block on a one-rank group): output, input and parameter gradients."""
-    makes = list(M.BY_VALUE.values())
-    for families in gloo_world(2).run(ep_equal_single_device, makes):
-        assert families == ["ep"] * len(makes)
+    block (the same block on a one-rank group): output, input and parameter gradients. On each
+    rank each spelling's collectives, count exchange, split sizes and regroup became one dispatch
+    and one combine over the block's group of 2."""
+    names = list(M.BY_VALUE)
+    for rank_results in gloo_world(2).run(ep_equal_single_device, list(M.BY_VALUE.values())):
+        assert [r["family"] for r in rank_results] == ["ep"] * len(names)
+        for name, r in zip(names, rank_results, strict=True):
+            code = r["code"]
+            assert r["world_size"] == 2 and r["num_experts"] == 4, name
+            assert "_c10d_functional" not in code and "autograd_function_apply" not in code, name
+            assert code.count("moe_ops.dispatch.default(") == 1, name
+            assert code.count("moe_ops.combine.default(") == 1, name
 
 
 def test_by_value_one_rank_group_holding_collectives():

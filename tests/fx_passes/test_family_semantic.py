@@ -13,6 +13,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 
 import fx_passes
 from tests.fx_passes import _semantic_models as M
@@ -30,22 +31,33 @@ REWRITTEN = [
 ]
 
 
-def _compile(model):
-    backend = fx_passes.moe_backend(inner="aot_eager", strict=True)
-    torch._dynamo.reset()
-    return torch.compile(model, backend=backend, fullgraph=True), backend
+def _grads_equal(model, x):
+    """:func:`grads_equal` of ``model`` compiled once with the strict "moe" backend (aot_eager);
+    returns the backend (``matches``) and the code of the graph it handed aot_eager (the
+    rewritten one)."""
+    seen = {}
+
+    def inner(gm, example_inputs):
+        seen["code"] = gm.code
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    def compile_fn(m):
+        seen["backend"] = fx_passes.moe_backend(inner=inner, strict=True)
+        torch._dynamo.reset()
+        return torch.compile(m, backend=seen["backend"], fullgraph=True)
+
+    grads_equal(model, compile_fn, x, **tolerance(torch.float32))
+    return seen["backend"], seen["code"]
 
 
 @pytest.mark.parametrize("variant", REWRITTEN)
 def test_rewritten_and_equal_to_eager(variant):
     torch.manual_seed(0)
     model = M.Routed(variant)
-    _, graphs, matches, _ = capture(model, make_x())
-    assert [m.family for m in matches] == ["semantic"], matches
-    assert matches[0].num_experts == M.E
-    code = graphs[0].code
+    backend, code = _grads_equal(model, make_x(T=7, seed=3))
+    assert [m.family for m in backend.matches] == ["semantic"], backend.matches
+    assert backend.matches[0].num_experts == M.E
     assert code.count("moe_ops.dispatch") == 1 and code.count("moe_ops.combine") == 1
-    grads_equal(model, lambda m: _compile(m)[0], make_x(T=7, seed=3), **tolerance(torch.float32))
 
 
 def test_module_dict_experts_and_a_shared_expert_outside():
@@ -55,9 +67,8 @@ def test_module_dict_experts_and_a_shared_expert_outside():
     assert [(m.family, m.num_experts) for m in matches] == [("semantic", M.E)]
     torch.manual_seed(0)
     shared = M.WithShared("nonzero_index_put")
-    _, _, matches, _ = capture(shared, make_x())
-    assert [(m.family, m.module_path) for m in matches] == [("semantic", "moe")]
-    grads_equal(shared, lambda m: _compile(m)[0], make_x(), **tolerance(torch.float32))
+    backend, _ = _grads_equal(shared, make_x())
+    assert [(m.family, m.module_path) for m in backend.matches] == [("semantic", "moe")]
 
 
 @pytest.mark.parametrize(
