@@ -113,12 +113,14 @@ def short_code(gm) -> str:
     return "\n".join(lines)
 
 
-_COMBINE = re.compile(r"combine\.default\((\w+), (\w+), [\w, ]+, ('[^']*'), (\d+)\)")
+_COMBINE = re.compile(
+    r"combine\.default\((\w+), (\w+), [\w, ]+?, ('[^']*'), (\d+)((?:, (?:True|False))*)\)"
+)
 
 
 def code_of(gm) -> str:
-    """:func:`normalized_code` with combine's five layout tensors shown as ``<layout>``."""
-    return _COMBINE.sub(r"combine.default(\1, \2, <layout>, \3, \4)", normalized_code(gm))
+    """:func:`normalized_code` with combine's layout tensors shown as ``<layout>``."""
+    return _COMBINE.sub(r"combine.default(\1, \2, <layout>, \3, \4\5)", normalized_code(gm))
 
 
 # ----------------------------------------------------------------------------- equality

@@ -37,7 +37,7 @@ top_w = topk[0]
 top_i = topk[1]
 sum_1 = top_w.sum(-1, keepdim = True)
 top_w_1 = top_w / sum_1
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '', 1, False)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '', 1, False, False)
 getitem_7 = dispatch_default[0]
 getitem_8 = dispatch_default[1]
 getitem_9 = dispatch_default[3]
@@ -51,23 +51,24 @@ getitem_16 = dispatch_default[10]
 getitem_17 = dispatch_default[11]
 getitem_18 = dispatch_default[12]
 getitem_19 = dispatch_default[13]
+getitem_20 = dispatch_default[14]
 size = getitem_7.size(0)
 repeat_interleave_1 = torch.repeat_interleave(getitem_8, output_size = size)
 to_1 = repeat_interleave_1.to(torch.int64)
 cumsum = torch.cumsum(getitem_8, 0, dtype = torch.int32)
 _grouped_mm = torch._grouped_mm(getitem_7, l_self_parameters_gate_up_, offs = cumsum)
-getitem_20 = l_self_parameters_b_up_[to_1]
-add__1 = _grouped_mm.add_(getitem_20)
+getitem_21 = l_self_parameters_b_up_[to_1]
+add__1 = _grouped_mm.add_(getitem_21)
 chunk_1 = _grouped_mm.chunk(2, dim = -1)
-getitem_21 = chunk_1[0]
-getitem_22 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_21)
-mul_2 = silu_1 * getitem_22
+getitem_22 = chunk_1[0]
+getitem_23 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_22)
+mul_2 = silu_1 * getitem_23
 cumsum_1 = torch.cumsum(getitem_8, 0, dtype = torch.int32)
 _grouped_mm_1 = torch._grouped_mm(mul_2, l_self_parameters_down_, offs = cumsum_1)
-combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_1, top_w_1, <layout>, '', 1)
-getitem_23 = combine_default[0]
-return (getitem_23,)""",
+combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_1, top_w_1, <layout>, '', 1, False, True)
+getitem_24 = combine_default[0]
+return (getitem_24,)""",
     )
 
 
@@ -87,7 +88,7 @@ top_w = topk[0]
 top_i = topk[1]
 sum_1 = top_w.sum(-1, keepdim = True)
 top_w_1 = top_w / sum_1
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '<group>', 2, False)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '<group>', 2, False, False)
 getitem_6 = dispatch_default[0]
 getitem_7 = dispatch_default[1]
 getitem_8 = dispatch_default[3]
@@ -101,37 +102,38 @@ getitem_15 = dispatch_default[10]
 getitem_16 = dispatch_default[11]
 getitem_17 = dispatch_default[12]
 getitem_18 = dispatch_default[13]
-getitem_19 = l_self_parameters_gate_up_[slice(0, 2, None)]
-getitem_20 = l_self_parameters_down_[slice(0, 2, None)]
-transpose = getitem_19.transpose(-2, -1)
-getitem_21 = dispatch_default[7]
-tolist = getitem_21.tolist()
+getitem_19 = dispatch_default[14]
+getitem_20 = l_self_parameters_gate_up_[slice(0, 2, None)]
+getitem_21 = l_self_parameters_down_[slice(0, 2, None)]
+transpose = getitem_20.transpose(-2, -1)
+getitem_22 = dispatch_default[7]
+tolist = getitem_22.tolist()
 split = torch.functional.split(getitem_6, tolist)
-getitem_22 = split[0]
-getitem_23 = transpose[0]
-mm = torch.mm(getitem_22, getitem_23)
-getitem_24 = split[1]
-getitem_25 = transpose[1]
-mm_1 = torch.mm(getitem_24, getitem_25)
+getitem_23 = split[0]
+getitem_24 = transpose[0]
+mm = torch.mm(getitem_23, getitem_24)
+getitem_25 = split[1]
+getitem_26 = transpose[1]
+mm_1 = torch.mm(getitem_25, getitem_26)
 cat = torch.cat([mm, mm_1])
 chunk_1 = cat.chunk(2, dim = -1)
-getitem_26 = chunk_1[0]
-getitem_27 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_26)
-mul_2 = silu_1 * getitem_27
-transpose_1 = getitem_20.transpose(-2, -1)
-tolist_1 = getitem_21.tolist()
+getitem_27 = chunk_1[0]
+getitem_28 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_27)
+mul_2 = silu_1 * getitem_28
+transpose_1 = getitem_21.transpose(-2, -1)
+tolist_1 = getitem_22.tolist()
 split_1 = torch.functional.split(mul_2, tolist_1)
-getitem_28 = split_1[0]
-getitem_29 = transpose_1[0]
-mm_2 = torch.mm(getitem_28, getitem_29)
-getitem_30 = split_1[1]
-getitem_31 = transpose_1[1]
-mm_3 = torch.mm(getitem_30, getitem_31)
+getitem_29 = split_1[0]
+getitem_30 = transpose_1[0]
+mm_2 = torch.mm(getitem_29, getitem_30)
+getitem_31 = split_1[1]
+getitem_32 = transpose_1[1]
+mm_3 = torch.mm(getitem_31, getitem_32)
 cat_1 = torch.cat([mm_2, mm_3])
-combine_default = torch.ops.moe_ops.combine.default(cat_1, top_w_1, <layout>, '<group>', 2)
-getitem_32 = combine_default[0]
-return (getitem_32,)""",
+combine_default = torch.ops.moe_ops.combine.default(cat_1, top_w_1, <layout>, '<group>', 2, False, True)
+getitem_33 = combine_default[0]
+return (getitem_33,)""",
     )
 
 

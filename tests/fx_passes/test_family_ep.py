@@ -61,7 +61,7 @@ top_1 = top / add
 input_1 = torch._C._nn.linear(l_x_, shared.0.weight, shared.0.bias)
 input_2 = torch.nn.functional.silu(input_1, inplace = False)
 input_3 = torch._C._nn.linear(input_2, shared.2.weight, shared.2.bias)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '<group>', 2, False)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '<group>', 2, False, False)
 getitem_12 = dispatch_default[0]
 getitem_13 = dispatch_default[1]
 getitem_14 = dispatch_default[3]
@@ -75,6 +75,7 @@ getitem_21 = dispatch_default[10]
 getitem_22 = dispatch_default[11]
 getitem_23 = dispatch_default[12]
 getitem_24 = dispatch_default[13]
+getitem_25 = dispatch_default[14]
 to_2 = getitem_13.to(torch.int64)
 cumsum_1 = torch.cumsum(to_2, 0, dtype = torch.int32)
 transpose_3 = l_self_parameters_w1_.transpose(-2, -1)
@@ -85,9 +86,9 @@ silu_2 = torch.nn.functional.silu(_grouped_mm_3)
 _grouped_mm_4 = torch._grouped_mm(getitem_12, transpose_4, offs = cumsum_1)
 mul_2 = silu_2 * _grouped_mm_4
 _grouped_mm_5 = torch._grouped_mm(mul_2, transpose_5, offs = cumsum_1)
-combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_5, top_1, <layout>, '<group>', 2)
-getitem_25 = combine_default[0]
-add_1 = input_3 + getitem_25
+combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_5, top_1, <layout>, '<group>', 2, False, True)
+getitem_26 = combine_default[0]
+add_1 = input_3 + getitem_26
 return (add_1,)""",
     )
 
@@ -108,7 +109,7 @@ topk_w = topk[0]
 topk_idx = topk[1]
 sum_1 = topk_w.sum(-1, keepdim = True)
 topk_w_1 = topk_w / sum_1
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, topk_idx, 4, '<group>', 2, False)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, topk_idx, 4, '<group>', 2, False, False)
 getitem_18 = dispatch_default[0]
 getitem_19 = dispatch_default[1]
 getitem_20 = dispatch_default[3]
@@ -122,19 +123,20 @@ getitem_27 = dispatch_default[10]
 getitem_28 = dispatch_default[11]
 getitem_29 = dispatch_default[12]
 getitem_30 = dispatch_default[13]
-getitem_31 = dispatch_default[7]
-tolist = getitem_31.tolist()
+getitem_31 = dispatch_default[14]
+getitem_32 = dispatch_default[7]
+tolist = getitem_32.tolist()
 split_1 = torch.functional.split(getitem_18, tolist)
-getitem_32 = split_1[0]
-linear_5 = torch._C._nn.linear(getitem_32, experts.0.up.weight, experts.0.up.bias)
+getitem_33 = split_1[0]
+linear_5 = torch._C._nn.linear(getitem_33, experts.0.up.weight, experts.0.up.bias)
 chunk_2 = linear_5.chunk(2, dim = -1)
 a_2 = chunk_2[0]
 b_2 = chunk_2[1]
 silu_2 = torch.nn.functional.silu(a_2)
 mul_3 = silu_2 * b_2
 linear_6 = torch._C._nn.linear(mul_3, experts.0.down.weight, experts.0.down.bias)
-getitem_33 = split_1[1]
-linear_7 = torch._C._nn.linear(getitem_33, experts.1.up.weight, experts.1.up.bias)
+getitem_34 = split_1[1]
+linear_7 = torch._C._nn.linear(getitem_34, experts.1.up.weight, experts.1.up.bias)
 chunk_3 = linear_7.chunk(2, dim = -1)
 a_3 = chunk_3[0]
 b_3 = chunk_3[1]
@@ -142,9 +144,9 @@ silu_3 = torch.nn.functional.silu(a_3)
 mul_4 = silu_3 * b_3
 linear_8 = torch._C._nn.linear(mul_4, experts.1.down.weight, experts.1.down.bias)
 cat_1 = torch.cat([linear_6, linear_8])
-combine_default = torch.ops.moe_ops.combine.default(cat_1, topk_w_1, <layout>, '<group>', 2)
-getitem_34 = combine_default[0]
-return (getitem_34,)""",
+combine_default = torch.ops.moe_ops.combine.default(cat_1, topk_w_1, <layout>, '<group>', 2, False, True)
+getitem_35 = combine_default[0]
+return (getitem_35,)""",
     )
 
 
@@ -215,7 +217,7 @@ idx = topk[1]
 score = torch.nn.functional.softmax(val, dim = -1)
 _set_grad_enabled = torch._C._set_grad_enabled(False)
 _set_grad_enabled_1 = torch._C._set_grad_enabled(True)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '<group>', 2, False)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '<group>', 2, False, False)
 getitem_22 = dispatch_default[0]
 getitem_23 = dispatch_default[1]
 getitem_24 = dispatch_default[3]
@@ -229,19 +231,20 @@ getitem_31 = dispatch_default[10]
 getitem_32 = dispatch_default[11]
 getitem_33 = dispatch_default[12]
 getitem_34 = dispatch_default[13]
-getitem_35 = dispatch_default[7]
-tolist = getitem_35.tolist()
+getitem_35 = dispatch_default[14]
+getitem_36 = dispatch_default[7]
+tolist = getitem_36.tolist()
 split_1 = torch.functional.split(getitem_22, tolist)
-getitem_36 = split_1[0]
-linear_5 = torch._C._nn.linear(getitem_36, experts.0.up.weight, experts.0.up.bias)
+getitem_37 = split_1[0]
+linear_5 = torch._C._nn.linear(getitem_37, experts.0.up.weight, experts.0.up.bias)
 chunk_2 = linear_5.chunk(2, dim = -1)
 a_2 = chunk_2[0]
 b_2 = chunk_2[1]
 silu_2 = torch.nn.functional.silu(a_2)
 mul_2 = silu_2 * b_2
 linear_6 = torch._C._nn.linear(mul_2, experts.0.down.weight, experts.0.down.bias)
-getitem_37 = split_1[1]
-linear_7 = torch._C._nn.linear(getitem_37, experts.1.up.weight, experts.1.up.bias)
+getitem_38 = split_1[1]
+linear_7 = torch._C._nn.linear(getitem_38, experts.1.up.weight, experts.1.up.bias)
 chunk_3 = linear_7.chunk(2, dim = -1)
 a_3 = chunk_3[0]
 b_3 = chunk_3[1]
@@ -249,9 +252,9 @@ silu_3 = torch.nn.functional.silu(a_3)
 mul_3 = silu_3 * b_3
 linear_8 = torch._C._nn.linear(mul_3, experts.1.down.weight, experts.1.down.bias)
 cat_1 = torch.cat([linear_6, linear_8])
-combine_default = torch.ops.moe_ops.combine.default(cat_1, score, <layout>, '<group>', 2)
-getitem_38 = combine_default[0]
-return (getitem_38,)""",
+combine_default = torch.ops.moe_ops.combine.default(cat_1, score, <layout>, '<group>', 2, False, True)
+getitem_39 = combine_default[0]
+return (getitem_39,)""",
     )
 
 

@@ -49,7 +49,7 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.float32)
-dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1, False)
+dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1, False, False)
 gi14 = dispatch[0]
 gi15 = dispatch[1]
 gi16 = dispatch[3]
@@ -63,27 +63,28 @@ gi23 = dispatch[10]
 gi24 = dispatch[11]
 gi25 = dispatch[12]
 gi26 = dispatch[13]
-gi27 = dispatch[7]
-tolist = gi27.tolist()
+gi27 = dispatch[14]
+gi28 = dispatch[7]
+tolist = gi28.tolist()
 split = torch.functional.split(gi14, tolist)
-gi28 = split[0]
-reshape_2 = gi28.reshape(-1, 16)
+gi29 = split[0]
+reshape_2 = gi29.reshape(-1, 16)
 linear_7 = torch._C._nn.linear(reshape_2, experts.0.gate.weight, None)
 silu_2 = torch.nn.functional.silu(linear_7)
 linear_8 = torch._C._nn.linear(reshape_2, experts.0.up.weight, None)
 mul_4 = silu_2 * linear_8
 linear_9 = torch._C._nn.linear(mul_4, experts.0.down.weight, None)
-gi29 = split[1]
-reshape_3 = gi29.reshape(-1, 16)
+gi30 = split[1]
+reshape_3 = gi30.reshape(-1, 16)
 linear_10 = torch._C._nn.linear(reshape_3, experts.1.gate.weight, None)
 silu_3 = torch.nn.functional.silu(linear_10)
 linear_11 = torch._C._nn.linear(reshape_3, experts.1.up.weight, None)
 mul_5 = silu_3 * linear_11
 linear_12 = torch._C._nn.linear(mul_5, experts.1.down.weight, None)
 cat = torch.cat([linear_9, linear_12])
-combine = moe_ops.combine(cat, w_2, gi16, gi17, gi18, gi19, gi20, gi21, gi22, gi23, gi24, gi25, gi26, '', 1)
-gi30 = combine[0]
-return (gi30,)""",
+combine = moe_ops.combine(cat, w_2, gi16, gi17, gi18, gi19, gi20, gi21, gi22, gi23, gi24, gi25, gi26, gi27, '', 1, False, True)
+gi31 = combine[0]
+return (gi31,)""",
     )
 
 
@@ -102,7 +103,7 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.bfloat16)
-dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1, False)
+dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1, False, False)
 gi14 = dispatch[0]
 gi15 = dispatch[1]
 gi16 = dispatch[3]
@@ -116,6 +117,7 @@ gi23 = dispatch[10]
 gi24 = dispatch[11]
 gi25 = dispatch[12]
 gi26 = dispatch[13]
+gi27 = dispatch[14]
 cumsum = torch.cumsum(gi15, 0, dtype = torch.int32)
 stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
 transpose = stack.transpose(-2, -1)
@@ -128,9 +130,9 @@ mul_4 = silu_2 * _grouped_mm_1
 stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_4, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi16, gi17, gi18, gi19, gi20, gi21, gi22, gi23, gi24, gi25, gi26, '', 1)
-gi27 = combine[0]
-return (gi27,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi16, gi17, gi18, gi19, gi20, gi21, gi22, gi23, gi24, gi25, gi26, gi27, '', 1, False, True)
+gi28 = combine[0]
+return (gi28,)""",
     )
 
 
@@ -149,7 +151,7 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.bfloat16)
-dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1, False)
+dispatch = moe_ops.dispatch(l_x_, idx, 2, '', 1, False, False)
 gi18 = dispatch[0]
 gi19 = dispatch[1]
 gi20 = dispatch[3]
@@ -163,6 +165,7 @@ gi27 = dispatch[10]
 gi28 = dispatch[11]
 gi29 = dispatch[12]
 gi30 = dispatch[13]
+gi31 = dispatch[14]
 cumsum = torch.cumsum(gi19, 0, dtype = torch.int32)
 stack = torch.stack([experts.0.gate.weight, experts.1.gate.weight])
 transpose = stack.transpose(-2, -1)
@@ -175,9 +178,9 @@ mul_8 = silu_4 * _grouped_mm_1
 stack_2 = torch.stack([experts.0.down.weight, experts.1.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi20, gi21, gi22, gi23, gi24, gi25, gi26, gi27, gi28, gi29, gi30, '', 1)
-gi31 = combine[0]
-return (gi31,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi20, gi21, gi22, gi23, gi24, gi25, gi26, gi27, gi28, gi29, gi30, gi31, '', 1, False, True)
+gi32 = combine[0]
+return (gi32,)""",
     )
 
 
@@ -202,7 +205,7 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.bfloat16)
-dispatch = moe_ops.dispatch(l_x_, idx, 4, '<group>', 2, False)
+dispatch = moe_ops.dispatch(l_x_, idx, 4, '<group>', 2, False, False)
 gi26 = dispatch[0]
 gi27 = dispatch[1]
 gi28 = dispatch[3]
@@ -216,6 +219,7 @@ gi35 = dispatch[10]
 gi36 = dispatch[11]
 gi37 = dispatch[12]
 gi38 = dispatch[13]
+gi39 = dispatch[14]
 cumsum = torch.cumsum(gi27, 0, dtype = torch.int32)
 reshape_4 = gi26.reshape(-1, 16)
 stack = torch.stack([experts.2.gate.weight, experts.3.gate.weight])
@@ -229,9 +233,9 @@ mul_8 = silu_4 * _grouped_mm_1
 stack_2 = torch.stack([experts.2.down.weight, experts.3.down.weight])
 transpose_2 = stack_2.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi28, gi29, gi30, gi31, gi32, gi33, gi34, gi35, gi36, gi37, gi38, '<group>', 2)
-gi39 = combine[0]
-return (gi39,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi28, gi29, gi30, gi31, gi32, gi33, gi34, gi35, gi36, gi37, gi38, gi39, '<group>', 2, False, True)
+gi40 = combine[0]
+return (gi40,)""",
     )
 
 
@@ -248,7 +252,8 @@ def test_local_experts_under_fake_process_group():
         used = {e for e in range(8) if f"experts.{e}.gate.weight" in code}
         e_l = 8 // W
         assert used == set(range(rank * e_l, (rank + 1) * e_l))
-        assert "moe_ops.dispatch(l_x_, idx, 8, " in code and f", {W})" in code
+        # W as the world size of dispatch and combine (then their flags)
+        assert "moe_ops.dispatch(l_x_, idx, 8, " in code and f", {W}, False, " in code
 
 
 # ----------------------------------------------------------------------------- near misses

@@ -47,7 +47,7 @@ top_1 = top / add
 input_1 = torch._C._nn.linear(l_x_, shared.0.weight, shared.0.bias)
 input_2 = torch.nn.functional.silu(input_1, inplace = False)
 input_3 = torch._C._nn.linear(input_2, shared.2.weight, shared.2.bias)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '', 1, False)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, idx, 4, '', 1, False, False)
 getitem_4 = dispatch_default[0]
 getitem_5 = dispatch_default[1]
 getitem_6 = dispatch_default[3]
@@ -61,6 +61,7 @@ getitem_13 = dispatch_default[10]
 getitem_14 = dispatch_default[11]
 getitem_15 = dispatch_default[12]
 getitem_16 = dispatch_default[13]
+getitem_17 = dispatch_default[14]
 to_2 = getitem_5.to(torch.int64)
 cumsum_1 = torch.cumsum(to_2, 0, dtype = torch.int32)
 transpose_3 = l_self_parameters_w1_.transpose(-2, -1)
@@ -71,9 +72,9 @@ silu_2 = torch.nn.functional.silu(_grouped_mm_3)
 _grouped_mm_4 = torch._grouped_mm(getitem_4, transpose_4, offs = cumsum_1)
 mul_2 = silu_2 * _grouped_mm_4
 _grouped_mm_5 = torch._grouped_mm(mul_2, transpose_5, offs = cumsum_1)
-combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_5, top_1, <layout>, '', 1)
-getitem_17 = combine_default[0]
-add_1 = input_3 + getitem_17
+combine_default = torch.ops.moe_ops.combine.default(_grouped_mm_5, top_1, <layout>, '', 1, False, True)
+getitem_18 = combine_default[0]
+add_1 = input_3 + getitem_18
 return (add_1,)""",
     )
 
@@ -94,7 +95,7 @@ topk = logits.topk(2, dim = 1)
 top_v = topk[0]
 top_i = topk[1]
 softmax = torch.softmax(top_v, dim = 1)
-dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '<group>', 2, False)
+dispatch_default = torch.ops.moe_ops.dispatch.default(l_x_, top_i, 4, '<group>', 2, False, False)
 getitem_29 = dispatch_default[0]
 getitem_30 = dispatch_default[1]
 getitem_31 = dispatch_default[3]
@@ -108,41 +109,42 @@ getitem_38 = dispatch_default[10]
 getitem_39 = dispatch_default[11]
 getitem_40 = dispatch_default[12]
 getitem_41 = dispatch_default[13]
-getitem_42 = l_self_parameters_w_in_[slice(2, 4, None)]
-getitem_43 = l_self_parameters_w_out_[slice(2, 4, None)]
+getitem_42 = dispatch_default[14]
+getitem_43 = l_self_parameters_w_in_[slice(2, 4, None)]
+getitem_44 = l_self_parameters_w_out_[slice(2, 4, None)]
 to = getitem_30.to(torch.int64)
-getitem_44 = to[0]
-getitem_45 = dispatch_default[7]
-to_1 = getitem_45.to(torch.int64)
-getitem_46 = to_1[0]
-item_4 = getitem_46.item()
-getitem_47 = to[1]
-getitem_48 = to_1[1]
-item_5 = getitem_48.item()
+getitem_45 = to[0]
+getitem_46 = dispatch_default[7]
+to_1 = getitem_46.to(torch.int64)
+getitem_47 = to_1[0]
+item_4 = getitem_47.item()
+getitem_48 = to[1]
+getitem_49 = to_1[1]
+item_5 = getitem_49.item()
 split_2 = getitem_29.split([item_4, item_5], dim = 0)
-getitem_49 = split_2[0]
-getitem_50 = split_2[1]
-getitem_51 = getitem_42[0]
-linear_9 = torch._C._nn.linear(getitem_49, getitem_51)
-getitem_52 = getitem_42[1]
-linear_10 = torch._C._nn.linear(getitem_50, getitem_52)
+getitem_50 = split_2[0]
+getitem_51 = split_2[1]
+getitem_52 = getitem_43[0]
+linear_9 = torch._C._nn.linear(getitem_50, getitem_52)
+getitem_53 = getitem_43[1]
+linear_10 = torch._C._nn.linear(getitem_51, getitem_53)
 cat_2 = torch.cat([linear_9, linear_10], dim = 0)
 chunk_1 = cat_2.chunk(2, dim = -1)
-getitem_53 = chunk_1[0]
-getitem_54 = chunk_1[1]
-silu_1 = torch.nn.functional.silu(getitem_53)
-mul_2 = silu_1 * getitem_54
+getitem_54 = chunk_1[0]
+getitem_55 = chunk_1[1]
+silu_1 = torch.nn.functional.silu(getitem_54)
+mul_2 = silu_1 * getitem_55
 split_3 = mul_2.split([item_4, item_5], dim = 0)
-getitem_55 = split_3[0]
-getitem_56 = split_3[1]
-getitem_57 = getitem_43[0]
-linear_11 = torch._C._nn.linear(getitem_55, getitem_57)
-getitem_58 = getitem_43[1]
-linear_12 = torch._C._nn.linear(getitem_56, getitem_58)
+getitem_56 = split_3[0]
+getitem_57 = split_3[1]
+getitem_58 = getitem_44[0]
+linear_11 = torch._C._nn.linear(getitem_56, getitem_58)
+getitem_59 = getitem_44[1]
+linear_12 = torch._C._nn.linear(getitem_57, getitem_59)
 cat_3 = torch.cat([linear_11, linear_12], dim = 0)
-combine_default = torch.ops.moe_ops.combine.default(cat_3, softmax, <layout>, '<group>', 2)
-getitem_59 = combine_default[0]
-return (getitem_59,)""",
+combine_default = torch.ops.moe_ops.combine.default(cat_3, softmax, <layout>, '<group>', 2, False, True)
+getitem_60 = combine_default[0]
+return (getitem_60,)""",
     )
 
 
