@@ -317,8 +317,10 @@ def combine(
         (``-1`` slots add 0), accumulated in float32 for half types, in slot order (per rank,
         then over ranks, when dispatch had ``sum_per_rank``).
 
-    Differentiable w.r.t. ``expert_out`` and ``topk_weights``. No host sync. Runs the capacity
-    mode's ops when ``handle`` comes from the capacity mode.
+    Differentiable w.r.t. ``expert_out`` and ``topk_weights``; in the default mode at W > 1 the
+    rows that came back (one per pair) are kept for the backward only when ``topk_weights``
+    requires grad (the weight gradient reads them). No host sync. Runs the capacity mode's ops
+    when ``handle`` comes from the capacity mode.
     """
     if not isinstance(handle, DispatchHandle):
         raise TypeError(
