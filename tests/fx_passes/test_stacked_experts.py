@@ -86,7 +86,7 @@ idx = topk[1]
 sum_1 = w.sum(-1, keepdim = True)
 w_1 = w / sum_1
 w_2 = w_1.to(torch.bfloat16)
-dispatch = moe_ops.dispatch(l_x_, idx, 4, '', 1, False)
+dispatch = moe_ops.dispatch(l_x_, idx, 4, '', 1, False, False)
 gi38 = dispatch[0]
 gi39 = dispatch[1]
 gi40 = dispatch[3]
@@ -100,6 +100,7 @@ gi47 = dispatch[10]
 gi48 = dispatch[11]
 gi49 = dispatch[12]
 gi50 = dispatch[13]
+gi51 = dispatch[14]
 cumsum = torch.cumsum(gi39, 0, dtype = torch.int32)
 reshape_4 = gi38.reshape(-1, 16)
 transpose = l_self_modules_experts_parameters_stacked_gate_weight_.transpose(-2, -1)
@@ -110,9 +111,9 @@ _grouped_mm_1 = torch._grouped_mm(reshape_4, transpose_1, offs = cumsum)
 mul_8 = silu_4 * _grouped_mm_1
 transpose_2 = l_self_modules_experts_parameters_stacked_down_weight_.transpose(-2, -1)
 _grouped_mm_2 = torch._grouped_mm(mul_8, transpose_2, offs = cumsum)
-combine = moe_ops.combine(_grouped_mm_2, w_2, gi40, gi41, gi42, gi43, gi44, gi45, gi46, gi47, gi48, gi49, gi50, '', 1)
-gi51 = combine[0]
-return (gi51,)""",
+combine = moe_ops.combine(_grouped_mm_2, w_2, gi40, gi41, gi42, gi43, gi44, gi45, gi46, gi47, gi48, gi49, gi50, gi51, '', 1, False, True)
+gi52 = combine[0]
+return (gi52,)""",
     )
 
 
