@@ -209,13 +209,13 @@ def combine_tail(
     expert_out: Tensor,
     pair_pos_TK: Tensor,
     topk_weights: Tensor | None,
-    rows_stay: bool,
+    keep: bool,
 ) -> tuple[Tensor, Tensor]:
     """combine's outputs from the rows back on this rank: ``out[T, H']``, the weighted sum over
-    slots, and ``returned_rows`` (the rows themselves; ``[0, H']`` when ``rows_M`` is
-    ``expert_out``, which the backward then saves instead)."""
+    slots, and ``returned_rows``: the rows themselves with ``keep``, else ``[0, H']`` (no weight
+    gradient wanted, or ``rows_M`` is ``expert_out``, which the backward then saves instead)."""
     out = kern.combine_rows(rows_M, pair_pos_TK, topk_weights, expert_out.dtype)
-    returned = expert_out.new_empty((0, expert_out.shape[1])) if rows_stay else rows_M
+    returned = rows_M if keep else expert_out.new_empty((0, expert_out.shape[1]))
     return out, returned
 
 

@@ -585,7 +585,7 @@ def _combine_fixed(
         "combine",
     )
     local = transport == "local"
-    out = _autograd.combine_tail(kern, rows, expert_out, lay.pair_pos, topk_weights, local)
+    out = _autograd.combine_tail(kern, rows, expert_out, lay.pair_pos, topk_weights, not local)
     return _done(chunks, out)
 
 

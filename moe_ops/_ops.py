@@ -387,16 +387,7 @@ def _round_layout(
     """:class:`Layout`'s ``round_splits`` and ``round_pos`` from the round columns this rank
     sent (``rows_WJ`` on the device, ``sent`` as read) and received (``got``); none when every
     rank has one round."""
-
-    def per_round(rows: list, totals: list[int]) -> list[list[int]]:  # each peer's rounds
-        rounds = [status_parts(row[STATUS])[1] for row in rows]
-        return [
-            row[C : C + n] if n > 1 else [total]
-            for row, n, total in zip(rows, rounds, totals, strict=True)
-        ]
-
-    mine, theirs = per_round(sent, send_tok), per_round(got, recv_tok)
-    splits, rounds = _round_splits(mine, theirs)
+    mine, splits, rounds = _round_splits(sent, got, C, 1, send_tok, recv_tok)
     no_rows = pos_TW.new_empty(0)
     if rounds == 1:  # one round on every rank
         no_pos = pos_TW.new_empty((0, pos_TW.shape[1]))
@@ -410,20 +401,32 @@ def _round_layout(
     )
 
 
-def _round_splits(mine: list[list[int]], theirs: list[list[int]]) -> tuple[Tensor, int]:
-    """:class:`Layout`'s ``round_splits`` from the rows this rank sends each rank per round of
-    its own (``mine[d]``) and receives from each rank per round of theirs (``theirs[s]``), and
-    the number of rounds."""
+def _round_splits(
+    sent: list, got: list, C: int, part: int, send_totals: list[int], recv_totals: list[int]
+) -> tuple[list[list[int]], Tensor, int]:
+    """From the count rows as read (``sent``, ``got``; their round columns start at ``C``, the
+    rounds are ``status_parts(...)[part]`` of their status): the rows this rank sends each rank
+    per round of its own (``mine[d]``; one round: ``send_totals``), :class:`Layout`'s
+    ``round_splits`` and the number of rounds."""
+
+    def per_round(rows: list, totals: list[int]) -> list[list[int]]:  # each peer's rounds
+        rounds = [status_parts(row[STATUS])[part] for row in rows]
+        return [
+            row[C : C + n] if n > 1 else [total]
+            for row, n, total in zip(rows, rounds, totals, strict=True)
+        ]
+
+    mine, theirs = per_round(sent, send_totals), per_round(got, recv_totals)
     W = len(mine)
     rounds = max(len(r) for r in theirs)  # the same on every rank: got holds every rank's rounds
     splits = torch.full((2, round_columns(W), W), -1, dtype=torch.int64)
     if rounds == 1:
-        return splits, rounds
+        return mine, splits, rounds
     splits[0, : len(mine[0])] = torch.tensor(mine, dtype=torch.int64).t()
     splits[1, :rounds] = 0
     for s, rows_j in enumerate(theirs):
         splits[1, : len(rows_j), s] = torch.tensor(rows_j, dtype=torch.int64)
-    return splits, rounds
+    return mine, splits, rounds
 
 
 def _pair_round_layout(
@@ -433,16 +436,7 @@ def _pair_round_layout(
     ``pairs_JE``: this rank's pairs per round and expert when it has rounds). When some rank has
     rounds, each rank sends every rank its pairs per (local expert, round), which says where
     each round's rows are in expert_out (one small exchange, after the payload's)."""
-
-    def per_round(rows: list, totals: list[int]) -> list[list[int]]:  # each peer's rounds
-        rounds = [status_parts(row[STATUS])[2] for row in rows]
-        return [
-            row[C : C + n] if n > 1 else [total]
-            for row, n, total in zip(rows, rounds, totals, strict=True)
-        ]
-
-    mine, theirs = per_round(sent, send_splits), per_round(got, recv_splits)
-    splits, rounds = _round_splits(mine, theirs)
+    _, splits, rounds = _round_splits(sent, got, C, 2, send_splits, recv_splits)
     K = topk_idx.shape[1]
     if rounds == 1:  # on every rank
         i64 = dict(dtype=torch.int64, device=topk_idx.device)
@@ -574,49 +568,46 @@ def _combine(
     group = _comm.resolve_group(group_name, world_size)
     R = num_recv_rows(send_pair_idx, recv_perm, world_size)
     err = check_combine(expert_out, topk_weights, pair_pos, R)
-    if group is None:
+    if group is None:  # no row moves: the backward reads expert_out itself
         if err is not None:
             raise err
-        rows = expert_out
-    else:
-        keep = keep_rows and topk_weights is not None
-        if err is not None:  # still complete the exchange with the right sizes, flagged bad
-            width = expert_out.shape[-1] if expert_out.dim() >= 1 else 1
-            dtype = expert_out.dtype if expert_out.dtype in FLOAT_DTYPES else torch.float32
-            expert_out = torch.empty((R, width), dtype=dtype, device=pair_pos.device)
-            topk_weights = None
-        kern = _kernels.for_device(pair_pos.device)
-        if lay.sums_per_rank:
-            args = (expert_out, topk_weights, lay, err is not None, unweighted, group)
-            out, recv_w = _combine_per_rank(*args)
-            if err is not None:
-                raise err
-            return out, recv_w
-        H = expert_out.shape[1]
-        kept = expert_out.new_empty((send_pair_idx.shape[0] + world_size, H)) if keep else None
-        if lay.round_rows.shape[0] > 0:  # in rounds
-            out = _in_rounds(kern, expert_out, topk_weights, lay, err is not None, group, kept)
-            if err is not None:
-                raise err
-            return out, expert_out.new_empty((0, H)) if kept is None else kept
-        rows = _comm.rows_to_sources(
-            expert_out,
-            lay.send_splits.tolist(),
-            lay.recv_splits.tolist(),
-            recv_perm,
-            err is not None,
-            group.rank(),
-            group,
-            "combine",
-            kern,
-            kept,
-        )
+        kern = _kernels.for_device(expert_out.device)
+        return _autograd.combine_tail(kern, expert_out, expert_out, pair_pos, topk_weights, False)
+    keep = keep_rows and topk_weights is not None
+    if err is not None:  # still complete the exchange with the right sizes, flagged bad
+        width = expert_out.shape[-1] if expert_out.dim() >= 1 else 1
+        dtype = expert_out.dtype if expert_out.dtype in FLOAT_DTYPES else torch.float32
+        expert_out = torch.empty((R, width), dtype=dtype, device=pair_pos.device)
+        topk_weights = None
+    kern = _kernels.for_device(pair_pos.device)
+    if lay.sums_per_rank:
+        args = (expert_out, topk_weights, lay, err is not None, unweighted, group)
+        out, recv_w = _combine_per_rank(*args)
         if err is not None:
             raise err
-        out = kern.combine_rows(rows, pair_pos, topk_weights, expert_out.dtype)
+        return out, recv_w
+    H = expert_out.shape[1]
+    kept = expert_out.new_empty((send_pair_idx.shape[0] + world_size, H)) if keep else None
+    if lay.round_rows.shape[0] > 0:  # in rounds
+        out = _in_rounds(kern, expert_out, topk_weights, lay, err is not None, group, kept)
+        if err is not None:
+            raise err
         return out, expert_out.new_empty((0, H)) if kept is None else kept
-    kern = _kernels.for_device(rows.device)
-    return _autograd.combine_tail(kern, rows, expert_out, pair_pos, topk_weights, group is None)
+    rows = _comm.rows_to_sources(
+        expert_out,
+        lay.send_splits.tolist(),
+        lay.recv_splits.tolist(),
+        recv_perm,
+        err is not None,
+        group.rank(),
+        group,
+        "combine",
+        kern,
+        kept,
+    )
+    if err is not None:
+        raise err
+    return _autograd.combine_tail(kern, rows, expert_out, pair_pos, topk_weights, keep)
 
 
 def _in_rounds(
@@ -637,7 +628,8 @@ def _in_rounds(
         start += n
         if bad:
             return expert_out.new_empty((n, H))
-        return kern.gather_rows(expert_out, idx)  # the status rows (-1) come out 0: "good"
+        # the status rows (-1) come out 0: "good"
+        return kern.gather_rows(expert_out, idx, negative=True)
 
     out = expert_out.new_empty((lay.pair_pos.shape[0], H))
     sends, recvs = lay.round_splits.tolist()  # CPU values: no sync

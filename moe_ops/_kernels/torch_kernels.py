@@ -117,16 +117,21 @@ def place_rows(
 
 
 def gather_rows(
-    src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None, per_row: int = 1
+    src_SH: Tensor,
+    idx_M: Tensor,
+    w_M: Tensor | None = None,
+    per_row: int = 1,
+    negative: bool = False,
 ) -> Tensor:
-    """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype), a zero
-    row where ``idx[i]`` is negative: ``[M, H]``."""
+    """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype): ``[M,
+    H]``; with ``negative``, ``idx`` may hold negative entries, which give zero rows."""
     src_M = idx_M if per_row == 1 else idx_M // per_row
-    if src_SH.shape[0] == 0:  # every index is negative
+    if not negative:
+        rows = src_SH[src_M]
+    elif src_SH.shape[0] == 0:  # every index is negative
         rows = src_SH.new_zeros((idx_M.shape[0], src_SH.shape[1]))
     else:
-        rows = src_SH[src_M.clamp(min=0)]
-        rows = torch.where(src_M[:, None] >= 0, rows, 0)
+        rows = torch.where(src_M[:, None] >= 0, src_SH[src_M.clamp(min=0)], 0)
     if w_M is None:
         return rows
     adt = acc_dtype(src_SH.dtype)

@@ -662,10 +662,15 @@ _launch_gather = _Launcher(_gather_rows_kernel)
 
 
 def gather_rows(
-    src_SH: Tensor, idx_M: Tensor, w_M: Tensor | None = None, per_row: int = 1
+    src_SH: Tensor,
+    idx_M: Tensor,
+    w_M: Tensor | None = None,
+    per_row: int = 1,
+    negative: bool = False,
 ) -> Tensor:
-    """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype), a zero
-    row where ``idx[i]`` is negative: ``[M, H]``."""
+    """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype): ``[M,
+    H]``; negative entries of ``idx`` give zero rows (the kernel masks them whatever
+    ``negative`` says: the mask costs nothing there)."""
     M = idx_M.shape[0]
     H = src_SH.shape[1]
     dst = src_SH.new_empty((M, H))
