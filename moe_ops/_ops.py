@@ -27,12 +27,13 @@ by assigning a Python scalar (which copies it from pageable memory). All three c
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from moe_ops import _autograd, _comm, _kernels, _layout
+from moe_ops import _autograd, _comm, _kernels, _layout, _replay
 from moe_ops._checks import FLOAT_DTYPES, bad_id_error, check_combine, check_dispatch
 from moe_ops._layout import (
     COUNTS,
@@ -260,7 +261,15 @@ dispatch_op = torch.library.custom_op(
 def _dispatch_one_rank(kern, x: Tensor, topk_idx: Tensor, E: int) -> DispatchOutputs:
     """W = 1: the send order is the expert-major order; no row moves."""
     T, K = topk_idx.shape
-    lay = kern.send_layout(topk_idx, E, 1)
+    key = ("send_layout", kern.__name__, T, K, topk_idx.dtype, E)
+    lay, copies = _replay.run(
+        lambda idx: kern.send_layout(idx, E, 1),
+        key,
+        topk_idx,
+        outlive=lambda lay: [lay.pair_pos, lay.send_pair_idx, lay.counts_bad],
+    )
+    if copies is not None:  # replayed: the graph's outputs are overwritten by its next replay
+        lay = lay._replace(pair_pos=copies[0], send_pair_idx=copies[1], counts_bad=copies[2])
     host, rows = _comm.read_to_host(
         lay.counts_bad, lambda: kern.scatter_rows(x, lay.pair_pos, None, T * K)
     )
@@ -297,26 +306,24 @@ def _dispatch_group(
     W, rank = group.size(), group.rank()
     T, K = topk_idx.shape
     C = COUNTS + E // W  # the count row's columns; then the round columns
-    # the count rows this rank sends and receives, read to the host at once
-    to_read = torch.empty((2, W, count_width(E // W, W)), dtype=torch.int64, device=x.device)
-    lay = kern.send_layout(topk_idx, E, W, count_row=to_read[0][:, :C])
-    tok = pairs_JE = None
     per_rank = sum_per_rank and K > W  # combine sums per rank
     row_bytes = x.shape[1] * x.element_size()
-    if K > W:
-        tok = kern.token_rows(topk_idx, E, W, rows_out=to_read[0][:, TOKEN_ROWS])
     if per_rank:
         rounds = _rounds(T, row_bytes, W)
-        # a scalar kernel argument: no copy from the host
-        to_read[0][:, STATUS] += SUMS_PER_RANK * rounds
-        if rounds > 1:
-            _layout.round_rows(tok.pos_TW, rounds, to_read[0][:, C : C + rounds])
     else:
         rounds = _pair_rounds(T, K, row_bytes) if low_memory else 1
-        if rounds > 1:
-            to_read[0][:, STATUS] += PAIR_ROUNDS * rounds
-            pairs_JE = _layout.pair_rounds(topk_idx, E, rounds)
-            to_read[0][:, C : C + rounds] = pairs_JE.view(rounds, W, E // W).sum(2).t()
+    key = ("before_read", kern.__name__, T, K, topk_idx.dtype, E, W, per_rank, rounds)
+    before = functools.partial(_before_read, kern, E, W, per_rank, rounds)
+
+    def outlive(pre) -> list[Tensor]:  # what the op returns of _before_read's outputs
+        _, lay, tok, _ = pre
+        return [lay.pair_pos, lay.send_pair_idx, *([tok.pos_TW] if per_rank else [])]
+
+    (to_read, lay, tok, pairs_JE), copies = _replay.run(before, key, topk_idx, outlive=outlive)
+    if copies is not None:  # replayed: the graph's outputs are overwritten by its next replay
+        lay = lay._replace(pair_pos=copies[0], send_pair_idx=copies[1])
+        if per_rank:
+            tok = tok._replace(pos_TW=copies[2])
     _comm.exchange_counts(to_read[0], group, out=to_read[1])
     host, filled = _comm.read_to_host(
         to_read, lambda: _fill_send(kern, x, lay.pair_pos, tok, W, None)
@@ -373,6 +380,32 @@ def _dispatch_group(
         tokens_per_expert_host=host[1, :, COUNTS:C].sum(0),
         **token_layout,
     )
+
+
+def _before_read(kern, E: int, W: int, per_rank: bool, rounds: int, topk_idx: Tensor) -> tuple:
+    """Dispatch's work before the count exchange (W > 1), a function of ``topk_idx`` alone
+    (replayed from a CUDA graph: :mod:`moe_ops._replay`): the count rows this rank sends and
+    receives (``[2, W, count_width]``, the second filled by the exchange), the
+    :class:`~moe_ops._layout.SendLayout`, the :class:`~moe_ops._layout.TokenRows` (K > W, else
+    None) and this rank's pairs per round and expert (slot-order rounds, else None)."""
+    T, K = topk_idx.shape
+    C = COUNTS + E // W
+    # the count rows this rank sends and receives, read to the host at once
+    to_read = torch.empty((2, W, count_width(E // W, W)), dtype=torch.int64, device=topk_idx.device)
+    lay = kern.send_layout(topk_idx, E, W, count_row=to_read[0][:, :C])
+    tok = pairs_JE = None
+    if K > W:
+        tok = kern.token_rows(topk_idx, E, W, rows_out=to_read[0][:, TOKEN_ROWS])
+    if per_rank:
+        # a scalar kernel argument: no copy from the host
+        to_read[0][:, STATUS] += SUMS_PER_RANK * rounds
+        if rounds > 1:
+            _layout.round_rows(tok.pos_TW, rounds, to_read[0][:, C : C + rounds])
+    elif rounds > 1:
+        to_read[0][:, STATUS] += PAIR_ROUNDS * rounds
+        pairs_JE = _layout.pair_rounds(topk_idx, E, rounds)
+        to_read[0][:, C : C + rounds] = pairs_JE.view(rounds, W, E // W).sum(2).t()
+    return to_read, lay, tok, pairs_JE
 
 
 def _round_layout(
