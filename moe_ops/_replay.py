@@ -7,14 +7,15 @@ microseconds of host time, and the read waits for all of them: on small payloads
 of dispatch's time before the read (docs/notes_gpu.md, "The layout before the count read,
 replayed"). :func:`run` runs such a function eagerly the first time a key is seen (which also
 compiles its kernels), captures it in a CUDA graph the second time, and from then on copies the
-inputs into the graph's static inputs and replays it: one copy and one graph launch.
+inputs into the graph's static inputs and replays it: one copy and one graph launch (and a copy
+of each output the caller keeps).
 
 Rules for the functions run here: device tensors of fixed shape in, a pytree of device tensors
 out, no host sync, no collective (process groups whose communicators were captured in a graph
 hang in ``destroy_process_group``, pytorch/pytorch#115388; the count exchange stays eager), and
 the same kernels whatever the values. Outputs of a replay are the graph's static outputs, which
-the next replay of the same key overwrites: what outlives the caller's call the graph also
-copies into one buffer, which each replay clones (``outlive``). Keys carry the device, the
+the next replay of the same key overwrites: what outlives the caller's call is copied after
+each replay (``outlive``). Keys carry the device, the
 current stream and the thread, so a replay never overwrites outputs that work queued on another
 stream or thread still reads.
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -55,8 +55,6 @@ class _Graph(NamedTuple):
     graph: torch.cuda.CUDAGraph
     inputs: tuple[Tensor, ...]  # static: copied into before each replay
     out: Any  # static outputs, as the function returned them
-    flat: Tensor  # static: the outputs that outlive a call, copied one after the other
-    shapes: list[tuple[int, ...]]  # theirs
 
 
 # key -> None (seen once: ran eagerly), a _Graph, or False (capture failed: always eager)
@@ -72,10 +70,10 @@ def run(
     outlive: Callable[[Any], list[Tensor]] = lambda out: [],
 ) -> tuple[Any, list[Tensor] | None]:
     """``fn(*inputs)``, and None, or, when replayed, copies of the tensors ``outlive(out)``
-    names (one dtype; what outlives the caller's call: the rest of ``out`` is the graph's static
-    outputs, which the next replay overwrites). The copies come from one buffer that the graph
-    fills (one device copy per call). ``key`` names ``fn`` and everything but ``inputs``'
-    values that its kernels depend on (shapes, dtypes, the op's arguments, the kernel set)."""
+    names (what outlives the caller's call: the rest of ``out`` is the graph's static outputs,
+    which the next replay overwrites; one device copy each). ``key`` names ``fn`` and
+    everything but ``inputs``' values that its kernels depend on (shapes, dtypes, the op's
+    arguments, the kernel set)."""
     dev = inputs[0].device
     if (
         dev.type != "cuda"
@@ -95,19 +93,20 @@ def run(
             _remember(full, None)
         return fn(*inputs), None
     if entry is None:  # second sight: capture
-        entry = _capture(fn, outlive, inputs, stream)
+        entry = _capture(fn, inputs, stream)
         _remember(full, False if entry is None else entry)
         if entry is None:
             return fn(*inputs), None
     for static, t in zip(entry.inputs, inputs, strict=True):
         static.copy_(t)
     entry.graph.replay()
-    flat, at, copies = entry.flat.clone(), 0, []
-    for shape in entry.shapes:
-        n = math.prod(shape)
-        copies.append(flat[at : at + n].view(shape))
-        at += n
-    return entry.out, copies
+    return entry.out, copies_of(outlive(entry.out))
+
+
+def copies_of(static: list[Tensor]) -> list[Tensor]:
+    """What a replay's caller keeps, copied out of the graph's static outputs: separate tensors
+    (a custom op's outputs may not share memory)."""
+    return [t.clone() for t in static]
 
 
 def _remember(full: tuple, entry: _Graph | bool | None) -> None:
@@ -118,10 +117,9 @@ def _remember(full: tuple, entry: _Graph | bool | None) -> None:
             _graphs.popitem(last=False)
 
 
-def _capture(fn, outlive, inputs: tuple[Tensor, ...], stream: torch.cuda.Stream) -> _Graph | None:
-    """``fn`` captured on a side stream with static copies of ``inputs``, and the tensors
-    ``outlive`` names copied into one flat buffer; None when it cannot be captured (then the key
-    stays eager)."""
+def _capture(fn, inputs: tuple[Tensor, ...], stream: torch.cuda.Stream) -> _Graph | None:
+    """``fn`` captured on a side stream with static copies of ``inputs``; None when it cannot be
+    captured (then the key stays eager)."""
     static = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs)
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream(stream.device)
@@ -133,17 +131,13 @@ def _capture(fn, outlive, inputs: tuple[Tensor, ...], stream: torch.cuda.Stream)
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 out = fn(*static)
-                kept = outlive(out)
-                flat = torch.cat([t.reshape(-1) for t in kept]) if kept else None
             finally:
                 graph.capture_end()
     except RuntimeError:
         return None
     finally:
         stream.wait_stream(side)
-    if flat is None:
-        flat = torch.empty(0, device=stream.device)
-    return _Graph(graph, static, out, flat, [tuple(t.shape) for t in kept])
+    return _Graph(graph, static, out)
 
 
 def cached() -> int:

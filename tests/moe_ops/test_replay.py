@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import moe_ops
-from moe_ops import _comm, _replay
+from moe_ops import _autograd, _comm, _replay
 from tests._dist import device
 from tests.moe_ops import _cases
 from tests.moe_ops._cases import Spec, make_inputs, rank_and_world
@@ -204,7 +204,7 @@ def _replays_emulated():
             for kept, new in zip(*(pytree.tree_leaves(o) for o in (static[key], out)), strict=True):
                 if kept is not None:
                     kept.copy_(new)
-        return static[key], [t.clone() for t in outlive(static[key])]
+        return static[key], _replay.copies_of(outlive(static[key]))
 
     def read_to_host(t, meanwhile=None):  # what it does on CUDA
         return t.clone(), None if meanwhile is None else meanwhile()
@@ -217,9 +217,19 @@ def _replays_emulated():
 
 
 def emulated_replays_match_eager(spec: Spec, sum_per_rank: bool = False) -> int:
+    """Directly and through the registered ops (a custom op's outputs may not share memory:
+    the copies must be tensors of their own)."""
     eager = _run(spec, sum_per_rank)
     with _replays_emulated() as static:
         replayed = _run(spec, sum_per_rank)
+    with (
+        _replays_emulated(),
+        mock.patch.object(_autograd, "_direct_ok", return_value=False),
+    ):
+        via_ops = _run(spec, sum_per_rank)
+    for i, (a, b) in enumerate(zip(eager, via_ops, strict=True)):
+        for j, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert torch.equal(u, v), f"through the ops: call {i}, output {j}"
     for i, (a, b) in enumerate(zip(eager, replayed, strict=True)):
         for j, (u, v) in enumerate(zip(a, b, strict=True)):
             assert torch.equal(u, v), f"call {i}, output {j}"
