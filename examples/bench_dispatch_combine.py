@@ -210,6 +210,10 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     device = meter.device
     rank = group.rank()
     per_rank, low = args.sum_per_rank, args.low_memory
+
+    def ours_dispatch(x, idx):
+        return moe_ops.dispatch(x, idx, E, group=group, sum_per_rank=per_rank, low_memory=low)
+
     gen = torch.Generator(device=device).manual_seed(1234 + 17 * rank)
     S = args.sets
     xs = [torch.randn(T, H, device=device, generator=gen).to(dtype) for _ in range(S)]
@@ -217,9 +221,7 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     ws = [torch.rand(T, K, device=device, generator=gen).softmax(-1).to(dtype) for _ in range(S)]
     handles, eos = [], []
     for s in range(S):
-        recv, h = moe_ops.dispatch(
-            xs[s], idxs[s], E, group=group, sum_per_rank=per_rank, low_memory=low
-        )
+        recv, h = ours_dispatch(xs[s], idxs[s])
         handles.append(h)
         eos.append(torch.randn(recv.shape, device=device, generator=gen).to(dtype))
         del recv
@@ -229,9 +231,7 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     payload = N * H * xs[0].element_size()
 
     # sanity: ours equals the seed PR's round trip (and the Triton path the torch path)
-    recv, h = moe_ops.dispatch(
-        xs[0], idxs[0], E, group=group, sum_per_rank=per_rank, low_memory=low
-    )
+    recv, h = ours_dispatch(xs[0], idxs[0])
     ours = moe_ops.combine(recv, h, ws[0])
     r2, st = seed_dispatch(xs[0], idxs[0], E, group)
     seed = seed_combine(r2, st, ws[0], group)
@@ -247,17 +247,13 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
     row["copy_ms"], row["a2a_ms"] = _floors(meter, group, send_splits, recv_splits, xs[0], gen)
 
     def ours_d(i):
-        return moe_ops.dispatch(
-            xs[i], idxs[i], E, group=group, sum_per_rank=per_rank, low_memory=low
-        )
+        return ours_dispatch(xs[i], idxs[i])
 
     def ours_c(i):
         return moe_ops.combine(eos[i], handles[i], ws[i])
 
     def ours_dc(i):
-        recv, h = moe_ops.dispatch(
-            xs[i], idxs[i], E, group=group, sum_per_rank=per_rank, low_memory=low
-        )
+        recv, h = ours_dispatch(xs[i], idxs[i])
         return moe_ops.combine(recv, h, ws[i])
 
     def seed_dc(i):
@@ -273,9 +269,7 @@ def bench_case(args, meter: _Meter, group, T, H, K, E, routing, dtype):
         go = [torch.randn(T, H, device=device, generator=gen).to(dtype) for _ in range(S)]
 
         def ours_fb(i):
-            recv, h = moe_ops.dispatch(
-                xg[i], idxs[i], E, group=group, sum_per_rank=per_rank, low_memory=low
-            )
+            recv, h = ours_dispatch(xg[i], idxs[i])
             out = moe_ops.combine(recv, h, wg[i])
             out.backward(go[i])
             xg[i].grad = wg[i].grad = None

@@ -19,7 +19,8 @@ each replay (``outlive``). Keys carry the device, the
 current stream and the thread, so a replay never overwrites outputs that work queued on another
 stream or thread still reads.
 
-Only CUDA tensors, outside any capture of the caller's. At most :data:`MAX_GRAPHS` graphs are
+Only CUDA tensors, outside any capture of the caller's (the op bodies that call it never run
+while compiling: fake kernels do). At most :data:`MAX_GRAPHS` graphs are
 kept (the least recently used goes first); :func:`eager_only` turns replays off within a block
 of the calling thread (tests compare both ways).
 """
@@ -75,12 +76,7 @@ def run(
     everything but ``inputs``' values that its kernels depend on (shapes, dtypes, the op's
     arguments, the kernel set)."""
     dev = inputs[0].device
-    if (
-        dev.type != "cuda"
-        or _eager.get()
-        or torch.cuda.is_current_stream_capturing()
-        or torch.compiler.is_compiling()
-    ):
+    if dev.type != "cuda" or _eager.get() or torch.cuda.is_current_stream_capturing():
         return fn(*inputs), None
     stream = torch.cuda.current_stream(dev)
     full = (key, dev, stream.stream_id, threading.get_ident())
@@ -122,6 +118,8 @@ def _capture(fn, inputs: tuple[Tensor, ...], stream: torch.cuda.Stream) -> _Grap
     captured (then the key stays eager)."""
     static = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs)
     graph = torch.cuda.CUDAGraph()
+    # a stream of its own, not _comm.side_stream: work another thread queued there meanwhile
+    # would be captured into this graph
     side = torch.cuda.Stream(stream.device)
     side.wait_stream(stream)
     try:

@@ -99,6 +99,7 @@ def replay_in_rounds() -> None:
                     out = moe_ops.combine(recv_x * 2, handle, inp.ws[r].to(device()))
                 assert handle.layout.round_rows.shape[0] > 0  # it ran in rounds
                 got.append([out.cpu(), *(t.cpu() for t in handle.layout)])
+            assert _replay.cached() == (0 if eager else 1)
             outs.append(got)
     for a, b in zip(*outs, strict=True):
         for u, v in zip(a, b, strict=True):
@@ -113,7 +114,9 @@ def test_replay_in_rounds(nccl_world):
 def bad_ids_when_replayed(bad_rank: int) -> list[str]:
     """Bad ids on one rank in the calls that capture and replay: every rank raises each time."""
     _replay.clear()
-    return [_cases.one_bad_rank_dispatch(bad_rank, "id_too_big") for _ in range(CALLS)]
+    names = [_cases.one_bad_rank_dispatch(bad_rank, "id_too_big") for _ in range(CALLS)]
+    assert _replay.cached() == 1  # the bad calls and the good ones after them share a shape
+    return names
 
 
 @pytest.mark.gpu
@@ -133,6 +136,7 @@ def one_sync_per_replayed_dispatch() -> list[int]:
         call = functools.partial(moe_ops.dispatch, x, idx, inp.num_experts)
         _, where = _cases.cuda_syncs(call)
         syncs.append(len(where))
+    assert _replay.cached() == 1
     return syncs
 
 
