@@ -457,8 +457,9 @@ def _tokens_to_experts(kern, x_TH, topk_idx_TK, send_pos_TK, plan, C, chunks):
     with _zero_tail_meanwhile(kern, recv_x, plan.num_recv) if beside else contextlib.nullcontext():
         recv = chunks.exchange(send)
     del send, rows, slots
-    slot_rows = recv.view(_I64)[:, :K].contiguous()
-    recv_x = kern.scatter_rows(recv[:, recv.shape[1] - H :], slot_rows, None, C, out=recv_x)
+    recv_rows, slot_rows = _layout.unpack_rows(recv, H, K, _I64)
+    slot_rows = slot_rows.contiguous()
+    recv_x = kern.scatter_rows(recv_rows, slot_rows, None, C, out=recv_x)
     if not beside:
         recv_x = kern.zero_tail(recv_x, plan.num_recv)
     return pair_pos, token_pos, recv_x, slot_rows
@@ -484,15 +485,11 @@ def _zero_tail_meanwhile(kern, rows_CH: Tensor, n: Tensor) -> Iterator[None]:
 
 def _packed_rows(M: int, H: int, K: int, dtype: torch.dtype, device: torch.device, chunks):
     """A send buffer of ``chunks`` for M token rows of H columns with K int64 slots each, in one
-    tensor of the rows' dtype: ``(buffer [M, X + H], its rows [M, H], its slots [M, K] int64)``,
-    the slots in the first X columns (whole rows a multiple of 8 bytes, so that they view as
-    int64)."""
-    elt = dtype.itemsize
-    X = -(-8 * K // elt)
-    while (X + H) * elt % 8:
-        X += 1
+    tensor of the rows' dtype (``moe_ops._layout.slot_columns``): ``(buffer, its rows [M, H],
+    its slots [M, K] int64)``."""
+    X = _layout.slot_columns(H, K, dtype, _I64)
     buf = _send_memory(chunks, (M, X + H), dtype, device)
-    return buf, buf[:, X:], buf.view(_I64)[:, :K]
+    return (buf, *_layout.unpack_rows(buf, H, K, _I64))
 
 
 _DISPATCH_SCHEMA = (

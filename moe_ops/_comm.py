@@ -10,8 +10,8 @@ memory after a device-side barrier, or with NVSHMEM a ``torch.ops.symm_mem`` all
   depends only on E and W, so a rank whose input is bad still takes part (flag set, counts
   zero) and every rank learns of it from the same call.
 * :func:`rows_to_experts`: rows in send order -> the rows received, source-major (dispatch
-  forward, its token rows and their slots too, the routing weights with ``sum_per_rank``, combine
-  backward; the caller regroups them by expert).
+  forward, its token rows with their slots in front, the routing weights with
+  ``sum_per_rank``, combine backward; the caller regroups them by expert).
 * :func:`rows_to_sources` and :func:`rows_back`: the way back (combine forward, dispatch
   backward, and the weight gradient with ``sum_per_rank``). Each chunk carries
   one extra status row so that a rank whose combine input is bad can still complete the exchange

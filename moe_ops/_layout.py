@@ -135,6 +135,25 @@ def token_rows(
     return TokenRows(pos_TW, rows_W, slots.to(torch.int32).view(T * W, K))
 
 
+def slot_columns(H: int, K: int, dtype: torch.dtype, slot_dtype: torch.dtype) -> int:
+    """Columns of ``dtype`` in front of a packed row's H values that hold its K slots of
+    ``slot_dtype`` (token rows travel with their slots in one exchange): the slots' bytes
+    rounded up to 16, so that the values stay as aligned as in a row of their own, and more
+    where needed for a whole row to be a multiple of the slot size (the slots view as
+    ``slot_dtype``)."""
+    elt, size = dtype.itemsize, slot_dtype.itemsize
+    X = -(-K * size // 16) * 16 // elt
+    while (X + H) * elt % size:
+        X += 1
+    return X
+
+
+def unpack_rows(buf_MY: Tensor, H: int, K: int, slot_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A buffer of packed rows (:func:`slot_columns`) as views: its rows' values ``[M, H]`` and
+    slots ``[M, K]``."""
+    return buf_MY[:, buf_MY.shape[1] - H :], buf_MY.view(slot_dtype)[:, :K]
+
+
 def round_rows(pos_TW: Tensor, rounds: int, out_WJ: Tensor) -> None:
     """The round columns (``out_WJ``, ``[W, rounds]``, may be strided): token rows sent to each
     rank from each of ``rounds`` rounds of this rank's tokens (token t is in round

@@ -343,8 +343,7 @@ def _dispatch_group(
         recv_tok = [row[TOKEN_ROWS] for row in got]
         if filled is None:
             filled = _fill_send(kern, x, lay.pair_pos, tok, W, send_tok)
-        recv = _comm.rows_to_experts(filled[0], send_tok, recv_tok, group)
-        recv_slots = _comm.rows_to_experts(filled[1], send_tok, recv_tok, group)
+        recv = _comm.rows_to_experts(filled, send_tok, recv_tok, group)
     del filled  # the send buffer's memory can serve recv_x
     counts_WEl = to_read[1, :, COUNTS:C]
     if tok is None:
@@ -352,11 +351,12 @@ def _dispatch_group(
     else:
         max_count = max(max(row[COUNTS:C]) for row in got)
         recv_perm, tokens_per_expert = kern.expert_major_rows(counts_WEl, R, max_count)
+        recv_rows, recv_slots = _layout.unpack_rows(recv, x.shape[1], K, tok.slots_TWK.dtype)
         # (received row, slot) pairs by local expert, stably: by expert, then source, token and
         # slot, the order of recv_x (the spare rows' slots are -1)
         by_expert = kern.send_layout(recv_slots, E // W, 1)
         pairs = by_expert.send_pair_idx[:R]
-        recv_x = kern.gather_rows(recv, pairs, per_row=K)  # each pair's token row
+        recv_x = kern.gather_rows(recv_rows, pairs, per_row=K)  # each pair's token row
     if per_rank:
         token_layout = dict(
             token_pos=tok.pos_TW,
@@ -490,18 +490,22 @@ def _pair_round_layout(
 
 def _fill_send(kern, x: Tensor, pair_pos: Tensor, tok, W: int, rows_W: list[int] | None):
     """Dispatch's send buffer at W > 1: the rows once per (token, slot), or, given
-    :class:`~moe_ops._layout.TokenRows` ``tok``, once per (token, rank), returned with their
-    slots; a spare row after each destination's chunk. Sized for every row that could be sent
-    when ``rows_W`` is None, else for exactly ``rows_W`` rows per destination."""
+    :class:`~moe_ops._layout.TokenRows` ``tok``, once per (token, rank), each with its slots in
+    front (``moe_ops._layout.slot_columns``: one exchange carries both); a spare row after each
+    destination's chunk. Sized for every row that could be sent when ``rows_W`` is None, else
+    for exactly ``rows_W`` rows per destination."""
     T, K = pair_pos.shape
     if tok is None:
         M = (T * K if rows_W is None else sum(rows_W)) + W
         return kern.scatter_rows(x, pair_pos, None, M)
     M = (T * min(W, K) if rows_W is None else sum(rows_W)) + W
-    rows = kern.scatter_rows(x, tok.pos_TW, None, M)
-    # the spare rows' slots are read on arrival: -1, no slot
-    slots = torch.full((M, K), -1, dtype=tok.slots_TWK.dtype, device=x.device)
-    return rows, kern.scatter_rows(tok.slots_TWK, tok.pos_TW.reshape(-1, 1), None, M, out=slots)
+    H, slot_dtype = x.shape[1], tok.slots_TWK.dtype
+    buf = x.new_empty((M, _layout.slot_columns(H, K, x.dtype, slot_dtype) + H))
+    rows, slots = _layout.unpack_rows(buf, H, K, slot_dtype)
+    slots.fill_(-1)  # the spare rows' slots are read on arrival: -1, no slot
+    kern.scatter_rows(x, tok.pos_TW, None, M, out=rows)
+    kern.scatter_rows(tok.slots_TWK, tok.pos_TW.reshape(-1, 1), None, M, out=slots)
+    return buf
 
 
 def _check_peers(got: list, rank: int, topk_idx: Tensor, E: int, K: int, per_rank: bool) -> None:

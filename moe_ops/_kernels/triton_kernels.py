@@ -105,12 +105,34 @@ def _combine_block(H: int) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- layout
 @triton.jit
-def _block_hist_kernel(idx_ptr, counts_ptr, bad_ptr, P, E, NBINS: tl.constexpr, BP: tl.constexpr):
+def _load_ids(idx_ptr, offs, m, K, stride_t, STRIDED: tl.constexpr):
+    """The expert ids of the pairs ``offs`` (flat ``t * K + k``), int64, -1 where not ``m``; with
+    ``STRIDED`` the rows of ``topk_idx`` are ``stride_t`` apart (a view of packed rows)."""
+    if STRIDED:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+        at = (offs // K).to(tl.int64) * stride_t + offs % K
+    else:
+        at = offs
+    return tl.load(idx_ptr + at, mask=m, other=-1).to(tl.int64)
+
+
+@triton.jit
+def _block_hist_kernel(
+    idx_ptr,
+    counts_ptr,
+    bad_ptr,
+    P,
+    E,
+    K,
+    stride_t,
+    NBINS: tl.constexpr,
+    BP: tl.constexpr,
+    STRIDED: tl.constexpr,
+):
     """counts[b, e]: pairs of block b routed to expert e; bad[b]: ids of block b outside [-1, E)."""
     b = tl.program_id(0)
     offs = b * BP + tl.arange(0, BP)
     m = offs < P
-    ids = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int64)
+    ids = _load_ids(idx_ptr, offs, m, K, stride_t, STRIDED)
     valid = m & (ids >= 0) & (ids < E)
     bad = m & ((ids < -1) | (ids >= E))
     hist = tl.histogram(tl.where(valid, ids, 0).to(tl.int32), NBINS, mask=valid)
@@ -138,12 +160,15 @@ def _place_kernel(
     W,
     NB,
     row_stride,
+    K,
+    stride_t,
     NBINS: tl.constexpr,
     RB: tl.constexpr,
     BP: tl.constexpr,
     SB: tl.constexpr,
     SHIFT: tl.constexpr,
     HAS_ROW: tl.constexpr,
+    STRIDED: tl.constexpr,
 ):
     """Row of every valid pair of block b in the send buffer.
 
@@ -186,7 +211,7 @@ def _place_kernel(
     for s in range(0, BP, SB):
         offs = b * BP + s + i
         m = offs < P
-        ids = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int64)
+        ids = _load_ids(idx_ptr, offs, m, K, stride_t, STRIDED)
         valid = m & (ids >= 0) & (ids < E)
         e = tl.where(valid, ids, 0).to(tl.int32)
         key = tl.where(valid, e, -1)
@@ -223,20 +248,24 @@ def send_layout(
         if count_row is not None:
             _layout.write_count_row(count_row, counts_bad[:E], counts_bad[E])
         return SendLayout(empty, empty, torch.empty(0, **i64), counts_bad)
-    idx_P = topk_idx_TK.contiguous().view(-1)
+    if topk_idx_TK.stride(1) != 1:
+        topk_idx_TK = topk_idx_TK.contiguous()
+    # rows may be strided (slots received in packed rows): read in place
+    stride_t = topk_idx_TK.stride(0)
+    strided = T > 1 and stride_t != K
     BP = min(max(triton.next_power_of_2(triton.cdiv(P, 128)), _SB), 8192)
     NB = triton.cdiv(P, BP)
     NBINS = max(16, triton.next_power_of_2(E))
     scratch = torch.empty(NB * (E + 1), dtype=torch.int32, device=dev)
     counts, bad = scratch[: NB * E], scratch[NB * E :]
-    _launch_hist((NB,), idx_P, counts, bad, P, E, NBINS, BP)
+    _launch_hist((NB,), topk_idx_TK, counts, bad, P, E, K, stride_t, NBINS, BP, strided)
     send_pos = torch.empty((T, K), **i64)
     pair_pos = torch.empty((T, K), **i64) if world_size > 1 else send_pos
     send_pair_idx = torch.empty(P, **i64)
     counts_bad = torch.empty(E + 1, **i64)
     _launch_place(
         (NB,),
-        idx_P,
+        topk_idx_TK,
         counts,
         bad,
         send_pos,
@@ -250,12 +279,15 @@ def send_layout(
         world_size,
         NB,
         0 if count_row is None else count_row.stride(0),
+        K,
+        stride_t,
         NBINS,
         max(1, min(triton.next_power_of_2(NB), 8192 // NBINS)),
         BP,
         _SB,
         world_size > 1,
         count_row is not None,
+        strided,
     )
     return SendLayout(send_pos, pair_pos, send_pair_idx, counts_bad)
 
@@ -639,6 +671,7 @@ def _gather_rows_kernel(
     M,
     H,
     per_row,
+    stride_s,
     HAS_W: tl.constexpr,
     ACC: tl.constexpr,
     BM: tl.constexpr,
@@ -651,7 +684,8 @@ def _gather_rows_kernel(
     rm = rows < M
     mask = rm[:, None] & (cols < H)[None, :]
     s = tl.load(idx_ptr + rows, mask=rm, other=0) // per_row
-    v = tl.load(src_ptr + s[:, None] * H + cols[None, :], mask=mask & (s >= 0)[:, None], other=0)
+    src = src_ptr + s[:, None] * stride_s + cols[None, :]
+    v = tl.load(src, mask=mask & (s >= 0)[:, None], other=0)
     if HAS_W:
         w = tl.load(w_ptr + rows, mask=rm, other=0).to(ACC)
         v = (v.to(ACC) * w[:, None]).to(dst_ptr.dtype.element_ty)
@@ -670,23 +704,26 @@ def gather_rows(
 ) -> Tensor:
     """``dst[i] = src[idx[i] // per_row]`` (times ``w[i]``, in the accumulation dtype): ``[M,
     H]``; negative entries of ``idx`` give zero rows (the kernel masks them whatever
-    ``negative`` says: the mask costs nothing there)."""
+    ``negative`` says: the mask costs nothing there). ``src`` may have strided rows."""
     M = idx_M.shape[0]
     H = src_SH.shape[1]
     dst = src_SH.new_empty((M, H))
     if M == 0 or H == 0:
         return dst
+    if src_SH.stride(1) != 1:
+        src_SH = src_SH.contiguous()
     BM, BH, nw = _row_block(H, src_SH.element_size())
     grid = (triton.cdiv(M, BM) * triton.cdiv(H, BH),)
     _launch_gather(
         grid,
-        src_SH.contiguous(),
+        src_SH,
         idx_M.contiguous(),
         w_M.contiguous() if w_M is not None else idx_M,
         dst,
         M,
         H,
         per_row,
+        src_SH.stride(0),
         w_M is not None,
         _acc_tl(src_SH.dtype),
         BM,

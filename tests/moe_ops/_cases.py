@@ -274,15 +274,15 @@ def gradcheck_case(which: str, seed: int, checked_rank: int = 0) -> None:
 # ----------------------------------------------------------------------------- counts
 def expected_calls(W: int, K: int) -> dict[str, int]:
     """What :func:`count_calls` must find: one host sync per dispatch; at W > 1 the count
-    exchange, then the rows (with K > W once per (token, rank), their slots in one more
-    exchange), one exchange back in combine, and two in the backward; no collective at W = 1."""
+    exchange, then the rows in one exchange (with K > W once per (token, rank), their slots in
+    the same rows), one exchange back in combine, and two in the backward; no collective at
+    W = 1."""
     if W == 1:
         return dict(dispatch_a2a=0, dispatch_sync=1, fwd_a2a=0, fwd_sync=1, bwd_a2a=0, bwd_sync=0)
-    payload = 2 if K > W else 1
     return dict(
-        dispatch_a2a=1 + payload,
+        dispatch_a2a=2,
         dispatch_sync=1,
-        fwd_a2a=2 + payload,
+        fwd_a2a=3,
         fwd_sync=1,
         bwd_a2a=2,
         bwd_sync=0,

@@ -22,7 +22,7 @@ def test_counts_single_rank():
 
 @pytest.mark.parametrize("W", [2, 3])
 def test_counts_distributed(gloo_world, W):
-    """K = 3 > W = 2: the rows go once per (token, rank), with their slots in one more exchange;
+    """K = 3 > W = 2: the rows go once per (token, rank), with their slots in the same exchange;
     K = W = 3: once per (token, slot)."""
     for counts in gloo_world(W).run(_cases.count_calls, _SPEC):
         assert counts == _cases.expected_calls(W, _SPEC.K)

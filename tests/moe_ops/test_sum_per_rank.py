@@ -38,15 +38,19 @@ def test_matches_reference(gloo_world, W, name):
 
 
 def test_token_rows_come_back(gloo_world):
-    """Combine's exchange back and both backward payload exchanges move token rows (one per
-    token and rank, plus a spare row per rank), not one row per (token, slot); the weights and
-    the weight gradient travel as ``[K]`` rows the same way."""
+    """Dispatch's payload, combine's exchange back and both backward payload exchanges move
+    token rows (one per token and rank, plus a spare row per rank), not one row per (token,
+    slot); dispatch's rows carry their slots in front (one exchange), the weights and the weight
+    gradient travel as ``[K]`` rows."""
     W, spec = 2, Spec(T=(40, 33), K=6, E_l=4, H=5, Hp=7, seed=1)
     for res in gloo_world(W).run(_cases.per_rank_sums, spec):
         n_dispatch, n_combine, n_backward = res["calls"]
-        assert (n_dispatch, n_combine, n_backward) == (3, 2, 3)
+        assert (n_dispatch, n_combine, n_backward) == (2, 2, 3)
         tok, pairs = res["token_rows"], res["pairs"]
         assert tok < pairs  # six slots over two ranks: tokens share ranks
+        packed = _layout.slot_columns(spec.H, spec.K, spec.dtype, torch.int32) + spec.H
+        assert res["moved"][1] == [tok + W, res["moved"][1][1], packed]
+        assert packed * spec.dtype.itemsize % 4 == 0 and packed > spec.H
         fwd = res["moved"][n_dispatch : n_dispatch + n_combine]
         bwd = res["moved"][n_dispatch + n_combine :]
         # combine: the weights go out ([K] per token row), the partial sums come back
@@ -77,7 +81,7 @@ def test_rounds_give_the_same_bits(gloo_world):
     assert gloo_world(3).run(_cases.rounds_equal_one_exchange, spec) == [3, 3, 3]
     res = gloo_world(3).run(_cases.in_rounds, _cases.per_rank_sums, spec)
     for r, (n_dispatch, n_combine, n_backward) in enumerate(x["calls"] for x in res):
-        assert n_dispatch == 3
+        assert n_dispatch == 2  # the count exchange, the token rows with their slots
         assert n_combine == 1 + 3  # the weights, then one exchange per round
         # combine's backward: the gradient's token rows out, the weight gradient back; then
         # dispatch's backward, a combine summing per rank: in rounds too

@@ -66,6 +66,28 @@ def test_send_layout_matches_torch(T, K, E, W):
     assert torch.equal(ref_row[:, _layout.COUNTS :].reshape(-1), ref.counts_bad[:E])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("T,K,E,H", [(1, 3, 4, 8), (700, 6, 16, 1000), (4099, 8, 64, 2048)])
+def test_send_layout_of_packed_slots(T, K, E, H, dtype):
+    """Slots that arrive in front of token rows (``moe_ops._layout.slot_columns``) are read in
+    place, rows apart: the same layout as from a contiguous copy, bad-id count included."""
+    idx = _routing(T, K, E, seed=K).to(torch.int32)
+    idx[T // 2, 0] = E + 3  # one bad id
+    X = _layout.slot_columns(H, K, dtype, torch.int32)
+    buf = torch.full((T, X + H), 5, dtype=dtype, device="cuda")
+    rows, slots = _layout.unpack_rows(buf, H, K, torch.int32)
+    slots.copy_(idx)
+    assert slots.stride(0) != K and rows.data_ptr() % 16 == 0
+    got = _kernels().send_layout(slots, E, 1)
+    ref = ref_k.send_layout(idx, E, 1)
+    N = int(ref.counts_bad[:E].sum())
+    assert int(ref.counts_bad[E]) == 1
+    assert torch.equal(got.counts_bad.cpu(), ref.counts_bad)
+    assert torch.equal(got.send_pos.cpu(), ref.send_pos)
+    assert torch.equal(got.send_pair_idx[:N].cpu(), ref.send_pair_idx[:N])
+    assert rows.eq(5).all()  # the values are untouched
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
 def test_send_layout_counts_bad_ids(dtype):
     idx = _routing(200, 2, 8, seed=1).to(torch.int64)
@@ -236,6 +258,8 @@ def test_row_kernels_match_torch(dtype):
     wide_out = torch.full((N, H + 3), 2.0, dtype=dtype, device="cuda")
     k.scatter_rows(wide_x[:, 5:], posc, wc, N, out=wide_out[:, 3:])
     assert torch.equal(wide_out[:, 3:].cpu(), ref_w) and wide_out[:, :3].eq(2).all()
+    got = k.gather_rows(wide_x[:, 5:], send_idx.cuda(), per_row=K)  # read in place
+    assert torch.equal(got.cpu(), ref)
     perm = torch.randperm(N)
     placed = k.place_rows(ref.cuda(), perm.cuda(), torch.empty_like(ref, device="cuda"))
     assert torch.equal(placed.cpu(), ref_k.place_rows(ref, perm, torch.empty_like(ref)))
