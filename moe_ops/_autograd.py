@@ -104,7 +104,7 @@ def _direct_ok(args: tuple) -> bool:
         or torch._C._functorch.peek_interpreter_stack() is not None
     ):
         return False
-    return all(type(a) in _PLAIN and a.device.type != "meta" for a in args if isinstance(a, Tensor))
+    return all(type(a) in _PLAIN and not a.is_meta for a in args if isinstance(a, Tensor))
 
 
 @dataclasses.dataclass(frozen=True)

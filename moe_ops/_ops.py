@@ -449,10 +449,12 @@ def _round_splits(
             for row, n, total in zip(rows, rounds, totals, strict=True)
         ]
 
-    mine, theirs = per_round(sent, send_totals), per_round(got, recv_totals)
-    W = len(mine)
-    rounds = max(len(r) for r in theirs)  # the same on every rank: got holds every rank's rounds
+    W = len(sent)
     splits = torch.full((2, round_columns(W), W), -1, dtype=torch.int64)
+    if all(row[STATUS] < SUMS_PER_RANK for row in got):  # no rank has rounds of either kind
+        return [[total] for total in send_totals], splits, 1
+    mine, theirs = per_round(sent, send_totals), per_round(got, recv_totals)
+    rounds = max(len(r) for r in theirs)  # the same on every rank: got holds every rank's rounds
     if rounds == 1:
         return mine, splits, rounds
     splits[0, : len(mine[0])] = torch.tensor(mine, dtype=torch.int64).t()

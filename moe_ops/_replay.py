@@ -76,10 +76,11 @@ def run(
     everything but ``inputs``' values that its kernels depend on (shapes, dtypes, the op's
     arguments, the kernel set)."""
     dev = inputs[0].device
-    if dev.type != "cuda" or _eager.get() or torch.cuda.is_current_stream_capturing():
+    if dev.type != "cuda" or _eager.get() or torch._C._cuda_isCurrentStreamCapturing():
         return fn(*inputs), None
-    stream = torch.cuda.current_stream(dev)
-    full = (key, dev, stream.stream_id, threading.get_ident())
+    # the stream as a raw handle: cheaper to look up than a Stream object, which only a capture
+    # needs
+    full = (key, dev, torch._C._cuda_getCurrentRawStream(dev.index), threading.get_ident())
     with _lock:
         entry = _graphs.get(full, _UNSEEN)
         if entry is not _UNSEEN:
@@ -89,7 +90,7 @@ def run(
             _remember(full, None)
         return fn(*inputs), None
     if entry is None:  # second sight: capture
-        entry = _capture(fn, inputs, stream)
+        entry = _capture(fn, inputs, torch.cuda.current_stream(dev))
         _remember(full, False if entry is None else entry)
         if entry is None:
             return fn(*inputs), None
