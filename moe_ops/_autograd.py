@@ -117,14 +117,22 @@ class Direct:
 
 
 def _function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
+    """The op's autograd as a ``torch.autograd.Function`` whose forward takes ``ctx`` and runs
+    ``setup_context`` itself: a Function with a separate ``setup_context`` binds its arguments
+    to forward's signature (``inspect.signature``) on every ``apply``: in a CPU microbenchmark
+    (5 inputs, 15 outputs, an implementation of 18 us) ``apply`` took 73 us that way and 36 us
+    this way. ``setup_context`` sees the inputs as passed; the shared formulas index only the
+    arguments every caller passes."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
     return type(
         name.split("::")[-1],
         (torch.autograd.Function,),
-        dict(
-            forward=staticmethod(impl),
-            setup_context=staticmethod(setup_context),
-            backward=staticmethod(backward),
-        ),
+        dict(forward=staticmethod(forward), backward=staticmethod(backward)),
     )
 
 
