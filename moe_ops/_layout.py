@@ -225,16 +225,21 @@ def round_buffer_rows(counts_WElJ: Tensor, num_rows: int) -> Tensor:
     W, E_l, J = counts_WElJ.shape
     dev = counts_WElJ.device
     counts_esj = counts_WElJ.permute(1, 0, 2).reshape(-1)  # expert_out's order
-    start_esj = excl_cumsum(counts_esj, 0)
     rank_W = torch.arange(W, device=dev)
     # status rows before each (round, source) chunk: s in the first round, all W after it
     spares_JW = torch.cat([rank_W[None], rank_W.new_full((J - 1, W), W)]).view(J, W, 1)
     to_JWE = excl_cumsum(counts_WElJ.permute(2, 0, 1).reshape(-1), 0).view(J, W, E_l) + spares_JW
-    shift = to_JWE.permute(2, 1, 0).reshape(-1) - start_esj
-    rows_R = torch.arange(num_rows, device=dev)
-    to_R = rows_R + torch.repeat_interleave(shift, counts_esj, output_size=num_rows)
+    to_R = _runs_moved(counts_esj, to_JWE.permute(2, 1, 0).reshape(-1), num_rows)
     out = torch.full((num_rows + W,), -1, dtype=torch.int64, device=dev)
-    return out.index_copy_(0, to_R, rows_R)
+    return out.index_copy_(0, to_R, torch.arange(num_rows, device=dev))
+
+
+def _runs_moved(counts_N: Tensor, starts_N: Tensor, num_rows: int) -> Tensor:
+    """Rows that lie in N runs one after the other (run i: ``counts_N[i]`` rows; ``num_rows``
+    in all): the row each one takes when run i starts at ``starts_N[i]`` instead."""
+    shift = starts_N - excl_cumsum(counts_N, 0)
+    rows = torch.arange(num_rows, device=counts_N.device)
+    return rows + torch.repeat_interleave(shift, counts_N, output_size=num_rows)
 
 
 # The capacity mode's count row, all-gathered: counts per global expert, then these columns (after
@@ -303,11 +308,7 @@ def expert_major_rows(counts_WEl: Tensor, num_rows: int) -> Tensor:
     W = counts_WEl.shape[0]
     arange_W = torch.arange(W, device=counts_WEl.device)
     src_off = excl_cumsum(counts_WEl.reshape(-1), 0).view_as(counts_WEl) + arange_W[:, None]
-    counts_ElW = counts_WEl.t().reshape(-1)
-    shift = src_off.t().reshape(-1) - excl_cumsum(counts_ElW, 0)
-    rows_R = torch.arange(num_rows, device=counts_WEl.device) + torch.repeat_interleave(
-        shift, counts_ElW, output_size=num_rows
-    )
+    rows_R = _runs_moved(counts_WEl.t().reshape(-1), src_off.t().reshape(-1), num_rows)
     spare_W = torch.cumsum(counts_WEl.sum(1), 0) + arange_W
     return torch.cat([rows_R, spare_W])
 
