@@ -743,6 +743,27 @@ def gather_rows(
 
 # ----------------------------------------------------------------------------- combine
 @triton.jit
+def _token_tile(T, H, BT: tl.constexpr, BH: tl.constexpr):
+    """This program's tile of a ``[T, H]`` output of per-token sums: its BT token rows (int64)
+    and BH columns, and their masks."""
+    pid = tl.program_id(0)
+    nhb = tl.cdiv(H, BH)
+    tok = (pid // nhb) * BT + tl.arange(0, BT).to(tl.int64)
+    cols = (pid % nhb) * BH + tl.arange(0, BH)
+    return tok, cols, tok < T, cols < H
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, tok, cols, tm, cm, H):
+    """A tile of sums (:func:`_token_tile`) into the contiguous ``[T, H]`` output, in its dtype."""
+    tl.store(
+        out_ptr + tok[:, None] * H + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=tm[:, None] & cm[None, :],
+    )
+
+
+@triton.jit
 def _combine_kernel(
     rows_ptr,
     pos_ptr,
@@ -756,12 +777,7 @@ def _combine_kernel(
     BT: tl.constexpr,
     BH: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nhb = tl.cdiv(H, BH)
-    tok = (pid // nhb) * BT + tl.arange(0, BT).to(tl.int64)
-    cols = (pid % nhb) * BH + tl.arange(0, BH)
-    tm = tok < T
-    cm = cols < H
+    tok, cols, tm, cm = _token_tile(T, H, BT, BH)
     acc = tl.zeros((BT, BH), dtype=ACC)
     for k in range(K):
         p = tl.load(pos_ptr + tok * K + k, mask=tm, other=-1)
@@ -773,11 +789,7 @@ def _combine_kernel(
             w = tl.load(w_ptr + tok * K + k, mask=tm, other=0).to(ACC)
             r = r * w[:, None]
         acc += tl.where(ok[:, None], r, 0.0)
-    tl.store(
-        out_ptr + tok[:, None] * H + cols[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=tm[:, None] & cm[None, :],
-    )
+    _store_tile(out_ptr, acc, tok, cols, tm, cm, H)
 
 
 _launch_combine = _Launcher(_combine_kernel)
@@ -1234,12 +1246,7 @@ def _pull_sum_kernel(
     ``pos[t, r] >= 0``, in rank order, accumulated in ACC: ``_combine_kernel`` without weights
     over rows read straight from the peers' buffers. The loop over the W ranks is unrolled, so
     that a program's W reads are in flight together (each crosses NVLink)."""
-    pid = tl.program_id(0)
-    nhb = tl.cdiv(H, BH)
-    tok = (pid // nhb) * BT + tl.arange(0, BT).to(tl.int64)
-    cols = (pid % nhb) * BH + tl.arange(0, BH)
-    tm = tok < T
-    cm = cols < H
+    tok, cols, tm, cm = _token_tile(T, H, BT, BH)
     acc = tl.zeros((BT, BH), dtype=ACC)
     for r in tl.static_range(W):
         src_ptr = tl.load(ptrs_ptr + r).to(tl.pointer_type(DT))
@@ -1250,11 +1257,7 @@ def _pull_sum_kernel(
             src_ptr + row[:, None] * H + cols[None, :], mask=ok[:, None] & cm[None, :], other=0
         ).to(ACC)
         acc += tl.where(ok[:, None], v, 0.0)
-    tl.store(
-        out_ptr + tok[:, None] * H + cols[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=tm[:, None] & cm[None, :],
-    )
+    _store_tile(out_ptr, acc, tok, cols, tm, cm, H)
 
 
 _launch_pull_sum = _Launcher(_pull_sum_kernel)
