@@ -217,6 +217,29 @@ def test_capacity_mode_moves_token_rows(gloo_world, capacity):
         assert res["moved"][1:] == [[W * S, W * S, width] for width in widths]
 
 
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [bf16, torch.float16, f32, f64])
+def test_packed_rows_hold_slots_and_values_apart(dtype, slot_dtype):
+    """Token rows with their slots in front (one exchange carries both): the slots take at
+    least their bytes, the values start 16-byte aligned when a row of them is a multiple of 16
+    bytes, whole rows view as the slot dtype, and writing one part leaves the other intact."""
+    elt, size = dtype.itemsize, slot_dtype.itemsize
+    for K in range(1, 10):
+        for H in (1, 3, 7, 64, 2049):
+            X = _layout.slot_columns(H, K, dtype, slot_dtype)
+            assert X * elt >= K * size and (X + H) * elt % size == 0
+            if H * elt % 16 == 0:
+                assert X * elt % 16 == 0 and X * elt < K * size + 16
+            buf = torch.full((5, X + H), 7, dtype=dtype)
+            rows, slots = _layout.unpack_rows(buf, H, K, slot_dtype)
+            assert rows.shape == (5, H) and slots.shape == (5, K)
+            values = torch.randn(5, H).to(dtype)
+            rows.copy_(values)
+            slots.copy_(torch.arange(-1, 5 * K - 1).view(5, K))
+            assert torch.equal(rows, values)
+            assert slots.reshape(-1).tolist() == list(range(-1, 5 * K - 1))
+
+
 def test_token_rows_leave_a_spare_row_per_rank():
     """Token rows are laid out like the payload: a spare row after each destination's chunk
     (the status row on the way back), not counted in the rows sent."""
