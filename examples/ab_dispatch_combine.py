@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dispatch_combine import (  # noqa: E402
     _DTYPES,
     _routing,
+    add_launch_args,
     init_rank,
     launch,
     seed_combine,
@@ -212,6 +213,7 @@ def _compare(args, device, group, versions) -> list[list]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_launch_args(p)
     p.add_argument("--tree", action="append", default=[], help="NAME=DIR of another moe_ops tree")
     p.add_argument(
         "--seed", action="store_true", help="also the seed PR's algorithm (forward only)"
@@ -225,9 +227,6 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn without torchrun")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
-    p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")
     launch(run, p.parse_args(argv))
 
 

@@ -609,8 +609,16 @@ def launch(run_fn, args) -> None:
         mp.spawn(_spawned, args=(run_fn, args, args.world_size, init), nprocs=args.world_size)
 
 
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    """The options :func:`launch` and :func:`init_rank` read."""
+    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn without torchrun")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
+    p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_launch_args(p)
     p.add_argument(
         "--shapes", help="'T,H,K,E;T,H,K,E...' (tokens per rank, hidden, top-k, experts)"
     )
@@ -619,10 +627,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sets", type=int, default=3, help="input sets to cycle through")
-    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn without torchrun")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--quick", action="store_true", help="small CPU shapes")
-    p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")
     p.add_argument("--backward", action="store_true", help="also time d+c forward + backward")
     p.add_argument("--no-seed", action="store_true", help="skip the seed PR baseline")
     p.add_argument("--no-torch-path", action="store_true", help="skip moe_ops without Triton")

@@ -31,7 +31,13 @@ from tabulate import tabulate
 import moe_ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dispatch_combine import _DTYPES, _routing, init_rank, launch  # noqa: E402
+from bench_dispatch_combine import (  # noqa: E402
+    _DTYPES,
+    _routing,
+    add_launch_args,
+    init_rank,
+    launch,
+)
 
 _GPU_SHAPES = "4096,4096,2,8;4096,2048,8,128"
 _CPU_SHAPES = "256,256,2,8;256,256,8,64"
@@ -149,15 +155,13 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_launch_args(p)
     p.add_argument("--shapes", help="'T,H,K,E;...' (tokens per rank, hidden, top-k, experts)")
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     p.add_argument("--backward", action="store_true", help="also run the backward")
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--top", type=int, default=30, help="functions listed per table")
-    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn without torchrun")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
-    p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")
     launch(run, p.parse_args(argv))
 
 

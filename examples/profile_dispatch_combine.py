@@ -37,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import moe_ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dispatch_combine import _routing, init_rank, launch  # noqa: E402
+from bench_dispatch_combine import _routing, add_launch_args, init_rank, launch  # noqa: E402
 
 _GPU_SHAPES = "4096,4096,2,8;16384,7168,8,256"
 _CPU_SHAPES = "256,256,2,8;256,256,8,64"
@@ -183,15 +183,13 @@ def run(args, rank: int, world_size: int, local_rank: int, init_method: str | No
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_launch_args(p)
     p.add_argument("--shapes", help="'T,H,K,E;...' (tokens per rank, hidden, top-k, experts)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backward", action="store_true", help="also profile forward + backward")
     p.add_argument("--trace", metavar="DIR", help="write each rank's Chrome trace here")
-    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn without torchrun")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--quick", action="store_true", help="(CPU shapes are always small)")
-    p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")
     args = p.parse_args(argv)
     launch(run, args)
 

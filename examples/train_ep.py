@@ -70,7 +70,7 @@ from torch.multiprocessing.spawn import ProcessException
 import fx_passes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dispatch_combine import init_rank, launch  # noqa: E402
+from bench_dispatch_combine import add_launch_args, init_rank, launch  # noqa: E402
 
 _MiB = 2**20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -580,8 +580,8 @@ def _report_check(s, losses, norms, ref) -> bool:
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_launch_args(p)
     p.add_argument("--steps", type=int, default=20, help="train up to this step (total)")
-    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn without torchrun")
     p.add_argument("--tiny", action="store_true", help="a tiny model and batch (CPU tests)")
     p.add_argument("--check", action="store_true", help="compare with the single-device model")
     p.add_argument("--save", metavar="DIR", help="torch.distributed.checkpoint directory")
@@ -602,8 +602,6 @@ def parse_args(argv=None):
         action="store_true",
         help="moe backend: sum each token's slots on its experts' rank (top-k > W; fewer bytes)",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
-    p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs are present")
     p.add_argument("--out", metavar="FILE", help="also write the losses, memory, check as JSON")
     d = Settings()
     for f in dataclasses.fields(Settings):

@@ -21,6 +21,8 @@ import datetime
 import os
 import queue
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -223,6 +225,22 @@ _TORCHRUN_ENV = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
+
+
+def run_example(root, script: str, argv: list[str], timeout: float = 300) -> str:
+    """``examples/<script>`` with ``argv`` in a subprocess that starts its own gloo ranks
+    (:func:`example_env`); returns its stdout and stderr, asserting it exited 0."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(str(root), "examples", script), *argv],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=example_env(str(root)),
+        timeout=timeout,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    return log
 
 
 def example_env(root: str) -> dict[str, str]:

@@ -6,13 +6,11 @@ trees with ``sum_per_rank=True`` (K = 3 > W: equal up to rounding) and the seed 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests._dist import example_env, under_torchrun
+from tests._dist import run_example, under_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,17 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ab_example_runs_two_trees():
     argv = ["--tree", f"copy={ROOT}", "--sum-per-rank", "--seed", "--world-size", "2", "--cpu"]
     argv += ["--iters", "2", "--warmup", "1", "--shapes", "40,16,3,4"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "ab_dispatch_combine.py"), *argv],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=example_env(str(ROOT)),
-        timeout=300,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log
-    lines = log.splitlines()
+    lines = run_example(ROOT, "ab_dispatch_combine.py", argv).splitlines()
     header = next(line for line in lines if line.startswith("| shape"))
     assert [c.strip() for c in header.strip("|").split("|")][2:] == [
         "this",
@@ -45,7 +33,7 @@ def test_ab_example_runs_two_trees():
         "seed / this",
     ], header
     rows = [line for line in lines if line.startswith("| T=40 H=16 top-3/4")]
-    assert len(rows) == 2, log  # fwd and fwd+bwd
+    assert len(rows) == 2, lines  # fwd and fwd+bwd
     ratio = r"\d+\.\d+"
     for row in rows:
         _, name, *cells = [c.strip() for c in row.strip("|").split("|")]

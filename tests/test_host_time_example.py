@@ -5,13 +5,11 @@ their slots; two more in the backward)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests._dist import example_env, under_torchrun
+from tests._dist import run_example, under_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,16 +31,7 @@ def _tables(log: str) -> dict[str, dict[str, int]]:
 def test_host_time_example_counts_the_collectives(backward):
     argv = ["--world-size", "2", "--cpu", "--iters", "2", "--warmup", "1", "--top", "100"]
     argv += ["--shapes", "40,16,2,4;40,16,3,4", *(["--backward"] if backward else [])]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "host_time_per_function.py"), *argv],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=example_env(str(ROOT)),
-        timeout=300,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log
+    log = run_example(ROOT, "host_time_per_function.py", argv)
     tables = _tables(log)
     which = "fwd+bwd" if backward else "fwd"
     assert set(tables) == {f"top-2/4 {which}", f"top-3/4 {which}"}, log
