@@ -1,5 +1,6 @@
 """What the two by-value matchers (``semantic``, and ``ep``'s ``find_by_value``) share: the reach
-of a routed value, an expert's subgraph, same-shape tests and the routing-weight candidates."""
+of a routed value, an expert's subgraph, same-shape tests, the routing-weight candidates and the
+start of the set a rewrite removes."""
 
 from __future__ import annotations
 
@@ -108,3 +109,27 @@ def weight_candidates(
     ]
     found.sort(key=lambda n: (n in routed, -order[n]))
     return [*found[:4], None]
+
+
+def block_and_writes(
+    upstream: set[Node], inside: set[Node], writes: list[Node], output: Node, base
+) -> set[Node]:
+    """The start of what a rewrite removes: the block's values the output (and the in-place
+    ``writes``) read (``upstream & inside``), the writes, the output itself unless it
+    accumulates into ``base``, and the in-place writes of block values (``inv[order] =
+    arange(P)``, ``y[mask] = expert(...)``) with the tensors they write into when those are made
+    for the block."""
+    cand = (upstream & inside) | set(writes)
+    if base is None:
+        cand.add(output)
+    stack = list(cand | upstream)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in cand or not (is_inplace(u) and u.args and u.args[0] is n):
+                continue
+            if n in cand or u in inside:
+                new = {u} | (ancestors([u]) & inside)
+                stack.extend(new - cand)
+                cand |= new
+    return cand

@@ -70,6 +70,7 @@ from fx_passes.families._ep_world import (
 from fx_passes.families._guard import each_candidate
 from fx_passes.families._routed import (
     CREATE,
+    block_and_writes,
     expert_subgraph,
     reach,
     weight_candidates,
@@ -842,19 +843,7 @@ def _removal(ids, x, w, subs, output, last_write, writes, base, routed, order):
     experts = {n for s in subs for n in s.nodes}
     weighted = reach(w, order) if w is not None else set()
     inside = {n for n in routed | experts | weighted if order[n] <= end}
-    cand = (upstream & inside) | set(writes)
-    if base is None:
-        cand.add(output)
-    stack = list(cand | upstream)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in cand or not (is_inplace(u) and u.args and u.args[0] is n):
-                continue
-            if n in cand or u in inside:
-                new = {u} | (ancestors([u]) & inside)
-                stack.extend(new - cand)
-                cand |= new
+    cand = block_and_writes(upstream, inside, writes, output, base)
     changed = True
     while changed:
         changed = False

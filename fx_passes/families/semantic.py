@@ -35,6 +35,7 @@ from fx_passes.families._body import add_hangers
 from fx_passes.families._guard import each_candidate
 from fx_passes.families._routed import (
     CREATE,
+    block_and_writes,
     expert_subgraph,
     reach,
     same_shape,
@@ -312,21 +313,7 @@ def _removal(ids, x, w, experts, output, last_write, writes, base, routed, end, 
     expert_nodes = {n for sub in experts for n in sub.nodes}
     weighted = reach(w, order, end) if w is not None else set()
     inside = {n for n in routed | expert_nodes | weighted if order[n] <= end}
-    candidates = (upstream & inside) | set(writes)
-    if base is None:
-        candidates.add(output)
-    # in-place writes of block values (``inv[order] = arange(P)``, ``y[mask] = expert(...)``)
-    # go with them, and so do the tensors they write into when those are made for the block
-    stack = list(candidates | upstream)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in candidates or not (is_inplace(u) and u.args and u.args[0] is n):
-                continue
-            if n in candidates or u in inside:
-                new = {u} | (ancestors([u]) & inside)
-                stack.extend(new - candidates)
-                candidates |= new
+    candidates = block_and_writes(upstream, inside, writes, output, base)
     # values made for the block from nothing or only from shapes (``arange(P)``,
     # ``zeros_like(scores)``) that only the block reads
     changed = True
