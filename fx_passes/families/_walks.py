@@ -242,6 +242,35 @@ def tok_uses(u: Node, tok: Node, w: Walk) -> list[tuple[str, Node, Node | None]]
     return found or None
 
 
+def gathered_rows(
+    toks: list[Node], back: list[Node], w_sorted: Node | None, K: int, walk: Walk
+) -> tuple[Node, Node] | str:
+    """From the users of the token index (``perm // K``, one node or several equal ones): the one
+    gather of token rows in the sorted order and what it gathers from, ``(rows, x)``; the
+    way-back writes the index also feeds are added to ``back``. A reason when the index has
+    another use or the rows are gathered twice."""
+    rows = x = None
+    for t, u in [(i, u) for i in toks for u in list(i.users)]:
+        if u in back:
+            continue
+        got = tok_uses(u, t, walk)
+        if got is None:
+            if K == 1 and (u is w_sorted or u.target is operator.setitem):
+                continue
+            return f"the token index is used by {u.name} ({target_name(u)})"
+        for kind, node, src in got:
+            if kind == "back":
+                back.append(node)
+            elif rows is not None:
+                return "the rows are gathered twice"
+            else:
+                rows, x = node, src
+    if rows is None:
+        return "no gather of token rows by the sorted order"
+    walk.seen.append(rows)
+    return rows, x
+
+
 def way_back(node, perm, tok, w_sorted, topk_weights, *, T, K, walk: Walk):
     """Match the way back to the tokens. Returns ``(y, output, base, last_write, topk_weights)``."""
     seen = walk.seen

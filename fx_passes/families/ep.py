@@ -403,25 +403,10 @@ def _sorted_rows(s: Node):
     if tok is None:
         return "no token index perm // K follows the sort"
     w.seen.append(tok)
-    x = rows = None
-    for u in list(tok.users):
-        if u in back:
-            continue
-        got = walks.tok_uses(u, tok, w)
-        if got is None:
-            if K == 1 and (u is w_sorted or u.target is operator.setitem):
-                continue
-            return f"the token index is used by {u.name} ({target_name(u)})"
-        for kind, node, src in got:
-            if kind == "back":
-                back.append(node)
-            elif rows is not None:
-                return "the rows are gathered twice"
-            else:
-                rows, x = node, src
-    if rows is None:
-        return "no gather of token rows by the sorted order"
-    w.seen.append(rows)
+    got = walks.gathered_rows([tok], back, w_sorted, K, w)
+    if isinstance(got, str):
+        return got
+    rows, x = got
     return w, topk_idx, K, perm, tok, w_sorted, back, x, rows
 
 

@@ -136,26 +136,10 @@ def _match_sort(s: Node) -> MoEMatch | str | None:
     tok = toks[0]
 
     # Users of the token index: the dispatch gather and maybe the way back.
-    x_sorted = None
-    x = None
-    for t, u in [(i, u) for i in toks for u in list(i.users)]:
-        if u in back:
-            continue
-        got = walks.tok_uses(u, t, w)
-        if got is None:
-            if K == 1 and (u is w_sorted or u.target is operator.setitem or u in back):
-                continue
-            return f"the token index is used by {u.name} ({target_name(u)})"
-        for kind, node, src in got:
-            if kind == "back":
-                back.append(node)
-            elif x_sorted is not None:
-                return "the rows are gathered twice"
-            else:
-                x_sorted, x = node, src
-    if x_sorted is None:
-        return "no gather of token rows by the sorted order"
-    w.seen.append(x_sorted)
+    got = walks.gathered_rows(toks, back, w_sorted, K, w)
+    if isinstance(got, str):
+        return got
+    x_sorted, x = got
 
     # Sorted weights [P] -> topk_weights [T, K], and the way back from y to the tokens.
     got = walks.weights_and_way_back(back, perm, tok, w_sorted, topk_idx, K, w)
