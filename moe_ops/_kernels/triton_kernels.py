@@ -45,9 +45,8 @@ _SB = 128  # pairs ranked at a time by the layout kernel
 
 def _spec(args: tuple, constexpr: list[bool]) -> tuple:
     """What Triton specializes a launch's arguments on: constexprs by value; dtype and 16-byte
-    alignment of pointers; for ints, being 1, a multiple of 16, and fitting in 32 bits. One
-    comprehension for all the arguments (a function call per argument cost a microsecond each,
-    20 per launch)."""
+    alignment of pointers; for ints, being 1, a multiple of 16, and fitting in 32 bits (one
+    pass over the arguments, no call per argument)."""
     return tuple(
         [
             (type(a), str(a))
